@@ -1,0 +1,125 @@
+"""Model configuration: GPT-2 sizes plus the optional LoRA / mixture-of-experts adapters.
+
+Frozen dataclasses, so that they are hashable and can be Flax Linen module attributes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+LORA_SCALINGS = ("rslora", "lora")
+ROUTER_KINDS = ("learned", "uniform")
+LB_INPUTS = ("block_output", "router_input")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """One low-rank adapter: y = x W + b + s (x A) B.
+
+    scaling: "rslora" gives s = alpha / sqrt(rank) (the CoMiGS reference); "lora" gives
+    s = alpha / rank (the peft convention).
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    scaling: str = "rslora"
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.rank <= 0:
+            raise ValueError(f"LoRA rank={self.rank}: must be a positive integer")
+        if self.scaling not in LORA_SCALINGS:
+            raise ValueError(f"LoRA scaling={self.scaling!r}: allowed {LORA_SCALINGS}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout={self.dropout}: must be in [0, 1)")
+
+    @property
+    def scale(self) -> float:
+        if self.scaling == "rslora":
+            return self.alpha / self.rank**0.5
+        return self.alpha / self.rank
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """The MLP as a mixture of LoRA experts (method.md §1.3-1.6).
+
+    n_experts is E_max, the largest expert count of any user; users with fewer experts mask
+    the rest. Slots [0, n_generalists) are generalists, the others specialists.
+    router: "learned" (a bias-free linear router per block) or "uniform" (no router: the
+    uniform mean of the present experts, as the reference's Local/FedAvg baselines).
+    lb_input: what the load-balancing loss routes: "block_output" (the reference, quirk Q1)
+    or "router_input" (the ln_2 output, the router's own input).
+    importance: `expert0_importance` of the reference; 0 disables the expert factors.
+    """
+
+    n_experts: int = 2
+    n_generalists: int = 1
+    top_k: int = 2
+    lora: LoRAConfig = LoRAConfig()
+    router: str = "learned"
+    lb_input: str = "block_output"
+    importance: float = 0.5
+
+    def __post_init__(self):
+        if self.n_experts < 1:
+            raise ValueError(f"n_experts={self.n_experts}: must be >= 1")
+        if not 0 <= self.n_generalists <= self.n_experts:
+            raise ValueError(
+                f"n_generalists={self.n_generalists}: must be in [0, n_experts={self.n_experts}]")
+        if self.top_k < 1:
+            raise ValueError(f"top_k={self.top_k}: must be >= 1")
+        if self.router not in ROUTER_KINDS:
+            raise ValueError(f"router={self.router!r}: allowed {ROUTER_KINDS}")
+        if self.lb_input not in LB_INPUTS:
+            raise ValueError(f"lb_input={self.lb_input!r}: allowed {LB_INPUTS}")
+        if not 0.0 <= self.importance < 1.0:
+            raise ValueError(f"importance={self.importance}: must be in [0, 1)")
+
+    @property
+    def n_specialists(self) -> int:
+        return self.n_experts - self.n_generalists
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """GPT-2 sizes (defaults: GPT-2 124M) and the adapters that turn it into CoMiGS.
+
+    attn_lora: LoRA on the attention's c_attn and c_proj (None: plain attention).
+    moe: the MLP as a mixture of LoRA experts (None: the plain GPT-2 MLP).
+    dtype: activation dtype; parameters are always float32.
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    layer_norm_epsilon: float = 1e-5
+    dtype: str = "float32"
+    attn_lora: Optional[LoRAConfig] = None
+    moe: Optional[MoEConfig] = None
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be a positive integer")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: allowed {DTYPES}")
+
+    @property
+    def base(self) -> "GPT2Config":
+        """The same sizes without adapters: the plain GPT-2 that checkpoints hold."""
+        return dataclasses.replace(self, attn_lora=None, moe=None)
+
+
+# Hugging Face's named GPT-2 sizes.
+GPT2_SIZES = {
+    "gpt2": dict(n_embd=768, n_layer=12, n_head=12),
+    "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
+    "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20),
+    "gpt2-xl": dict(n_embd=1600, n_layer=48, n_head=25),
+}

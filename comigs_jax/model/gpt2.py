@@ -1,0 +1,133 @@
+"""GPT-2 as Flax Linen modules, applied functionally: `GPT2(cfg).apply({"params": p}, tokens)`.
+
+Parameter names mirror Hugging Face's (`wte`, `wpe`, `h_{i}/attn/c_attn`, ...), so loading a
+checkpoint is a rename. The seam for CoMiGS is the config: `cfg.attn_lora` turns the attention
+projections into `LoRADense` with trainable A, B; `cfg.moe` turns the MLP into a mixture of LoRA
+experts with a router (comigs_jax.model.moe). Without them this is the plain GPT-2.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from comigs_jax.model import moe as moe_lib
+from comigs_jax.model.config import GPT2Config
+from comigs_jax.model.lora import LoRADense
+
+
+def _proj_init(cfg: GPT2Config):
+    # GPT-2's residual projections start smaller, scaled by 1/sqrt(2 * n_layer).
+    return nn.initializers.normal(0.02 / (2 * cfg.n_layer) ** 0.5)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with a fused QKV projection. x [B, T, d] -> [B, T, d]."""
+
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        cfg = self.cfg
+        b, t, d = x.shape
+        dtype = jnp.dtype(cfg.dtype)
+        qkv = LoRADense(3 * d, cfg.attn_lora, dtype, name="c_attn")(x, deterministic)
+        q, k, v = (a.reshape(b, t, cfg.n_head, d // cfg.n_head) for a in jnp.split(qkv, 3, -1))
+        y = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, d)
+        return LoRADense(d, cfg.attn_lora, dtype, _proj_init(cfg), name="c_proj")(y, deterministic)
+
+
+class MLP(nn.Module):
+    """The plain GPT-2 MLP: c_fc, tanh-GELU, c_proj. h [B, T, d] -> [B, T, d]."""
+
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        d, dtype = self.cfg.n_embd, jnp.dtype(self.cfg.dtype)
+        u = nn.gelu(LoRADense(4 * d, None, dtype, name="c_fc")(h), approximate=True)
+        return LoRADense(d, None, dtype, _proj_init(self.cfg), name="c_proj")(u)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x += attn(ln_1 x); x += mlp(ln_2 x).
+
+    With cfg.moe the MLP is a mixture of LoRA experts. Returns (x, aux) where aux holds this
+    layer's load-balancing loss "lb" (scalar) and routing statistics "router_prob" and
+    "selection" ([E] each); aux is empty for the plain MLP.
+    """
+
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(self, x, expert_mask: Optional[jax.Array], deterministic: bool = True):
+        cfg, eps = self.cfg, self.cfg.layer_norm_epsilon
+        dtype = jnp.dtype(cfg.dtype)
+        h = nn.LayerNorm(eps, dtype=dtype, name="ln_1")(x)
+        x = x + CausalSelfAttention(cfg, name="attn")(h, deterministic)
+        h = nn.LayerNorm(eps, dtype=dtype, name="ln_2")(x)
+        if cfg.moe is None:
+            return x + MLP(cfg, name="mlp")(h), {}
+
+        moe = cfg.moe
+        mask = jnp.ones((moe.n_experts,), bool) if expert_mask is None else expert_mask
+        if moe.router == "uniform":
+            weights = moe_lib.uniform_weights(mask, h.shape[:-1])
+        else:
+            # Router logits in float32 whatever the activation dtype: top-k is sensitive.
+            router = nn.Dense(moe.n_experts, use_bias=False, dtype=jnp.float32,
+                              kernel_init=nn.initializers.normal(0.02), name="router")
+            logits = router(h.astype(jnp.float32))
+            weights = moe_lib.gate(logits, mask, moe.top_k)
+        x = x + moe_lib.MoEMLP(moe, cfg.n_embd, cfg.n_layer, dtype, name="mlp")(h, weights, deterministic)
+
+        if moe.router == "uniform":
+            n = mask.sum()
+            share = mask / n
+            aux = {"lb": jnp.zeros((), jnp.float32), "router_prob": share, "selection": share}
+        else:
+            lb_logits = router(x.astype(jnp.float32)) if moe.lb_input == "block_output" else logits
+            aux = {"lb": moe_lib.load_balancing_loss(lb_logits, mask, moe.top_k, moe.importance),
+                   **moe_lib.routing_stats(logits, mask, moe.top_k)}
+        return x, aux
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model with the LM head tied to the token embedding.
+
+    tokens [B, T] int -> logits [B, T, V] float32, aux. aux stacks the blocks' aux over layers:
+    "lb" [L], "router_prob" [L, E], "selection" [L, E] (empty without cfg.moe).
+    expert_mask [E] bool marks the experts this user has (default: all).
+    """
+
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array, expert_mask: Optional[jax.Array] = None,
+                 deterministic: bool = True):
+        cfg = self.cfg
+        dtype = jnp.dtype(cfg.dtype)
+        init = nn.initializers.normal(0.02)
+        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, embedding_init=init, name="wte")
+        wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=dtype, embedding_init=init, name="wpe")
+        x = wte(tokens) + wpe(jnp.arange(tokens.shape[-1]))
+        auxes = []
+        for i in range(cfg.n_layer):
+            x, aux = Block(cfg, name=f"h_{i}")(x, expert_mask, deterministic)
+            auxes.append(aux)
+        x = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name="ln_f")(x)
+        logits = wte.attend(x).astype(jnp.float32)
+        return logits, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+
+
+def init_params(cfg: GPT2Config, key: jax.Array, seq_len: int = 8) -> dict:
+    """Random parameters of the whole model (base and adapters), a plain nested dict."""
+    tokens = jnp.zeros((1, seq_len), jnp.int32)
+    return GPT2(cfg).init(key, tokens)["params"]
+
+
+def param_shapes(cfg: GPT2Config) -> dict:
+    """The parameter tree as ShapeDtypeStructs, without allocating anything."""
+    return jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))

@@ -1,0 +1,176 @@
+"""Mixture of LoRA experts: gating, load balancing, routing statistics, and the expert MLP.
+
+Gating and load balancing follow the reference (method.md §1.5, §1.6) exactly. Users with
+fewer experts than E_max carry an expert mask [E]; absent experts get logit -inf before top-k,
+are never selected, and are left out of the load-balancing loss.
+
+Shapes: logits [..., E] (any leading token axes), mask [E] bool.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from comigs_jax.model.config import MoEConfig
+from comigs_jax.model.lora import expert_a_init
+
+
+def masked_logits(logits: jax.Array, mask: jax.Array) -> jax.Array:
+    """Absent experts get -inf: never selected, zero probability."""
+    return jnp.where(mask, logits.astype(jnp.float32), -jnp.inf)
+
+
+def _selected(z: jax.Array, mask: jax.Array, top_k: int) -> jax.Array:
+    """[..., E] 0/1 indicator of the top-k of z among the present experts."""
+    n_experts = z.shape[-1]
+    _, idx = jax.lax.top_k(z, min(top_k, n_experts))
+    return jax.nn.one_hot(idx, n_experts, dtype=z.dtype).sum(-2) * mask
+
+
+def gate(logits: jax.Array, mask: jax.Array, top_k: int) -> jax.Array:
+    """Per-token expert weights [..., E] from router logits [..., E] (method.md §1.5).
+
+    k >= 2: top-k of the raw logits, softmax over those k (renormalised), 0 elsewhere.
+    k == 1: softmax over all present experts; the argmax keeps p_max (not renormalised).
+    A user with one present expert gets weight exactly 1 for it (the reference's bypass).
+    """
+    z = masked_logits(logits, mask)
+    n_experts = z.shape[-1]
+    if top_k == 1:
+        p = jax.nn.softmax(z, axis=-1)
+        return jax.nn.one_hot(jnp.argmax(p, -1), n_experts, dtype=p.dtype) * p.max(-1, keepdims=True)
+    vals, idx = jax.lax.top_k(z, min(top_k, n_experts))
+    w_sel = jax.nn.softmax(vals, axis=-1)  # absent experts picked when k > E_i: weight exp(-inf) = 0
+    return (jax.nn.one_hot(idx, n_experts, dtype=w_sel.dtype) * w_sel[..., None]).sum(-2)
+
+
+def uniform_weights(mask: jax.Array, shape) -> jax.Array:
+    """No router: every present expert weighs 1/E_i. Returns [*shape, E]."""
+    w = mask.astype(jnp.float32) / mask.sum()
+    return jnp.broadcast_to(w, (*shape, mask.shape[-1]))
+
+
+def expert_factors(mask: jax.Array, importance: float) -> jax.Array:
+    """[E] factors that pull expert 0's share towards `importance` (0 disables them).
+
+    f_0 = 1 / (E_i imp), f_j = (E_i - 1) / (E_i (1 - imp)), with E_i the present experts.
+    """
+    n = mask.sum().astype(jnp.float32)
+    if importance == 0:
+        return jnp.ones(mask.shape, jnp.float32)
+    f0 = 1.0 / (n * importance)
+    fj = (n - 1.0) / (n * (1.0 - importance))
+    return jnp.where(jnp.arange(mask.shape[-1]) == 0, f0, fj)
+
+
+def load_balancing_loss(logits: jax.Array, mask: jax.Array, top_k: int, importance: float) -> jax.Array:
+    """Switch-style balance loss of one layer as the reference computes it (method.md §1.6).
+
+    logits [..., E] are the router applied to the tokens of one batch. Returns a scalar,
+    E_i^2 * mean over present e of f_e * density_e * proxy_e. It is exactly 1 with zero
+    gradient when E = k = 2 and importance = 0.5.
+    """
+    z = masked_logits(logits, mask).reshape(-1, mask.shape[-1])
+    n = mask.sum().astype(jnp.float32)
+    if top_k == 1:
+        z = jax.nn.softmax(z, axis=-1)
+    sel = _selected(z, mask, top_k)
+    if top_k > 1:  # zeros (not -inf) for present unselected experts, as the reference
+        q = jax.nn.softmax(jnp.where(sel > 0, z, jnp.where(mask, 0.0, -jnp.inf)), axis=-1)
+    else:
+        q = jnp.where(sel > 0, z, 0.0)
+    k_i = jnp.minimum(top_k, n)
+    density = jax.lax.stop_gradient((sel / k_i).mean(0))
+    proxy = q.mean(0)
+    f = expert_factors(mask, importance)
+    return n * jnp.sum(jnp.where(mask, f * density * proxy, 0.0))
+
+
+def routing_stats(logits: jax.Array, mask: jax.Array, top_k: int) -> dict:
+    """Per-expert mean router probability softmax(z) and top-k selection share, [E] each.
+
+    The selection share sums to 1 over experts (each token spreads 1 over its k_i choices).
+    """
+    z = masked_logits(logits, mask).reshape(-1, mask.shape[-1])
+    k_i = jnp.minimum(top_k, mask.sum())
+    return {
+        "router_prob": jax.nn.softmax(z, -1).mean(0),
+        "selection": (_selected(z, mask, top_k) / k_i).mean(0),
+    }
+
+
+class FrozenDense(nn.Module):
+    """Declares a frozen kernel [d_in, d_out] and bias [d_out] and returns them."""
+
+    d_in: int
+    d_out: int
+    kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+
+    @nn.compact
+    def __call__(self):
+        kernel = self.param("kernel", self.kernel_init, (self.d_in, self.d_out), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.d_out,), jnp.float32)
+        return kernel, bias
+
+
+class ExpertLoRAs(nn.Module):
+    """The LoRA factors of n experts on both MLP matmuls, stacked on a leading expert axis.
+
+    fc_A [n, d, r], fc_B [n, r, F], proj_A [n, F, r], proj_B [n, r, d] (F = 4d).
+    """
+
+    n: int
+    d_model: int
+    d_hidden: int
+    rank: int
+
+    @nn.compact
+    def __call__(self):
+        n, d, f, r = self.n, self.d_model, self.d_hidden, self.rank
+        zeros = nn.initializers.zeros
+        return (
+            self.param("fc_A", expert_a_init, (n, d, r), jnp.float32),
+            self.param("fc_B", zeros, (n, r, f), jnp.float32),
+            self.param("proj_A", expert_a_init, (n, f, r), jnp.float32),
+            self.param("proj_B", zeros, (n, r, d), jnp.float32),
+        )
+
+
+class MoEMLP(nn.Module):
+    """sum_e w_e expert_e(h), expert_e = the frozen GPT-2 MLP with expert e's own LoRA.
+
+    Computed in the equivalent cheap form (method.md §1.4): the frozen c_fc matmul runs once,
+    each expert adds its rank-r correction and its own GELU, and the frozen c_proj matmul runs
+    once on the weight-mixed activations. h [B, T, d], weights [B, T, E] -> [B, T, d].
+    """
+
+    cfg: MoEConfig
+    d_model: int
+    n_layer: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, h: jax.Array, weights: jax.Array, deterministic: bool = True) -> jax.Array:
+        d, f, r = self.d_model, 4 * self.d_model, self.cfg.lora.rank
+        dt, s = self.dtype, self.cfg.lora.scale
+        w_fc, b_fc = FrozenDense(d, f, name="c_fc")()
+        w_proj, b_proj = FrozenDense(
+            f, d, nn.initializers.normal(0.02 / (2 * self.n_layer) ** 0.5), name="c_proj")()
+        groups = [ExpertLoRAs(n, d, f, r, name=name)()
+                  for name, n in (("generalists", self.cfg.n_generalists),
+                                  ("specialists", self.cfg.n_specialists)) if n > 0]
+        fc_a, fc_b, proj_a, proj_b = (jnp.concatenate(parts, 0).astype(dt) for parts in zip(*groups))
+
+        drop = nn.Dropout(self.cfg.lora.dropout)
+        det = deterministic or self.cfg.lora.dropout == 0
+        h = h.astype(dt)
+        w = weights.astype(dt)
+        u = h @ w_fc.astype(dt) + b_fc.astype(dt)                              # [B, T, F]
+        h_a = jnp.einsum("btd,edr->bter", drop(h, deterministic=det), fc_a)      # [B, T, E, r]
+        g = nn.gelu(u[..., None, :] + s * jnp.einsum("bter,erf->btef", h_a, fc_b), approximate=True)
+        mixed = jnp.einsum("bte,btef->btf", w, g)                                 # [B, T, F]
+        g_a = jnp.einsum("btef,efr->bter", drop(g, deterministic=det), proj_a)    # [B, T, E, r]
+        lora_out = jnp.einsum("bter,erd->btd", w[..., None] * g_a, proj_b)
+        return (mixed @ w_proj.astype(dt) + w.sum(-1, keepdims=True) * b_proj.astype(dt)
+                + s * lora_out)
