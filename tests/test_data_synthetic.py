@@ -155,3 +155,49 @@ def test_too_short_split_names_the_user():
     c.test_tokens = 100
     with pytest.raises(ValueError, match=r"test_tokens=100.*min_tokens=129"):
         load_user_data(c)
+
+
+def test_small_gpt2_trained_on_it_stays_above_the_floor():
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from comigs_jax.model.config import GPT2Config
+    from comigs_jax.model.gpt2 import GPT2, init_params
+
+    c = _cfg()
+    c.n_users = 2
+    c.synthetic.vocab_size = 64
+    c.train_tokens, c.valid_tokens, c.test_tokens = 60_000, 2000, 20_000
+    d = load_user_data(c, user_indices=[1])
+    mcfg = GPT2Config(vocab_size=64, n_positions=64, n_embd=64, n_layer=1, n_head=2)
+    model = GPT2(mcfg)
+    params = init_params(mcfg, jax.random.key(0))
+    tx = optax.adam(3e-3)
+    opt = tx.init(params)
+    T, B = 32, 16
+
+    def loss_fn(p, x):
+        logits, _ = model.apply({"params": p}, x[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, x[:, 1:]).mean()
+
+    @jax.jit
+    def step(p, o, x):
+        l, g = jax.value_and_grad(loss_fn)(p, x)
+        u, o = tx.update(g, o, p)
+        return optax.apply_updates(p, u), o, l
+
+    train = jnp.asarray(d.train[0].astype(np.int32))
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        starts = rng.integers(0, len(train) - T - 1, B)
+        params, opt, _ = step(params, opt, train[starts[:, None] + np.arange(T + 1)])
+    test = d.test[0].astype(np.int32)
+    n = (len(test) - 1) // T
+    windows = np.stack([test[i * T:i * T + T + 1] for i in range(n)])
+    ce = float(jax.jit(loss_fn)(params, jnp.asarray(windows)))
+    floor = d.info["bayes_ppl_test"][0]
+    unigram = np.bincount(d.train[0], minlength=64) + 1.0
+    uni_ppl = float(np.exp(-np.log((unigram / unigram.sum())[test[1:]]).mean()))
+    print(f"bayes floor {floor:.3f}  trained GPT-2 {np.exp(ce):.3f}  unigram {uni_ppl:.3f}")
+    assert floor < np.exp(ce) < uni_ppl, (floor, np.exp(ce), uni_ppl)
