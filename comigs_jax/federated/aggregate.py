@@ -1,0 +1,52 @@
+"""Aggregation: a masked, weighted mean over the user axis of the shared leaves (method.md §4).
+
+Pure and jittable. Across devices the sum over the sharded users axis is an all-reduce that XLA
+derives from the shardings; nothing here knows about devices.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+
+from comigs_jax.federated.roles import role_of
+
+
+def _mean_over_users(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [U, ...], w [U] (sums to 1) -> the weighted mean broadcast back to [U, ...]."""
+    mean = jnp.einsum("u,u...->...", w.astype(jnp.float32), x.astype(jnp.float32)).astype(x.dtype)
+    return jnp.broadcast_to(mean, x.shape)
+
+
+def aggregate(params: dict, weights: jax.Array, shared_roles: tuple[str, ...],
+              n_shared_specialists: int | None = None) -> dict:
+    """Replace every shared leaf of every user by the weighted mean over users.
+
+    params: trainable leaves with a leading user axis [U, ...].
+    weights [U]: non-negative; 0 for padding users and users that sat out the round. They are
+      normalised here; the mean is broadcast to all users, those with weight 0 included.
+    shared_roles: roles to average (attn, generalist, specialist, router); other leaves are
+      returned unchanged.
+    n_shared_specialists: with heterogeneous expert counts only the specialist slots that every
+      user has are shared (the first min(E_i) - n_generalists); None shares them all.
+    """
+    w = weights / jnp.sum(weights)
+    flat = traverse_util.flatten_dict(params)
+    out = {}
+    for path, x in flat.items():
+        role = role_of(path)
+        if role not in shared_roles:
+            out[path] = x
+            continue
+        mean = _mean_over_users(x, w)
+        if role == "specialist" and n_shared_specialists is not None and n_shared_specialists < x.shape[1]:
+            slot = (jnp.arange(x.shape[1]) < n_shared_specialists).reshape((1, -1) + (1,) * (x.ndim - 2))
+            mean = jnp.where(slot, mean, x)
+        out[path] = mean
+    return traverse_util.unflatten_dict(out)
+
+
+def aggregation_weights(real: jax.Array, active: jax.Array, n_tokens: jax.Array | None = None) -> jax.Array:
+    """[U] weights: uniform over real, participating users (the reference), or by token count."""
+    w = (real & active).astype(jnp.float32)
+    return w if n_tokens is None else w * n_tokens.astype(jnp.float32)

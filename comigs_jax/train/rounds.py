@@ -1,0 +1,92 @@
+"""One local round as one XLA program: vmap over users of a lax.scan over local steps.
+
+`user_round` is the round of ONE user. `vmap_round` stacks it over the user axis (optionally
+sharded over a mesh's `users` axis); `loop_round` jits it without the user axis and calls it in
+a Python loop over users: the same math, the benchmark's baseline and the correctness oracle.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from comigs_jax.federated.methods import Method
+from comigs_jax.model.config import GPT2Config
+from comigs_jax.train.state import TrainConfig, UserState
+from comigs_jax.train.steps import expert_step, router_step
+
+USERS = "users"
+
+
+def _tree_where(cond, new, old):
+    return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
+
+
+def router_phase(state: UserState, base, data, mask, *, model_cfg, tc, method):
+    """tc.router_steps router steps; returns (state, mean router-step cross-entropy)."""
+    step = functools.partial(router_step, base=base, data=data, mask=mask, model_cfg=model_cfg, tc=tc, method=method)
+    state, metrics = lax.scan(lambda s, _: step(s), state, None, length=tc.router_steps)
+    return state, metrics["ce"].mean()
+
+
+def user_round(base: dict, state: UserState, data: dict, mask: jax.Array, active: jax.Array, *,
+               model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: int,
+               axis_name: Optional[str] = None) -> tuple[UserState, dict]:
+    """`steps` expert steps of one user, with router phases where the global step counter is a
+    multiple of tc.router_every (alternating methods). An inactive user's state is unchanged.
+
+    With axis_name (inside vmap), the phase runs when any user is due, so that lax.cond keeps
+    an unbatched predicate; users not due keep their state. Metrics: per step [steps, ...].
+    """
+    kw = dict(base=base, data=data, mask=mask, model_cfg=model_cfg, tc=tc, method=method)
+    run_router = method.alternating and tc.router_steps > 0
+
+    def body(state, _):
+        state, m = expert_step(state, **kw)
+        m = {k: v for k, v in m.items() if v is not None}
+        if run_router:
+            due = state.step % tc.router_every == 0
+            any_due = due if axis_name is None else lax.psum(due.astype(jnp.int32), axis_name) > 0
+
+            def phase(s):
+                new, ce = router_phase(s, **kw)
+                return _tree_where(due, new, s), jnp.where(due, ce, 0.0)
+
+            state, router_ce = lax.cond(any_due, phase, lambda s: (s, jnp.zeros((), jnp.float32)), state)
+            m["router_ce"], m["router_phase"] = router_ce, due
+        return state, m
+
+    new_state, metrics = lax.scan(body, state, None, length=steps)
+    return _tree_where(active, new_state, state), metrics
+
+
+def vmap_round(model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: int, mesh=None):
+    """jit(vmap(user_round)): (base, states [U], data [U], masks [U, E], active [U]) -> (states, metrics).
+
+    With a mesh, users are sharded over its `users` axis and the base is replicated; U must be
+    a multiple of the mesh size (pad with comigs_jax.federated.users).
+    """
+    fn = functools.partial(user_round, model_cfg=model_cfg, tc=tc, method=method, steps=steps, axis_name=USERS)
+    vfn = jax.vmap(fn, in_axes=(None, 0, 0, 0, 0), axis_name=USERS,
+                   spmd_axis_name=USERS if mesh is not None else None)
+    if mesh is None:
+        return jax.jit(vfn, donate_argnums=(1,))
+    from comigs_jax.federated.sharding import replicated, user_sharded
+    rep, users = replicated(mesh), user_sharded(mesh)
+    return jax.jit(vfn, in_shardings=(rep, users, users, users, users), out_shardings=(users, users),
+                   donate_argnums=(1,))
+
+
+def loop_round(model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: int):
+    """The same round, jitted per user and looped over users in Python (reference structure)."""
+    fn = jax.jit(functools.partial(user_round, model_cfg=model_cfg, tc=tc, method=method, steps=steps))
+
+    def run(base, states, data, masks, active):
+        n = masks.shape[0]
+        outs = [fn(base, *jax.tree.map(lambda x: x[u], (states, data, masks, active))) for u in range(n)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+    return run

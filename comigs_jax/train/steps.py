@@ -1,0 +1,122 @@
+"""One user's steps: batch sampling, the loss, an expert step, a router step, evaluation.
+
+Every function here sees ONE user (no user axis); comigs_jax.train.rounds vmaps them over users
+or calls them in a Python loop. Shapes: tokens [N] (padded), length scalar, mask [E].
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from comigs_jax.federated.methods import Method
+from comigs_jax.federated.roles import TRAINABLE_ROLES, filter_roles, merge
+from comigs_jax.model.config import GPT2Config
+from comigs_jax.model.gpt2 import GPT2
+from comigs_jax.train.state import (TrainConfig, UserState, expert_optimizer, expert_roles, leaks_active,
+                                    router_optimizer)
+
+
+def sample_windows(key: jax.Array, tokens: jax.Array, length: jax.Array, batch: int, seq_len: int) -> jax.Array:
+    """[batch, seq_len + 1] random windows, starts uniform in [0, length - seq_len - 1], with
+    replacement (the reference sampler): never past the user's true length into padding."""
+    starts = jax.random.randint(key, (batch,), 0, length - seq_len)
+    return tokens[starts[:, None] + jnp.arange(seq_len + 1)].astype(jnp.int32)
+
+
+def lm_loss(trainable: dict, base: dict, windows: jax.Array, mask: jax.Array, model_cfg: GPT2Config,
+            lb_weight: float, dropout_key: jax.Array | None = None):
+    """Mean next-token cross-entropy + lb_weight * (mean over layers of the balance loss).
+
+    windows [B, T + 1]. Returns (loss, metrics) with ce, lb and routing statistics [L, E].
+    """
+    rngs = None if dropout_key is None else {"dropout": dropout_key}
+    logits, aux = GPT2(model_cfg).apply({"params": merge(base, trainable)}, windows[:, :-1], mask,
+                                        deterministic=dropout_key is None, rngs=rngs)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+    lb = aux["lb"].mean() if aux else jnp.zeros((), jnp.float32)
+    loss = ce + lb_weight * lb
+    return loss, {"loss": loss, "ce": ce, "lb": lb,
+                  "router_prob": aux.get("router_prob"), "selection": aux.get("selection")}
+
+
+def _grads(roles, params, base, windows, mask, model_cfg, tc, dropout_key):
+    """Loss and gradients with respect to the leaves of `roles` only (the rest held fixed)."""
+    wrt = filter_roles(params, roles)
+    rest = filter_roles(params, set(TRAINABLE_ROLES) - set(roles))
+    fn = lambda p: lm_loss(merge(p, rest), base, windows, mask, model_cfg, tc.lb_weight, dropout_key)
+    (_, metrics), grads = jax.value_and_grad(fn, has_aux=True)(wrt)
+    return metrics, grads
+
+
+def _needs_dropout_key(model_cfg: GPT2Config) -> bool:
+    return any(l is not None and l.dropout > 0 for l in (model_cfg.attn_lora, model_cfg.moe and model_cfg.moe.lora))
+
+
+def expert_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
+                model_cfg: GPT2Config, tc: TrainConfig, method: Method) -> tuple[UserState, dict]:
+    """One expert step on a TRAINING batch: updates attention and expert LoRA (and, in joint
+    mode, the router); increments the step counter. In faithful mode it also adds the LoRA
+    gradients leaked by the last router phase (D1) and banks its router gradient (D2)."""
+    key, k_batch, k_drop = jax.random.split(state.key, 3)
+    windows = sample_windows(k_batch, data["train"], data["train_len"], tc.batch_size, tc.seq_len)
+    leaks = leaks_active(tc, method)
+    roles = expert_roles(method)
+    metrics, grads = _grads(TRAINABLE_ROLES if leaks else roles, state.params, base, windows, mask,
+                            model_cfg, tc, k_drop if _needs_dropout_key(model_cfg) else None)
+    g = filter_roles(grads, roles)
+    leak = state.leak
+    if leaks:
+        g = jax.tree.map(jnp.add, g, leak["expert"])
+        leak = {"expert": jax.tree.map(jnp.zeros_like, leak["expert"]),
+                "router": jax.tree.map(jnp.add, leak["router"], filter_roles(grads, ("router",)))}
+    p = filter_roles(state.params, roles)
+    updates, opt = expert_optimizer(tc).update(g, state.opt_expert, p)
+    params = merge(optax.apply_updates(p, updates),
+                   filter_roles(state.params, set(TRAINABLE_ROLES) - set(roles)))
+    return state.replace(params=params, opt_expert=opt, step=state.step + 1, key=key, leak=leak), metrics
+
+
+def router_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
+                model_cfg: GPT2Config, tc: TrainConfig, method: Method) -> tuple[UserState, dict]:
+    """One router step on a VALIDATION batch (TRAINING batch for alternating_train): updates
+    the routers only. In faithful mode, the router gradient banked by the expert steps is added
+    (D2, then cleared) and this step's LoRA gradient is banked for the next expert step (D1)."""
+    split = "valid" if method.router_mode == "bilevel" else "train"
+    key, k_batch, k_drop = jax.random.split(state.key, 3)
+    windows = sample_windows(k_batch, data[split], data[f"{split}_len"], tc.batch_size, tc.seq_len)
+    leaks = leaks_active(tc, method)
+    metrics, grads = _grads(TRAINABLE_ROLES if leaks else ("router",), state.params, base, windows, mask,
+                            model_cfg, tc, k_drop if _needs_dropout_key(model_cfg) else None)
+    g = filter_roles(grads, ("router",))
+    leak = state.leak
+    if leaks:
+        g = jax.tree.map(jnp.add, g, leak["router"])
+        leak = {"expert": jax.tree.map(jnp.add, leak["expert"], filter_roles(grads, expert_roles(method))),
+                "router": jax.tree.map(jnp.zeros_like, leak["router"])}
+    p = filter_roles(state.params, ("router",))
+    updates, opt = router_optimizer(tc).update(g, state.opt_router, p)
+    params = merge(optax.apply_updates(p, updates), filter_roles(state.params, expert_roles(method)))
+    return state.replace(params=params, opt_router=opt, key=key, leak=leak), metrics
+
+
+def eval_starts(length: jax.Array, seq_len: int, n_windows: int) -> jax.Array:
+    """[n_windows] evenly spaced window starts over [0, length - seq_len - 1]: deterministic."""
+    last = length - seq_len - 1
+    return (jnp.arange(n_windows) * last) // max(n_windows - 1, 1)
+
+
+def evaluate_user(params: dict, base: dict, tokens: jax.Array, length: jax.Array, mask: jax.Array, *,
+                  model_cfg: GPT2Config, seq_len: int, n_windows: int, batch: int) -> dict[str, Any]:
+    """Mean cross-entropy over a fixed set of n_windows windows (a multiple of `batch`), and
+    the routing statistics [L, E] averaged over them."""
+    starts = eval_starts(length, seq_len, n_windows).reshape(-1, batch)
+
+    def one_batch(s):
+        windows = tokens[s[:, None] + jnp.arange(seq_len + 1)].astype(jnp.int32)
+        _, m = lm_loss(params, base, windows, mask, model_cfg, 0.0)
+        return {k: v for k, v in m.items() if v is not None and k != "loss"}
+
+    return jax.tree.map(lambda x: x.mean(0), jax.lax.map(one_batch, starts))
