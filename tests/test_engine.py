@@ -206,3 +206,55 @@ def test_training_lowers_every_users_validation_loss():
     _run(sim, tc.rounds)
     after = sim.evaluate(valid, 16, 8)["ce"]
     assert np.all(after < before - 0.2), (before, after)
+
+
+def test_faithful_mode_reproduces_the_reference_gradient_leaks():
+    """D2: an expert step banks its router gradient; D1: a router step banks its LoRA gradient,
+    and each bank is added to the other optimizer's next step (method.md §8)."""
+    from comigs_jax.federated.roles import EXPERT_ROLES, filter_roles
+    from comigs_jax.train.state import init_user_state, init_trainable
+    from comigs_jax.train.steps import expert_step, lm_loss, router_step, sample_windows
+
+    cfg = tiny_cfg()
+    base = tiny_base(cfg)
+    train, valid = _data(1)
+    data = {"train": jnp.asarray(train[0]), "train_len": jnp.int32(len(train[0])),
+            "valid": jnp.asarray(valid[0]), "valid_len": jnp.int32(len(valid[0]))}
+    mask = jnp.ones(2, bool)
+    method = get_method("comigs")
+    tc = dataclasses.replace(TC, faithful=True)
+    kw = dict(base=base, data=data, mask=mask, model_cfg=cfg, tc=tc, method=method)
+    params = init_trainable(cfg, jax.random.key(0))  # B != 0, so that the router has a gradient
+    leaves, treedef = jax.tree.flatten(params)
+    params = treedef.unflatten([0.3 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)])
+    s0 = init_user_state(params, jax.random.PRNGKey(1), tc, method)
+
+    def grads_on(state, split):
+        _, k_batch, _ = jax.random.split(state.key, 3)
+        w = sample_windows(k_batch, data[split], data[f"{split}_len"], tc.batch_size, tc.seq_len)
+        return jax.grad(lambda p: lm_loss(p, base, w, mask, cfg, tc.lb_weight)[0])(state.params)
+
+    s1, _ = expert_step(s0, **kw)
+    g = grads_on(s0, "train")
+    for a, b in zip(jax.tree.leaves(s1.leak["router"]), jax.tree.leaves(filter_roles(g, ("router",)))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    s2, _ = router_step(s1, **kw)
+    g = grads_on(s1, "valid")
+    for a, b in zip(jax.tree.leaves(s2.leak["expert"]), jax.tree.leaves(filter_roles(g, EXPERT_ROLES))):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(s2.leak["router"]))
+    # What reaches the optimizers is gradient + bank: Adam's first moment records it exactly.
+    import optax
+    mu = lambda opt: optax.tree_utils.tree_get(opt, "mu")
+    g_router = filter_roles(grads_on(s1, "valid"), ("router",))
+    fed = jax.tree.map(jnp.add, g_router, s1.leak["router"])
+    for a, b in zip(jax.tree.leaves(mu(s2.opt_router)), jax.tree.leaves(fed)):
+        np.testing.assert_allclose(a, (1 - tc.b1) * b, rtol=1e-5, atol=1e-9)
+    assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(s1.leak["router"])) > 1e-4
+    s3, _ = expert_step(s2, **kw)
+    assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(s3.leak["expert"]))
+    g_exp = filter_roles(grads_on(s2, "train"), EXPERT_ROLES)
+    fed = jax.tree.map(jnp.add, g_exp, s2.leak["expert"])
+    expect = jax.tree.map(lambda m, g: tc.b1 * m + (1 - tc.b1) * g, mu(s2.opt_expert), fed)
+    for a, b in zip(jax.tree.leaves(mu(s3.opt_expert)), jax.tree.leaves(expect)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
