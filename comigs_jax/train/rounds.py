@@ -3,6 +3,8 @@
 `user_round` is the round of ONE user. `vmap_round` stacks it over the user axis (optionally
 sharded over a mesh's `users` axis); `loop_round` jits it without the user axis and calls it in
 a Python loop over users: the same math, the benchmark's baseline and the correctness oracle.
+`loop_step_round` goes one step further back to the reference's structure: one jitted training
+step (or router phase) per Python call, users in a Python loop.
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from comigs_jax.federated.methods import Method
@@ -87,6 +90,45 @@ def loop_round(model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: in
     def run(base, states, data, masks, active):
         n = masks.shape[0]
         outs = [fn(base, *jax.tree.map(lambda x: x[u], (states, data, masks, active))) for u in range(n)]
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
+
+    return run
+
+
+def loop_step_round(model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: int):
+    """The round of `user_round`, one jitted training step per Python call, users in a Python
+    loop: the structure of the reference PyTorch code (the benchmark's slowest baseline).
+
+    `expert_step` and `router_phase` are jitted per user (no user axis, no scan over steps);
+    the host decides when a router phase is due from the step counters, read once per round.
+    Same signature, schedule, state and metrics as `loop_round`, so the results are equal.
+    """
+    kw = dict(model_cfg=model_cfg, tc=tc, method=method)
+    e_step = jax.jit(functools.partial(expert_step, **kw))
+    r_phase = jax.jit(functools.partial(router_phase, **kw))
+    run_router = method.alternating and tc.router_steps > 0
+    zero = jnp.zeros((), jnp.float32)
+
+    def one_user(base, state, data, mask, active, step0):
+        new, metrics = state, []
+        for i in range(steps):
+            new, m = e_step(new, base, data, mask)
+            m = {k: v for k, v in m.items() if v is not None}
+            if run_router:
+                due = (step0 + i + 1) % tc.router_every == 0
+                router_ce = zero
+                if due:
+                    new, router_ce = r_phase(new, base, data, mask)
+                m["router_ce"], m["router_phase"] = router_ce, jnp.asarray(due)
+            metrics.append(m)
+        metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
+        return (new if active else state), metrics
+
+    def run(base, states, data, masks, active):
+        n = masks.shape[0]
+        step0, act = np.asarray(states.step), np.asarray(active)  # one host sync per round
+        outs = [one_user(base, *jax.tree.map(lambda x: x[u], (states, data, masks)), bool(act[u]), int(step0[u]))
+                for u in range(n)]
         return jax.tree.map(lambda *xs: jnp.stack(xs), *outs)
 
     return run
