@@ -23,8 +23,10 @@ class Method:
 
     shared_roles: roles averaged across users after every round (and made identical at round 0).
     router_mode: one of ROUTER_MODES.
-    one_round: run all rounds x local_steps expert steps as a single round, so that shared
-      leaves are synchronised only at round 0 (Local, CoMiGS-2S, Centralized).
+    one_round: shared leaves are synchronised at round 0 only, as the reference's R = 1 x S = 200
+      runs (Local, CoMiGS-2S, Centralized). The engine still runs rounds x local_steps steps in
+      rounds (for evaluation, logging and checkpoints) but skips aggregation: the same math,
+      since step counters, schedules and optimizer states never reset between rounds.
     pooled_data: train one model on the union of the users' data (Centralized).
     """
 

@@ -26,6 +26,7 @@ from comigs_jax.federated.users import expert_masks, padded_user_count, real_use
 from comigs_jax.model.config import GPT2Config
 from comigs_jax.train.rounds import loop_round, vmap_round
 from comigs_jax.train.state import TrainConfig, UserState, init_states
+from comigs_jax.train.evaluation import window_starts
 from comigs_jax.train.steps import evaluate_user
 
 MODES = ("vmap", "loop")
@@ -64,7 +65,7 @@ class Simulation:
         self.expert_counts = counts
         self.method, self.mode, self.mesh = method, mode, mesh
         self.participation, self.weighting = participation, weighting
-        self.n_rounds, self.steps_per_round = tc.schedule(method)
+        self.n_rounds, self.steps_per_round = tc.rounds, tc.local_steps
         self.tc = tc
         if method.pooled_data:  # one model on the union of the users' data, batch x U
             train, valid = [np.concatenate(list(train))], [np.concatenate(list(valid))]
@@ -133,7 +134,11 @@ class Simulation:
         return jax.tree.map(lambda x: np.asarray(x)[self.real], metrics)
 
     def aggregate(self) -> None:
-        """Average the method's shared leaves over the real users that trained this round."""
+        """Average the method's shared leaves over the real users that trained this round.
+
+        A no-op for one-round methods (synchronised at round 0 only)."""
+        if self.method.one_round:
+            return
         n_tok = self.n_train_tokens if self.weighting == "tokens" else None
         w = aggregation_weights(jnp.asarray(self.real), jnp.asarray(self.active),
                                 None if n_tok is None else jnp.asarray(n_tok))
@@ -141,6 +146,14 @@ class Simulation:
             w = sharding.shard_users(w, self.mesh)
         params = self._aggregate(self.states.params, w)
         self.states = self.states.replace(params=params)
+
+    def host_state(self) -> dict:
+        """What lives on the host besides the device state (JSON-able, for checkpoints)."""
+        return {"round_index": self.round_index, "rng": self._rng.bit_generator.state}
+
+    def restore_host_state(self, host: dict) -> None:
+        self.round_index = host["round_index"]
+        self._rng.bit_generator.state = host["rng"]
 
     # ------------------------------------------------------------------ evaluation
     def user_params(self) -> dict:
@@ -150,25 +163,24 @@ class Simulation:
             p = jax.tree.map(lambda x: jnp.broadcast_to(x[:1], (self.n_users,) + x.shape[1:]), p)
         return p
 
-    def evaluate(self, splits: Sequence[np.ndarray], n_windows: int, batch: int) -> dict:
-        """Per-user mean CE on fixed, evenly spaced windows of each user's `splits[i]`, and the
-        routing statistics. Returns numpy arrays: ce [U], router_prob / selection [U, L, E]."""
-        n_windows = -(-n_windows // batch) * batch
+    def evaluate(self, splits: Sequence[np.ndarray], n_windows: int, batch: int, protocol: str = "fixed",
+                 seed: int = 0) -> dict:
+        """Every real user's current (local) model on its own `splits[i]` (comigs_jax.train.evaluation).
+
+        n_windows is rounded up to a multiple of batch. Returns numpy arrays: ce [U],
+        lb [U], router_prob / selection [U, L, E]."""
         if len(splits) != self.n_users:
             raise ValueError(f"evaluate: {len(splits)} splits for {self.n_users} users")
+        n_windows = -(-n_windows // batch) * batch
         tokens, lengths = stack_tokens(splits)
-        if (lengths < self.tc.seq_len + 1).any():
-            bad = int(np.argmax(lengths < self.tc.seq_len + 1))
-            raise ValueError(f"user {bad}: evaluation split has {lengths[bad]} tokens, fewer than one window")
-        key = (n_windows, batch)
-        if key not in self._eval_cache:
-            fn = functools.partial(evaluate_user, model_cfg=self.model_cfg, seq_len=self.tc.seq_len,
-                                   n_windows=n_windows, batch=batch)
-            self._eval_cache[key] = jax.jit(jax.vmap(fn, in_axes=(0, None, 0, 0, 0)))
+        starts = window_starts(protocol, lengths, self.tc.seq_len, n_windows, seed)
+        if batch not in self._eval_cache:
+            fn = functools.partial(evaluate_user, model_cfg=self.model_cfg, seq_len=self.tc.seq_len, batch=batch)
+            self._eval_cache[batch] = jax.jit(jax.vmap(fn, in_axes=(0, None, 0, 0, 0)))
         masks = self.masks[: self.n_users] if not self.method.pooled_data else \
             np.repeat(self.masks[:1], self.n_users, 0)
-        out = self._eval_cache[key](self.user_params(), self.base, jnp.asarray(tokens), jnp.asarray(lengths),
-                                    jnp.asarray(masks))
+        out = self._eval_cache[batch](self.user_params(), self.base, jnp.asarray(tokens), jnp.asarray(starts),
+                                      jnp.asarray(masks))
         return jax.tree.map(np.asarray, out)
 
 

@@ -81,6 +81,9 @@ class Block(nn.Module):
                               kernel_init=nn.initializers.normal(0.02), name="router")
             logits = router(h.astype(jnp.float32))
             weights = moe_lib.gate(logits, mask, moe.top_k)
+        # Per-token expert weights [B, T, E], collected only when "intermediates" is mutable
+        # (routing pictures); otherwise sow is a no-op.
+        self.sow("intermediates", "gate", weights)
         x = x + moe_lib.MoEMLP(moe, cfg.n_embd, cfg.n_layer, dtype, name="mlp")(h, weights, deterministic)
 
         if moe.router == "uniform":
@@ -120,6 +123,14 @@ class GPT2(nn.Module):
         x = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name="ln_f")(x)
         logits = wte.attend(x).astype(jnp.float32)
         return logits, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+
+
+def token_gate_weights(cfg: GPT2Config, params: dict, tokens: jax.Array,
+                       expert_mask: Optional[jax.Array] = None) -> jax.Array:
+    """Per-token expert weights [L, B, T, E] of a mixture-of-experts model."""
+    _, state = GPT2(cfg).apply({"params": params}, tokens, expert_mask, mutable=["intermediates"])
+    inter = state["intermediates"]
+    return jnp.stack([inter[f"h_{i}"]["gate"][0] for i in range(cfg.n_layer)])
 
 
 def init_params(cfg: GPT2Config, key: jax.Array, seq_len: int = 8) -> dict:

@@ -164,13 +164,17 @@ class MoEMLP(nn.Module):
 
         drop = nn.Dropout(self.cfg.lora.dropout)
         det = deterministic or self.cfg.lora.dropout == 0
-        h = h.astype(dt)
-        w = weights.astype(dt)
-        u = h @ w_fc.astype(dt) + b_fc.astype(dt)                              # [B, T, F]
-        h_a = jnp.einsum("btd,edr->bter", drop(h, deterministic=det), fc_a)      # [B, T, E, r]
-        g = nn.gelu(u[..., None, :] + s * jnp.einsum("bter,erf->btef", h_a, fc_b), approximate=True)
-        mixed = jnp.einsum("bte,btef->btf", w, g)                                 # [B, T, F]
-        g_a = jnp.einsum("btef,efr->bter", drop(g, deterministic=det), proj_a)    # [B, T, E, r]
-        lora_out = jnp.einsum("bter,erd->btd", w[..., None] * g_a, proj_b)
-        return (mixed @ w_proj.astype(dt) + w.sum(-1, keepdims=True) * b_proj.astype(dt)
-                + s * lora_out)
+        lead, n_e = h.shape[:-1], fc_a.shape[0]
+        h = h.astype(dt).reshape(-1, d)                                        # [N, d]
+        w = weights.astype(dt).reshape(-1, n_e)                                # [N, E]
+        u = h @ w_fc.astype(dt) + b_fc.astype(dt)                              # [N, F]: once for all experts
+        # Expert-major layout [E, N, .]: batched matmuls with a leading batch axis (fast on CPU/GPU).
+        h_a = (drop(h, deterministic=det) @ fc_a.transpose(1, 0, 2).reshape(d, n_e * r)).reshape(-1, n_e, r)
+        corr = jnp.einsum("ner,erf->enf", h_a, fc_b)                            # [E, N, F]
+        g = nn.gelu(u[None] + s * corr, approximate=True)                       # [E, N, F]
+        mixed = jnp.einsum("ne,enf->nf", w, g)                                  # [N, F]
+        g_a = jnp.einsum("enf,efr->enr", drop(g, deterministic=det), proj_a)    # [E, N, r]
+        g_a = (w.T[..., None] * g_a).transpose(1, 0, 2).reshape(-1, n_e * r)    # [N, E*r]
+        lora_out = g_a @ proj_b.reshape(n_e * r, d)                            # [N, d]
+        out = mixed @ w_proj.astype(dt) + w.sum(-1, keepdims=True) * b_proj.astype(dt) + s * lora_out
+        return out.reshape(*lead, d)

@@ -54,10 +54,6 @@ class TrainConfig:
     def total_steps(self) -> int:
         return self.rounds * self.local_steps
 
-    def schedule(self, method: Method) -> tuple[int, int]:
-        """(rounds, expert steps per round) for a method; one-round methods run them all at once."""
-        return (1, self.total_steps) if method.one_round else (self.rounds, self.local_steps)
-
 
 @flax.struct.dataclass
 class UserState:

@@ -102,21 +102,15 @@ def router_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
     return state.replace(params=params, opt_router=opt, key=key, leak=leak), metrics
 
 
-def eval_starts(length: jax.Array, seq_len: int, n_windows: int) -> jax.Array:
-    """[n_windows] evenly spaced window starts over [0, length - seq_len - 1]: deterministic."""
-    last = length - seq_len - 1
-    return (jnp.arange(n_windows) * last) // max(n_windows - 1, 1)
-
-
-def evaluate_user(params: dict, base: dict, tokens: jax.Array, length: jax.Array, mask: jax.Array, *,
-                  model_cfg: GPT2Config, seq_len: int, n_windows: int, batch: int) -> dict[str, Any]:
-    """Mean cross-entropy over a fixed set of n_windows windows (a multiple of `batch`), and
-    the routing statistics [L, E] averaged over them."""
-    starts = eval_starts(length, seq_len, n_windows).reshape(-1, batch)
+def evaluate_user(params: dict, base: dict, tokens: jax.Array, starts: jax.Array, mask: jax.Array, *,
+                  model_cfg: GPT2Config, seq_len: int, batch: int) -> dict[str, Any]:
+    """Mean cross-entropy over the windows starting at `starts` [n] (n a multiple of `batch`),
+    and the routing statistics [L, E] averaged over them. Every batch has the same size, so the
+    mean of batch means is the token mean."""
 
     def one_batch(s):
         windows = tokens[s[:, None] + jnp.arange(seq_len + 1)].astype(jnp.int32)
         _, m = lm_loss(params, base, windows, mask, model_cfg, 0.0)
         return {k: v for k, v in m.items() if v is not None and k != "loss"}
 
-    return jax.tree.map(lambda x: x.mean(0), jax.lax.map(one_batch, starts))
+    return jax.tree.map(lambda x: x.mean(0), jax.lax.map(one_batch, starts.reshape(-1, batch)))

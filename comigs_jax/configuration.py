@@ -1,0 +1,144 @@
+"""From an experiment ConfigDict (configs/base.py) to the engine's typed configs, and the checks
+that run before any data or compile work: one line naming the key, the value, what is allowed."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from comigs_jax.data.config import split_list, validate_data_config
+from comigs_jax.federated.methods import METHODS, ROUTER_MODES  # noqa: F401
+from comigs_jax.model.config import DTYPES, LB_INPUTS, LORA_SCALINGS, GPT2Config, LoRAConfig, MoEConfig
+from comigs_jax.train.evaluation import PROTOCOLS
+from comigs_jax.train.state import TrainConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value that is not allowed."""
+
+
+def _fail(key, value, allowed):
+    raise ConfigError(f"config.{key}={value!r} is not allowed: {allowed}")
+
+
+def methods_of(cfg) -> list[str]:
+    return split_list(cfg.methods) or [cfg.method]
+
+
+def seeds_of(cfg) -> list[int]:
+    try:
+        return [int(s) for s in split_list(cfg.seeds)] or [int(cfg.seed)]
+    except ValueError:
+        _fail("seeds", cfg.seeds, "comma-separated integers")
+
+
+def expert_counts_of(cfg) -> list[int]:
+    n_users = cfg.data.n_users
+    if not cfg.model.expert_counts:
+        return [cfg.model.n_experts] * n_users
+    try:
+        counts = [int(c) for c in split_list(cfg.model.expert_counts)]
+    except ValueError:
+        _fail("model.expert_counts", cfg.model.expert_counts, "comma-separated integers, one per user")
+    if len(counts) != n_users:
+        _fail("model.expert_counts", cfg.model.expert_counts, f"{n_users} entries (data.n_users)")
+    return counts
+
+
+def base_positions(cfg) -> int | None:
+    """n_positions of the configured base, read cheaply (None when unknown before download)."""
+    if cfg.base == "pretrain":
+        return None
+    path = os.path.join(os.path.expanduser(cfg.base), "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f).get("n_positions")
+    return 1024 if cfg.base.startswith("gpt2") else None
+
+
+def validate(cfg) -> None:
+    """Every check that needs no data and no compile; raises ConfigError (one line)."""
+    for m in methods_of(cfg):
+        if m not in METHODS:
+            _fail("methods" if cfg.methods else "method", m, f"one of {', '.join(sorted(METHODS))}")
+    seeds_of(cfg)
+    if cfg.data.n_users < 1:
+        _fail("data.n_users", cfg.data.n_users, "at least 1 user")
+    mo, tr = cfg.model, cfg.train
+    if mo.dtype not in DTYPES:
+        _fail("model.dtype", mo.dtype, f"one of {DTYPES}")
+    if mo.lora_scaling not in LORA_SCALINGS:
+        _fail("model.lora_scaling", mo.lora_scaling, f"one of {LORA_SCALINGS}")
+    if mo.lb_input not in LB_INPUTS:
+        _fail("model.lb_input", mo.lb_input, f"one of {LB_INPUTS}")
+    for key in ("rank",):
+        if mo[key] <= 0:
+            _fail(f"model.{key}", mo[key], "a positive integer")
+    if mo.attn_rank < 0:
+        _fail("model.attn_rank", mo.attn_rank, "a non-negative integer (0 = no attention LoRA)")
+    counts = expert_counts_of(cfg)
+    n_experts = max(counts) if mo.expert_counts else mo.n_experts
+    if n_experts < 1:
+        _fail("model.n_experts", n_experts, "at least 1")
+    if not 0 <= mo.n_generalists < n_experts:
+        _fail("model.n_generalists", mo.n_generalists, f"in [0, {n_experts - 1}] (fewer than the {n_experts} experts)")
+    for c in counts:
+        if c < max(mo.n_generalists, 1):
+            _fail("model.expert_counts", mo.expert_counts,
+                  f"every user needs at least max(1, n_generalists={mo.n_generalists}) experts")
+    if not 1 <= mo.top_k <= n_experts:
+        _fail("model.top_k", mo.top_k, f"in [1, {n_experts}] (the number of experts)")
+    if not 0 <= mo.importance < 1:
+        _fail("model.importance", mo.importance, "in [0, 1)")
+    if not 0 <= mo.dropout < 1:
+        _fail("model.dropout", mo.dropout, "in [0, 1)")
+    for key in ("rounds", "local_steps", "batch_size", "seq_len", "router_every"):
+        if tr[key] <= 0:
+            _fail(f"train.{key}", tr[key], "a positive integer")
+    if tr.router_steps < 0:
+        _fail("train.router_steps", tr.router_steps, "a non-negative integer")
+    for key in ("lr", "router_lr"):
+        if not tr[key] > 0:
+            _fail(f"train.{key}", tr[key], "a positive number")
+    pos = base_positions(cfg)
+    if pos is not None and tr.seq_len > pos:
+        _fail("train.seq_len", tr.seq_len, f"at most the base's {pos} positions")
+    fe = cfg.federation
+    if fe.mode not in ("vmap", "loop"):
+        _fail("federation.mode", fe.mode, "vmap | loop")
+    if fe.weighting not in ("uniform", "tokens"):
+        _fail("federation.weighting", fe.weighting, "uniform | tokens")
+    if not 0 < fe.participation <= 1:
+        _fail("federation.participation", fe.participation, "in (0, 1]")
+    if cfg.eval.protocol not in PROTOCOLS:
+        _fail("eval.protocol", cfg.eval.protocol, f"one of {PROTOCOLS}")
+    for key in ("n_windows", "batch_size", "every_rounds"):
+        if cfg.eval[key] <= 0:
+            _fail(f"eval.{key}", cfg.eval[key], "a positive integer")
+    if cfg.checkpoint.every_rounds <= 0:
+        _fail("checkpoint.every_rounds", cfg.checkpoint.every_rounds, "a positive integer")
+    if cfg.base == "pretrain" and cfg.data.source != "synthetic":
+        _fail("base", cfg.base, "'pretrain' only with data.source='synthetic'; else a GPT-2 directory or hub id")
+    try:
+        validate_data_config(cfg.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def model_config(cfg, base_cfg: GPT2Config) -> GPT2Config:
+    """The CoMiGS model on the given base: attention LoRA and a mixture of LoRA experts."""
+    mo = cfg.model
+    counts = expert_counts_of(cfg)
+    lora = lambda r: LoRAConfig(rank=r, alpha=mo.alpha, scaling=mo.lora_scaling, dropout=mo.dropout)
+    moe = MoEConfig(n_experts=max(counts) if mo.expert_counts else mo.n_experts, n_generalists=mo.n_generalists,
+                    top_k=mo.top_k, lora=lora(mo.rank), lb_input=mo.lb_input, importance=mo.importance)
+    return dataclasses.replace(base_cfg, attn_lora=lora(mo.attn_rank) if mo.attn_rank else None, moe=moe,
+                               dtype=mo.dtype)
+
+
+def train_config(cfg) -> TrainConfig:
+    tr = cfg.train
+    return TrainConfig(rounds=tr.rounds, local_steps=tr.local_steps, batch_size=tr.batch_size, seq_len=tr.seq_len,
+                       lr=tr.lr, lr_final_ratio=tr.lr_final_ratio, router_lr=tr.router_lr,
+                       weight_decay=tr.weight_decay, router_every=tr.router_every, router_steps=tr.router_steps,
+                       lb_weight=tr.lb_weight, faithful=tr.faithful)

@@ -1,0 +1,158 @@
+"""Metrics of a run: per-round records (metrics.jsonl), results (results.json / .md), and the
+paper-style comparison table across methods and seeds."""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import optax
+
+from comigs_jax.train.state import TrainConfig
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """Appends one JSON line per round; truncates to a checkpoint's round on resume."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def read(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    def truncate(self, round_index: int) -> None:
+        keep = [r for r in self.read() if r["round"] <= round_index]
+        _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def generalist_share(router_prob: np.ndarray, n_generalists: int) -> np.ndarray:
+    """[..., L, E] mean router probabilities -> [...] probability mass on the generalist slots,
+    averaged over layers (the paper's generalist routing share)."""
+    return np.asarray(router_prob)[..., :n_generalists].sum(-1).mean(-1)
+
+
+def round_record(round_index: int, m: dict, tc: TrainConfig, model_cfg, seconds: float, n_models: int) -> dict:
+    """One metrics.jsonl line from a round's per-user, per-step metrics ([U, S, ...])."""
+    tokens = tc.batch_size * tc.seq_len
+    expert_tokens = n_models * m["ce"].shape[1] * tokens
+    rec = {
+        "round": round_index,
+        "step": round_index * tc.local_steps,
+        "lr": float(optax.cosine_decay_schedule(tc.lr, tc.total_steps, alpha=tc.lr_final_ratio)(
+            round_index * tc.local_steps - 1)),
+        "train_loss": m["loss"].mean(1).tolist(),
+        "train_ce": m["ce"].mean(1).tolist(),
+        "train_lb": m["lb"].mean(1).tolist(),
+        "seconds": seconds,
+        "tokens_per_s": expert_tokens / seconds,
+        "expert_tokens_per_s_per_user": m["ce"].shape[1] * tokens / seconds,
+    }
+    if "router_phase" in m:
+        phases = m["router_phase"].sum(1)
+        rec["router_steps"] = (phases * tc.router_steps).tolist()
+        rec["router_val_ce"] = [float(c.sum() / p) if p else None for c, p in zip(m["router_ce"], phases)]
+        rec["router_tokens_per_s_per_user"] = (phases * tc.router_steps * tokens / seconds).tolist()
+    if m.get("router_prob") is not None:
+        probs = m["router_prob"].mean(1)  # [U, L, E]
+        rec["routing"] = probs.tolist()
+        rec["generalist_share"] = generalist_share(probs, model_cfg.moe.n_generalists).tolist()
+    return rec
+
+
+def results(cfg, method, seed: int, data, model_cfg, pre: dict, post: dict) -> dict:
+    """results.json: per-user test perplexity of the local (pre-aggregation) models at the last
+    round, after aggregation too, the Bayes floor when known, and routing shares."""
+    g = model_cfg.moe.n_generalists
+    ppl, ppl_post = np.exp(pre["ce"]), np.exp(post["ce"])
+    bayes = data.info.get("bayes_ppl_test")
+    share, sel = generalist_share(pre["router_prob"], g), generalist_share(pre["selection"], g)
+    users = []
+    for i, name in enumerate(data.users):
+        u = {"user": name, "test_ppl": float(ppl[i]), "test_ppl_post_aggregation": float(ppl_post[i]),
+             "generalist_share": float(share[i]), "generalist_selection": float(sel[i])}
+        if bayes is not None:
+            u["bayes_ppl"] = float(bayes[i])
+        users.append(u)
+    out = {
+        "method": method.name, "seed": seed, "router_mode": method.router_mode,
+        "shared_roles": list(method.shared_roles), "faithful": bool(cfg.train.faithful),
+        "eval": {"protocol": cfg.eval.protocol, "n_windows": cfg.eval.n_windows, "seq_len": cfg.train.seq_len,
+                 "reported": "local models before the final aggregation (reference protocol, method.md §5)"},
+        "users": users,
+        "mean_test_ppl": float(ppl.mean()),
+        "mean_test_ppl_post_aggregation": float(ppl_post.mean()),
+        "routing_per_layer": np.asarray(pre["router_prob"]).tolist(),
+    }
+    if bayes is not None:
+        out["mean_bayes_ppl"] = float(np.mean(bayes))
+    return out
+
+
+def results_markdown(res: dict) -> str:
+    bayes = "bayes_ppl" in res["users"][0]
+    head = "| user | test ppl | after aggregation |" + (" Bayes-optimal ppl |" if bayes else "") + " generalist share |"
+    lines = [f"### {res['method']} (seed {res['seed']}, router {res['router_mode']}, "
+             f"faithful={res['faithful']}, eval {res['eval']['protocol']})", "", head,
+             "|" + "---|" * (head.count("|") - 1)]
+    for u in res["users"]:
+        lines.append(f"| {u['user']} | {u['test_ppl']:.3f} | {u['test_ppl_post_aggregation']:.3f} |"
+                     + (f" {u['bayes_ppl']:.3f} |" if bayes else "") + f" {u['generalist_share']:.3f} |")
+    lines.append(f"| **mean** | **{res['mean_test_ppl']:.3f}** | {res['mean_test_ppl_post_aggregation']:.3f} |"
+                 + (f" {res['mean_bayes_ppl']:.3f} |" if bayes else "") + " |")
+    return "\n".join(lines)
+
+
+def write_results(run_dir: str, res: dict) -> None:
+    _atomic_write(os.path.join(run_dir, "results.json"), json.dumps(res, indent=1))
+    _atomic_write(os.path.join(run_dir, "results.md"), results_markdown(res) + "\n")
+
+
+def comparison(all_results: list[dict]) -> dict:
+    """Method x user test perplexity, mean and std over seeds (and the mean over users)."""
+    users = [u["user"] for u in all_results[0]["users"]]
+    table = {"users": users, "methods": {}}
+    for res in all_results:
+        entry = table["methods"].setdefault(res["method"], {"seeds": [], "per_seed": []})
+        entry["seeds"].append(res["seed"])
+        entry["per_seed"].append([u["test_ppl"] for u in res["users"]])
+    for entry in table["methods"].values():
+        a = np.asarray(entry["per_seed"])  # [seeds, users]
+        entry["mean"], entry["std"] = a.mean(0).tolist(), a.std(0).tolist()
+        entry["user_mean"], entry["user_mean_std"] = float(a.mean(1).mean()), float(a.mean(1).std())
+    if "bayes_ppl" in all_results[0]["users"][0]:
+        table["bayes_ppl"] = [u["bayes_ppl"] for u in all_results[0]["users"]]
+    return table
+
+
+def comparison_markdown(table: dict) -> str:
+    users = table["users"]
+    head = "| method | " + " | ".join(users) + " | mean |"
+    lines = ["### Test perplexity (mean ± std over seeds; local models before the final aggregation)", "",
+             head, "|" + "---|" * (len(users) + 2)]
+    for name, e in table["methods"].items():
+        cells = [f"{m:.3f} ± {s:.3f}" for m, s in zip(e["mean"], e["std"])]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{e['user_mean']:.3f} ± {e['user_mean_std']:.3f}** |")
+    if "bayes_ppl" in table:
+        lines.append("| Bayes-optimal | " + " | ".join(f"{b:.3f}" for b in table["bayes_ppl"])
+                     + f" | {np.mean(table['bayes_ppl']):.3f} |")
+    return "\n".join(lines)
+
+
+def write_comparison(workdir: str, table: dict) -> None:
+    os.makedirs(workdir, exist_ok=True)
+    _atomic_write(os.path.join(workdir, "comparison.json"), json.dumps(table, indent=1))
+    _atomic_write(os.path.join(workdir, "comparison.md"), comparison_markdown(table) + "\n")

@@ -1,0 +1,79 @@
+"""Every default of experiments.run, one line each. Experiment configs override what they change.
+
+Values are the reference scripts' (method.md §3, §7): 4 users, 20 rounds x 10 local steps,
+64 x 128 windows, lr 2e-3, router 10 steps every 30, rank 8, alpha 16.
+"""
+import ml_collections
+
+from comigs_jax.data.config import default_data_config
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.method = arg or "comigs"  # local | fedavg | centralized | pfedmoe | comigs | comigs_2g | comigs_2s | comigs_train | fedavg_moe | local_moe
+    c.methods = ""  # comparison: comma-separated methods run on the same data, seeds and base ("" = just `method`)
+    c.seed = 42  # seeds initialisation, batch sampling and participation
+    c.seeds = ""  # comparison: comma-separated seeds ("" = just `seed`)
+    c.base = "gpt2"  # frozen base: HF GPT-2 directory or hub id; "pretrain" = train a small GPT-2 on the synthetic general chain
+    c.resume = True  # continue from the workdir's latest checkpoint; False starts fresh (never over another config's run)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.dtype = "float32"  # activation dtype: float32 | bfloat16 (parameters stay float32)
+    c.model.n_experts = 2  # experts per user E (E_max when expert_counts is set)
+    c.model.expert_counts = ""  # per-user expert counts, comma-separated, e.g. "2,4,4,4" ("" = n_experts for all)
+    c.model.n_generalists = 1  # expert slots [0, n_generalists) are generalists
+    c.model.top_k = 2  # experts per token (k_i = min(top_k, E_i))
+    c.model.rank = 8  # LoRA rank of each expert
+    c.model.attn_rank = 8  # LoRA rank on attention c_attn / c_proj (the reference fixes 8); 0 = no attention LoRA
+    c.model.alpha = 16.0  # LoRA alpha
+    c.model.lora_scaling = "rslora"  # rslora: s = alpha/sqrt(r) (reference) | lora: s = alpha/r (peft)
+    c.model.dropout = 0.0  # LoRA dropout
+    c.model.lb_input = "block_output"  # load-balancing loss on the block output (reference, Q1) | router_input
+    c.model.importance = 0.5  # expert0_importance of the load-balancing factors (scripts: 0.5)
+
+    c.train = ml_collections.ConfigDict()
+    c.train.rounds = 20  # communication rounds R
+    c.train.local_steps = 10  # expert steps per round S
+    c.train.batch_size = 64  # windows per step
+    c.train.seq_len = 128  # tokens per window
+    c.train.lr = 2e-3  # expert lr, cosine to lr * lr_final_ratio over R * S steps
+    c.train.lr_final_ratio = 0.1  # cosine floor
+    c.train.router_lr = 2e-3  # router lr (constant)
+    c.train.weight_decay = 0.01  # AdamW decoupled weight decay
+    c.train.router_every = 30  # a router phase after every router_every-th expert step (global count)
+    c.train.router_steps = 10  # router steps per phase
+    c.train.lb_weight = 0.01  # weight of the load-balancing loss
+    c.train.faithful = False  # reproduce the reference's gradient leaks D1, D2 (method.md §8)
+
+    c.federation = ml_collections.ConfigDict()
+    c.federation.mode = "vmap"  # vmap: all users in one program | loop: a Python loop over users (same math)
+    c.federation.shard = True  # split users over all devices (mesh axis `users`); padding users are masked
+    c.federation.weighting = "uniform"  # aggregation weights: uniform (reference) | tokens (by training-set size)
+    c.federation.participation = 1.0  # fraction of users that train in a round
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.protocol = "fixed"  # fixed: evenly spaced windows (deterministic) | reference: random windows
+    c.eval.n_windows = 640  # windows per user (reference protocol: 100 batches x 64 = 6400)
+    c.eval.batch_size = 64  # windows per evaluation batch
+    c.eval.every_rounds = 2  # evaluate the local (pre-aggregation) models every k rounds (reference: 20 steps)
+
+    c.pretrain = ml_collections.ConfigDict()  # only for base = "pretrain"
+    c.pretrain.n_layer = 2  # layers of the small base
+    c.pretrain.n_embd = 128  # width
+    c.pretrain.n_head = 4  # heads
+    c.pretrain.steps = 600  # full-parameter steps on the general chain
+    c.pretrain.batch_size = 32  # windows per step (seq_len as train.seq_len)
+    c.pretrain.lr = 3e-3  # peak lr (warm-up, cosine)
+    c.pretrain.tokens = 500_000  # length of the general-chain stream
+
+    c.checkpoint = ml_collections.ConfigDict()
+    c.checkpoint.every_rounds = 5  # save the whole state every k rounds (and after the last)
+    c.checkpoint.max_to_keep = 2  # checkpoints kept
+
+    c.output = ml_collections.ConfigDict()
+    c.output.figures = True  # write PNG figures
+    c.output.progress = True  # tqdm progress bar over rounds
+    c.output.routing_tokens = 48  # tokens in the routing picture of a sample test text
+
+    c.data = default_data_config()
+    return c

@@ -1,0 +1,274 @@
+"""Train and evaluate CoMiGS (or any method) on a federation of users; compare methods.
+
+    python -m experiments.run                                        # the demo (configs/demo.py)
+    python -m experiments.run --config=configs/slimpajama.py:comigs --workdir=runs/sp
+    python -m experiments.run --config.methods=local,fedavg,pfedmoe,comigs --config.seeds=0,1
+
+One run per (method, seed) in WORKDIR/<method>_s<seed>/: config.json, metrics.jsonl,
+results.json, results.md, checkpoints/, figures. Several runs also write WORKDIR/comparison.*.
+Running the same command again resumes every run from its latest checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_DEMO = os.path.join(_REPO, "configs", "demo.py")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """--config (ml_collections, locked: a mistyped override fails) and --workdir. Defined at
+    parse time, because config_flags applies the --config.* overrides while defining."""
+    config_flags.DEFINE_config_file("config", _DEMO, "Experiment config file[:argument].", lock_config=True)
+    flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>[_<argument>]).")
+
+# Keys that may change between a run and its resumption without making it another run.
+_RESUMABLE_KEYS = ("resume", "output", "checkpoint", "methods", "seeds", "federation.mode", "federation.shard")
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+# ----------------------------------------------------------------------------- config identity
+def _flat_config(cfg) -> dict:
+    out = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if hasattr(v, "items"):
+                walk(v, key + ".")
+            else:
+                out[key] = v
+    walk(cfg.to_dict(), "")
+    return out
+
+
+def run_identity(cfg, method: str, seed: int) -> dict:
+    """The config values that define a run (what must match to resume it)."""
+    flat = {k: v for k, v in _flat_config(cfg).items()
+            if not any(k == r or k.startswith(r + ".") for r in _RESUMABLE_KEYS)}
+    flat["method"], flat["seed"] = method, seed
+    return flat
+
+
+def check_workdir(run_dir: str, identity: dict, resume: bool) -> bool:
+    """True to resume. Refuses (SystemExit, one line) a workdir that holds another config's run."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        old = json.load(f).get("identity", {})
+    diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    if diff:
+        k = diff[0]
+        raise SystemExit(f"error: {run_dir} holds a run of another config ({k}: {old.get(k)!r} there, "
+                         f"{identity.get(k)!r} now{f', and {len(diff) - 1} more' if len(diff) > 1 else ''}); "
+                         "use another --workdir")
+    return resume
+
+
+# ----------------------------------------------------------------------------- base model
+def load_base(cfg, data):
+    """(GPT2Config, base params). base="pretrain": a small GPT-2 trained here on the synthetic
+    general chain, cached in HF format and loaded back through the same loader as real GPT-2."""
+    from comigs_jax.model.hf import load_gpt2
+
+    if cfg.base != "pretrain":
+        return load_gpt2(cfg.base)
+    import numpy as np
+
+    from comigs_jax.data import general_stream
+    from comigs_jax.model.config import GPT2Config
+    from comigs_jax.model.hf import save_gpt2
+    from comigs_jax.train.pretrain import pretrain
+
+    p = cfg.pretrain
+    key = json.dumps({"pretrain": p.to_dict(), "synthetic": cfg.data.synthetic.to_dict(),
+                      "seq_len": cfg.train.seq_len, "data_seed": cfg.data.seed, "v": 1}, sort_keys=True)
+    ckpt = os.path.join(os.path.expanduser(cfg.data.cache_dir), "bases",
+                        "pretrained-" + hashlib.sha256(key.encode()).hexdigest()[:16])
+    if not os.path.exists(os.path.join(ckpt, "model.safetensors")):
+        base_cfg = GPT2Config(vocab_size=data.vocab_size, n_positions=cfg.train.seq_len, n_embd=p.n_embd,
+                              n_layer=p.n_layer, n_head=p.n_head)
+        stream = general_stream(cfg.data, p.tokens, seed=cfg.data.seed)
+        log(f"pretraining a {p.n_layer}-layer, {p.n_embd}-wide GPT-2 base on {len(stream):,} tokens of the "
+            f"general chain ({p.steps} steps) -> {ckpt}")
+        t0 = time.time()
+        params, hist = pretrain(base_cfg, np.asarray(stream), steps=p.steps, batch_size=p.batch_size,
+                                seq_len=cfg.train.seq_len, lr=p.lr, seed=cfg.data.seed)
+        log(f"  pretraining loss {hist[0]:.3f} -> {hist[-1]:.3f} in {time.time() - t0:.1f} s")
+        tmp = ckpt + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_gpt2(params, base_cfg, tmp)
+        os.replace(tmp, ckpt)
+    return load_gpt2(ckpt)
+
+
+# ----------------------------------------------------------------------------- one run
+def train_and_evaluate(cfg, method_name: str, seed: int, data, base_cfg, base, run_dir: str) -> dict:
+    """One method, one seed: train, evaluate, checkpoint, write outputs. Returns results."""
+    import jax
+    import numpy as np
+    from tqdm import tqdm
+
+    from comigs_jax import configuration, metrics
+    from comigs_jax.checkpoint import RunCheckpoints
+    from comigs_jax.federated.methods import get_method
+    from comigs_jax.federated.sharding import users_mesh
+    from comigs_jax.federated.simulation import Simulation
+    from experiments import plot
+
+    method = get_method(method_name)
+    identity = run_identity(cfg, method_name, seed)
+    resume = check_workdir(run_dir, identity, cfg.resume)
+    os.makedirs(run_dir, exist_ok=True)
+    ckpts = RunCheckpoints(os.path.join(run_dir, "checkpoints"), cfg.checkpoint.max_to_keep)
+    if not resume:
+        ckpts.delete_all()
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"identity": identity, "config": json.loads(cfg.to_json_best_effort())}, f, indent=1)
+
+    model_cfg = configuration.model_config(cfg, base_cfg)
+    tc = configuration.train_config(cfg)
+    n_models = 1 if method.pooled_data else len(data.users)
+    mesh = users_mesh() if cfg.federation.shard and cfg.federation.mode == "vmap" and n_models > 1 else None
+    sim = Simulation(model_cfg, tc, method, base, data.train, data.valid,
+                     expert_counts=configuration.expert_counts_of(cfg), seed=seed, mode=cfg.federation.mode,
+                     mesh=mesh, weighting=cfg.federation.weighting, participation=cfg.federation.participation)
+    writer = metrics.MetricsWriter(os.path.join(run_dir, "metrics.jsonl"))
+    start = ckpts.latest() if resume else None
+    if start is not None:
+        states, meta = ckpts.restore(start, sim.states)
+        sim.states = states
+        sim.restore_host_state(meta["host"])
+        writer.truncate(start)
+        log(f"[{method_name} s{seed}] resumed from round {start} ({run_dir})")
+    else:
+        writer.truncate(0)
+        start = 0
+
+    evaluate = lambda: sim.evaluate(data.test, cfg.eval.n_windows, cfg.eval.batch_size, cfg.eval.protocol, seed)
+    bar = tqdm(range(start, tc.rounds), desc=f"{method_name} s{seed}", initial=start, total=tc.rounds,
+               disable=not cfg.output.progress, dynamic_ncols=True, file=sys.stdout)
+    pre_eval = None
+    for r in bar:
+        t0 = time.perf_counter()
+        m = sim.run_round()
+        dt = time.perf_counter() - t0
+        record = metrics.round_record(r + 1, m, tc, model_cfg, dt, n_models)
+        last = r + 1 == tc.rounds
+        if (r + 1) % cfg.eval.every_rounds == 0 or last:
+            pre_eval = evaluate()  # local models before aggregation, as the reference
+            record["test_ppl"] = np.exp(pre_eval["ce"]).tolist()
+        sim.aggregate()
+        writer.write(record)
+        bar.set_postfix(loss=f"{np.mean(record['train_ce']):.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+        if (r + 1) % cfg.checkpoint.every_rounds == 0 or last:
+            ckpts.save(r + 1, sim.states, {"host": sim.host_state(), "round": r + 1})
+    bar.close()
+    if pre_eval is None:  # resumed a finished run: its last checkpoint is post-aggregation
+        with open(os.path.join(run_dir, "results.json")) as f:
+            return json.load(f)
+    post_eval = evaluate() if not method.one_round else pre_eval
+    results = metrics.results(cfg, method, seed, data, model_cfg, pre_eval, post_eval)
+    metrics.write_results(run_dir, results)
+    if cfg.output.figures:
+        plot.run_figures(run_dir, results, writer.read(), sim, data, cfg.output.routing_tokens)
+    ckpts.close()
+    return results
+
+
+# ----------------------------------------------------------------------------- main
+def default_workdir() -> str:
+    """runs/<config file stem>[_<argument>], from the --config flag as typed."""
+    spec, args = _DEMO, sys.argv[1:]
+    for i, a in enumerate(args):
+        if a.startswith("--config="):
+            spec = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(args):
+            spec = args[i + 1]
+    path, _, arg = spec.partition(":")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return os.path.join("runs", f"{stem}_{arg}" if arg else stem)
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax and absl report every checkpoint step at INFO
+    from comigs_jax import configuration
+
+    cfg = FLAGS.config
+    try:
+        configuration.validate(cfg)
+    except configuration.ConfigError as e:
+        raise SystemExit(f"error: {e}")
+    methods, seeds = configuration.methods_of(cfg), configuration.seeds_of(cfg)
+    workdir = FLAGS.workdir or default_workdir()
+
+    from comigs_jax import metrics
+    from comigs_jax.data import load_user_data
+
+    cfg.data.min_tokens = max(cfg.data.min_tokens, cfg.train.seq_len + 1)
+    data = load_user_data(cfg.data)
+    data.info.setdefault("tokenizer", cfg.data.tokenizer)
+    base_cfg, base = load_base(cfg, data)
+    if data.vocab_size > base_cfg.vocab_size:
+        raise SystemExit(f"error: the data's vocabulary ({data.vocab_size}) exceeds the base's ({base_cfg.vocab_size})")
+    all_results = []
+    for method in methods:
+        for seed in seeds:
+            run_dir = workdir if len(methods) * len(seeds) == 1 else os.path.join(workdir, f"{method}_s{seed}")
+            res = train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir)
+            all_results.append(res)
+            log(metrics.results_markdown(res))
+    if len(all_results) > 1:
+        from experiments import plot
+        table = metrics.comparison(all_results)
+        metrics.write_comparison(workdir, table)
+        if cfg.output.figures:
+            plot.comparison_figure(workdir, table)
+        log(metrics.comparison_markdown(table))
+    log(f"outputs in {os.path.abspath(workdir)}")
+
+
+def _config_spec(argv) -> str:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return _DEMO
+
+
+def parse_flags(argv) -> list[str]:
+    """Parse flags; a missing config file or a bad override is one clear line (SystemExit)."""
+    path = _config_spec(argv).partition(":")[0]
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: config file {path!r} not found (see configs/ for the experiment configs)")
+    try:
+        define_flags()
+        rest = FLAGS(argv)
+        FLAGS.config  # loads the file and applies the --config.* overrides
+    except AttributeError as e:  # ml_collections: an override of a key the config does not have
+        key = str(e).strip("\"'")
+        bad = next((a.split("=")[0] for a in argv if a.startswith("--config.") and key in a), key)
+        raise SystemExit(f"error: {bad}: unknown config key {key!r} (every key is in configs/base.py)") from None
+    except (flags.Error, ValueError, TypeError, KeyError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"error: {first}") from None
+    return rest
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

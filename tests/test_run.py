@@ -1,0 +1,89 @@
+"""experiments.run through its real entry point (a subprocess) on configs/tiny.py."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(args, cache, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's machine
+    cmd = [sys.executable, "-m", "experiments.run", *args, f"--config.data.cache_dir={cache}"]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, cache):
+    wd = str(tmp_path_factory.mktemp("runs") / "tiny")
+    p = run(["--config=configs/tiny.py", f"--workdir={wd}"], cache)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return wd, p
+
+
+def test_run_writes_every_output(finished):
+    wd, p = finished
+    for f in ("config.json", "metrics.jsonl", "results.json", "results.md", "loss_curves.png",
+              "generalist_share.png", "routing_tokens.png"):
+        assert os.path.getsize(os.path.join(wd, f)) > 0, f
+    assert sorted(os.listdir(os.path.join(wd, "checkpoints"))) == ["2", "4"]
+    records = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+    assert [r["round"] for r in records] == [1, 2, 3, 4]
+    assert all(len(r["train_ce"]) == 3 for r in records)
+    # 3 steps a round and a router phase (2 steps) every 3rd step: one phase per round and user.
+    assert [r["router_steps"] for r in records] == [[2, 2, 2]] * 4
+    assert "test_ppl" in records[1] and "test_ppl" not in records[0]
+    res = json.load(open(os.path.join(wd, "results.json")))
+    assert res["method"] == "comigs" and res["faithful"] is False and res["eval"]["protocol"] == "fixed"
+    assert len(res["users"]) == 3
+    for u in res["users"]:
+        assert u["test_ppl"] >= u["bayes_ppl"] > 1.0  # nobody beats the Bayes-optimal floor
+        assert 0.0 <= u["generalist_share"] <= 1.0
+    assert records[-1]["test_ppl"] == pytest.approx([u["test_ppl"] for u in res["users"]], rel=1e-6)
+    assert "Bayes-optimal ppl" in p.stdout and "| **mean** |" in p.stdout
+
+
+def test_resume_from_a_checkpoint_gives_the_same_results(finished, cache, tmp_path):
+    wd, _ = finished
+    wd2 = str(tmp_path / "resumed")
+    shutil.copytree(wd, wd2)
+    shutil.rmtree(os.path.join(wd2, "checkpoints", "4"))  # as if killed after round 2's checkpoint
+    for f in ("results.json", "results.md"):
+        os.remove(os.path.join(wd2, f))
+    p = run(["--config=configs/tiny.py", f"--workdir={wd2}"], cache)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from round 2" in p.stdout
+    a = json.load(open(os.path.join(wd, "results.json")))
+    b = json.load(open(os.path.join(wd2, "results.json")))
+    assert a == b
+    rounds = [json.loads(l)["round"] for l in open(os.path.join(wd2, "metrics.jsonl"))]
+    assert rounds == [1, 2, 3, 4]
+
+
+def test_refuses_a_workdir_of_another_config(finished, cache):
+    wd, _ = finished
+    for extra in ([], ["--config.resume=False"]):
+        p = run(["--config=configs/tiny.py", f"--workdir={wd}", "--config.train.lr=0.01", *extra], cache)
+        assert p.returncode != 0
+        assert "holds a run of another config (train.lr" in p.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.nonexistent=1"], "unknown config key 'nonexistent'"),
+    (["--config=configs/missing.py"], "config file 'configs/missing.py' not found"),
+    (["--config.model.top_k=3"], "config.model.top_k=3 is not allowed"),
+])
+def test_bad_flags_fail_with_one_clear_line(args, message, cache):
+    p = run(args, cache, timeout=60)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], p.stderr
