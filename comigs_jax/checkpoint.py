@@ -2,19 +2,63 @@
 step counters, keys, and a JSON record of the host-side state (round, participation sampler).
 
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a
-checkpoint interrupted mid-write is never listed as a complete one.
+checkpoint interrupted mid-write is never listed as a complete one (leftover temporary folders
+are removed when the manager opens). Each checkpoint also records a fingerprint of the state
+(a wrap-around uint32 sum of every leaf's bits, computed on device, so it works for sharded
+arrays) and the run's identity; `restore_latest` checks both, and the shapes against the current
+model, and falls back to the previous complete checkpoint when the latest cannot be read.
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import time
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used (one line: which, why, what to do)."""
 
 
 def _flat(tree) -> dict:
     """A pytree as {path string: leaf}: stable names for orbax, whatever the node types."""
     return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _bits32(x):
+    x = jnp.asarray(x)
+    if x.dtype == jnp.bool_:
+        return x.astype(jnp.uint32)
+    size = x.dtype.itemsize
+    if size == 4:
+        return jax.lax.bitcast_convert_type(x, jnp.uint32)
+    if size in (1, 2):
+        return jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16}[size]).astype(jnp.uint32)
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # 8 bytes: a trailing axis of 2 words
+
+
+@jax.jit
+def _leaf_sums(leaves):
+    return jnp.stack([jnp.sum(_bits32(x), dtype=jnp.uint32) for x in leaves]) if leaves else jnp.zeros(0, jnp.uint32)
+
+
+def fingerprint(tree) -> list[int]:
+    """Per leaf, the sum (mod 2**32) of its bits as uint32 words: any changed word changes it."""
+    return [int(v) for v in np.asarray(jax.device_get(_leaf_sums(jax.tree_util.tree_leaves(tree))))]
+
+
+def _first_difference(old: dict, new: dict) -> str | None:
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not diff:
+        return None
+    k = diff[0]
+    more = f", and {len(diff) - 1} more" if len(diff) > 1 else ""
+    return f"{k}: {old.get(k)!r} there, {new.get(k)!r} now{more}"
 
 
 class RunCheckpoints:
@@ -24,7 +68,8 @@ class RunCheckpoints:
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+            options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
                                                  enable_async_checkpointing=False))
 
     def latest(self) -> int | None:
@@ -34,6 +79,8 @@ class RunCheckpoints:
         return list(self.manager.all_steps())
 
     def save(self, round_index: int, state, meta: dict) -> None:
+        """Checkpoint `round_index` (synchronous); meta is JSON, stored with the state's fingerprint."""
+        meta = dict(meta, fingerprint=fingerprint(state))
         self.manager.save(round_index, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_flat(state)), meta=ocp.args.JsonSave(meta)), force=True)
         self.manager.wait_until_finished()
@@ -48,9 +95,93 @@ class RunCheckpoints:
         leaves = [out.state[k] for k in flat]
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves), out.meta
 
+    def check_shapes(self, round_index: int, template) -> None:
+        """CheckpointError unless checkpoint `round_index` holds the leaves, shapes and dtypes of
+        `template` (a checkpoint of another model: users, experts, rank, method, base)."""
+        flat = _flat(template)
+        stored = self.manager.item_metadata(round_index)["state"]
+        stored = dict(getattr(stored, "tree", stored))
+        where = f"checkpoint of round {round_index} in {self.directory}"
+        missing, extra = sorted(set(flat) - set(stored)), sorted(set(stored) - set(flat))
+        if missing or extra:
+            what = (f"lacks {missing[0]}" if missing else f"has {extra[0]}, which this model lacks") + \
+                (f" ({len(missing) + len(extra) - 1} more differences)" if len(missing) + len(extra) > 1 else "")
+            raise CheckpointError(f"{where} was written for another model: it {what}; "
+                                  "use another --workdir, or --config.resume=False to start afresh")
+        for k, v in flat.items():
+            shape, dtype = tuple(stored[k].shape), np.dtype(stored[k].dtype)
+            if shape != tuple(v.shape) or dtype != np.dtype(v.dtype):
+                raise CheckpointError(
+                    f"{where} was written for another model: {k} is {dtype}{list(shape)} there, "
+                    f"{np.dtype(v.dtype)}{list(v.shape)} now; use another --workdir, or --config.resume=False "
+                    "to start afresh")
+
+    def restore_latest(self, template, identity: dict | None = None, log=print):
+        """(round, state, meta) of the latest checkpoint that restores intact, or None when there
+        is none. A checkpoint that cannot be read or fails its fingerprint is reported and moved
+        to `<directory>_corrupt/`, and the previous one is tried; if none can be restored, or
+        the checkpoints belong to another run or model, raises CheckpointError (never None: an
+        existing run is not silently restarted from scratch)."""
+        rounds = sorted(self.all_rounds(), reverse=True)
+        failed = []
+        for r in rounds:
+            try:
+                meta = self.manager.restore(r, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+            except Exception as e:  # noqa: BLE001 - unreadable is corrupt, whatever orbax raises
+                failed.append((r, f"its metadata cannot be read ({_brief(e)})"))
+                continue
+            if identity is not None and meta.get("identity") is not None:
+                diff = _first_difference(meta["identity"], json.loads(json.dumps(identity, default=str)))
+                if diff:
+                    raise CheckpointError(f"checkpoint of round {r} in {self.directory} belongs to a run of "
+                                          f"another config ({diff}); use another --workdir")
+            try:
+                self.check_shapes(r, template)
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                failed.append((r, f"its array metadata cannot be read ({_brief(e)})"))
+                continue
+            try:
+                state, meta = self.restore(r, template)
+            except Exception as e:  # noqa: BLE001
+                failed.append((r, f"it cannot be read ({_brief(e)})"))
+                continue
+            if meta.get("fingerprint") is not None and fingerprint(state) != meta["fingerprint"]:
+                failed.append((r, "its arrays do not match the fingerprint written with them"))
+                continue
+            if failed:
+                for f, why in failed:
+                    log(f"warning: checkpoint of round {f} is corrupt ({why}); falling back to round {r}")
+                self._set_aside([f for f, _ in failed], log)
+            return r, state, meta
+        if failed:
+            detail = "; ".join(f"round {f}: {why}" for f, why in failed)
+            raise CheckpointError(f"no checkpoint in {self.directory} can be restored ({detail}); "
+                                  "nothing was overwritten: inspect or remove them, or pass --config.resume=False "
+                                  "to start afresh")
+        return None
+
+    def _set_aside(self, rounds: list[int], log=print) -> None:
+        """Move corrupt checkpoints out of the manager's folder (kept for inspection)."""
+        dest = self.directory.rstrip("/") + "_corrupt"
+        os.makedirs(dest, exist_ok=True)
+        for r in rounds:
+            src = os.path.join(self.directory, str(r))
+            target = os.path.join(dest, f"{r}-{time.strftime('%Y%m%d-%H%M%S')}")
+            if os.path.exists(src):
+                shutil.move(src, target)
+                log(f"moved the corrupt checkpoint of round {r} to {target}")
+        self.manager.reload()
+
     def delete_all(self) -> None:
         for r in self.all_rounds():
             self.manager.delete(r)
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _brief(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text[:160]}" if text else type(e).__name__

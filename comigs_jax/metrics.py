@@ -25,10 +25,19 @@ class MetricsWriter:
         self.path = path
 
     def read(self) -> list[dict]:
+        """The records; a last line cut short by a kill mid-append is dropped (that round is rerun)."""
         if not os.path.exists(self.path):
             return []
         with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = [line for line in f if line.strip()]
+        out = []
+        for i, line in enumerate(lines):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                if i < len(lines) - 1 or line.endswith("\n"):
+                    raise
+        return out
 
     def truncate(self, round_index: int) -> None:
         keep = [r for r in self.read() if r["round"] <= round_index]

@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
+import signal
 import sys
 import time
 
@@ -67,8 +69,12 @@ def check_workdir(run_dir: str, identity: dict, resume: bool) -> bool:
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         return False
-    with open(path) as f:
-        old = json.load(f).get("identity", {})
+    try:
+        with open(path) as f:
+            old = json.load(f)["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SystemExit(f"error: {path} cannot be read ({type(e).__name__}), so this workdir's run is unknown; "
+                         "use another --workdir") from None
     diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
     if diff:
         k = diff[0]
@@ -115,6 +121,132 @@ def load_base(cfg, data):
     return load_gpt2(ckpt)
 
 
+# ----------------------------------------------------------------------------- reliability
+class Stopped(Exception):
+    """The run stopped cleanly on a signal after a checkpoint; args: (message, exit code)."""
+
+
+class StopOnSignal:
+    """While active (the round loop), SIGINT/SIGTERM set a flag instead of killing the process:
+    the loop finishes the current round, writes a checkpoint and stops. A second signal, or one
+    outside the loop, has the default effect (stop at once)."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        self.signum = None
+        try:
+            self._old = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        except ValueError:  # not the main thread: signals keep their default effect
+            self._old = {}
+        return self
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+        self._old = {}
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: the default effect, now
+            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum  # no printing here: a handler may interrupt a print (reentrant I/O)
+
+    def requested(self) -> bool:
+        """Whether any process was asked to stop (all processes agree, so all save and stop)."""
+        import jax
+        flag = self.signum is not None
+        if jax.process_count() > 1:
+            import numpy as np
+            from jax.experimental import multihost_utils
+            flag = bool(np.asarray(multihost_utils.process_allgather(np.array([flag]))).any())
+        return flag
+
+
+def resume_command() -> str:
+    """The command line that resumes this run (without a --config.resume=False)."""
+    args = [a for a in sys.argv[1:] if not a.startswith("--config.resume")]
+    return " ".join(["python", "-m", "experiments.run", *map(shlex.quote, args)])
+
+
+def first_nonfinite(m: dict, active) -> tuple | None:
+    """(step, user, metric, value) of the earliest non-finite per-step metric ([users, steps, ...])
+    of the users in `active`, or None."""
+    import numpy as np
+    order = {"loss": 0, "ce": 1, "lb": 2}
+    hits = []
+    for k, v in m.items():
+        v = np.asarray(v)
+        if v.ndim < 2 or not np.issubdtype(v.dtype, np.floating):
+            continue
+        flat = v.reshape(v.shape[0], v.shape[1], -1)
+        bad = ~np.isfinite(flat).all(-1) & np.asarray(active, bool)[:, None]
+        for u, st in np.argwhere(bad):
+            x = flat[u, st]
+            hits.append((int(st), int(u), order.get(k, 9), k, float(x[~np.isfinite(x)][0])))
+    if not hits:
+        return None
+    st, u, _, k, x = min(hits)
+    return st, u, k, x
+
+
+def nonfinite_users(states) -> list[int]:
+    """Users (leading axis) any of whose floating-point state is NaN or inf."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    leaves = [x for x in jax.tree_util.tree_leaves(states)
+              if jnp.issubdtype(x.dtype, jnp.floating) and x.ndim >= 1]
+    if not leaves:
+        return []
+    ok = _finite_per_user(leaves)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        ok = multihost_utils.process_allgather(ok, tiled=True)
+    return [int(u) for u in np.flatnonzero(~np.asarray(ok))]
+
+
+def _finite_per_user(leaves):
+    import jax
+    import jax.numpy as jnp
+    global _FINITE_FN
+    if _FINITE_FN is None:
+        _FINITE_FN = jax.jit(lambda ls: jnp.stack(
+            [jnp.isfinite(x.reshape(x.shape[0], -1)).all(1) for x in ls]).all(0))
+    return _FINITE_FN(leaves)
+
+
+_FINITE_FN = None
+
+
+def _numerical_fault(what: str, r: int, users: list[str], user: int | None, step: int | None, tc, cfg,
+                     latest: int | None, ckpt_dir: str) -> SystemExit:
+    where = f"round {r}" + (f", user {user} ({users[user]})" if user is not None else "") + \
+        (f", step {step} of {tc.local_steps}" if step is not None else "")
+    kept = f"the latest checkpoint is round {latest} in {ckpt_dir}" if latest else "no checkpoint was written yet"
+    return SystemExit(f"error: {what} at {where}; stopped before aggregation, no checkpoint of this state was "
+                      f"written ({kept}); lower train.lr (now {cfg.train.lr:g}) or check the data")
+
+
+def encode_eval(ev: dict) -> dict:
+    """An evaluation (numpy arrays) as exact JSON (kept in the final checkpoint)."""
+    import numpy as np
+    return {k: {"dtype": str(np.asarray(v).dtype), "shape": list(np.shape(v)), "data": np.ravel(v).tolist()}
+            for k, v in ev.items()}
+
+
+def decode_eval(blob: dict) -> dict:
+    import numpy as np
+    return {k: np.asarray(v["data"], dtype=v["dtype"]).reshape(v["shape"]) for k, v in blob.items()}
+
+
 # ----------------------------------------------------------------------------- one run
 def train_and_evaluate(cfg, method_name: str, seed: int, data, base_cfg, base, run_dir: str) -> dict:
     """One method, one seed: train, evaluate, checkpoint, write outputs. Returns results."""
@@ -123,7 +255,7 @@ def train_and_evaluate(cfg, method_name: str, seed: int, data, base_cfg, base, r
     from tqdm import tqdm
 
     from comigs_jax import configuration, metrics
-    from comigs_jax.checkpoint import RunCheckpoints
+    from comigs_jax.checkpoint import CheckpointError, RunCheckpoints
     from comigs_jax.federated.methods import get_method
     from comigs_jax.federated.sharding import users_mesh
     from comigs_jax.federated.simulation import Simulation
@@ -136,8 +268,10 @@ def train_and_evaluate(cfg, method_name: str, seed: int, data, base_cfg, base, r
     ckpts = RunCheckpoints(os.path.join(run_dir, "checkpoints"), cfg.checkpoint.max_to_keep)
     if not resume:
         ckpts.delete_all()
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
+    tmp = os.path.join(run_dir, "config.json.tmp")
+    with open(tmp, "w") as f:  # atomic: a kill never leaves a half-written config.json
         json.dump({"identity": identity, "config": json.loads(cfg.to_json_best_effort())}, f, indent=1)
+    os.replace(tmp, os.path.join(run_dir, "config.json"))
 
     model_cfg = configuration.model_config(cfg, base_cfg)
     tc = configuration.train_config(cfg)
@@ -147,10 +281,15 @@ def train_and_evaluate(cfg, method_name: str, seed: int, data, base_cfg, base, r
                      expert_counts=configuration.expert_counts_of(cfg), seed=seed, mode=cfg.federation.mode,
                      mesh=mesh, weighting=cfg.federation.weighting, participation=cfg.federation.participation)
     writer = metrics.MetricsWriter(os.path.join(run_dir, "metrics.jsonl"))
-    start = ckpts.latest() if resume else None
+    start, meta = None, {}
+    if resume:
+        try:
+            found = ckpts.restore_latest(sim.states, identity, log=log)
+        except CheckpointError as e:
+            raise SystemExit(f"error: {e}") from None
+        if found is not None:
+            start, sim.states, meta = found
     if start is not None:
-        states, meta = ckpts.restore(start, sim.states)
-        sim.states = states
         sim.restore_host_state(meta["host"])
         writer.truncate(start)
         log(f"[{method_name} s{seed}] resumed from round {start} ({run_dir})")
@@ -162,29 +301,73 @@ def train_and_evaluate(cfg, method_name: str, seed: int, data, base_cfg, base, r
     bar = tqdm(range(start, tc.rounds), desc=f"{method_name} s{seed}", initial=start, total=tc.rounds,
                disable=not cfg.output.progress, dynamic_ncols=True, file=sys.stdout)
     pre_eval = None
-    for r in bar:
-        t0 = time.perf_counter()
-        m = sim.run_round()
-        dt = time.perf_counter() - t0
-        record = metrics.round_record(r + 1, m, tc, model_cfg, dt, n_models)
-        last = r + 1 == tc.rounds
-        if (r + 1) % cfg.eval.every_rounds == 0 or last:
-            pre_eval = evaluate()  # local models before aggregation, as the reference
-            record["test_ppl"] = np.exp(pre_eval["ce"]).tolist()
-        sim.aggregate()
-        writer.write(record)
-        bar.set_postfix(loss=f"{np.mean(record['train_ce']):.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-        if (r + 1) % cfg.checkpoint.every_rounds == 0 or last:
-            ckpts.save(r + 1, sim.states, {"host": sim.host_state(), "round": r + 1})
+    names = data.users if n_models == len(data.users) else ["the pooled model"]
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    saved = start
+    with StopOnSignal() as stop:
+        if start < tc.rounds:
+            log(f"[{method_name} s{seed}] rounds {start + 1}..{tc.rounds} in {run_dir} (SIGINT/SIGTERM: stop "
+                "after the current round with a checkpoint)")
+        for r in bar:
+            t0 = time.perf_counter()
+            m = sim.run_round()
+            dt = time.perf_counter() - t0
+            # numerical faults: stop before the poisoned state is aggregated or checkpointed
+            active = np.asarray(sim.active)[np.asarray(sim.real)][:n_models]
+            bad = first_nonfinite(m, active)
+            if bad is not None:
+                st, u, k, x = bad
+                raise _numerical_fault(f"non-finite training metric {k} ({x})", r + 1, names, u, st + 1, tc, cfg,
+                                       saved, ckpt_dir)
+            bad_users = [u for u in nonfinite_users(sim.states) if u < n_models]
+            if bad_users:
+                raise _numerical_fault("non-finite parameters or optimizer state (finite losses, "
+                                       "overflowing update)", r + 1, names, bad_users[0], None, tc, cfg, saved,
+                                       ckpt_dir)
+            record = metrics.round_record(r + 1, m, tc, model_cfg, dt, n_models)
+            last = r + 1 == tc.rounds
+            if (r + 1) % cfg.eval.every_rounds == 0 or last:
+                pre_eval = evaluate()  # local models before aggregation, as the reference
+                ce = np.asarray(pre_eval["ce"])
+                if not np.isfinite(ce).all():
+                    u = int(np.flatnonzero(~np.isfinite(ce))[0])
+                    raise _numerical_fault(f"non-finite test loss ({ce[u]})", r + 1, names, u, None, tc, cfg,
+                                           saved, ckpt_dir)
+                record["test_ppl"] = np.exp(pre_eval["ce"]).tolist()
+            sim.aggregate()
+            writer.write(record)
+            bar.set_postfix(loss=f"{np.mean(record['train_ce']):.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+            stopping = not last and stop.requested()
+            if (r + 1) % cfg.checkpoint.every_rounds == 0 or last or stopping:
+                meta = {"host": sim.host_state(), "round": r + 1, "identity": identity}
+                if last:  # the results need the pre-aggregation evaluation, which the state cannot give back
+                    meta["pre_eval"] = encode_eval(pre_eval)
+                ckpts.save(r + 1, sim.states, meta)
+                saved = r + 1
+            if stopping:
+                bar.close()
+                ckpts.close()
+                name = signal.Signals(stop.signum).name if stop.signum else "a signal on another process"
+                raise Stopped(f"stopped by {name} at the end of round {r + 1} of {tc.rounds}; checkpoint of "
+                              f"round {r + 1} written to {ckpt_dir}; resume with: {resume_command()}",
+                              128 + (stop.signum or signal.SIGTERM))
     bar.close()
+    results_path = os.path.join(run_dir, "results.json")
     if pre_eval is None:  # resumed a finished run: its last checkpoint is post-aggregation
-        with open(os.path.join(run_dir, "results.json")) as f:
-            return json.load(f)
+        try:
+            with open(results_path) as f:
+                return json.load(f)
+        except (OSError, ValueError):  # killed before results.json was written: finish the outputs
+            if "pre_eval" not in meta:
+                raise SystemExit(f"error: {run_dir} holds a finished run without results.json whose last "
+                                 "checkpoint predates the saved evaluation; rerun with --config.resume=False") from None
+            pre_eval = decode_eval(meta["pre_eval"])
+            log(f"[{method_name} s{seed}] the run had finished; writing its outputs")
     post_eval = evaluate() if not method.one_round else pre_eval
     results = metrics.results(cfg, method, seed, data, model_cfg, pre_eval, post_eval)
-    metrics.write_results(run_dir, results)
     if cfg.output.figures:
         plot.run_figures(run_dir, results, writer.read(), sim, data, cfg.output.routing_tokens)
+    metrics.write_results(run_dir, results)  # last: results.json marks a complete run
     ckpts.close()
     return results
 
@@ -229,7 +412,11 @@ def main(argv):
     for method in methods:
         for seed in seeds:
             run_dir = workdir if len(methods) * len(seeds) == 1 else os.path.join(workdir, f"{method}_s{seed}")
-            res = train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir)
+            try:
+                res = train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir)
+            except Stopped as e:
+                log(e.args[0])
+                sys.exit(e.args[1])
             all_results.append(res)
             log(metrics.results_markdown(res))
     if len(all_results) > 1:
