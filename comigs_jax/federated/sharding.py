@@ -9,9 +9,35 @@ USERS = "users"
 
 
 def users_mesh(devices=None) -> Mesh:
-    """A 1-D mesh over all (or the given) devices with axis `users` (Auto axis type)."""
+    """A 1-D mesh over all (or the given) devices with axis `users` (Auto axis type).
+
+    Devices are ordered by process, so that every process holds one contiguous block of users
+    (what lets each process load only its own users' data)."""
     devices = jax.devices() if devices is None else devices
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices), (USERS,), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def local_user_rows(mesh: Mesh | None, n_rows: int) -> list[int]:
+    """The rows of a [n_rows, ...] user-sharded array that live on this process's devices."""
+    if mesh is None:
+        return list(range(n_rows))
+    index_map = user_sharded(mesh).addressable_devices_indices_map((n_rows,))
+    rows = sorted({r for idx in index_map.values() for r in range(*idx[0].indices(n_rows))})
+    if rows != list(range(rows[0], rows[-1] + 1)):
+        raise RuntimeError(f"this process's users are not contiguous: {rows}")
+    return rows
+
+
+def global_user_array(mesh: Mesh | None, local_rows, n_rows: int):
+    """A global [n_rows, ...] array split over `users` from this process's rows only
+    (`local_rows` [len(local_user_rows), ...]); no process holds another's users."""
+    import jax.numpy as jnp
+    local_rows = np.asarray(local_rows)
+    if mesh is None:
+        return jnp.asarray(local_rows)
+    return jax.make_array_from_process_local_data(user_sharded(mesh), local_rows,
+                                                  (n_rows,) + local_rows.shape[1:])
 
 
 def user_sharded(mesh: Mesh) -> NamedSharding:

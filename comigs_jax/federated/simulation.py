@@ -19,14 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from comigs_jax import distributed
 from comigs_jax.federated import sharding
 from comigs_jax.federated.aggregate import aggregate, aggregation_weights
 from comigs_jax.federated.methods import Method, configure_model
 from comigs_jax.federated.users import expert_masks, padded_user_count, real_user_mask, stack_tokens
 from comigs_jax.model.config import GPT2Config
 from comigs_jax.train.rounds import loop_round, vmap_round
-from comigs_jax.train.state import TrainConfig, UserState, init_states
-from comigs_jax.train.evaluation import window_starts
+from comigs_jax.train.state import TrainConfig, UserState, init_states, init_states_unjitted
+from comigs_jax.train.evaluation import eval_windows
 from comigs_jax.train.steps import evaluate_user
 
 MODES = ("vmap", "loop")
@@ -45,7 +46,8 @@ class Simulation:
     def __init__(self, model_cfg: GPT2Config, tc: TrainConfig, method: Method, base: dict,
                  train: Sequence[np.ndarray], valid: Sequence[np.ndarray], *,
                  expert_counts: Optional[Sequence[int]] = None, seed: int = 0, mode: str = "vmap",
-                 mesh=None, weighting: str = "uniform", participation: float = 1.0):
+                 mesh=None, weighting: str = "uniform", participation: float = 1.0,
+                 user_indices: Optional[Sequence[int]] = None, n_users: Optional[int] = None):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: allowed {MODES}")
         if weighting not in ("uniform", "tokens"):
@@ -54,7 +56,10 @@ class Simulation:
             raise ValueError(f"participation={participation}: must be in (0, 1]")
         self.model_cfg = configure_model(model_cfg, method)
         moe = self.model_cfg.moe
-        self.n_users = len(train)
+        self.n_users = len(train) if n_users is None else n_users
+        self.user_indices = list(range(self.n_users)) if user_indices is None else list(user_indices)
+        if len(self.user_indices) != len(train) or len(train) != len(valid):
+            raise ValueError(f"{len(train)} train and {len(valid)} valid splits for {len(self.user_indices)} users")
         counts = list(expert_counts) if expert_counts is not None else [moe.n_experts] * self.n_users
         if len(counts) != self.n_users:
             raise ValueError(f"expert_counts has {len(counts)} entries for {self.n_users} users")
@@ -67,38 +72,36 @@ class Simulation:
         self.participation, self.weighting = participation, weighting
         self.n_rounds, self.steps_per_round = tc.rounds, tc.local_steps
         self.tc = tc
-        if method.pooled_data:  # one model on the union of the users' data, batch x U
-            train, valid = [np.concatenate(list(train))], [np.concatenate(list(valid))]
-            counts = [max(counts)]
-            tc = self.tc = _replace(tc, batch_size=tc.batch_size * self.n_users)
-        n_models = len(train)
-        n_dev = mesh.devices.size if mesh is not None else 1
-        self.n_padded = padded_user_count(n_models, n_dev)
         for name, split in (("train", train), ("valid", valid)):
-            for i, a in enumerate(split):
+            for i, a in zip(self.user_indices, split):
                 if len(a) < tc.seq_len + 1:
                     raise ValueError(f"user {i}: {name} split has {len(a)} tokens, fewer than one window "
                                      f"(seq_len + 1 = {tc.seq_len + 1})")
-        tr, tr_len = stack_tokens(train, self.n_padded)
-        va, va_len = stack_tokens(valid, self.n_padded)
+        n_models = 1 if method.pooled_data else self.n_users
+        if method.pooled_data:  # one model on the union of the users' data, batch x U
+            counts = [max(counts)]
+            tc = self.tc = _replace(tc, batch_size=tc.batch_size * self.n_users)
+        n_dev = mesh.devices.size if mesh is not None else 1
+        self.n_padded = padded_user_count(n_models, n_dev)
+        self.local_rows = sharding.local_user_rows(mesh, self.n_padded)
         self.real = real_user_mask(n_models, self.n_padded)
         self.masks = expert_masks(counts, moe.n_experts, self.n_padded)
-        self.data = {"train": tr, "train_len": tr_len, "valid": va, "valid_len": va_len}
-        self.n_train_tokens = tr_len
         self.n_shared_specialists = max(min(counts) - moe.n_generalists, 0)
-        states = init_states(self.model_cfg, tc, method, jax.random.PRNGKey(seed), self.n_padded,
-                             self.n_shared_specialists)
+        self.data = {}
+        for name, split in (("train", train), ("valid", valid)):
+            self.data[name], self.data[f"{name}_len"] = self._place_rows(self._model_rows(split))
         self._rng = np.random.default_rng(seed + 1)
         self.round_index = 0
 
+        key = jax.random.PRNGKey(seed)
+        init = lambda k: init_states_unjitted(self.model_cfg, tc, method, k, self.n_padded, self.n_shared_specialists)
         if mesh is not None:
             self.base = sharding.replicate(base, mesh)
-            self.states = sharding.shard_users(states, mesh)
-            self.data = sharding.shard_users(self.data, mesh)
+            self.states = jax.jit(init, out_shardings=sharding.user_sharded(mesh))(key)
             self.masks_dev = sharding.shard_users(jnp.asarray(self.masks), mesh)
         else:
-            self.base, self.states = jax.device_put(base), states
-            self.data = jax.device_put(self.data)
+            self.base = jax.device_put(base)
+            self.states = init_states(self.model_cfg, tc, method, key, self.n_padded, self.n_shared_specialists)
             self.masks_dev = jnp.asarray(self.masks)
         builder = vmap_round if mode == "vmap" else loop_round
         kwargs = {"mesh": mesh} if mode == "vmap" else {}
@@ -112,6 +115,38 @@ class Simulation:
             self._aggregate = jax.jit(agg, in_shardings=(users, users), out_shardings=users)
         self._eval_cache = {}
         self.active = np.ones(self.n_padded, bool)
+
+    # ------------------------------------------------------------------ data placement
+    def _model_rows(self, split: Sequence[np.ndarray]) -> dict:
+        """{row: tokens} for this process's rows of the (padded) model axis. Padding rows get a
+        dummy window of zeros; Centralized's one model gets every user's tokens, concatenated."""
+        given = dict(zip(self.user_indices, split))
+        dummy = np.zeros(self.tc.seq_len + 1, next(iter(given.values())).dtype)
+        rows = {}
+        for r in self.local_rows:
+            if not self.real[r]:
+                rows[r] = dummy
+            elif self.method.pooled_data:
+                missing = sorted(set(range(self.n_users)) - set(given))
+                if missing:
+                    raise ValueError(f"Centralized pools every user's data; users {missing[:5]} were not given")
+                rows[r] = np.concatenate([given[u] for u in range(self.n_users)])
+            elif r not in given:
+                raise ValueError(f"user {r} lives on this process's devices but its data was not given")
+            else:
+                rows[r] = given[r]
+        return rows
+
+    def _place_rows(self, rows: dict):
+        """(tokens [U_pad, N], lengths [U_pad]) as global arrays split over users, built from
+        this process's rows only; N is the longest split over all processes."""
+        n = distributed.global_max(max(len(a) for a in rows.values()))
+        block = np.zeros((len(self.local_rows), n), np.result_type(*[a.dtype for a in rows.values()]))
+        lengths = np.zeros(len(self.local_rows), np.int32)
+        for i, r in enumerate(self.local_rows):
+            block[i, : len(rows[r])], lengths[i] = rows[r], len(rows[r])
+        return (sharding.global_user_array(self.mesh, block, self.n_padded),
+                sharding.global_user_array(self.mesh, lengths, self.n_padded))
 
     # ------------------------------------------------------------------ rounds
     def sample_participants(self) -> np.ndarray:
@@ -131,7 +166,7 @@ class Simulation:
             active = sharding.shard_users(active, self.mesh)
         self.states, metrics = self._round(self.base, self.states, self.data, self.masks_dev, active)
         self.round_index += 1
-        return jax.tree.map(lambda x: np.asarray(x)[self.real], metrics)
+        return jax.tree.map(lambda x: distributed.to_host(x)[self.real], metrics)
 
     def aggregate(self) -> None:
         """Average the method's shared leaves over the real users that trained this round.
@@ -139,11 +174,11 @@ class Simulation:
         A no-op for one-round methods (synchronised at round 0 only)."""
         if self.method.one_round:
             return
-        n_tok = self.n_train_tokens if self.weighting == "tokens" else None
-        w = aggregation_weights(jnp.asarray(self.real), jnp.asarray(self.active),
-                                None if n_tok is None else jnp.asarray(n_tok))
+        w = aggregation_weights(jnp.asarray(self.real), jnp.asarray(self.active))
         if self.mesh is not None:
             w = sharding.shard_users(w, self.mesh)
+        if self.weighting == "tokens":
+            w = w * self.data["train_len"]
         params = self._aggregate(self.states.params, w)
         self.states = self.states.replace(params=params)
 
@@ -163,25 +198,34 @@ class Simulation:
             p = jax.tree.map(lambda x: jnp.broadcast_to(x[:1], (self.n_users,) + x.shape[1:]), p)
         return p
 
-    def evaluate(self, splits: Sequence[np.ndarray], n_windows: int, batch: int, protocol: str = "fixed",
+    def evaluate(self, splits: Sequence[np.ndarray], n_windows: int, batch: int, protocol: str = "full",
                  seed: int = 0) -> dict:
-        """Every real user's current (local) model on its own `splits[i]` (comigs_jax.train.evaluation).
+        """Every real user's current (local) model on its own `splits[i]`, with the windows of
+        `protocol` (comigs_jax.train.evaluation; `full` ignores n_windows and seed; the others
+        round n_windows up to a multiple of batch).
 
-        n_windows is rounded up to a multiple of batch. Returns numpy arrays: ce [U],
-        lb [U], router_prob / selection [U, L, E]."""
+        Returns numpy arrays: ce [U] (the exact token-mean cross-entropy over the user's scored
+        windows, reduced in float64), n_tokens [U] (scored targets), lb [U] and router_prob /
+        selection [U, L, E] (batch means weighted by the batch's real windows)."""
         if len(splits) != self.n_users:
             raise ValueError(f"evaluate: {len(splits)} splits for {self.n_users} users")
-        n_windows = -(-n_windows // batch) * batch
         tokens, lengths = stack_tokens(splits)
-        starts = window_starts(protocol, lengths, self.tc.seq_len, n_windows, seed)
+        starts, weights = eval_windows(protocol, lengths, self.tc.seq_len, n_windows, batch, seed)
         if batch not in self._eval_cache:
             fn = functools.partial(evaluate_user, model_cfg=self.model_cfg, seq_len=self.tc.seq_len, batch=batch)
-            self._eval_cache[batch] = jax.jit(jax.vmap(fn, in_axes=(0, None, 0, 0, 0)))
+            self._eval_cache[batch] = jax.jit(jax.vmap(fn, in_axes=(0, None, 0, 0, 0, 0)))
         masks = self.masks[: self.n_users] if not self.method.pooled_data else \
             np.repeat(self.masks[:1], self.n_users, 0)
         out = self._eval_cache[batch](self.user_params(), self.base, jnp.asarray(tokens), jnp.asarray(starts),
-                                      jnp.asarray(masks))
-        return jax.tree.map(np.asarray, out)
+                                      jnp.asarray(weights), jnp.asarray(masks))
+        out = jax.tree.map(lambda x: np.asarray(x, np.float64), out)  # [U, n_batches, ...]
+        w = out.pop("weight")
+        res = {"ce": out.pop("ce_sum").sum(1) / (w.sum(1) * self.tc.seq_len),
+               "n_tokens": (w.sum(1) * self.tc.seq_len).astype(np.int64)}
+        for k, v in out.items():  # batch means, weighted by the batch's real windows
+            wk = w.reshape(w.shape + (1,) * (v.ndim - 2))
+            res[k] = (v * wk).sum(1) / wk.sum(1)
+        return res
 
 
 def _replace(tc: TrainConfig, **kw) -> TrainConfig:

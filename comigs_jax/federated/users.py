@@ -13,16 +13,13 @@ def padded_user_count(n_users: int, n_devices: int) -> int:
     return -(-n_users // n_devices) * n_devices
 
 
-def stack_tokens(arrays: Sequence[np.ndarray], n_total: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def stack_tokens(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Per-user 1-D token arrays -> (tokens [U, N_max], lengths [U]).
 
     Shorter users are zero-padded and keep their true length, so that sampled windows never
-    cross into padding. With n_total > len(arrays), padding users repeat user 0's tokens (they
-    compute like real users and are masked out of aggregation and metrics).
+    cross into padding.
     """
     arrays = list(arrays)
-    n_total = len(arrays) if n_total is None else n_total
-    arrays += [arrays[0]] * (n_total - len(arrays))
     dtype = np.result_type(*[a.dtype for a in arrays])
     n_max = max(len(a) for a in arrays)
     out = np.zeros((len(arrays), n_max), dtype)

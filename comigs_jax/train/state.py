@@ -105,8 +105,7 @@ def init_user_state(params: dict, key: jax.Array, tc: TrainConfig, method: Metho
                      step=jnp.zeros((), jnp.int32), key=key, leak=leak)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2, 4, 5))
-def init_states(model_cfg: GPT2Config, tc: TrainConfig, method: Method, key: jax.Array, n_users: int,
+def init_states_unjitted(model_cfg: GPT2Config, tc: TrainConfig, method: Method, key: jax.Array, n_users: int,
                 n_shared_specialists: int | None = None) -> UserState:
     """Stacked states of n_users users [U, ...], with round 0's synchronisation applied.
 
@@ -127,3 +126,7 @@ def init_states(model_cfg: GPT2Config, tc: TrainConfig, method: Method, key: jax
                    filter_roles(users, set(TRAINABLE_ROLES) - set(method.shared_roles)))
     state_keys = jax.random.split(k_state, n_users)
     return jax.vmap(lambda p, k: init_user_state(p, k, tc, method))(params, state_keys)
+
+
+# Jitted: eager initialisation of a vmapped Flax model is slow (seconds for tiny models).
+init_states = jax.jit(init_states_unjitted, static_argnums=(0, 1, 2, 4, 5))
