@@ -54,10 +54,19 @@ def generalist_share(router_prob: np.ndarray, n_generalists: int) -> np.ndarray:
     return np.asarray(router_prob)[..., :n_generalists].sum(-1).mean(-1)
 
 
-def round_record(round_index: int, m: dict, tc: TrainConfig, model_cfg, seconds: float, n_models: int) -> dict:
-    """One metrics.jsonl line from a round's per-user, per-step metrics ([U, S, ...])."""
+def round_record(round_index: int, m: dict, tc: TrainConfig, model_cfg, seconds: float, n_models: int,
+                 active=None) -> dict:
+    """One metrics.jsonl line from a round's per-user, per-step metrics ([U, S, ...]).
+
+    tc is the engine's (Simulation.tc: Centralized's batch is batch x users). Speed: training
+    tokens (batch x seq_len inputs per step) per second of the round's wall time, per user, with
+    expert steps and router steps counted separately (both run in the same program, so they share
+    the round's seconds; their sum is the user's total rate); users that sat the round out
+    (`active` False) count 0. `tokens_per_s` is all users' expert tokens per second. The first
+    round a process runs includes compilation (`includes_compile` is set by the caller)."""
     tokens = tc.batch_size * tc.seq_len
-    expert_tokens = n_models * m["ce"].shape[1] * tokens
+    act = np.ones(n_models) if active is None else np.asarray(active, np.float64)[:n_models]
+    expert = act * m["ce"].shape[1] * tokens / seconds  # [U]
     rec = {
         "round": round_index,
         "step": round_index * tc.local_steps,
@@ -67,12 +76,12 @@ def round_record(round_index: int, m: dict, tc: TrainConfig, model_cfg, seconds:
         "train_ce": m["ce"].mean(1).tolist(),
         "train_lb": m["lb"].mean(1).tolist(),
         "seconds": seconds,
-        "tokens_per_s": expert_tokens / seconds,
-        "expert_tokens_per_s_per_user": m["ce"].shape[1] * tokens / seconds,
+        "tokens_per_s": float(expert.sum()),
+        "expert_tokens_per_s_per_user": expert.tolist(),
     }
     if "router_phase" in m:
-        phases = m["router_phase"].sum(1)
-        rec["router_steps"] = (phases * tc.router_steps).tolist()
+        phases = m["router_phase"].sum(1) * act
+        rec["router_steps"] = (phases * tc.router_steps).astype(int).tolist()
         rec["router_val_ce"] = [float(c.sum() / p) if p else None for c, p in zip(m["router_ce"], phases)]
         rec["router_tokens_per_s_per_user"] = (phases * tc.router_steps * tokens / seconds).tolist()
     if m.get("router_prob") is not None:
@@ -82,9 +91,37 @@ def round_record(round_index: int, m: dict, tc: TrainConfig, model_cfg, seconds:
     return rec
 
 
-def results(cfg, method, seed: int, data, model_cfg, pre: dict, post: dict) -> dict:
+def speed_summary(records: list[dict]) -> dict:
+    """Per-user training tokens/s over the run's rounds (median, so a round that compiled does not
+    count), experts and router separately, from the metrics.jsonl records."""
+    out = {"rounds": len(records)}
+    steady = [r for r in records if not r.get("includes_compile")] or records
+    for key in ("expert_tokens_per_s_per_user", "router_tokens_per_s_per_user"):
+        rows = [r[key] for r in steady if key in r and isinstance(r[key], list)]
+        if rows:
+            out[key] = np.median(np.asarray(rows, np.float64), axis=0).tolist()
+    if steady:
+        out["tokens_per_s"] = float(np.median([r["tokens_per_s"] for r in steady]))
+        out["seconds_per_round"] = float(np.median([r["seconds"] for r in steady]))
+    return out
+
+
+def data_identity(data) -> dict:
+    """What identifies the run's data: source, files and SHA-256 of the loaded arrays when known."""
+    info = data.info
+    out = {"source": info.get("source"), "users": list(data.users),
+           "tokens": info.get("tokens") or [{"train": len(a), "valid": len(b), "test": len(c)}
+                                             for a, b, c in zip(data.train, data.valid, data.test)]}
+    for k in ("dir", "files", "file_dtype", "sha256", "cache_key"):
+        if info.get(k) is not None:
+            out[k] = info[k]
+    return out
+
+
+def results(cfg, method, seed: int, data, model_cfg, pre: dict, post: dict, records: list | None = None) -> dict:
     """results.json: per-user test perplexity of the local (pre-aggregation) models at the last
-    round, after aggregation too, the Bayes floor when known, and routing shares."""
+    round, after aggregation too, the Bayes floor when known, routing shares, the data's identity
+    and (given the metrics records) per-user training speed."""
     g = model_cfg.moe.n_generalists
     ppl, ppl_post = np.exp(pre["ce"]), np.exp(post["ce"])
     bayes = data.info.get("bayes_ppl_test")
@@ -99,8 +136,12 @@ def results(cfg, method, seed: int, data, model_cfg, pre: dict, post: dict) -> d
     out = {
         "method": method.name, "seed": seed, "router_mode": method.router_mode,
         "shared_roles": list(method.shared_roles), "faithful": bool(cfg.train.faithful),
-        "eval": {"protocol": cfg.eval.protocol, "n_windows": cfg.eval.n_windows, "seq_len": cfg.train.seq_len,
+        "eval": {"protocol": cfg.eval.protocol, "seq_len": cfg.train.seq_len, "batch_size": cfg.eval.batch_size,
+                 **({} if cfg.eval.protocol == "full" else {"n_windows": cfg.eval.n_windows}),
+                 **({"seed": seed} if cfg.eval.protocol == "reference" else {}),
+                 **({"scored_tokens": np.asarray(pre["n_tokens"]).tolist()} if "n_tokens" in pre else {}),
                  "reported": "local models before the final aggregation (reference protocol, method.md §5)"},
+        "data": data_identity(data),
         "users": users,
         "mean_test_ppl": float(ppl.mean()),
         "mean_test_ppl_post_aggregation": float(ppl_post.mean()),
@@ -108,6 +149,8 @@ def results(cfg, method, seed: int, data, model_cfg, pre: dict, post: dict) -> d
     }
     if bayes is not None:
         out["mean_bayes_ppl"] = float(np.mean(bayes))
+    if records:
+        out["speed"] = speed_summary(records)
     return out
 
 

@@ -10,7 +10,7 @@ from comigs_jax.data.config import default_data_config
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
-    c.method = arg or "comigs"  # local | fedavg | centralized | pfedmoe | comigs | comigs_2g | comigs_2s | comigs_train | fedavg_moe | local_moe
+    c.method = arg or "comigs"  # local | fedavg | centralized | pfedmoe | comigs | comigs_2g | comigs_2s | comigs_train | fedavg_moe | local_moe | fedavg_moe_train | local_moe_train
     c.methods = ""  # comparison: comma-separated methods run on the same data, seeds and base ("" = just `method`)
     c.seed = 42  # seeds initialisation, batch sampling and participation
     c.seeds = ""  # comparison: comma-separated seeds ("" = just `seed`)
@@ -52,8 +52,8 @@ def get_config(arg=None):
     c.federation.participation = 1.0  # fraction of users that train in a round
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.protocol = "fixed"  # fixed: evenly spaced windows (deterministic) | reference: random windows
-    c.eval.n_windows = 640  # windows per user (reference protocol: 100 batches x 64 = 6400)
+    c.eval.protocol = "full"  # full: every non-overlapping window of the split (exact, seed-free) | fixed: n_windows evenly spaced | reference: n_windows random (docs/reproducing.md)
+    c.eval.n_windows = 640  # windows per user for fixed / reference (reference: 100 batches x 64 = 6400); unused by full
     c.eval.batch_size = 64  # windows per evaluation batch
     c.eval.every_rounds = 2  # evaluate the local (pre-aggregation) models every k rounds (reference: 20 steps)
 

@@ -324,7 +324,9 @@ def train_and_evaluate(cfg, method_name: str, seed: int, data, base_cfg, base, r
                 raise _numerical_fault("non-finite parameters or optimizer state (finite losses, "
                                        "overflowing update)", r + 1, names, bad_users[0], None, tc, cfg, saved,
                                        ckpt_dir)
-            record = metrics.round_record(r + 1, m, tc, model_cfg, dt, n_models)
+            record = metrics.round_record(r + 1, m, sim.tc, model_cfg, dt, n_models, active=active)
+            if r == start:
+                record["includes_compile"] = True
             last = r + 1 == tc.rounds
             if (r + 1) % cfg.eval.every_rounds == 0 or last:
                 pre_eval = evaluate()  # local models before aggregation, as the reference
@@ -364,7 +366,7 @@ def train_and_evaluate(cfg, method_name: str, seed: int, data, base_cfg, base, r
             pre_eval = decode_eval(meta["pre_eval"])
             log(f"[{method_name} s{seed}] the run had finished; writing its outputs")
     post_eval = evaluate() if not method.one_round else pre_eval
-    results = metrics.results(cfg, method, seed, data, model_cfg, pre_eval, post_eval)
+    results = metrics.results(cfg, method, seed, data, model_cfg, pre_eval, post_eval, records=writer.read())
     if cfg.output.figures:
         plot.run_figures(run_dir, results, writer.read(), sim, data, cfg.output.routing_tokens)
     metrics.write_results(run_dir, results)  # last: results.json marks a complete run
@@ -401,13 +403,16 @@ def main(argv):
 
     from comigs_jax import metrics
     from comigs_jax.data import load_user_data
+    from comigs_jax.data.reference_bins import check_token_ids
 
     cfg.data.min_tokens = max(cfg.data.min_tokens, cfg.train.seq_len + 1)
     data = load_user_data(cfg.data)
     data.info.setdefault("tokenizer", cfg.data.tokenizer)
     base_cfg, base = load_base(cfg, data)
-    if data.vocab_size > base_cfg.vocab_size:
-        raise SystemExit(f"error: the data's vocabulary ({data.vocab_size}) exceeds the base's ({base_cfg.vocab_size})")
+    try:  # every token id indexes the base's vocabulary (else one line naming the file, or user and split)
+        check_token_ids(data, base_cfg.vocab_size)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     all_results = []
     for method in methods:
         for seed in seeds:

@@ -43,7 +43,7 @@ def test_run_writes_every_output(finished):
     assert [r["router_steps"] for r in records] == [[2, 2, 2]] * 4
     assert "test_ppl" in records[1] and "test_ppl" not in records[0]
     res = json.load(open(os.path.join(wd, "results.json")))
-    assert res["method"] == "comigs" and res["faithful"] is False and res["eval"]["protocol"] == "fixed"
+    assert res["method"] == "comigs" and res["faithful"] is False and res["eval"]["protocol"] == "full"
     assert len(res["users"]) == 3
     for u in res["users"]:
         assert u["test_ppl"] >= u["bayes_ppl"] > 1.0  # nobody beats the Bayes-optimal floor

@@ -30,7 +30,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from comigs_jax.data import partition as partition_lib
-from comigs_jax.data import sources, synthetic, tokens
+from comigs_jax.data import presplit as presplit_lib
+from comigs_jax.data import reference_bins, sources, synthetic, tokens
 from comigs_jax.data.config import SPLITS, resolve_categories, validate_data_config
 
 
@@ -90,7 +91,15 @@ def load_user_data(data_cfg, user_indices: Optional[Sequence[int]] = None) -> Us
         return UserData(arrays["train"], arrays["valid"], arrays["test"], names,
                         int(data_cfg.synthetic.vocab_size), None, info, idx)
 
+    if data_cfg.source == "reference_bins":
+        arrays, vocab, eos, info = reference_bins.load_users(data_cfg, idx)
+        return UserData(arrays["train"], arrays["valid"], arrays["test"], [f"user{i}" for i in idx],
+                        vocab, eos, info, idx)
+
     cats = resolve_categories(data_cfg)
+    presplit = presplit_lib.presplit_categories(data_cfg, cats) if data_cfg.source == "text_files" else False
+    if presplit:
+        presplit_lib.check_partition(data_cfg, cats)
     users = partition_lib.make_partition(data_cfg, cats)
     key = tokens.cache_key({
         "source": sources.source_fingerprint(data_cfg, cats), "categories": cats,
@@ -99,6 +108,7 @@ def load_user_data(data_cfg, user_indices: Optional[Sequence[int]] = None) -> Us
         "n_users": int(data_cfg.n_users), "sizes": [int(data_cfg[f"{s}_tokens"]) for s in SPLITS],
         "tokenizer": tokens.tokenizer_fingerprint(data_cfg.tokenizer), "dtype": data_cfg.dtype,
         "seed": int(data_cfg.seed), "allow_fewer_tokens": bool(data_cfg.allow_fewer_tokens),
+        **({"presplit": True} if presplit else {}),
     })
     cache_root = os.path.join(os.path.expanduser(data_cfg.cache_dir), data_cfg.source, key[:16])
     paths = {i: os.path.join(cache_root, f"user{i:05d}.tokens") for i in idx}
@@ -111,7 +121,8 @@ def load_user_data(data_cfg, user_indices: Optional[Sequence[int]] = None) -> Us
     hits = sorted(got)
     missing = [i for i in idx if i not in got]
     if missing:
-        built, vocab, eos = _build(data_cfg, cats, users, missing)
+        build = presplit_lib.build_users if presplit else _build
+        built, vocab, eos = build(data_cfg, cats, users, missing)
         for i in missing:
             header = {"vocab_size": vocab, "eos_id": eos, "name": users[i].name}
             if data_cfg.use_cache:
@@ -127,6 +138,9 @@ def load_user_data(data_cfg, user_indices: Optional[Sequence[int]] = None) -> Us
             "parts": [users[i].parts for i in idx], "user_indices": idx, "cache_key": key,
             "cache_dir": cache_root if data_cfg.use_cache else None, "cache_hits": hits,
             "tokens": [{s: int(len(got[i][1][s])) for s in SPLITS} for i in idx]}
+    if presplit:
+        info["partition"] = "given"
+        info["files"] = {s: [presplit_lib.split_file(data_cfg, users[i].name, s) for i in idx] for s in SPLITS}
     return UserData(arrays["train"], arrays["valid"], arrays["test"], names, vocab, eos, info, idx)
 
 

@@ -12,7 +12,7 @@ import re
 
 import ml_collections
 
-SOURCES = ("synthetic", "text_files", "slimpajama", "agnews", "wikipedia")
+SOURCES = ("synthetic", "text_files", "slimpajama", "agnews", "wikipedia", "reference_bins")
 PARTITIONS = ("specific", "mixed", "dirichlet", "ood")
 SPLITS = ("train", "valid", "test")
 
@@ -32,7 +32,8 @@ TEXT_SAMPLE_BY = ("paragraph", "line", "document")
 
 def default_data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.source = "synthetic"  # one of synthetic | text_files | slimpajama | agnews | wikipedia
+    c.source = "synthetic"  # one of synthetic | text_files | slimpajama | agnews | wikipedia | reference_bins
+    c.dir = ""  # reference_bins: folder of the reference runner's layout <dir>/<n_users>/{train,valid,test}_{i}.bin
     c.n_users = 4  # number of users U (all of them are partitioned; load_user_data may build a subset)
     c.categories = ""  # comma-separated categories / languages / folder names to draw users from; "" = the source's defaults in order
     c.partition = "specific"  # specific (one category per user) | mixed (pairs, mixed_share) | dirichlet | ood
@@ -46,7 +47,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.min_tokens = 129  # every user split must hold at least this many tokens (one window: seq_len + 1)
     c.allow_fewer_tokens = False  # if the source runs dry, keep what there is (>= min_tokens) instead of failing
     c.tokenizer = "gpt2"  # "gpt2" = bundled GPT-2 BPE; else a tokenizer directory or hub id
-    c.dtype = "auto"  # token array dtype: auto (uint16 if the vocabulary fits) | uint16 | uint32
+    c.dtype = "auto"  # token array dtype: auto (uint16 if the vocabulary fits) | uint16 | uint32 (reference_bins: the files' dtype)
     c.seed = 0  # seeds document shuffling, split assignment, Dirichlet mixtures and the synthetic process
     c.cache_dir = "~/.cache/comigs_jax/data"  # token caches (one file per user) and the datasets cache
     c.use_cache = True  # read/write token caches; False always rebuilds and writes nothing
@@ -81,7 +82,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.wikipedia.extra_languages = ""  # comma-separated language codes accepted besides the built-in list
 
     c.text_files = ml_collections.ConfigDict()
-    c.text_files.root = ""  # folder holding one sub-folder per category (user); see experiments/prepare_local_corpus.py
+    c.text_files.root = ""  # folder holding one sub-folder per category (user); see experiments/prepare_local_corpus.py. A sub-folder with train.*, valid.* (or validation.*) and test.* files is used as those splits, as given
     c.text_files.pattern = "**/*"  # glob of files inside each category folder (.jsonl/.json read as JSON, others as text)
     c.text_files.sample_by = "paragraph"  # plain text documents: paragraph (blank-line separated) | line | document (whole file)
     c.text_files.text_field = "text"  # JSON files: the field holding the document text
@@ -182,6 +183,9 @@ def validate_data_config(data_cfg) -> None:
         elif not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", d.tokenizer):
             _fail("tokenizer", d.tokenizer, "'gpt2' (bundled BPE), a tokenizer directory or a hub id 'owner/name'")
 
+    if d.source == "reference_bins":
+        _validate_reference_bins(d)
+        return
     if d.source == "synthetic":
         _validate_synthetic(d)
         if d.partition != "specific":
@@ -221,11 +225,36 @@ def validate_data_config(data_cfg) -> None:
         _fail("categories", d.categories, "each category at most once")
     if d.partition in ("mixed", "ood", "dirichlet") and len(cats) < 2:
         _fail("categories", d.categories, f"at least 2 categories for partition {d.partition!r}")
+    if d.source == "text_files":
+        from comigs_jax.data import presplit  # pre-split folders: train/valid/test files used as given
+
+        try:
+            if presplit.presplit_categories(d, cats):
+                presplit.check_partition(d, cats)
+        except RuntimeError as e:  # DataSourceError: a folder that is half pre-split
+            raise ValueError(str(e)) from None
     if d.source == "wikipedia" and d.wikipedia.data_files:
         for c in cats:
             pat = os.path.expanduser(d.wikipedia.data_files.replace("{lang}", c))
             if not glob.glob(pat, recursive=True):
                 _fail("wikipedia.data_files", d.wikipedia.data_files, f"a glob matching local files for language {c!r}")
+
+
+def _validate_reference_bins(d) -> None:
+    if not d.dir:
+        _fail("dir", d.dir, "the reference runner's data folder holding <n_users>/{train,valid,test}_{i}.bin "
+              "(--config.data.dir=DIR)")
+    root = os.path.expanduser(d.dir)
+    if not os.path.isdir(root):
+        _fail("dir", d.dir, "an existing folder holding <n_users>/{train,valid,test}_{i}.bin")
+    sub = os.path.join(root, str(d.n_users))
+    if not os.path.isdir(sub):
+        have = sorted(x for x in os.listdir(root) if x.isdigit() and os.path.isdir(os.path.join(root, x)))
+        _fail("n_users", d.n_users, f"a user count with a folder {sub} (found: {', '.join(have) or 'none'})")
+    if d.partition != "specific":
+        _fail("partition", d.partition, "'specific' for reference_bins (user i's splits are its files, as given)")
+    if d.categories:
+        _fail("categories", d.categories, "'' for reference_bins (users are the files' indices)")
 
 
 def _validate_synthetic(d) -> None:

@@ -71,6 +71,10 @@ METHODS = {m.name: m for m in [
            description="ablation: CoMiGS with router phases on training data"),
     Method("fedavg_moe", _ALL_EXPERTS, "joint", description="ablation: all experts shared, router joint"),
     Method("local_moe", _ALL_EXPERTS, "joint", one_round=True, description="ablation: local, router joint"),
+    Method("fedavg_moe_train", _ALL_EXPERTS, "alternating_train",
+           description="ablation: all experts shared, router phases on training data"),
+    Method("local_moe_train", _ALL_EXPERTS, "alternating_train", one_round=True,
+           description="ablation: local, router phases on training data"),
 ]}
 
 

@@ -102,15 +102,27 @@ def router_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
     return state.replace(params=params, opt_router=opt, key=key, leak=leak), metrics
 
 
-def evaluate_user(params: dict, base: dict, tokens: jax.Array, starts: jax.Array, mask: jax.Array, *,
-                  model_cfg: GPT2Config, seq_len: int, batch: int) -> dict[str, Any]:
-    """Mean cross-entropy over the windows starting at `starts` [n] (n a multiple of `batch`),
-    and the routing statistics [L, E] averaged over them. Every batch has the same size, so the
-    mean of batch means is the token mean."""
+def evaluate_user(params: dict, base: dict, tokens: jax.Array, starts: jax.Array, weights: jax.Array,
+                  mask: jax.Array, *, model_cfg: GPT2Config, seq_len: int, batch: int) -> dict[str, Any]:
+    """Per-batch sums over the windows starting at `starts` [n] (n a multiple of `batch`), each
+    window weighted by `weights` [n] (0 = padding, comigs_jax.train.evaluation.eval_windows).
 
-    def one_batch(s):
+    Returns [n / batch] arrays: ce_sum (sum over weighted windows of their summed token
+    cross-entropies, computed in float32), weight (sum of window weights), and the batch means
+    of the load-balancing loss and routing statistics ([L, E]); the caller reduces them (the
+    token-mean CE is sum(ce_sum) / (sum(weight) * seq_len))."""
+    model = GPT2(model_cfg)
+    variables = {"params": merge(base, params)}
+
+    def one_batch(sw):
+        s, w = sw
         windows = tokens[s[:, None] + jnp.arange(seq_len + 1)].astype(jnp.int32)
-        _, m = lm_loss(params, base, windows, mask, model_cfg, 0.0)
-        return {k: v for k, v in m.items() if v is not None and k != "loss"}
+        logits, aux = model.apply(variables, windows[:, :-1], mask, deterministic=True)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), windows[:, 1:])
+        out = {"ce_sum": (ce.sum(1) * w).sum(), "weight": w.sum()}
+        if aux:
+            out["lb"] = aux["lb"].mean()
+            out.update({k: aux[k] for k in ("router_prob", "selection") if aux.get(k) is not None})
+        return out
 
-    return jax.tree.map(lambda x: x.mean(0), jax.lax.map(one_batch, starts.reshape(-1, batch)))
+    return jax.lax.map(one_batch, (starts.reshape(-1, batch), weights.reshape(-1, batch)))

@@ -1,0 +1,148 @@
+"""The reference's run scripts (epfml/CoMiGS `collab_runscripts/`, Tables 1 and 4) as configs.
+
+    python -m experiments.run --config=configs/reference.py:comigs_1g1s \\
+        --config.base=/path/to/gpt2 --config.data.dir=/path/to/data --config.seed=42
+
+One argument per script; each sets that script's values (rounds, local steps, batch, learning
+rates, experts, k, router cadence and iterations, load-balancing weight and importance,
+strategy) and reads the reference runner's data layout `<data.dir>/4/{train,valid,test}_{i}.bin`
+(data.source = "reference_bins"). `SCRIPTS` below is the one source of truth: `get_config` builds
+every config from it, and docs/reproducing.md's table is generated from those configs
+(`python -m configs.reference` rewrites it; tests/test_reproduce.py checks it is current).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from configs import base
+
+
+@dataclasses.dataclass(frozen=True)
+class Script:
+    """One reference run script and the values it passes (method.md §3, §7)."""
+
+    script: str  # path in epfml/CoMiGS, release 77efb25
+    table: str  # the paper's table
+    method: str  # comigs_jax.federated.methods record that reproduces it
+    strategy: str  # -as: expert_0 | experts | all (method.md §2)
+    router: str  # bilevel (-is_alter) | alternating_train (-is_alter -alter_on_train) | joint | none (-is_no_router)
+    rounds: int  # R
+    local_steps: int  # S
+    clients: int = 4  # -nc (Centralized: 1 pooled client)
+    batch: int = 64  # sequences per step (Centralized: 256)
+
+
+# Values every script passes: 4 users, -el [8,8,8,8] -en [2,2,2,2] -k 2, lr 2e-3, imp 0.5,
+# lb 0.01, router phases of 10 steps after every 30th expert step (method.md §3, §7).
+COMMON = {
+    "model.n_experts": 2, "model.n_generalists": 1, "model.top_k": 2, "model.rank": 8, "model.attn_rank": 8,
+    "model.alpha": 16.0, "model.lora_scaling": "rslora", "model.dropout": 0.0, "model.importance": 0.5,
+    "model.lb_input": "block_output", "train.seq_len": 128, "train.lr": 2e-3, "train.lr_final_ratio": 0.1,
+    "train.router_lr": 2e-3, "train.weight_decay": 0.01, "train.router_every": 30, "train.router_steps": 10,
+    "train.lb_weight": 0.01, "federation.weighting": "uniform", "federation.participation": 1.0,
+    "data.n_users": 4,
+}
+
+_T1, _T4 = "collab_runscripts/table1/", "collab_runscripts/table4/"
+SCRIPTS = {s_arg: s for s_arg, s in [
+    ("comigs_1g1s", Script(_T1 + "comigs_1g1s.sh", "1", "comigs", "expert_0", "bilevel", 20, 10)),
+    ("comigs_2g", Script(_T1 + "comigs_2g.sh", "1", "comigs_2g", "experts", "bilevel", 20, 10)),
+    ("comigs_2s", Script(_T1 + "comigs_2s.sh", "1", "comigs_2s", "expert_0", "bilevel", 1, 200)),
+    ("pfedmoe", Script(_T1 + "pFedMoE.sh", "1", "pfedmoe", "expert_0", "joint", 20, 10)),
+    ("fedavg", Script(_T1 + "baseline_fedavg.sh", "1", "fedavg", "experts", "none", 20, 10)),
+    ("local", Script(_T1 + "baseline_local.sh", "1", "local", "all", "none", 1, 200)),
+    ("centralized", Script(_T1 + "baseline_centralized.sh", "1", "centralized", "all", "none", 1, 200,
+                           clients=1, batch=256)),
+    ("comigs_train", Script(_T4 + "baseline_comigs_train.sh", "4", "comigs_train", "expert_0",
+                            "alternating_train", 20, 10)),
+    ("fedavg_moe", Script(_T4 + "baseline_fedavg_moe.sh", "4", "fedavg_moe", "experts", "joint", 20, 10)),
+    ("fedavg_moe_train", Script(_T4 + "baseline_fedavg_moe_train.sh", "4", "fedavg_moe_train", "experts",
+                                "alternating_train", 20, 10)),
+    ("local_moe", Script(_T4 + "baseline_local_moe.sh", "4", "local_moe", "all", "joint", 1, 200)),
+    ("local_moe_train", Script(_T4 + "baseline_local_moe_train.sh", "4", "local_moe_train", "all",
+                               "alternating_train", 1, 200)),
+]}
+
+# Scripts of those tables with no config here (their engines are not implemented).
+NOT_AVAILABLE = {
+    "baseline_PCL.sh": "PCL (collab_run_client_level.py: softmax(-ppl) mixing of whole models) is not implemented",
+    "baseline_ffalora_1616.sh": "FFA-LoRA (E = 1, k = 1, pruning regulariser) is not implemented",
+}
+
+EVAL_EVERY_STEPS = 20  # the reference evaluates every 20 expert steps (method.md §5)
+
+
+def get_config(arg=None):
+    if arg not in SCRIPTS:
+        raise ValueError(f"configs/reference.py:{arg}: allowed {', '.join(SCRIPTS)} "
+                         f"(not available: {'; '.join(NOT_AVAILABLE.values())})")
+    s = SCRIPTS[arg]
+    c = base.get_config(s.method)
+    for key, value in COMMON.items():
+        group, name = key.split(".")
+        c[group][name] = value
+    c.base = "gpt2"  # --config.base=DIR for a local GPT-2 directory
+    c.seed = 42  # the scripts' seeds: 42, 45, 47 (--config.seeds=42,45,47 runs all three)
+    # R = 1 x S = 200 scripts run as 20 rounds x 10 steps without aggregation (one_round methods):
+    # the same schedule, optimiser states and router cadence, with evaluations every 20 steps.
+    total = s.rounds * s.local_steps
+    c.train.local_steps = s.local_steps if s.rounds > 1 else 10
+    c.train.rounds = total // c.train.local_steps
+    # Centralized: the engine trains one model on the pooled users with batch x n_users.
+    c.train.batch_size = s.batch // (c.data.n_users if s.clients == 1 else 1)
+    c.train.faithful = True  # the reference's gradient leaks D1, D2 (--config.train.faithful=False: clean)
+    c.eval.n_windows = 6400  # protocol `reference`: 100 random batches x 64 windows
+    c.eval.batch_size = 64
+    c.eval.every_rounds = EVAL_EVERY_STEPS // c.train.local_steps
+    c.checkpoint.every_rounds = 5
+    c.data.source = "reference_bins"
+    c.data.dir = ""  # --config.data.dir=DIR holding 4/{train,valid,test}_{i}.bin
+    c.data.tokenizer = "gpt2"  # decoding only (routing pictures); the vocabulary ids are checked against
+    c.data.dtype = "auto"  # uint16 for GPT-2's vocabulary; "uint32" for uint32 files
+    return c
+
+
+# ----------------------------------------------------------------------------- docs table
+_ROUTER_WORDS = {"bilevel": "alternating, valid", "alternating_train": "alternating, train",
+                 "joint": "joint", "none": "none (uniform)"}
+DOC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "reproducing.md")
+BEGIN, END = "<!-- scripts-table: generated by `python -m configs.reference`; do not edit -->", "<!-- /scripts-table -->"
+
+
+def markdown_table() -> str:
+    """The script -> command table of docs/reproducing.md, from the configs themselves."""
+    head = ("| Reference script (Table) | Command: `--config=configs/reference.py:ARG` | method | strategy (`-as`) "
+            "| router | R × S (reference) | rounds × steps here | batch | E, k, rank | lr (experts, router) "
+            "| router phase | λ_lb, imp | faithful |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for arg, s in SCRIPTS.items():
+        c = get_config(arg)
+        t, m = c.train, c.model
+        batch = f"{t.batch_size}" + (f" × {c.data.n_users} users = {t.batch_size * c.data.n_users}"
+                                     if s.clients == 1 else "")
+        sync = "" if s.rounds > 1 else ", no sync"
+        lines.append(
+            f"| `{os.path.basename(s.script)}` ({s.table}) | `:{arg}` | `{c.method}` | `{s.strategy}` "
+            f"| {_ROUTER_WORDS[s.router]} | {s.rounds} × {s.local_steps} | {t.rounds} × {t.local_steps}{sync} "
+            f"| {batch} | {m.n_experts}, {m.top_k}, {m.rank} | {t.lr:g}, {t.router_lr:g} "
+            f"| {f'{t.router_steps} every {t.router_every}' if s.router in ('bilevel', 'alternating_train') else '–'} "
+            f"| {t.lb_weight:g}, {m.importance:g} | {t.faithful} |")
+    return "\n".join(lines)
+
+
+def doc_block() -> str:
+    return f"{BEGIN}\n{markdown_table()}\n{END}"
+
+
+def write_docs(path: str = DOC) -> None:
+    with open(path) as f:
+        text = f.read()
+    i, j = text.index(BEGIN), text.index(END) + len(END)
+    with open(path, "w") as f:
+        f.write(text[:i] + doc_block() + text[j:])
+
+
+if __name__ == "__main__":
+    write_docs()
+    print(f"wrote the scripts table of {DOC}")
