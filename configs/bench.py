@@ -22,10 +22,10 @@ def get_config(preset: str = "cpu") -> ConfigDict:
     c.method = "comigs"             # a method of comigs_jax.federated.methods
     c.dtype = ""                    # activation dtype; "" = float32 on CPU, bfloat16 on GPU/TPU
     c.seed = 0
-    c.warmup = 1                    # untimed rounds after the first (compiling) round
+    c.warmup = 0                    # untimed rounds after the first (compiling, untimed) round
     c.repeats = 5                   # timed rounds per mode (the median is reported) ...
-    c.min_repeats = 3               # ... but at least this many ...
-    c.max_seconds = 20.0            # ... stop repeating once the timed rounds exceed this
+    c.min_repeats = 2               # ... at least this many ...
+    c.max_seconds = 10.0            # ... and no more once the timed rounds exceed this many seconds
     c.loop_max_users = 0            # skip loop modes above this U (0: never skip)
     c.matmul_size = 0               # n of the n x n x n peak matmul; 0 = 4096 CPU, 8192 accelerators
     c.out_dir = "runs/bench"        # bench.json and bench.md land here
@@ -33,23 +33,24 @@ def get_config(preset: str = "cpu") -> ConfigDict:
 
     # Tiny config for the many-users sweep: 2 layers, width 128, vocabulary 2048, sequence 128.
     c.tiny = ConfigDict(dict(
-        vocab_size=2048, n_embd=128, n_layer=2, n_head=4, seq_len=128, batch_size=4,
+        vocab_size=2048, n_embd=128, n_layer=2, n_head=4, seq_len=128, batch_size=2,
         rank=8, n_experts=2, n_generalists=1, top_k=2,
-        local_steps=4, router_every=2, router_steps=1, train_tokens=8192, valid_tokens=4096))
+        local_steps=2, router_every=2, router_steps=1, train_tokens=8192, valid_tokens=4096))
     # GPT-2 124M, 1 generalist + 1 specialist, rank 8 (attention LoRA rank 8 too).
     c.gpt2 = ConfigDict(dict(
-        users="1,2",
-        vocab_size=50257, n_embd=768, n_layer=12, n_head=12, seq_len=128, batch_size=8,
+        users="2",
+        vocab_size=50257, n_embd=768, n_layer=12, n_head=12, seq_len=128, batch_size=4,
         rank=8, n_experts=2, n_generalists=1, top_k=2,
         local_steps=2, router_every=2, router_steps=1, train_tokens=8192, valid_tokens=4096))
 
     if preset == "gpu":
         c.models = "gpt2"
-        c.modes = "loop_round,vmap"
-        c.gpt2.users = "1,8,64,128,256"
+        c.modes = "loop_step,loop_round,vmap"
+        c.gpt2.users = "1,8,64,128,192"
+        c.gpt2.batch_size = 8
         c.gpt2.local_steps = 4
         c.gpt2.router_every = 4
-        c.repeats = 5
+        c.min_repeats = 3
         c.loop_max_users = 8
     elif preset != "cpu":
         raise ValueError(f"preset={preset!r}: allowed 'cpu', 'gpu'")
