@@ -79,7 +79,7 @@ def run_figures(run_dir: str, results: dict, records: list[dict], sim, data, n_t
     # Token-level routing of user 0's model on the start of its test split, averaged over layers.
     import jax
     from comigs_jax.federated.roles import merge
-    params = merge(sim.base, jax.tree.map(lambda x: x[0], sim.user_params()))
+    params = merge(sim.base, sim.user_params(0))
     tokens = np.asarray(data.test[0][: min(n_tokens, sim.tc.seq_len)], np.int32)
     w = token_gate_weights(sim.model_cfg, params, jnp.asarray(tokens)[None], jnp.asarray(sim.masks[0]))
     share = np.asarray(w)[:, 0, :, :g].sum(-1).mean(0)  # [T]

@@ -4,7 +4,7 @@ experiments.launch_local, or alone with 8 fake devices as the single-process ref
 Builds 12 tiny users (padded to 16 on 8 devices), hands the Simulation ONLY the users whose
 shards live on this process's devices, runs 2 rounds of CoMiGS with aggregation, and writes
 (process 0) the gathered per-user losses and final parameters, and (every process) which
-users and array shapes it held.
+users and array shapes it held. Evaluation (full and reference protocols) is gathered too.
 """
 import json
 import os
@@ -46,6 +46,7 @@ def main(out_dir):
     for _ in range(2):
         losses.append(sim.run_round()["loss"])
         sim.aggregate()
+    evals = {f"eval_{p}": sim.evaluate(valid, 8, 4, protocol=p, seed=5)["ce"] for p in ("full", "reference")}
     params = jax.tree.map(lambda x: distributed.to_host(x)[:n_users], sim.states.params)
     pid = jax.process_index()
     local = {k: [list(s.data.shape) for s in v.addressable_shards] for k, v in sim.data.items()}
@@ -54,7 +55,7 @@ def main(out_dir):
                    "local_rows": sim.local_rows, "shards": local}, f)
     if pid == 0:
         flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-        np.savez(os.path.join(out_dir, "result.npz"), losses=np.stack(losses), **flat)
+        np.savez(os.path.join(out_dir, "result.npz"), losses=np.stack(losses), **evals, **flat)
 
 
 if __name__ == "__main__":

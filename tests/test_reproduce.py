@@ -61,10 +61,9 @@ def test_full_protocol_scores_exactly_the_non_overlapping_windows():
     other_batch = sim.evaluate(tests, 1, 2, protocol="full")
     np.testing.assert_array_equal(got["ce"], again["ce"])
     np.testing.assert_allclose(got["ce"], other_batch["ce"], rtol=1e-6)
-    params = sim.user_params()
     apply = jax.jit(lambda p, x, m: GPT2(sim.model_cfg).apply({"params": merge(base, p)}, x, m, deterministic=True)[0])
     for u, t in enumerate(tests):
-        p_u = jax.tree.map(lambda x: x[u], params)
+        p_u = sim.user_params(u)
         ppl, n = _numpy_full_ppl(apply, p_u, sim.masks[u], t, T)
         assert got["n_tokens"][u] == n
         assert np.exp(got["ce"][u]) == pytest.approx(ppl, rel=2e-6)

@@ -27,7 +27,7 @@ from comigs_jax.federated.users import expert_masks, padded_user_count, real_use
 from comigs_jax.model.config import GPT2Config
 from comigs_jax.train.rounds import loop_round, vmap_round
 from comigs_jax.train.state import TrainConfig, UserState, init_states, init_states_unjitted
-from comigs_jax.train.evaluation import eval_windows
+from comigs_jax.train.evaluation import eval_windows, full_window_counts
 from comigs_jax.train.steps import evaluate_user
 
 MODES = ("vmap", "loop")
@@ -137,16 +137,18 @@ class Simulation:
                 rows[r] = given[r]
         return rows
 
-    def _place_rows(self, rows: dict):
-        """(tokens [U_pad, N], lengths [U_pad]) as global arrays split over users, built from
-        this process's rows only; N is the longest split over all processes."""
-        n = distributed.global_max(max(len(a) for a in rows.values()))
-        block = np.zeros((len(self.local_rows), n), np.result_type(*[a.dtype for a in rows.values()]))
-        lengths = np.zeros(len(self.local_rows), np.int32)
-        for i, r in enumerate(self.local_rows):
-            block[i, : len(rows[r])], lengths[i] = rows[r], len(rows[r])
-        return (sharding.global_user_array(self.mesh, block, self.n_padded),
-                sharding.global_user_array(self.mesh, lengths, self.n_padded))
+    def _place_rows(self, arrays: dict, rows=None, n_rows=None):
+        """(tokens [n_rows, N], lengths [n_rows]) as global arrays split over users, built from
+        this process's `rows` only (default: the model axis); N is the longest over all processes."""
+        rows = self.local_rows if rows is None else rows
+        n_rows = self.n_padded if n_rows is None else n_rows
+        n = distributed.global_max(max(len(a) for a in arrays.values()))
+        block = np.zeros((len(rows), n), np.result_type(*[a.dtype for a in arrays.values()]))
+        lengths = np.zeros(len(rows), np.int32)
+        for i, r in enumerate(rows):
+            block[i, : len(arrays[r])], lengths[i] = arrays[r], len(arrays[r])
+        return (sharding.global_user_array(self.mesh, block, n_rows),
+                sharding.global_user_array(self.mesh, lengths, n_rows))
 
     # ------------------------------------------------------------------ rounds
     def sample_participants(self) -> np.ndarray:
@@ -191,12 +193,20 @@ class Simulation:
         self._rng.bit_generator.state = host["rng"]
 
     # ------------------------------------------------------------------ evaluation
-    def user_params(self) -> dict:
-        """[U, ...] trainable params per real user (Centralized: the one model, for every user)."""
-        p = jax.tree.map(lambda x: x[: len(self.real)], self.states.params)
-        if self.method.pooled_data:
-            p = jax.tree.map(lambda x: jnp.broadcast_to(x[:1], (self.n_users,) + x.shape[1:]), p)
-        return p
+    def _params_per_user(self, n_rows: int) -> dict:
+        """[n_rows, ...] trainable params on the users axis (Centralized: its one model, repeated)."""
+        if not self.method.pooled_data:
+            return self.states.params
+        rep = lambda p: jax.tree.map(lambda x: jnp.broadcast_to(x[0], (n_rows,) + x.shape[1:]), p)
+        out = sharding.user_sharded(self.mesh) if self.mesh is not None else None
+        return jax.jit(rep, out_shardings=out)(self.states.params)
+
+    def user_params(self, user: int) -> dict:
+        """One user's trainable params (no user axis), on every process: a collective, so every
+        process must call it (Centralized: its one model)."""
+        row = 0 if self.method.pooled_data else user
+        out = sharding.replicated(self.mesh) if self.mesh is not None else None
+        return jax.jit(lambda p: jax.tree.map(lambda x: x[row], p), out_shardings=out)(self.states.params)
 
     def evaluate(self, splits: Sequence[np.ndarray], n_windows: int, batch: int, protocol: str = "full",
                  seed: int = 0) -> dict:
@@ -207,17 +217,29 @@ class Simulation:
         Returns numpy arrays: ce [U] (the exact token-mean cross-entropy over the user's scored
         windows, reduced in float64), n_tokens [U] (scored targets), lb [U] and router_prob /
         selection [U, L, E] (batch means weighted by the batch's real windows)."""
-        if len(splits) != self.n_users:
-            raise ValueError(f"evaluate: {len(splits)} splits for {self.n_users} users")
-        tokens, lengths = stack_tokens(splits)
-        starts, weights = eval_windows(protocol, lengths, self.tc.seq_len, n_windows, batch, seed)
+        if len(splits) != len(self.user_indices):
+            raise ValueError(f"evaluate: {len(splits)} splits for the {len(self.user_indices)} users given")
+        # Users (not models: Centralized's one model is scored on every user) on the users axis.
+        n_rows = padded_user_count(self.n_users, self.mesh.devices.size if self.mesh is not None else 1)
+        rows = sharding.local_user_rows(self.mesh, n_rows)
+        given = dict(zip(self.user_indices, splits))
+        missing = [r for r in rows if r < self.n_users and r not in given]
+        if missing:
+            raise ValueError(f"evaluate: users {missing[:5]} live on this process's devices but were not given")
+        arrays = {r: given[r] if r < self.n_users else np.zeros(self.tc.seq_len + 1, np.int32) for r in rows}
+        lengths = np.array([len(arrays[r]) for r in rows])
+        counts = full_window_counts(lengths, self.tc.seq_len) if protocol == "full" else np.zeros(1, int)
+        starts, weights = eval_windows(protocol, lengths, self.tc.seq_len, n_windows, batch, seed, user_ids=rows,
+                                       min_windows=distributed.global_max(int(counts.max())))
+        tokens, _ = self._place_rows(arrays, rows, n_rows)
+        place = lambda a: sharding.global_user_array(self.mesh, a, n_rows)
         if batch not in self._eval_cache:
             fn = functools.partial(evaluate_user, model_cfg=self.model_cfg, seq_len=self.tc.seq_len, batch=batch)
             self._eval_cache[batch] = jax.jit(jax.vmap(fn, in_axes=(0, None, 0, 0, 0, 0)))
-        masks = self.masks[: self.n_users] if not self.method.pooled_data else \
-            np.repeat(self.masks[:1], self.n_users, 0)
-        out = self._eval_cache[batch](self.user_params(), self.base, jnp.asarray(tokens), jnp.asarray(starts),
-                                      jnp.asarray(weights), jnp.asarray(masks))
+        masks = self.masks if not self.method.pooled_data else np.repeat(self.masks[:1], n_rows, 0)
+        out = self._eval_cache[batch](self._params_per_user(n_rows), self.base, tokens, place(starts),
+                                      place(weights), place(masks[rows]))
+        out = jax.tree.map(lambda x: distributed.to_host(x)[: self.n_users], out)
         out = jax.tree.map(lambda x: np.asarray(x, np.float64), out)  # [U, n_batches, ...]
         w = out.pop("weight")
         res = {"ce": out.pop("ce_sum").sum(1) / (w.sum(1) * self.tc.seq_len),

@@ -33,17 +33,20 @@ def _check(protocol: str, lengths, seq_len: int) -> np.ndarray:
     return last
 
 
-def window_starts(protocol: str, lengths, seq_len: int, n_windows: int, seed: int = 0) -> np.ndarray:
+def window_starts(protocol: str, lengths, seq_len: int, n_windows: int, seed: int = 0,
+                  user_ids=None) -> np.ndarray:
     """[U, n_windows] int32 window starts of the `fixed` and `reference` protocols, each in
-    [0, length - seq_len - 1]."""
+    [0, length - seq_len - 1]. `reference` draws user u's windows from a generator seeded with
+    (seed, user_ids[u]) (default: u), so they do not depend on which other users are scored."""
     last = _check(protocol, lengths, seq_len)
     if protocol == "full":
         raise ValueError("window_starts: the full protocol has a per-user number of windows; use eval_windows")
     if protocol == "fixed":
         frac = np.arange(n_windows) / max(n_windows - 1, 1)
         return np.floor(frac[None, :] * last[:, None]).astype(np.int32)
-    rng = np.random.default_rng(seed)
-    return np.stack([rng.integers(0, l + 1, n_windows) for l in last]).astype(np.int32)
+    ids = range(len(last)) if user_ids is None else user_ids
+    return np.stack([np.random.default_rng([seed, int(u)]).integers(0, l + 1, n_windows)
+                     for u, l in zip(ids, last)]).astype(np.int32)
 
 
 def full_window_counts(lengths, seq_len: int) -> np.ndarray:
@@ -52,19 +55,20 @@ def full_window_counts(lengths, seq_len: int) -> np.ndarray:
 
 
 def eval_windows(protocol: str, lengths, seq_len: int, n_windows: int, batch: int,
-                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 seed: int = 0, user_ids=None, min_windows: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """(starts [U, W] int32, weights [U, W] float32) with W a multiple of `batch`.
 
     `fixed` / `reference`: n_windows rounded up to a multiple of batch, every weight 1.
-    `full`: W = the largest user's window count rounded up to a multiple of batch; a user's
-    padding windows repeat its own windows (so every batch holds real text) with weight 0."""
+    `full`: W = the largest user's window count (at least min_windows: the largest over all
+    processes, in a multi-host run) rounded up to a multiple of batch; a user's padding windows
+    repeat its own windows (so every batch holds real text) with weight 0."""
     last = _check(protocol, lengths, seq_len)
     if protocol != "full":
         n = -(-n_windows // batch) * batch
-        starts = window_starts(protocol, lengths, seq_len, n, seed)
+        starts = window_starts(protocol, lengths, seq_len, n, seed, user_ids)
         return starts, np.ones(starts.shape, np.float32)
     counts = full_window_counts(lengths, seq_len)
-    W = -(-int(counts.max()) // batch) * batch
+    W = -(-max(int(counts.max()), min_windows) // batch) * batch
     k = np.arange(W)
     starts = (k[None, :] % counts[:, None]) * seq_len
     weights = (k[None, :] < counts[:, None]).astype(np.float32)
