@@ -1,0 +1,518 @@
+r"""A capacity model: bytes per user, FLOPs per round, users per device, devices for U users.
+
+    python -m comigs_jax.capacity --users=1000 --model=gpt2 --batch=64 --seq=128 --dtype=bfloat16
+
+Everything here is arithmetic on the config's shapes (no tracing, no device): `plan(model_cfg, tc,
+method, n_users)` returns a dict; `format_plan` renders it as markdown. docs/scaling.md explains
+the numbers and checks them against the compiled program (tests/test_capacity.py).
+
+Memory of one user (the leading user axis of everything the round program holds per user):
+
+- state: trainable params (float32, by role), the expert AdamW state (mu, nu: float32 per
+  parameter it updates, plus two int32 counters: Adam's and the cosine schedule's), the router
+  AdamW state (alternating methods), the step counter and PRNG key, faithful mode's leak buffers;
+- tokens: the user's token arrays on device (train + validation, padded to the longest user);
+- step: the working set of one training step, the largest of the round (expert step): the
+  activations that the backward pass keeps (`activation_tensors`, in one of two profiles:
+  "accelerator", what XLA's GPU backend keeps after fusion, used for the targets; "cpu", JAX's
+  saved residuals as XLA's CPU backend keeps them), plus the backward's largest transient
+  (d logits), the gradients and the sampled windows.
+
+`measure` compiles the real round program (compile only) and compares its memory_analysis()
+with the model; `python -m comigs_jax.capacity ... --measure=16,64` prints both.
+
+Shared (replicated on every device, not per user): the frozen base in float32, its copy in the
+activation dtype (XLA converts each frozen kernel once per step and keeps it for the backward),
+and the transposed embedding of the tied LM head.
+
+FLOP convention: a matmul [m, k] x [k, n] is 2mkn FLOPs; elementwise ops, softmax, LayerNorm and
+the optimizer are not counted. Forward: every matmul. Backward: the
+input gradient of every matmul that lies between a trainable leaf and the loss (frozen matmuls
+included: that is how the gradient reaches the adapters below them), and weight gradients of
+the trainable leaves only (none for frozen kernels). For a frozen model with LoRA adapters the
+training step is therefore about 2x its forward, not the 3x of full fine-tuning.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from typing import Optional
+
+from comigs_jax.federated.methods import Method, get_method, configure_model
+from comigs_jax.model.config import GPT2_SIZES, GPT2Config, LoRAConfig, MoEConfig
+from comigs_jax.train.state import TrainConfig
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One accelerator chip: its memory and its dense bf16 peak (vendor data sheets)."""
+
+    name: str
+    memory_bytes: float
+    peak_bf16_flops: float
+    note: str = ""
+
+
+# Peaks are the dense (no sparsity) bf16 matmul numbers of the data sheets; GPU memory is what
+# nvidia-smi reports for the card (81,559 MiB on an H100 80GB HBM3, 143,771 MiB on an H200).
+MiB = 2**20
+TARGETS = {
+    "h100": Target("NVIDIA H100 SXM 80 GB", 81559 * MiB, 989e12, "81,559 MiB HBM3; 989 TFLOP/s dense bf16"),
+    "h200": Target("NVIDIA H200 141 GB", 143771 * MiB, 989e12, "143,771 MiB HBM3e; same tensor cores as H100"),
+    "tpu-v4": Target("TPU v4 (per chip)", 32 * GiB, 275e12, "32 GiB HBM2 per chip; 275 TFLOP/s bf16"),
+    "tpu-v5e": Target("TPU v5e (per chip)", 16 * GiB, 197e12, "16 GiB HBM2 per chip; 197 TFLOP/s bf16"),
+}
+
+# Fraction of a chip's memory the plan lets the round program use: the rest for the runtime,
+# XLA's fragmentation and evaluation. (JAX on GPU preallocates 75% by default: set
+# XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 to get this much.)
+USABLE_FRACTION = 0.9
+# Assumed model FLOP utilisation for the time estimates (experiments.bench measures it).
+MFU = 0.35
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "bfloat16": 2}[dtype]
+
+
+# ----------------------------------------------------------------------------- parameters
+
+def param_counts(cfg: GPT2Config) -> dict:
+    """Parameters by role (method.md §1.7), from the shapes: base, attn, generalist,
+    specialist, router; `expert_each` is one expert's LoRA factors."""
+    d, L, V, f = cfg.n_embd, cfg.n_layer, cfg.vocab_size, 4 * cfg.n_embd
+    base = V * d + cfg.n_positions * d + 2 * d  # wte, wpe, ln_f
+    base += L * (2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d))
+    out = {"base": base, "attn": 0, "generalist": 0, "specialist": 0, "router": 0, "expert_each": 0}
+    if cfg.attn_lora is not None:
+        r = cfg.attn_lora.rank
+        out["attn"] = L * (r * (d + 3 * d) + r * (d + d))
+    if cfg.moe is not None:
+        moe, r = cfg.moe, cfg.moe.lora.rank
+        each = r * (d + f) + r * (f + d)
+        out["expert_each"] = L * each
+        out["generalist"] = L * each * moe.n_generalists
+        out["specialist"] = L * each * moe.n_specialists
+        out["router"] = L * d * moe.n_experts if moe.router == "learned" else 0
+    out["trainable"] = out["attn"] + out["generalist"] + out["specialist"] + out["router"]
+    return out
+
+
+def state_bytes(cfg: GPT2Config, tc: TrainConfig, method: Method) -> dict:
+    """Bytes of one user's UserState (params, both AdamW states, counters, key, leaks)."""
+    p = param_counts(cfg)
+    joint = method.router_mode == "joint"
+    expert_p = p["attn"] + p["generalist"] + p["specialist"] + (p["router"] if joint else 0)
+    router_p = p["router"] if method.alternating else 0
+    counters = 2 * 4  # int32: Adam's count and the cosine schedule's count (the router's lr is constant: one)
+    out = {
+        "params": 4 * p["trainable"],
+        "opt_expert": 2 * 4 * expert_p + counters,  # mu, nu float32
+        "opt_router": (2 * 4 * router_p + 4) if method.alternating else 0,
+        "step_and_key": 4 + 8,
+        "leak": 4 * p["trainable"] if (tc.faithful and method.alternating) else 0,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+# ----------------------------------------------------------------------------- activations
+
+PROFILES = ("cpu", "accelerator")
+
+
+def activation_tensors(cfg: GPT2Config, batch: int, seq_len: int, profile: str = "accelerator"
+                       ) -> list[tuple[str, int, int]]:
+    """What the backward pass of one expert step keeps, per user: (name, elements, bytes each).
+
+    profile "cpu": JAX's saved residuals of the loss (jax.ad_checkpoint.print_saved_residuals)
+    for this model, which XLA's CPU backend keeps as they are. profile "accelerator": what XLA's
+    GPU backend keeps after fusion (read off its buffer assignment for GPT-2 on an H100,
+    docs/scaling.md): elementwise chains (LayerNorm, tanh-GELU) are recomputed in the backward
+    fusions from their inputs, so fewer, smaller tensors stay; assumed the same on TPU.
+    N = batch x seq_len tokens, a = the activation dtype's bytes.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"profile={profile!r}: allowed {PROFILES}")
+    if profile == "accelerator":
+        return _accelerator_tensors(cfg, batch, seq_len)
+    a = _itemsize(cfg.dtype)
+    d, L, V, H, T = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.n_head, seq_len
+    n = batch * seq_len
+    f = 4 * d
+    cast = a != 4  # a LayerNorm output / probability cast is a separate buffer only below float32
+    t = []
+    per_ln = [("x - mean (f32)", n * d, 4), ("x^2 (f32)", n * d, 4), ("normalised (f32)", n * d, 4)]
+    if cast:
+        per_ln.append(("output cast", n * d, a))
+    for l in range(L):
+        p = f"L{l}."
+        # ln_1 of layer 0 reads the embeddings, which no trainable leaf touches: only its
+        # output (the LoRA A input) is kept.
+        t += [(p + "ln_1 " + nm, e, b) for nm, e, b in (per_ln if l else [("output", n * d, a)])]
+        if cfg.attn_lora is not None:
+            r = cfg.attn_lora.rank
+            t += [(p + "attn x@A (c_attn, c_proj)", 2 * n * r, a)]
+        t += [(p + "attn q, k, v", 3 * n * d, a),
+              (p + "attn masked scores [B,H,T,T] (f32)", batch * H * T * T, 4),
+              (p + "attn exp(scores) [B,H,T,T] (f32)", batch * H * T * T, 4),
+              (p + "attn causal mask [B,H,T,T] (bool)", batch * H * T * T, 1),
+              (p + "attn output y (c_proj input)", n * d, a)]
+        if cast:
+            t += [(p + "attn probabilities cast [B,H,T,T]", batch * H * T * T, a)]
+        else:
+            t += [(p + "attn probabilities [B,H,T,T]", batch * H * T * T, 4)]
+        t += [(p + "ln_2 " + nm, e, b) for nm, e, b in per_ln]
+        if cfg.moe is None:
+            t += [(p + "mlp c_fc output, gelu terms [N,4d]", 6 * n * f, a)]
+            continue
+        moe, r = cfg.moe, cfg.moe.lora.rank
+        e = moe.n_experts
+        t += [(p + "gate: logits, top-k, softmax, load balancing [N,E] (f32)", 12 * n * e, 4),
+              (p + "moe weights [N,E]", n * e, a),
+              (p + "moe h@A [N,E*r]", n * e * r, a),
+              # tanh-GELU of every expert: pre-activation z, z^3 term, tanh, 1 - tanh^2 and two
+              # products of its derivative, each [E, N, 4d] (the largest tensors of the step).
+              (p + "moe expert gelu terms 6 x [E,N,4d]", 6 * e * n * f, a),
+              (p + "moe g@A [E,N,r] and mixed [N,E*r]", 2 * e * n * r, a)]
+    t += [("head ln_f " + nm, el, b) for nm, el, b in per_ln]
+    t += [("head exp(logits) [N,V] (f32)", n * V, 4)]
+    return t
+
+
+def _accelerator_tensors(cfg: GPT2Config, batch: int, seq_len: int) -> list[tuple[str, int, int]]:
+    a = _itemsize(cfg.dtype)
+    d, L, V, H, T = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.n_head, seq_len
+    n, f = batch * seq_len, 4 * cfg.n_embd
+    t = []
+    for l in range(L):
+        p = f"L{l}."
+        t += [(p + "ln_1, ln_2 inputs and outputs [N,d]", 4 * n * d, a),
+              (p + "ln statistics [N] (f32)", 4 * n, 4),
+              (p + "attn qkv [N,3d] and its head-major copy", 2 * 3 * n * d, a),
+              (p + "attn probabilities [B,H,T,T] (f32)", batch * H * T * T, 4),
+              (p + "attn probabilities cast [B,H,T,T]", batch * H * T * T, a),
+              (p + "attn output y (c_proj input)", n * d, a)]
+        if cfg.attn_lora is not None:
+            t += [(p + "attn x@A (c_attn, c_proj)", 2 * n * cfg.attn_lora.rank, a)]
+        if cfg.moe is None:
+            t += [(p + "mlp c_fc output and gelu output [N,4d]", 2 * n * f, a)]
+            continue
+        e, r = cfg.moe.n_experts, cfg.moe.lora.rank
+        t += [(p + "moe frozen c_fc output u [N,4d]", n * f, a),
+              (p + "moe expert pre-activation, tanh, gelu output 3 x [E,N,4d]", 3 * e * n * f, a),
+              (p + "moe h@A, g@A, weights", n * e * r + e * n * r + n * e, a),
+              (p + "gate: logits, top-k, softmax, load balancing [N,E] (f32)", 12 * n * e, 4)]
+    t += [("head ln_f input and output [N,d]", 2 * n * d, a),
+          ("head exp(logits) [N,V] (f32)", n * V, 4)]
+    return t
+
+
+def step_bytes(cfg: GPT2Config, tc: TrainConfig, method: Method, profile: str = "accelerator") -> dict:
+    """Working set of one training step of one user: kept activations + the backward's d logits
+    + gradients + the sampled windows. d logits: float32 and its cast for the tied head's matmul
+    (cpu); fused into one buffer in the activation dtype (accelerator)."""
+    kept = sum(e * b for _, e, b in activation_tensors(cfg, tc.batch_size, tc.seq_len, profile))
+    n, V, a = tc.batch_size * tc.seq_len, cfg.vocab_size, _itemsize(cfg.dtype)
+    if profile == "cpu":
+        d_logits = n * V * 4 + (n * V * a if a != 4 else 0)
+    else:
+        d_logits = n * V * a
+    p = param_counts(cfg)
+    out = {"activations_kept": kept, "d_logits": d_logits, "gradients": 4 * p["trainable"],
+           "windows": 4 * tc.batch_size * (tc.seq_len + 1)}
+    out["total"] = sum(out.values())
+    return out
+
+
+def shared_bytes(cfg: GPT2Config) -> dict:
+    """Replicated bytes (no user axis): the frozen base and what XLA derives from it."""
+    p = param_counts(cfg)["base"]
+    a = _itemsize(cfg.dtype)
+    d = cfg.n_embd
+    emb = (cfg.vocab_size + cfg.n_positions) * d
+    out = {"base_f32": 4 * p,
+           "base_cast": a * (p - emb) if a != 4 else 0,   # frozen kernels in the activation dtype
+           "wte_transposed": (4 if a == 4 else a) * cfg.vocab_size * d}  # the tied head's [d, V]
+    out["total"] = sum(out.values())
+    return out
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def step_flops(cfg: GPT2Config, batch: int, seq_len: int) -> dict:
+    """Matmul FLOPs of one user's expert step and router step (module docstring's convention)."""
+    d, L, V, T = cfg.n_embd, cfg.n_layer, cfg.vocab_size, seq_len
+    n, f = batch * seq_len, 4 * cfg.n_embd
+    mm = lambda m, k, nn: 2 * m * k * nn
+    fwd = {"frozen": 0, "lora": 0, "attention": 0, "router": 0, "moe_mix": 0, "head": 0}
+    # c_attn, c_proj, c_fc, mlp c_proj (frozen) per layer
+    fwd["frozen"] = L * (mm(n, d, 3 * d) + mm(n, d, d) + mm(n, d, f) + mm(n, f, d))
+    fwd["attention"] = L * 2 * mm(batch * T, d, T)  # Q K^T and P V over all heads (full T x T)
+    if cfg.attn_lora is not None:
+        r = cfg.attn_lora.rank
+        fwd["lora"] += L * (mm(n, d, r) + mm(n, r, 3 * d) + mm(n, d, r) + mm(n, r, d))
+    if cfg.moe is not None:
+        e, r = cfg.moe.n_experts, cfg.moe.lora.rank
+        fwd["lora"] += L * (mm(n, d, e * r) + e * mm(n, r, f) + e * mm(n, f, r) + mm(n, e * r, d))
+        fwd["moe_mix"] = L * mm(n, e, f)  # sum_e w_e g_e
+        if cfg.moe.router == "learned":
+            fwd["router"] = L * 2 * mm(n, d, e)  # router logits + the load balancing's block-output logits
+    fwd["head"] = mm(n, d, V)
+    forward = sum(fwd.values())
+    # Layer 0's frozen c_attn reads the embeddings: no input gradient needed there.
+    first = mm(n, d, 3 * d)
+    input_grads = forward - first  # every matmul on the gradient path, once
+    both = fwd["attention"] + fwd["moe_mix"]  # products of two activations: both operands get gradients
+    expert = forward + input_grads + both + fwd["lora"]  # + the LoRA factors' weight gradients
+    # Router step: the same forward and backward, with the routers' weight gradients in place
+    # of the LoRA ones (XLA drops the unused LoRA weight gradients).
+    router = forward + input_grads + both + fwd["router"]
+    return {"forward": forward, "forward_parts": fwd, "expert_step": expert, "router_step": router}
+
+
+def round_flops(cfg: GPT2Config, tc: TrainConfig, method: Method, steps: Optional[int] = None) -> dict:
+    """One user's FLOPs in one round: `steps` expert steps plus the round's share of router
+    phases (steps / router_every phases of router_steps steps, on average over rounds)."""
+    steps = tc.local_steps if steps is None else steps
+    s = step_flops(cfg, tc.batch_size, tc.seq_len)
+    router_steps = steps / tc.router_every * tc.router_steps if (method.alternating and tc.router_steps) else 0.0
+    return {**s, "expert_steps": steps, "router_steps": router_steps,
+            "per_user": steps * s["expert_step"] + router_steps * s["router_step"]}
+
+
+# ----------------------------------------------------------------------------- plan
+
+def plan(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_users: int, *,
+         train_tokens: int = 1_000_000, valid_tokens: int = 100_000, token_bytes: Optional[int] = None,
+         targets: Optional[list[str]] = None, mfu: float = MFU, usable_fraction: float = USABLE_FRACTION,
+         profile: str = "accelerator") -> dict:
+    """The capacity plan of `n_users` users of this config: bytes per user (broken down),
+    shared bytes, FLOPs per round, and per target chip the users per device, the devices
+    needed and an estimated time per round at `mfu`."""
+    cfg = configure_model(model_cfg, method) if model_cfg.moe is not None else model_cfg
+    token_bytes = token_bytes or (2 if cfg.vocab_size <= 2**16 else 4)
+    st, sp, sh = state_bytes(cfg, tc, method), step_bytes(cfg, tc, method, profile), shared_bytes(cfg)
+    tokens = token_bytes * (train_tokens + valid_tokens) + 2 * 4  # + the two lengths
+    per_user = {"state": st["total"], "tokens": tokens, "step": sp["total"]}
+    per_user["total"] = sum(per_user.values())
+    fl = round_flops(cfg, tc, method)
+    rows = []
+    for key in targets or list(TARGETS):
+        t = TARGETS[key]
+        room = t.memory_bytes * usable_fraction - sh["total"]
+        upd = max(int(room // per_user["total"]), 0)
+        devices = math.ceil(n_users / upd) if upd else None
+        if devices:
+            per_device = math.ceil(n_users / devices)  # users padded to a multiple of the device count
+            sec = per_device * fl["per_user"] / (t.peak_bf16_flops * mfu)
+        else:
+            per_device, sec = 0, None
+        rows.append({"target": key, "name": t.name, "memory_bytes": t.memory_bytes, "peak_flops": t.peak_bf16_flops,
+                     "users_per_device": upd, "devices": devices, "users_on_busiest_device": per_device,
+                     "round_seconds": sec, "note": t.note})
+    return {
+        "config": {"n_users": n_users, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size,
+                   "dtype": cfg.dtype, "batch_size": tc.batch_size, "seq_len": tc.seq_len,
+                   "local_steps": tc.local_steps, "router_every": tc.router_every, "router_steps": tc.router_steps,
+                   "method": method.name, "n_experts": cfg.moe.n_experts if cfg.moe else 0,
+                   "n_generalists": cfg.moe.n_generalists if cfg.moe else 0,
+                   "train_tokens": train_tokens, "valid_tokens": valid_tokens, "token_bytes": token_bytes,
+                   "mfu": mfu, "usable_fraction": usable_fraction, "profile": profile},
+        "params": param_counts(cfg),
+        "state": st, "step": sp, "shared": sh, "per_user": per_user,
+        "profile": profile,
+        "activations": activation_tensors(cfg, tc.batch_size, tc.seq_len, profile),
+        "flops": fl, "flops_round_all_users": n_users * fl["per_user"],
+        "targets": rows,
+    }
+
+
+def _b(x: float) -> str:
+    for unit, s in ((GiB, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if abs(x) >= unit:
+            return f"{x / unit:,.2f} {s}"
+    return f"{x:,.0f} B"
+
+
+def _group_activations(tensors) -> dict:
+    """Kept activations summed by kind over layers (name without the layer prefix)."""
+    out = {}
+    for name, e, b in tensors:
+        key = name.split(".", 1)[1] if name.startswith("L") and "." in name else name
+        out[key] = out.get(key, 0) + e * b
+    return out
+
+
+def format_plan(p: dict) -> str:
+    c, pc = p["config"], p["params"]
+    lines = [f"# Capacity plan: {c['n_users']:,} users, GPT-2 {c['n_layer']}L x {c['n_embd']} (V {c['vocab_size']:,}), "
+             f"{c['method']} ({c['n_generalists']}G + {c['n_experts'] - c['n_generalists']}S), "
+             f"batch {c['batch_size']} x {c['seq_len']}, {c['dtype']}, activation profile {c['profile']!r}", ""]
+    lines.append("Trainable parameters per user: " + ", ".join(
+        f"{k} {pc[k]:,}" for k in ("attn", "generalist", "specialist", "router", "trainable")) + f"; base {pc['base']:,}")
+    lines += ["", "| Per user | Bytes |", "|---|---|"]
+    for k, v in p["state"].items():
+        if k != "total":
+            lines.append(f"| state: {k} | {_b(v)} |")
+    lines.append(f"| tokens ({c['train_tokens']:,} + {c['valid_tokens']:,} x {c['token_bytes']} B) | {_b(p['per_user']['tokens'])} |")
+    for k, v in p["step"].items():
+        if k != "total":
+            lines.append(f"| step: {k} | {_b(v)} |")
+    lines.append(f"| **total per user** | **{_b(p['per_user']['total'])}** |")
+    lines.append(f"| shared (replicated per device): " + ", ".join(f"{k} {_b(v)}" for k, v in p["shared"].items()
+                                                                     if k != "total") + f" | {_b(p['shared']['total'])} |")
+    lines += ["", "Kept activations of one step, by kind (all layers):", "", "| Tensor | Bytes |", "|---|---|"]
+    for k, v in sorted(_group_activations(p["activations"]).items(), key=lambda kv: -kv[1])[:10]:
+        lines.append(f"| {k} | {_b(v)} |")
+    fl = p["flops"]
+    lines += ["", f"FLOPs per user: expert step {fl['expert_step'] / 1e12:,.3f} TFLOP (forward {fl['forward'] / 1e12:,.3f}), "
+                  f"router step {fl['router_step'] / 1e12:,.3f} TFLOP; round = {fl['expert_steps']} expert + "
+                  f"{fl['router_steps']:g} router steps = {fl['per_user'] / 1e12:,.2f} TFLOP per user, "
+                  f"{p['flops_round_all_users'] / 1e15:,.1f} PFLOP for all users.", "",
+              f"| Target | Memory | Peak bf16 | Users / device | Devices for {c['n_users']:,} | "
+              f"Round time at {100 * c['mfu']:.0f}% MFU |", "|---|---|---|---|---|---|"]
+    for r in p["targets"]:
+        sec = "-" if r["round_seconds"] is None else f"{r['round_seconds']:,.1f} s"
+        lines.append(f"| {r['name']} | {_b(r['memory_bytes'])} | {r['peak_flops'] / 1e12:,.0f} TFLOP/s | "
+                     f"{r['users_per_device']} | {r['devices'] or 'does not fit'} | {sec} |")
+    lines.append("")
+    lines.append(f"Usable memory {100 * c['usable_fraction']:.0f}% of each chip, minus the shared bytes; devices = "
+                 f"ceil(users / users per device); round time = users on the busiest device x FLOPs per user / "
+                 f"(peak x MFU).")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- measurement
+
+def compiled_memory(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_users: int, *,
+                    train_tokens: int, valid_tokens: int, token_dtype: str = "uint16",
+                    compiler_options: Optional[dict] = None) -> dict:
+    """Bytes of the compiled round program `vmap_round(...)` at U = n_users on the default
+    backend, from XLA's memory_analysis() (compile only: nothing runs, nothing is allocated).
+
+    total = arguments + outputs - aliased (the donated states) + temporaries."""
+    import jax
+    import jax.numpy as jnp
+
+    from comigs_jax.federated.roles import split_base
+    from comigs_jax.model.gpt2 import param_shapes
+    from comigs_jax.train.rounds import vmap_round
+    from comigs_jax.train.state import init_states
+
+    cfg = configure_model(model_cfg, method)
+    S = jax.ShapeDtypeStruct
+    base = split_base(param_shapes(cfg.base))[0]
+    n_shared = cfg.moe.n_specialists
+    states = jax.eval_shape(lambda k: init_states(cfg, tc, method, k, n_users, n_shared), jax.random.key(0))
+    tok = jnp.dtype(token_dtype)
+    data = {"train": S((n_users, train_tokens), tok), "train_len": S((n_users,), jnp.int32),
+            "valid": S((n_users, valid_tokens), tok), "valid_len": S((n_users,), jnp.int32)}
+    args = (base, states, data, S((n_users, cfg.moe.n_experts), jnp.bool_), S((n_users,), jnp.bool_))
+    lowered = vmap_round(cfg, tc, method, tc.local_steps).lower(*args)
+    m = lowered.compile(compiler_options=compiler_options).memory_analysis()
+    out = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
+                                           "alias_size_in_bytes", "temp_size_in_bytes")}
+    out["total"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"] - out["alias_size_in_bytes"]
+                    + out["temp_size_in_bytes"])
+    return out
+
+
+def measure(model_cfg: GPT2Config, tc: TrainConfig, method: Method, users=(16, 64), profile: Optional[str] = None,
+            **kw) -> dict:
+    """Compiled bytes at each U, the marginal bytes per user between the smallest and largest U,
+    and the model's per-user and shared bytes beside them."""
+    import jax
+    profile = profile or ("cpu" if jax.default_backend() == "cpu" else "accelerator")
+    runs = {u: compiled_memory(model_cfg, tc, method, u, **kw) for u in users}
+    lo, hi = min(users), max(users)
+    marginal = (runs[hi]["total"] - runs[lo]["total"]) / (hi - lo)
+    p = plan(model_cfg, tc, method, hi, train_tokens=kw.get("train_tokens", 0),
+             valid_tokens=kw.get("valid_tokens", 0), token_bytes=2 if kw.get("token_dtype", "uint16") == "uint16" else 4,
+             profile=profile)
+    model_user, model_shared = p["per_user"]["total"], p["shared"]["total"]
+    per_u = {u: {"measured_total": r["total"], "measured_per_user": r["total"] / u,
+                 "model_total": model_shared + u * model_user,
+                 "ratio": (model_shared + u * model_user) / r["total"]} for u, r in runs.items()}
+    return {"profile": profile, "compiled": runs, "marginal_per_user": marginal, "model_per_user": model_user,
+            "model_shared": model_shared, "ratio_marginal": model_user / marginal, "per_u": per_u,
+            "measured_shared": runs[lo]["total"] - lo * marginal}
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _config_from_args(args) -> tuple[GPT2Config, TrainConfig, Method]:
+    sizes = {"tiny": dict(n_embd=128, n_layer=2, n_head=4)}
+    sizes.update(GPT2_SIZES)
+    if args.model not in sizes:
+        raise SystemExit(f"--model={args.model!r}: allowed {sorted(sizes)}")
+    vocab = args.vocab or (2048 if args.model == "tiny" else 50257)
+    lora = LoRAConfig(rank=args.rank)
+    attn = LoRAConfig(rank=args.attn_rank) if args.attn_rank else None
+    method = get_method(args.method)
+    cfg = GPT2Config(vocab_size=vocab, n_positions=max(args.seq, 128 if args.model == "tiny" else 1024),
+                     dtype=args.dtype, attn_lora=attn,
+                     moe=MoEConfig(n_experts=args.experts, n_generalists=args.generalists, top_k=min(2, args.experts),
+                                   lora=lora), **sizes[args.model])
+    tc = TrainConfig(local_steps=args.local_steps, batch_size=args.batch, seq_len=args.seq,
+                     router_every=args.router_every, router_steps=args.router_steps)
+    return configure_model(cfg, method), tc, method
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m comigs_jax.capacity", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--users", type=int, default=1000)
+    ap.add_argument("--model", default="gpt2", help="tiny | gpt2 | gpt2-medium | gpt2-large | gpt2-xl")
+    ap.add_argument("--vocab", type=int, default=0, help="vocabulary (0: 50257, tiny 2048)")
+    ap.add_argument("--method", default="comigs")
+    ap.add_argument("--experts", type=int, default=2, help="experts per user (E_max)")
+    ap.add_argument("--generalists", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--attn-rank", type=int, default=8, help="0: no attention LoRA")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
+    ap.add_argument("--local-steps", type=int, default=10)
+    ap.add_argument("--router-every", type=int, default=30)
+    ap.add_argument("--router-steps", type=int, default=10)
+    ap.add_argument("--train-tokens", type=int, default=1_000_000, help="training tokens per user")
+    ap.add_argument("--valid-tokens", type=int, default=100_000, help="validation tokens per user")
+    ap.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {sorted(TARGETS)}")
+    ap.add_argument("--mfu", type=float, default=MFU)
+    ap.add_argument("--usable", type=float, default=USABLE_FRACTION, help="usable fraction of each chip's memory")
+    ap.add_argument("--profile", default="accelerator", choices=PROFILES,
+                    help="which tensors XLA keeps for the backward: accelerator (GPU/TPU fusion) or cpu")
+    ap.add_argument("--measure", default="", help="comma-separated U (e.g. 16,64): also compile the round program "
+                    "at these U on the default backend and compare its memory_analysis() with the model")
+    args = ap.parse_args(argv)
+    cfg, tc, method = _config_from_args(args)
+    p = plan(cfg, tc, method, args.users, train_tokens=args.train_tokens, valid_tokens=args.valid_tokens,
+             targets=[t.strip() for t in args.targets.split(",") if t.strip()], mfu=args.mfu,
+             usable_fraction=args.usable, profile=args.profile)
+    print(format_plan(p), end="")
+    if args.measure:
+        users = [int(u) for u in args.measure.split(",")]
+        m = measure(cfg, tc, method, users, profile=args.profile, train_tokens=args.train_tokens, valid_tokens=args.valid_tokens,
+                    token_dtype="uint16" if cfg.vocab_size <= 2**16 else "int32")
+        import jax
+        dev = jax.devices()[0]
+        print(f"\nCompiled round program on {jax.default_backend()} ({dev.device_kind}): memory_analysis()")
+        print("\n| U | arguments | outputs | aliased | temporaries | total | total / U | model total | model / measured |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for u in users:
+            r, q = m["compiled"][u], m["per_u"][u]
+            print(f"| {u} | {_b(r['argument_size_in_bytes'])} | {_b(r['output_size_in_bytes'])} | "
+                  f"{_b(r['alias_size_in_bytes'])} | {_b(r['temp_size_in_bytes'])} | {_b(r['total'])} | "
+                  f"{_b(q['measured_per_user'])} | {_b(q['model_total'])} | {q['ratio']:.3f} |")
+        print(f"\nModel profile {m['profile']!r}. Marginal bytes per user: measured {_b(m['marginal_per_user'])}, model {_b(m['model_per_user'])} "
+              f"(model / measured {m['ratio_marginal']:.3f}); shared: measured {_b(m['measured_shared'])}, "
+              f"model {_b(m['model_shared'])}")
+        p["measurement"] = m
+    return p
+
+
+if __name__ == "__main__":
+    main()
