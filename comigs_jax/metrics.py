@@ -92,17 +92,19 @@ def round_record(round_index: int, m: dict, tc: TrainConfig, model_cfg, seconds:
 
 
 def speed_summary(records: list[dict]) -> dict:
-    """Per-user training tokens/s over the run's rounds (median, so a round that compiled does not
-    count), experts and router separately, from the metrics.jsonl records."""
-    out = {"rounds": len(records)}
+    """Per-user training tokens/s over the run: tokens over seconds summed over the rounds that did
+    not compile (all rounds if every one did), experts and router separately, from the
+    metrics.jsonl records (router phases fall in some rounds only, so a per-round median would not do)."""
     steady = [r for r in records if not r.get("includes_compile")] or records
+    seconds = float(sum(r["seconds"] for r in steady))
+    out = {"rounds": len(steady), "seconds": seconds}
+    if not steady or seconds <= 0:
+        return out
     for key in ("expert_tokens_per_s_per_user", "router_tokens_per_s_per_user"):
-        rows = [r[key] for r in steady if key in r and isinstance(r[key], list)]
+        rows = [(np.asarray(r[key], np.float64), r["seconds"]) for r in steady if isinstance(r.get(key), list)]
         if rows:
-            out[key] = np.median(np.asarray(rows, np.float64), axis=0).tolist()
-    if steady:
-        out["tokens_per_s"] = float(np.median([r["tokens_per_s"] for r in steady]))
-        out["seconds_per_round"] = float(np.median([r["seconds"] for r in steady]))
+            out[key] = (sum(v * sec for v, sec in rows) / seconds).tolist()
+    out["tokens_per_s"] = float(sum(r["tokens_per_s"] * r["seconds"] for r in steady) / seconds)
     return out
 
 
