@@ -404,7 +404,7 @@ def check_targets(rows: list[dict], backend: str) -> list[dict]:
         out.append({"target": "tiny U=64: vmap faster than loop_round", "value": round(x, 2), "met": x > 1})
     big = [r for r in rows if r["model"] == "tiny" and r["users"] >= 256 and "round_s" in r]
     if big:
-        out.append({"target": "tiny U=256 runs in one process", "value": max(r["peak_rss_gib"] for r in big),
+        out.append({"target": "tiny U=256 runs in one process", "value": round(max(r["peak_rss_gib"] for r in big), 2),
                     "unit": "peak RSS GiB", "met": True})
     g = [r for r in rows if r["model"] == "gpt2" and "round_s" in r]
     if g and backend == "cpu":
