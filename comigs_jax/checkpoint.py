@@ -31,6 +31,8 @@ def _flat(tree) -> dict:
 
 
 def _bits32(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
     x = jnp.asarray(x)
     if x.dtype == jnp.bool_:
         return x.astype(jnp.uint32)

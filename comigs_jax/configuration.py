@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 from comigs_jax.data.config import split_list, validate_data_config
@@ -98,8 +99,18 @@ def validate(cfg) -> None:
     if tr.router_steps < 0:
         _fail("train.router_steps", tr.router_steps, "a non-negative integer")
     for key in ("lr", "router_lr"):
-        if not tr[key] > 0:
-            _fail(f"train.{key}", tr[key], "a positive number")
+        if not (isinstance(tr[key], (int, float)) and tr[key] > 0 and math.isfinite(tr[key])):
+            _fail(f"train.{key}", tr[key], "a positive finite number")
+    if not 0 <= tr.lr_final_ratio <= 1:
+        _fail("train.lr_final_ratio", tr.lr_final_ratio, "in [0, 1]")
+    for key in ("weight_decay", "lb_weight"):
+        if not (tr[key] >= 0 and math.isfinite(tr[key])):
+            _fail(f"train.{key}", tr[key], "a non-negative finite number")
+    if not (mo.alpha > 0 and math.isfinite(mo.alpha)):
+        _fail("model.alpha", mo.alpha, "a positive finite number")
+    for s in ("train", "valid", "test"):  # every split must hold one window of seq_len + 1 tokens
+        if cfg.data[f"{s}_tokens"] < tr.seq_len + 1:
+            _fail(f"data.{s}_tokens", cfg.data[f"{s}_tokens"], f"at least one window: train.seq_len + 1 = {tr.seq_len + 1}")
     pos = base_positions(cfg)
     if pos is not None and tr.seq_len > pos:
         _fail("train.seq_len", tr.seq_len, f"at most the base's {pos} positions")
@@ -115,14 +126,26 @@ def validate(cfg) -> None:
     for key in ("n_windows", "batch_size", "every_rounds"):
         if cfg.eval[key] <= 0:
             _fail(f"eval.{key}", cfg.eval[key], "a positive integer")
-    if cfg.checkpoint.every_rounds <= 0:
-        _fail("checkpoint.every_rounds", cfg.checkpoint.every_rounds, "a positive integer")
-    if cfg.base == "pretrain" and cfg.data.source != "synthetic":
-        _fail("base", cfg.base, "'pretrain' only with data.source='synthetic'; else a GPT-2 directory or hub id")
-    try:
+    for key in ("every_rounds", "max_to_keep"):
+        if cfg.checkpoint[key] <= 0:
+            _fail(f"checkpoint.{key}", cfg.checkpoint[key], "a positive integer")
+    if cfg.base == "pretrain":
+        p = cfg.pretrain
+        for key in ("n_layer", "n_embd", "n_head", "steps", "batch_size"):
+            if p[key] <= 0:
+                _fail(f"pretrain.{key}", p[key], "a positive integer")
+        if p.n_embd % p.n_head:
+            _fail("pretrain.n_head", p.n_head, f"a divisor of pretrain.n_embd={p.n_embd}")
+        if not (p.lr > 0 and math.isfinite(p.lr)):
+            _fail("pretrain.lr", p.lr, "a positive finite number")
+        if p.tokens < tr.seq_len + 1:
+            _fail("pretrain.tokens", p.tokens, f"at least one window: train.seq_len + 1 = {tr.seq_len + 1}")
+    try:  # the data first: an unknown source is the error, not the base that needs another one
         validate_data_config(cfg.data)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.base == "pretrain" and cfg.data.source != "synthetic":
+        _fail("base", cfg.base, "'pretrain' only with data.source='synthetic'; else a GPT-2 directory or hub id")
 
 
 def model_config(cfg, base_cfg: GPT2Config) -> GPT2Config:

@@ -266,6 +266,8 @@ def train_and_evaluate(cfg, method_name: str, seed: int, data, base_cfg, base, r
     resume = check_workdir(run_dir, identity, cfg.resume)
     os.makedirs(run_dir, exist_ok=True)
     ckpts = RunCheckpoints(os.path.join(run_dir, "checkpoints"), cfg.checkpoint.max_to_keep)
+    if not resume and cfg.resume and ckpts.all_rounds():
+        resume = True  # checkpoints without a config.json: never wiped unasked (restore checks their identity)
     if not resume:
         ckpts.delete_all()
     tmp = os.path.join(run_dir, "config.json.tmp")
@@ -402,13 +404,17 @@ def main(argv):
     workdir = FLAGS.workdir or default_workdir()
 
     from comigs_jax import metrics
-    from comigs_jax.data import load_user_data
+    from comigs_jax.data import DataSourceError, InsufficientDataError, load_user_data
     from comigs_jax.data.reference_bins import check_token_ids
+    from comigs_jax.model.hf import CheckpointError as BaseCheckpointError
 
     cfg.data.min_tokens = max(cfg.data.min_tokens, cfg.train.seq_len + 1)
-    data = load_user_data(cfg.data)
-    data.info.setdefault("tokenizer", cfg.data.tokenizer)
-    base_cfg, base = load_base(cfg, data)
+    try:  # bad data or an unusable base: one line, no traceback
+        data = load_user_data(cfg.data)
+        data.info.setdefault("tokenizer", cfg.data.tokenizer)
+        base_cfg, base = load_base(cfg, data)
+    except (DataSourceError, InsufficientDataError, BaseCheckpointError) as e:
+        raise SystemExit(f"error: {str(e).strip().splitlines()[0]}") from None
     try:  # every token id indexes the base's vocabulary (else one line naming the file, or user and split)
         check_token_ids(data, base_cfg.vocab_size)
     except ValueError as e:

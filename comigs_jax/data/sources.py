@@ -198,8 +198,24 @@ def _text_file_docs(data_cfg, cat: str) -> list[str]:
     if txt_files:
         ds = datasets.load_dataset("text", data_files=txt_files, split="train", streaming=True,
                                    sample_by=data_cfg.text_files.sample_by)
-        docs.extend(row["text"] for row in ds)
+        try:
+            docs.extend(row["text"] for row in ds)
+        except UnicodeDecodeError:
+            raise DataSourceError(_not_utf8(cat, txt_files)) from None
     return docs
+
+
+def _not_utf8(cat: str, files: list[str]) -> str:
+    """One line naming the first file of `files` that is not valid UTF-8, and where."""
+    for f in files:
+        with open(f, "rb") as fh:
+            blob = fh.read()
+        try:
+            blob.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return (f"text_files category {cat!r}: {f} is not UTF-8 (byte 0x{blob[e.start]:02x} at offset {e.start}); "
+                    "convert it (e.g. iconv -f latin1 -t utf-8) or remove it")
+    return f"text_files category {cat!r}: a file is not UTF-8"
 
 
 def iter_documents(data_cfg, categories: list[str], needed: set) -> Iterator[tuple[str, str]]:
