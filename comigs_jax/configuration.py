@@ -144,6 +144,10 @@ def validate(cfg) -> None:
         validate_data_config(cfg.data)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    if cfg.distributed.mode not in ("auto", "always", "never"):
+        _fail("distributed.mode", cfg.distributed.mode, "auto | always | never")
+    if cfg.distributed.num_processes < 0:
+        _fail("distributed.num_processes", cfg.distributed.num_processes, "0 (detect) or the number of processes")
     if cfg.base == "pretrain" and cfg.data.source != "synthetic":
         _fail("base", cfg.base, "'pretrain' only with data.source='synthetic'; else a GPT-2 directory or hub id")
 

@@ -74,4 +74,48 @@ def global_max(value: int) -> int:
     if jax.process_count() == 1:
         return int(value)
     from jax.experimental import multihost_utils
-    return int(np.max(multihost_utils.process_allgather(np.int64(value))))
+    return int(np.max(multihost_utils.process_allgather(np.array([value], np.int32))))
+
+
+def gather_json(obj) -> list:
+    """Every process's JSON-able `obj`, in process order, on every process."""
+    import json
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+    raw = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    buf = np.zeros(global_max(len(raw)), np.uint8)
+    buf[: len(raw)] = raw
+    rows = np.asarray(multihost_utils.process_allgather(buf))
+    return [json.loads(bytes(r).rstrip(b"\0").decode()) for r in rows]
+
+
+def global_user_view(data, n_users: int):
+    """`data` (comigs_jax.data.UserData of this process's users) with the per-user metadata of
+    ALL users (names, token counts, Bayes floors, ...) gathered from every process; the token
+    arrays and `indices` stay this process's own. Process 0 reports from it."""
+    import dataclasses
+    if jax.process_count() == 1:
+        return data
+    n_local = len(data.indices)
+    per_user = {k: v for k, v in data.info.items() if isinstance(v, list) and len(v) == n_local}
+    per_user["tokens"] = data.info.get("tokens") or [
+        {"train": len(a), "valid": len(b), "test": len(c)} for a, b, c in zip(data.train, data.valid, data.test)]
+    parts = gather_json({"indices": list(map(int, data.indices)), "users": list(data.users),
+                         "per_user": {k: [_jsonable(x) for x in v] for k, v in per_user.items()}})
+    users = [None] * n_users
+    merged = {k: [None] * n_users for k in per_user}
+    for part in parts:
+        for j, i in enumerate(part["indices"]):
+            users[i] = part["users"][j]
+            for k in merged:
+                merged[k][i] = part["per_user"][k][j]
+    return dataclasses.replace(data, users=users, info={**data.info, **merged})
+
+
+def _jsonable(x):
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    return x

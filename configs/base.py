@@ -70,6 +70,12 @@ def get_config(arg=None):
     c.checkpoint.every_rounds = 5  # save the whole state every k rounds (and after the last)
     c.checkpoint.max_to_keep = 2  # checkpoints kept
 
+    c.distributed = ml_collections.ConfigDict()  # several JAX processes (pod hosts); see experiments/launch_local.py
+    c.distributed.mode = "auto"  # auto: initialise when a multi-process launch is detected | always | never
+    c.distributed.coordinator_address = ""  # host:port of process 0 ("" = JAX_COORDINATOR_ADDRESS or cluster detection)
+    c.distributed.num_processes = 0  # number of processes (0 = JAX_NUM_PROCESSES or cluster detection)
+    c.distributed.process_id = -1  # this process's index (-1 = JAX_PROCESS_ID or cluster detection)
+
     c.output = ml_collections.ConfigDict()
     c.output.figures = True  # write PNG figures
     c.output.progress = True  # tqdm progress bar over rounds

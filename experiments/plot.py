@@ -64,24 +64,32 @@ def routing_picture(path: str, pieces: list[str], weights: np.ndarray, title: st
     plt.close(fig)
 
 
-def run_figures(run_dir: str, results: dict, records: list[dict], sim, data, n_tokens: int) -> None:
+def run_figures(run_dir: str, results: dict, records: list[dict], sim, data, n_tokens: int,
+                write: bool = True) -> None:
+    """The run's figures. In a multi-process run every process calls this (user 0's params are
+    gathered collectively); only the one with write=True (process 0) draws and writes."""
     import jax.numpy as jnp
 
+    from comigs_jax.federated.roles import merge
     from comigs_jax.model.gpt2 import token_gate_weights
 
+    g = sim.model_cfg.moe.n_generalists
+    routing = sim.method.has_router and g > 0
+    params0 = sim.user_params(0) if routing else None  # a collective: every process takes part
+    if not write:
+        return
     users = [u["user"] for u in results["users"]]
     if records:
         loss_curves(os.path.join(run_dir, "loss_curves.png"), records, users)
-    g = sim.model_cfg.moe.n_generalists
     generalist_share_per_layer(os.path.join(run_dir, "generalist_share.png"), results, g)
-    if not sim.method.has_router or g == 0:
+    if not routing:
         return
     # Token-level routing of user 0's model on the start of its test split, averaged over layers.
+    tokens = np.asarray(data.test[data.indices.index(0)][: min(n_tokens, sim.tc.seq_len)], np.int32)
     import jax
-    from comigs_jax.federated.roles import merge
-    params = merge(sim.base, sim.user_params(0))
-    tokens = np.asarray(data.test[0][: min(n_tokens, sim.tc.seq_len)], np.int32)
-    w = token_gate_weights(sim.model_cfg, params, jnp.asarray(tokens)[None], jnp.asarray(sim.masks[0]))
+    # Host copies of replicated arrays: this process computes alone, with no other process.
+    local = jax.tree.map(np.asarray, merge(sim.base, params0))
+    w = token_gate_weights(sim.model_cfg, local, jnp.asarray(tokens)[None], jnp.asarray(sim.masks[0]))
     share = np.asarray(w)[:, 0, :, :g].sum(-1).mean(0)  # [T]
     pieces = _decode_pieces(tokens, data)
     routing_picture(os.path.join(run_dir, "routing_tokens.png"), pieces, share,

@@ -57,3 +57,89 @@ def test_launcher_stops_every_process_when_one_fails(tmp_path):
                        capture_output=True, text=True, timeout=200)
     assert p.returncode != 0
     assert "launch_local: process" in p.stderr and "exited with code" in p.stderr
+
+
+# ----------------------------------------------------------------------------- experiments.run
+RUN_ARGS = ["--config=configs/tiny.py", "--config.data.n_users=12", "--config.train.rounds=2",
+            "--config.checkpoint.every_rounds=1", "--config.output.figures=False"]
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_pair(workdir, cache, log_dir):
+    """Two experiments.run processes x 4 fake devices, as two hosts of a pod (logs kept apart)."""
+    port, procs = _free_port(), []
+    for i in range(2):
+        env = dict(_env(4), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        log = open(log_dir / f"process{i}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, "-m", "experiments.run", *RUN_ARGS, f"--workdir={workdir}",
+                                       f"--config.data.cache_dir={cache}"], cwd=REPO, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+    return procs
+
+
+def _wait(procs, timeout=300):
+    try:
+        return [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+
+
+@pytest.fixture(scope="module")
+def run_pair(tmp_path_factory):
+    cache, root = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("runs")
+    single = root / "single"
+    p = subprocess.run([sys.executable, "-m", "experiments.run", *RUN_ARGS, f"--workdir={single}",
+                        f"--config.data.cache_dir={cache}"], cwd=REPO, env=_env(8), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    multi = root / "multi"
+    codes = _wait(_start_pair(multi, cache, root))
+    assert codes == [0, 0], (root / "process0.log").read_text()[-3000:] + (root / "process1.log").read_text()[-3000:]
+    return single, multi, root, cache
+
+
+def _users(wd):
+    return json.load(open(wd / "results.json"))["users"]
+
+
+def test_experiments_run_on_two_processes_equals_one(run_pair):
+    single, multi, root, _ = run_pair
+    a, b = _users(single), _users(multi)
+    assert [u["user"] for u in b] == [f"user{i}" for i in range(12)]
+    for x, y in zip(a, b):
+        for k in ("test_ppl", "test_ppl_post_aggregation", "bayes_ppl", "generalist_share"):
+            assert y[k] == pytest.approx(x[k], rel=1e-5), k
+    hosts = json.load(open(multi / "hosts.json"))  # each process loaded only its own users
+    assert [h["users"] for h in hosts] == [list(range(8)), list(range(8, 12))]
+    assert all(len(h["devices"]) == 4 for h in hosts)
+    # Only process 0 speaks: process 1's output is the gloo library's connection lines alone.
+    lines = [l for l in (root / "process1.log").read_text().splitlines() if l.strip()]
+    assert lines and all(l.startswith("[Gloo]") for l in lines), lines[:5]
+    assert "| **mean** |" in (root / "process0.log").read_text()
+
+
+def test_two_process_run_killed_after_a_checkpoint_resumes_to_the_same_results(run_pair, tmp_path):
+    _, multi, _, cache = run_pair
+    wd = tmp_path / "killed"
+    procs = _start_pair(wd, cache, tmp_path)
+    import time
+    deadline = time.time() + 240
+    while not (wd / "checkpoints" / "1").is_dir():  # a complete checkpoint (orbax renames when done)
+        assert time.time() < deadline and all(p.poll() is None for p in procs), "no checkpoint of round 1"
+        time.sleep(0.05)
+    for p in procs:
+        os.killpg(p.pid, 9)
+    _wait(procs)
+    assert not (wd / "results.json").exists()
+    codes = _wait(_start_pair(wd, cache, tmp_path))
+    assert codes == [0, 0], (tmp_path / "process0.log").read_text()[-3000:]
+    assert "resumed from round" in (tmp_path / "process0.log").read_text()
+    assert _users(wd) == _users(multi)

@@ -183,7 +183,7 @@ def sample_streams(procs: list[UserProcess], n: int, seeds: list[list[int]]) -> 
         thrs.append(t)
     if n == 1:
         return [np.array([x], np.int64) for x in x0s]
-    with jax.default_device(jax.devices("cpu")[0]):
+    with jax.default_device(jax.local_devices(backend="cpu")[0]):  # this process's own
         xs = _scan_sampler()(jnp.asarray(np.stack(succs)), jnp.asarray(np.stack(thrs)),
                              jnp.asarray(np.stack(zs)[:, 1:].astype(np.int32)), jnp.asarray(np.stack(us)[:, 1:]),
                              jnp.asarray(np.array(x0s, np.int32)))
