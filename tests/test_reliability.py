@@ -151,6 +151,8 @@ def test_signal_stops_after_the_round_with_a_checkpoint_and_resume_line(sig, ref
     line = next(l for l in out if "resume with:" in l)
     resume = line.split("resume with: ", 1)[1].split()
     assert resume[:3] == ["python", "-m", "experiments.run"] and f"--workdir={wd}" in resume
+    if sig == signal.SIGINT:  # the same stop path; one resumption (SIGTERM's) is enough
+        return
     q = subprocess.run([sys.executable, *resume[1:]], cwd=REPO, env=_env(), capture_output=True, text=True,
                        timeout=300)
     assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]
@@ -185,7 +187,10 @@ def test_no_restorable_checkpoint_is_an_error_not_a_restart(reference, cache, tm
     before = open(os.path.join(wd, "metrics.jsonl")).read()
     p = run([TINY, f"--workdir={wd}"], cache)
     assert p.returncode != 0
-    last = p.stderr.strip().splitlines()[-1]
+    # the one line (tensorstore may print teardown tracebacks of its failed reads around it)
+    errors = [l for l in p.stderr.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1, p.stderr[-3000:]
+    last = errors[0]
     assert last.startswith("error: no checkpoint in") and "round 4:" in last and "round 2:" in last
     assert "--config.resume=False" in last
     assert ckpt_rounds(wd) == [2, 4] and open(os.path.join(wd, "metrics.jsonl")).read() == before
