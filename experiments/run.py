@@ -38,7 +38,15 @@ _RESUMABLE_KEYS = ("resume", "output", "checkpoint", "methods", "seeds", "federa
 
 
 def log(msg: str) -> None:
+    """Print on process 0 only (the other processes of a multi-host run log nothing but errors)."""
+    if "jax" in sys.modules and sys.modules["jax"].process_index() != 0:
+        return
     print(msg, flush=True)
+
+
+def is_main() -> bool:
+    import jax
+    return jax.process_index() == 0
 
 
 # ----------------------------------------------------------------------------- config identity
@@ -114,10 +122,13 @@ def load_base(cfg, data):
         params, hist = pretrain(base_cfg, np.asarray(stream), steps=p.steps, batch_size=p.batch_size,
                                 seq_len=cfg.train.seq_len, lr=p.lr, seed=cfg.data.seed)
         log(f"  pretraining loss {hist[0]:.3f} -> {hist[-1]:.3f} in {time.time() - t0:.1f} s")
-        tmp = ckpt + ".tmp"
+        tmp = f"{ckpt}.tmp{os.getpid()}"  # one writer per folder; the rename is atomic
         shutil.rmtree(tmp, ignore_errors=True)
         save_gpt2(params, base_cfg, tmp)
-        os.replace(tmp, ckpt)
+        try:
+            os.replace(tmp, ckpt)
+        except OSError:  # another process (same seed, same base) got there first
+            shutil.rmtree(tmp, ignore_errors=True)
     return load_gpt2(ckpt)
 
 
@@ -270,19 +281,21 @@ def train_and_evaluate(cfg, method_name: str, seed: int, data, base_cfg, base, r
         resume = True  # checkpoints without a config.json: never wiped unasked (restore checks their identity)
     if not resume:
         ckpts.delete_all()
-    tmp = os.path.join(run_dir, "config.json.tmp")
-    with open(tmp, "w") as f:  # atomic: a kill never leaves a half-written config.json
-        json.dump({"identity": identity, "config": json.loads(cfg.to_json_best_effort())}, f, indent=1)
-    os.replace(tmp, os.path.join(run_dir, "config.json"))
+    if is_main():
+        tmp = os.path.join(run_dir, "config.json.tmp")
+        with open(tmp, "w") as f:  # atomic: a kill never leaves a half-written config.json
+            json.dump({"identity": identity, "config": json.loads(cfg.to_json_best_effort())}, f, indent=1)
+        os.replace(tmp, os.path.join(run_dir, "config.json"))
 
     model_cfg = configuration.model_config(cfg, base_cfg)
     tc = configuration.train_config(cfg)
     n_models = 1 if method.pooled_data else len(data.users)
-    mesh = users_mesh() if cfg.federation.shard and cfg.federation.mode == "vmap" and n_models > 1 else None
+    mesh = run_mesh(cfg, n_models)
     sim = Simulation(model_cfg, tc, method, base, data.train, data.valid,
                      expert_counts=configuration.expert_counts_of(cfg), seed=seed, mode=cfg.federation.mode,
-                     mesh=mesh, weighting=cfg.federation.weighting, participation=cfg.federation.participation)
-    writer = metrics.MetricsWriter(os.path.join(run_dir, "metrics.jsonl"))
+                     mesh=mesh, weighting=cfg.federation.weighting, participation=cfg.federation.participation,
+                     user_indices=data.indices, n_users=len(data.users))
+    writer = metrics.MetricsWriter(os.path.join(run_dir, "metrics.jsonl") if is_main() else os.devnull)
     start, meta = None, {}
     if resume:
         try:
@@ -302,7 +315,7 @@ def train_and_evaluate(cfg, method_name: str, seed: int, data, base_cfg, base, r
 
     evaluate = lambda: sim.evaluate(data.test, cfg.eval.n_windows, cfg.eval.batch_size, cfg.eval.protocol, seed)
     bar = tqdm(range(start, tc.rounds), desc=f"{method_name} s{seed}", initial=start, total=tc.rounds,
-               disable=not cfg.output.progress, dynamic_ncols=True, file=sys.stdout)
+               disable=not cfg.output.progress or not is_main(), dynamic_ncols=True, file=sys.stdout)
     pre_eval = None
     names = data.users if n_models == len(data.users) else ["the pooled model"]
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -374,10 +387,47 @@ def train_and_evaluate(cfg, method_name: str, seed: int, data, base_cfg, base, r
     post_eval = evaluate() if not method.one_round else pre_eval
     results = metrics.results(cfg, method, seed, data, model_cfg, pre_eval, post_eval, records=writer.read())
     if cfg.output.figures:
-        plot.run_figures(run_dir, results, writer.read(), sim, data, cfg.output.routing_tokens)
-    metrics.write_results(run_dir, results)  # last: results.json marks a complete run
+        plot.run_figures(run_dir, results, writer.read(), sim, data, cfg.output.routing_tokens, write=is_main())
+    if is_main():
+        metrics.write_results(run_dir, results)  # last: results.json marks a complete run
     ckpts.close()
     return results
+
+
+# ----------------------------------------------------------------------------- placement
+def run_mesh(cfg, n_models: int):
+    """The `users` mesh over every device of every process (None: one device, no sharding).
+    Several processes always shard: that is how each holds only its own users."""
+    import jax
+
+    from comigs_jax.federated.sharding import users_mesh
+    if jax.process_count() > 1:
+        return users_mesh()
+    if cfg.federation.shard and cfg.federation.mode == "vmap" and n_models > 1 and jax.device_count() > 1:
+        return users_mesh()
+    return None
+
+
+def users_of_this_process(cfg, methods) -> list[int]:
+    """The users whose data this process must load: those on its devices for every method to
+    run (Centralized's one model needs every user's data on the process that holds it)."""
+    import jax
+
+    from comigs_jax.federated.methods import get_method
+    from comigs_jax.federated.sharding import local_user_rows
+    from comigs_jax.federated.users import padded_user_count
+    n = cfg.data.n_users
+    if jax.process_count() == 1:
+        return list(range(n))
+    mine = set()
+    for name in methods:
+        n_models = 1 if get_method(name).pooled_data else n
+        mesh = run_mesh(cfg, n_models)
+        rows = local_user_rows(mesh, padded_user_count(n_models, mesh.devices.size))
+        mine |= set(range(n)) if (n_models == 1 and 0 in rows) else {r for r in rows if r < n}
+        # every process scores its own users' test splits, whatever the method
+        mine |= {r for r in local_user_rows(mesh, padded_user_count(n, mesh.devices.size)) if r < n}
+    return sorted(mine)
 
 
 # ----------------------------------------------------------------------------- main
@@ -406,6 +456,8 @@ def main(argv):
         raise SystemExit(f"error: {e}")
     methods, seeds = configuration.methods_of(cfg), configuration.seeds_of(cfg)
     workdir = FLAGS.workdir or default_workdir()
+    from comigs_jax import distributed
+    distributed.initialize(cfg.distributed)  # before any JAX computation; no-op for one process
 
     from comigs_jax import metrics
     from comigs_jax.data import DataSourceError, InsufficientDataError, load_user_data
@@ -414,8 +466,14 @@ def main(argv):
 
     cfg.data.min_tokens = max(cfg.data.min_tokens, cfg.train.seq_len + 1)
     try:  # bad data or an unusable base: one line, no traceback
-        data = load_user_data(cfg.data)
+        data = load_user_data(cfg.data, user_indices=users_of_this_process(cfg, methods))
         data.info.setdefault("tokenizer", cfg.data.tokenizer)
+        hosts = distributed.gather_json({"process": int(__import__("jax").process_index()),
+                                         "devices": [str(d) for d in __import__("jax").local_devices()],
+                                         "users": list(map(int, data.indices)),
+                                         "tokens": [[len(a), len(b), len(c)] for a, b, c in
+                                                    zip(data.train, data.valid, data.test)]})
+        data = distributed.global_user_view(data, cfg.data.n_users)
         base_cfg, base = load_base(cfg, data)
     except (DataSourceError, InsufficientDataError, BaseCheckpointError) as e:
         raise SystemExit(f"error: {str(e).strip().splitlines()[0]}") from None
@@ -423,6 +481,10 @@ def main(argv):
         check_token_ids(data, base_cfg.vocab_size)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    if is_main():  # which process held which users' data (each loads only its own)
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "hosts.json"), "w") as f:
+            json.dump(hosts, f, indent=1)
     all_results = []
     for method in methods:
         for seed in seeds:
@@ -437,9 +499,10 @@ def main(argv):
     if len(all_results) > 1:
         from experiments import plot
         table = metrics.comparison(all_results)
-        metrics.write_comparison(workdir, table)
-        if cfg.output.figures:
-            plot.comparison_figure(workdir, table)
+        if is_main():
+            metrics.write_comparison(workdir, table)
+            if cfg.output.figures:
+                plot.comparison_figure(workdir, table)
         log(metrics.comparison_markdown(table))
     log(f"outputs in {os.path.abspath(workdir)}")
 
