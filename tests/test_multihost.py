@@ -51,12 +51,14 @@ def test_each_process_holds_only_its_users(engine_runs):
 
 
 def test_launcher_stops_every_process_when_one_fails(tmp_path):
+    import time
+    t0 = time.time()
     p = subprocess.run([sys.executable, "-m", "experiments.launch_local", "--processes", "2",
-                        "--devices-per-process", "1", "--module", "tests.multihost_worker", "--timeout", "120",
-                        "--", str(tmp_path / "missing" / "dir")], cwd=REPO, env=_env(1),
-                       capture_output=True, text=True, timeout=200)
-    assert p.returncode != 0
-    assert "launch_local: process" in p.stderr and "exited with code" in p.stderr
+                        "--devices-per-process", "1", "--module", "tests.launch_probe", "--timeout", "120"],
+                       cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=200)
+    assert p.returncode == 3  # process 1's code
+    assert "launch_local: process 1 exited with code 3" in p.stderr and "probe: process 1 fails" in p.stderr
+    assert time.time() - t0 < 30  # process 0 (a minute's sleep) was stopped, not waited for
 
 
 # ----------------------------------------------------------------------------- experiments.run
@@ -94,6 +96,9 @@ def _wait(procs, timeout=300):
 
 @pytest.fixture(scope="module")
 def run_pair(tmp_path_factory):
+    """A single-process run (8 devices), and the same run on 2 processes x 4 devices that is
+    killed (SIGKILL, both processes) once its round-1 checkpoint exists and then relaunched."""
+    import time
     cache, root = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("runs")
     single = root / "single"
     p = subprocess.run([sys.executable, "-m", "experiments.run", *RUN_ARGS, f"--workdir={single}",
@@ -101,9 +106,18 @@ def run_pair(tmp_path_factory):
                        text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     multi = root / "multi"
+    procs = _start_pair(multi, cache, root)
+    deadline = time.time() + 240
+    while not (multi / "checkpoints" / "1").is_dir():  # complete (orbax renames a finished write)
+        assert time.time() < deadline and all(q.poll() is None for q in procs), "no checkpoint of round 1"
+        time.sleep(0.05)
+    for q in procs:
+        os.killpg(q.pid, 9)
+    _wait(procs)
+    killed_before_results = not (multi / "results.json").exists()
     codes = _wait(_start_pair(multi, cache, root))
     assert codes == [0, 0], (root / "process0.log").read_text()[-3000:] + (root / "process1.log").read_text()[-3000:]
-    return single, multi, root, cache
+    return single, multi, root, killed_before_results
 
 
 def _users(wd):
@@ -111,7 +125,10 @@ def _users(wd):
 
 
 def test_experiments_run_on_two_processes_equals_one(run_pair):
-    single, multi, root, _ = run_pair
+    """Also after both processes were killed past checkpoint 1 and relaunched (a pod restart)."""
+    single, multi, root, killed_before_results = run_pair
+    assert killed_before_results
+    assert "resumed from round" in (root / "process0.log").read_text()
     a, b = _users(single), _users(multi)
     assert [u["user"] for u in b] == [f"user{i}" for i in range(12)]
     for x, y in zip(a, b):
@@ -124,22 +141,3 @@ def test_experiments_run_on_two_processes_equals_one(run_pair):
     lines = [l for l in (root / "process1.log").read_text().splitlines() if l.strip()]
     assert lines and all(l.startswith("[Gloo]") for l in lines), lines[:5]
     assert "| **mean** |" in (root / "process0.log").read_text()
-
-
-def test_two_process_run_killed_after_a_checkpoint_resumes_to_the_same_results(run_pair, tmp_path):
-    _, multi, _, cache = run_pair
-    wd = tmp_path / "killed"
-    procs = _start_pair(wd, cache, tmp_path)
-    import time
-    deadline = time.time() + 240
-    while not (wd / "checkpoints" / "1").is_dir():  # a complete checkpoint (orbax renames when done)
-        assert time.time() < deadline and all(p.poll() is None for p in procs), "no checkpoint of round 1"
-        time.sleep(0.05)
-    for p in procs:
-        os.killpg(p.pid, 9)
-    _wait(procs)
-    assert not (wd / "results.json").exists()
-    codes = _wait(_start_pair(wd, cache, tmp_path))
-    assert codes == [0, 0], (tmp_path / "process0.log").read_text()[-3000:]
-    assert "resumed from round" in (tmp_path / "process0.log").read_text()
-    assert _users(wd) == _users(multi)
