@@ -34,7 +34,8 @@ def define_flags() -> None:
     flags.DEFINE_string("workdir", None, "Output directory (default: runs/<config name>[_<argument>]).")
 
 # Keys that may change between a run and its resumption without making it another run.
-_RESUMABLE_KEYS = ("resume", "output", "checkpoint", "methods", "seeds", "federation.mode", "federation.shard")
+_RESUMABLE_KEYS = ("resume", "output", "checkpoint", "methods", "seeds", "federation.mode", "federation.shard",
+                   "distributed", "data.cache_dir", "data.use_cache", "data.progress")
 
 
 def log(msg: str) -> None:

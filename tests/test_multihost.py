@@ -137,7 +137,26 @@ def test_experiments_run_on_two_processes_equals_one(run_pair):
     hosts = json.load(open(multi / "hosts.json"))  # each process loaded only its own users
     assert [h["users"] for h in hosts] == [list(range(8)), list(range(8, 12))]
     assert all(len(h["devices"]) == 4 for h in hosts)
-    # Only process 0 speaks: process 1's output is the gloo library's connection lines alone.
-    lines = [l for l in (root / "process1.log").read_text().splitlines() if l.strip()]
-    assert lines and all(l.startswith("[Gloo]") for l in lines), lines[:5]
+    # Only process 0 speaks: process 1's output is the gloo library's connection lines alone
+    # (written from several threads, so they may interleave: compare the words).
+    import re
+    words = set(re.findall(r"[A-Za-z]+", (root / "process1.log").read_text()))
+    assert words and words <= {"Gloo", "Rank", "is", "connected", "to", "peer", "ranks", "Expected", "number", "of"}, words
     assert "| **mean** |" in (root / "process0.log").read_text()
+
+
+def test_a_two_process_checkpoint_resumes_on_one_process(run_pair, tmp_path):
+    """A changed topology (2 processes x 4 devices -> 1 x 8): orbax reshards on restore."""
+    import shutil
+    single, multi, _, _ = run_pair
+    wd = tmp_path / "moved"
+    shutil.copytree(multi, wd)
+    shutil.rmtree(wd / "checkpoints" / "2")
+    (wd / "results.json").unlink()
+    p = subprocess.run([sys.executable, "-m", "experiments.run", *RUN_ARGS, f"--workdir={wd}",
+                        f"--config.data.cache_dir={tmp_path / 'cache'}"], cwd=REPO, env=_env(8),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "resumed from round 1" in p.stdout
+    for x, y in zip(_users(single), _users(wd)):
+        assert y["test_ppl"] == pytest.approx(x["test_ppl"], rel=1e-5)
