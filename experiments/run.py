@@ -428,7 +428,9 @@ def users_of_this_process(cfg, methods) -> list[int]:
         mine |= set(range(n)) if (n_models == 1 and 0 in rows) else {r for r in rows if r < n}
         # every process scores its own users' test splits, whatever the method
         mine |= {r for r in local_user_rows(mesh, padded_user_count(n, mesh.devices.size)) if r < n}
-    return sorted(mine)
+    # A process whose devices hold only padding users still loads one user (user 0): it learns
+    # the data's vocabulary and dtype from it, and never trains on it.
+    return sorted(mine) or [0]
 
 
 # ----------------------------------------------------------------------------- main
