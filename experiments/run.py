@@ -262,14 +262,12 @@ def decode_eval(blob: dict) -> dict:
 # ----------------------------------------------------------------------------- one run
 def train_and_evaluate(cfg, method_name: str, seed: int, data, base_cfg, base, run_dir: str) -> dict:
     """One method, one seed: train, evaluate, checkpoint, write outputs. Returns results."""
-    import jax
     import numpy as np
     from tqdm import tqdm
 
     from comigs_jax import configuration, metrics
     from comigs_jax.checkpoint import CheckpointError, RunCheckpoints
     from comigs_jax.federated.methods import get_method
-    from comigs_jax.federated.sharding import users_mesh
     from comigs_jax.federated.simulation import Simulation
     from experiments import plot
 
@@ -471,8 +469,9 @@ def main(argv):
     try:  # bad data or an unusable base: one line, no traceback
         data = load_user_data(cfg.data, user_indices=users_of_this_process(cfg, methods))
         data.info.setdefault("tokenizer", cfg.data.tokenizer)
-        hosts = distributed.gather_json({"process": int(__import__("jax").process_index()),
-                                         "devices": [str(d) for d in __import__("jax").local_devices()],
+        import jax
+        hosts = distributed.gather_json({"process": jax.process_index(),
+                                         "devices": [str(d) for d in jax.local_devices()],
                                          "users": list(map(int, data.indices)),
                                          "tokens": [[len(a), len(b), len(c)] for a, b, c in
                                                     zip(data.train, data.valid, data.test)]})

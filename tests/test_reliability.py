@@ -17,28 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from entrypoint import REPO, run, start
+from entrypoint import env as _env
 TINY = "--config=configs/tiny.py"
-
-
-def _env():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's machine (see test_more_devices_than_users_is_fine)
-    return env
-
-
-def _cmd(args, cache):
-    return [sys.executable, "-m", "experiments.run", *args, f"--config.data.cache_dir={cache}"]
-
-
-def run(args, cache, timeout=300):
-    return subprocess.run(_cmd(args, cache), cwd=REPO, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
-
-
-def start(args, cache):
-    return subprocess.Popen(_cmd(args, cache), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
 
 
 def rounds_logged(wd):

@@ -2,19 +2,10 @@
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(args, cache, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's machine
-    cmd = [sys.executable, "-m", "experiments.run", *args, f"--config.data.cache_dir={cache}"]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+from entrypoint import run
 
 
 @pytest.fixture(scope="module")

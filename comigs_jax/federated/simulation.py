@@ -23,10 +23,10 @@ from comigs_jax import distributed
 from comigs_jax.federated import sharding
 from comigs_jax.federated.aggregate import aggregate, aggregation_weights
 from comigs_jax.federated.methods import Method, configure_model
-from comigs_jax.federated.users import expert_masks, padded_user_count, real_user_mask, stack_tokens
+from comigs_jax.federated.users import expert_masks, padded_user_count, real_user_mask
 from comigs_jax.model.config import GPT2Config
 from comigs_jax.train.rounds import loop_round, vmap_round
-from comigs_jax.train.state import TrainConfig, UserState, init_states, init_states_unjitted
+from comigs_jax.train.state import TrainConfig, init_states, init_states_unjitted
 from comigs_jax.train.evaluation import eval_windows, full_window_counts
 from comigs_jax.train.steps import evaluate_user
 
@@ -176,11 +176,10 @@ class Simulation:
         A no-op for one-round methods (synchronised at round 0 only)."""
         if self.method.one_round:
             return
-        w = aggregation_weights(jnp.asarray(self.real), jnp.asarray(self.active))
+        real, active = jnp.asarray(self.real), jnp.asarray(self.active)
         if self.mesh is not None:
-            w = sharding.shard_users(w, self.mesh)
-        if self.weighting == "tokens":
-            w = w * self.data["train_len"]
+            real, active = sharding.shard_users((real, active), self.mesh)
+        w = aggregation_weights(real, active, self.data["train_len"] if self.weighting == "tokens" else None)
         params = self._aggregate(self.states.params, w)
         self.states = self.states.replace(params=params)
 
