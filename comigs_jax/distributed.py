@@ -57,6 +57,28 @@ def initialize(d) -> bool:
     return True
 
 
+def exit_failed(exc: BaseException) -> None:
+    """End this process of a multi-process run now, after reporting `exc` on stderr.
+
+    A normal exit would wait in jax.distributed's shutdown barrier for processes that are
+    themselves waiting in a collective for this one: the run would hang instead of failing.
+    Exiting at once closes this process's connections, so the others' collectives fail too."""
+    import sys
+    import traceback
+    if isinstance(exc, SystemExit):
+        code = exc.code if isinstance(exc.code, int) else 1
+        if exc.code is not None and not isinstance(exc.code, int):
+            print(exc.code, file=sys.stderr)
+    else:
+        code = 130 if isinstance(exc, KeyboardInterrupt) else 1
+        traceback.print_exception(exc)
+    print(f"process {jax.process_index()} of {jax.process_count()} failed; exiting without waiting for "
+          "the others", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def is_main_process() -> bool:
     return jax.process_index() == 0
 

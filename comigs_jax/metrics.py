@@ -19,13 +19,20 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 class MetricsWriter:
-    """Appends one JSON line per round; truncates to a checkpoint's round on resume."""
+    """Appends one JSON line per round; truncates to a checkpoint's round on resume.
 
-    def __init__(self, path: str):
+    path=None (the other processes of a multi-process run): the records stay in memory and no
+    file is touched (never a stand-in path such as os.devnull: an atomic rewrite would replace
+    the device file itself)."""
+
+    def __init__(self, path: str | None):
         self.path = path
+        self._memory: list[dict] = []
 
     def read(self) -> list[dict]:
         """The records; a last line cut short by a kill mid-append is dropped (that round is rerun)."""
+        if self.path is None:
+            return list(self._memory)
         if not os.path.exists(self.path):
             return []
         with open(self.path) as f:
@@ -41,9 +48,15 @@ class MetricsWriter:
 
     def truncate(self, round_index: int) -> None:
         keep = [r for r in self.read() if r["round"] <= round_index]
+        if self.path is None:
+            self._memory = keep
+            return
         _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
     def write(self, record: dict) -> None:
+        if self.path is None:
+            self._memory.append(json.loads(json.dumps(record)))  # as a file round trip gives it back
+            return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
 

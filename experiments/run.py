@@ -294,7 +294,7 @@ def train_and_evaluate(cfg, method_name: str, seed: int, data, base_cfg, base, r
                      expert_counts=configuration.expert_counts_of(cfg), seed=seed, mode=cfg.federation.mode,
                      mesh=mesh, weighting=cfg.federation.weighting, participation=cfg.federation.participation,
                      user_indices=data.indices, n_users=len(data.users))
-    writer = metrics.MetricsWriter(os.path.join(run_dir, "metrics.jsonl") if is_main() else os.devnull)
+    writer = metrics.MetricsWriter(os.path.join(run_dir, "metrics.jsonl") if is_main() else None)
     start, meta = None, {}
     if resume:
         try:
@@ -458,9 +458,26 @@ def main(argv):
     methods, seeds = configuration.methods_of(cfg), configuration.seeds_of(cfg)
     workdir = FLAGS.workdir or default_workdir()
     from comigs_jax import distributed
-    distributed.initialize(cfg.distributed)  # before any JAX computation; no-op for one process
+    # before any JAX computation; no-op for one process
+    if not distributed.initialize(cfg.distributed):
+        return run_all(cfg, methods, seeds, workdir)
+    try:
+        return run_all(cfg, methods, seeds, workdir)
+    except CleanStop:
+        raise  # every process agreed to stop: the normal exit, through the shutdown barrier
+    except BaseException as e:  # noqa: BLE001 - one failing process must not leave the others waiting
+        if isinstance(e, SystemExit) and e.code in (None, 0):
+            raise
+        distributed.exit_failed(e)
 
-    from comigs_jax import metrics
+
+class CleanStop(SystemExit):
+    """A stop that every process agreed on (a signal), after a checkpoint."""
+
+
+def run_all(cfg, methods, seeds, workdir) -> None:
+    """Load the data and the base once, then train and evaluate every (method, seed)."""
+    from comigs_jax import distributed, metrics
     from comigs_jax.data import DataSourceError, InsufficientDataError, load_user_data
     from comigs_jax.data.reference_bins import check_token_ids
     from comigs_jax.model.hf import CheckpointError as BaseCheckpointError
@@ -495,7 +512,7 @@ def main(argv):
                 res = train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir)
             except Stopped as e:
                 log(e.args[0])
-                sys.exit(e.args[1])
+                raise CleanStop(e.args[1]) from None
             all_results.append(res)
             log(metrics.results_markdown(res))
     if len(all_results) > 1:
@@ -538,4 +555,8 @@ def parse_flags(argv) -> list[str]:
 
 
 if __name__ == "__main__":
+    import faulthandler
+    # `kill -USR1 <pid>` prints every thread's Python stack to stderr: how a stalled multi-process
+    # run shows where each process waits (the run goes on).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     app.run(main, flags_parser=parse_flags)

@@ -482,3 +482,19 @@ def test_no_remote_code_or_unsafe_deserialisation_in_the_sources():
                         or ("torch.load(" in code and "weights_only=True" not in code)):
                     offenders.append(f"{os.path.relpath(path, REPO)}:{i}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_metrics_writer_without_a_file_keeps_records_in_memory(tmp_path, monkeypatch):
+    """The other processes of a multi-process run keep their metrics in memory and open no file."""
+    from comigs_jax.metrics import MetricsWriter
+    monkeypatch.chdir(tmp_path)
+    w = MetricsWriter(None)
+    for r in (1, 2, 3):
+        w.write({"round": r, "loss": 0.5 * r})
+    w.truncate(2)
+    assert w.read() == [{"round": 1, "loss": 0.5}, {"round": 2, "loss": 1.0}]
+    assert os.listdir(tmp_path) == []
+    f = MetricsWriter(str(tmp_path / "m.jsonl"))  # the file-backed writer reads back the same records
+    for r in w.read():
+        f.write(r)
+    assert f.read() == w.read()
