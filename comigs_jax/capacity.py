@@ -363,7 +363,7 @@ def format_plan(p: dict) -> str:
         if k != "total":
             lines.append(f"| step: {k} | {_b(v)} |")
     lines.append(f"| **total per user** | **{_b(p['per_user']['total'])}** |")
-    lines.append(f"| shared (replicated per device): " + ", ".join(f"{k} {_b(v)}" for k, v in p["shared"].items()
+    lines.append("| shared (replicated per device): " + ", ".join(f"{k} {_b(v)}" for k, v in p["shared"].items()
                                                                      if k != "total") + f" | {_b(p['shared']['total'])} |")
     lines += ["", "Kept activations of one step, by kind (all layers):", "", "| Tensor | Bytes |", "|---|---|"]
     for k, v in sorted(_group_activations(p["activations"]).items(), key=lambda kv: -kv[1])[:10]:

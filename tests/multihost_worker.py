@@ -21,7 +21,6 @@ from comigs_jax import distributed  # noqa: E402
 # The same start-up as experiments.run: initialise when launched as one of several processes.
 distributed.initialize(SimpleNamespace(mode="auto", coordinator_address="", num_processes=0, process_id=-1))
 
-import dataclasses  # noqa: E402
 
 import numpy as np  # noqa: E402
 

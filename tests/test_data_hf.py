@@ -3,10 +3,9 @@ import json
 import os
 import time
 
-import numpy as np
 import pytest
 
-from comigs_jax.data import DataSourceError, default_data_config, load_user_data, tokens
+from comigs_jax.data import DataSourceError, default_data_config, load_user_data
 from comigs_jax.data import sources
 from tests.test_data_text_files import markers
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from comigs_jax.data import InsufficientDataError, default_data_config, load_user_data, tokens
-from comigs_jax.data import build as build_lib
 
 WORDS = {
     "de": "der die das und ist nicht ein eine mit auf für von dem den".split(),

@@ -1,6 +1,5 @@
 """Reproducing the reference (docs/reproducing.md): its data layout (reference_bins), pre-split
 text folders, the `full` evaluation protocol, and configs/reference.py against its doc table."""
-import dataclasses
 import hashlib
 import json
 import os

@@ -6,7 +6,6 @@ functions in comigs_jax.train.steps see one user at a time (no user axis) and ar
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.struct
