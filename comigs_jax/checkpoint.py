@@ -165,15 +165,21 @@ class RunCheckpoints:
         return None
 
     def _set_aside(self, rounds: list[int], log=print) -> None:
-        """Move corrupt checkpoints out of the manager's folder (kept for inspection)."""
-        dest = self.directory.rstrip("/") + "_corrupt"
-        os.makedirs(dest, exist_ok=True)
-        for r in rounds:
-            src = os.path.join(self.directory, str(r))
-            target = os.path.join(dest, f"{r}-{time.strftime('%Y%m%d-%H%M%S')}")
-            if os.path.exists(src):
-                shutil.move(src, target)
-                log(f"moved the corrupt checkpoint of round {r} to {target}")
+        """Move corrupt checkpoints out of the manager's folder (kept for inspection). Several
+        processes share the folder: process 0 moves, the others wait for it, all then reload."""
+        import jax
+        if jax.process_index() == 0:
+            dest = self.directory.rstrip("/") + "_corrupt"
+            os.makedirs(dest, exist_ok=True)
+            for r in rounds:
+                src = os.path.join(self.directory, str(r))
+                target = os.path.join(dest, f"{r}-{time.strftime('%Y%m%d-%H%M%S')}")
+                if os.path.exists(src):
+                    shutil.move(src, target)
+                    log(f"moved the corrupt checkpoint of round {r} to {target}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices("comigs_jax:set_aside:" + ",".join(map(str, rounds)))
         self.manager.reload()
 
     def delete_all(self) -> None:

@@ -157,7 +157,7 @@ def run_pair(tmp_path_factory):
     _pair(multi, cache, root, kill_at_checkpoint=True)
     killed_before_results = not (multi / "results.json").exists()
     _pair(multi, cache, root, kill_at_checkpoint=False)  # the relaunch resumes
-    return single, multi, root, killed_before_results
+    return single, multi, root, killed_before_results, cache
 
 
 def _users(wd):
@@ -166,7 +166,7 @@ def _users(wd):
 
 def test_experiments_run_on_two_processes_equals_one(run_pair):
     """Also after both processes were killed past checkpoint 1 and relaunched (a pod restart)."""
-    single, multi, root, killed_before_results = run_pair
+    single, multi, root, killed_before_results, _ = run_pair
     assert killed_before_results
     assert "resumed from round" in (root / "process0.log").read_text()
     a, b = _users(single), _users(multi)
@@ -187,6 +187,28 @@ def test_experiments_run_on_two_processes_equals_one(run_pair):
     # as root, once replaced the device with a regular file and broke later runs).
     assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
     assert [r["round"] for r in map(json.loads, open(multi / "metrics.jsonl"))] == [1, 2]
+
+
+def test_two_processes_fall_back_from_a_corrupt_checkpoint(run_pair, tmp_path):
+    """The latest checkpoint's arrays cut short: both processes fall back to round 1, process 0
+    alone sets the corrupt one aside, and the run ends as the uninterrupted one did."""
+    import glob
+    import shutil
+    single, multi, _, _, cache = run_pair
+    wd = tmp_path / "corrupt"
+    shutil.copytree(multi, wd)
+    (wd / "results.json").unlink()
+    files = glob.glob(str(wd / "checkpoints" / "2" / "state" / "**" / "d" / "*"), recursive=True)
+    assert files
+    for f in files:
+        with open(f, "r+b") as fh:
+            fh.truncate(7)
+    _pair(wd, cache, tmp_path, kill_at_checkpoint=False)
+    log0 = (tmp_path / "process0.log").read_text()
+    assert "checkpoint of round 2 is corrupt" in log0 and "resumed from round 1" in log0, log0
+    assert len(os.listdir(wd / "checkpoints_corrupt")) == 1
+    for x, y in zip(_users(single), _users(wd)):
+        assert y["test_ppl"] == pytest.approx(x["test_ppl"], rel=1e-5)
 
 
 def test_a_failing_process_ends_the_run_instead_of_hanging(tmp_path):
@@ -213,7 +235,7 @@ def test_a_failing_process_ends_the_run_instead_of_hanging(tmp_path):
 def test_a_two_process_checkpoint_resumes_on_one_process(run_pair, tmp_path):
     """A changed topology (2 processes x 4 devices -> 1 x 8): orbax reshards on restore."""
     import shutil
-    single, multi, _, _ = run_pair
+    single, multi, _, _, _ = run_pair
     wd = tmp_path / "moved"
     shutil.copytree(multi, wd)
     shutil.rmtree(wd / "checkpoints" / "2")
