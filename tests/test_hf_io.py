@@ -92,6 +92,20 @@ def test_missing_files_are_clear_errors(tmp_path):
         load_gpt2(str(d))
 
 
+@pytest.mark.parametrize("keep", [0, 7, 100, -16])
+def test_damaged_weights_are_a_clear_error(tmp_path, keep):
+    """Empty, cut inside the header, cut inside the data: one line naming the file."""
+    d = tmp_path / "damaged"
+    shutil.copytree(GOLDEN_DIR, d)
+    st = d / "model.safetensors"
+    size = st.stat().st_size
+    with open(st, "r+b") as f:
+        f.truncate(keep if keep >= 0 else size + keep)
+    with pytest.raises(CheckpointError, match="model.safetensors cannot be read .*damaged or incomplete") as e:
+        load_gpt2(str(d))
+    assert "\n" not in str(e.value)
+
+
 def test_missing_tensor_is_a_clear_error(tmp_path):
     d = tmp_path / "partial"
     shutil.copytree(GOLDEN_DIR, d)

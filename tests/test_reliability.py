@@ -498,3 +498,20 @@ def test_metrics_writer_without_a_file_keeps_records_in_memory(tmp_path, monkeyp
     for r in w.read():
         f.write(r)
     assert f.read() == w.read()
+
+
+def test_damaged_cached_base_is_pretrained_again(reference, cache, tmp_path):
+    """The pretrained base is a cache: a cut-short model.safetensors is reported and rebuilt
+    (the same base: the run ends bit for bit as the reference), never a dead end."""
+    own = str(tmp_path / "cache")
+    shutil.copytree(cache, own)
+    (base,) = glob.glob(os.path.join(own, "bases", "pretrained-*", "model.safetensors"))
+    with open(base, "r+b") as f:
+        f.truncate(os.path.getsize(base) // 2)
+    wd = str(tmp_path / "run")
+    p = run([TINY, f"--workdir={wd}"], own)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "warning: the cached base cannot be loaded" in p.stdout and "pretraining it again" in p.stdout
+    assert results_bytes(wd) == results_bytes(reference)
+    from comigs_jax.model.hf import load_gpt2
+    load_gpt2(os.path.dirname(base))  # the cache holds a whole base again

@@ -126,17 +126,25 @@ def resolve_checkpoint_dir(source: str) -> str:
             "reachable and pass its local directory instead") from None
 
 
+def _load_safetensors(path: str) -> dict:
+    """A safetensors file's tensors; a damaged or cut-short file is a CheckpointError (one line)."""
+    from safetensors.numpy import load_file
+    try:
+        return load_file(path)
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types (and OSError)
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} cannot be read ({detail}): the file is damaged or incomplete") from None
+
+
 def _read_tensors(ckpt_dir: str) -> dict:
     st = os.path.join(ckpt_dir, "model.safetensors")
     if os.path.exists(st):
-        from safetensors.numpy import load_file
-        return load_file(st)
+        return _load_safetensors(st)
     shards = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".safetensors"))
     if shards:
-        from safetensors.numpy import load_file
         out = {}
         for f in shards:
-            out.update(load_file(os.path.join(ckpt_dir, f)))
+            out.update(_load_safetensors(os.path.join(ckpt_dir, f)))
         return out
     binf = os.path.join(ckpt_dir, "pytorch_model.bin")
     if os.path.exists(binf):
