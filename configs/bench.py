@@ -8,8 +8,13 @@ Lists are comma-separated strings (so that `--config.users=64` and `--config.use
 parse). The defaults run on a 2-core CPU in under 10 minutes; `get_config("gpu")` is the
 accelerator preset (`--config=configs/bench.py:gpu`): GPT-2 124M in bfloat16 up to the
 largest U that fits.
+
+Several processes: run the same command on every host, or on one machine
+`python -m experiments.launch_local --processes 2 --module experiments.bench -- --config.models=tiny`.
 """
 from ml_collections import ConfigDict
+
+from configs import base
 
 MODES = "loop_step,loop_round,vmap,vmap_sharded"
 
@@ -30,6 +35,9 @@ def get_config(preset: str = "cpu") -> ConfigDict:
     c.matmul_size = 0               # n of the n x n x n peak matmul; 0 = 4096 CPU, 8192 accelerators
     c.out_dir = "runs/bench"        # bench.json and bench.md land here
     c.loss_atol = 1e-4              # modes must agree on first-round losses to this tolerance
+    # Several JAX processes (pod hosts; experiments/launch_local.py): experiments.run's block and
+    # defaults. With more than one process only vmap_sharded runs, over every process's devices.
+    c.distributed = base.get_config().distributed
 
     # Tiny config for the many-users sweep: 2 layers, width 128, vocabulary 2048, sequence 128.
     c.tiny = ConfigDict(dict(

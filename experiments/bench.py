@@ -25,6 +25,14 @@ On CPU this module asks XLA for 8 fake host devices (XLA_FLAGS=--xla_force_host_
 set before jax is imported, unless XLA_FLAGS already sets a count) so that vmap_sharded has a
 mesh to shard over; the flag only affects the CPU platform. The fake devices share the same cores.
 
+Several processes (the hosts of a pod; `experiments.launch_local` on one machine): the module
+calls jax.distributed.initialize() at start-up (cfg.distributed, as experiments.run) and then runs
+only vmap_sharded, over the global mesh of every process's devices; the other modes are
+single-device baselines and are skipped. A U that does not divide the global device count is
+skipped. Every process builds the same synthetic workload from the seed; process 0 alone prints
+and writes the results. The % of peak is then against the sum of the processes' measured peaks
+(CPU) or one device's peak x the devices (accelerators); the output says which.
+
 Writes {out_dir}/bench.json and {out_dir}/bench.md (the table) and prints the table.
 """
 from __future__ import annotations
@@ -53,6 +61,7 @@ import numpy as np
 from absl import app, logging
 from ml_collections import ConfigDict, config_flags
 
+from comigs_jax import distributed
 from comigs_jax.federated.methods import configure_model, get_method
 from comigs_jax.federated.roles import split_base
 from comigs_jax.federated.sharding import shard_users, replicate, users_mesh
@@ -117,7 +126,7 @@ class PeakRSS:
 
 
 def _device_peak_bytes() -> int | None:
-    stats = jax.devices()[0].memory_stats()
+    stats = jax.local_devices()[0].memory_stats()
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
@@ -148,6 +157,7 @@ def machine_info() -> dict:
     return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "host": platform.node(), "cpu": cpu, "cpu_cores": os.cpu_count(), "host_memory_gib": round(mem, 1),
             "backend": jax.default_backend(), "device_kind": dev.device_kind, "device_count": jax.device_count(),
+            "process_count": jax.process_count(), "local_device_count": jax.local_device_count(),
             "jax": jax.__version__, "python": platform.python_version(), "git": _git_rev(),
             "command": " ".join(["python -m experiments.bench"] + sys.argv[1:])}
 
@@ -169,6 +179,29 @@ def peak_matmul_flops(n: int, dtype: str, repeats: int = 5) -> dict:
         times.append((time.perf_counter() - t) / inner)
     sec = statistics.median(times)
     return {"n": n, "dtype": dtype, "seconds": sec, "flops_per_s": 2 * n**3 / sec}
+
+
+def peak_all_processes(n: int, dtype: str) -> list[dict]:
+    """peak_matmul_flops on one local device of every process, measured at the same time (after a
+    barrier: processes sharing a machine share its cores), in process order."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("bench peak matmul")
+    return distributed.gather_json(peak_matmul_flops(n, dtype))
+
+
+def peak_reference(peaks: list[float], backend: str, devices: int) -> tuple[float, str]:
+    """(FLOP/s, its description) that a mode run on `devices` devices is measured against; `peaks`
+    are the processes' one-device matmul peaks. CPU: one device's matmul already uses all the
+    cores of its process (fake devices share them), so the reference is the sum over processes.
+    Accelerators: one device's peak x the devices the mode ran on."""
+    if backend == "cpu":
+        if len(peaks) == 1:
+            return peaks[0], "one device's matmul peak (CPU: the fake devices share its cores)"
+        return sum(peaks), (f"the sum of the {len(peaks)} processes' one-device matmul peaks (CPU: a process's "
+                            "fake devices share its cores; processes on one machine share it too)")
+    ref = statistics.mean(peaks)
+    return ref * devices, f"one device's matmul peak x {devices} device{'s' if devices > 1 else ''}"
 
 
 # ----------------------------------------------------------------------------- workload
@@ -268,10 +301,18 @@ def build_mode(mode: str, w: Workload) -> tuple[Callable, dict, dict]:
     if mode == "vmap":
         return vmap_round(*args), inputs, info
     if mode == "vmap_sharded":
-        n_dev = math.gcd(w.n_users, jax.device_count())  # the users axis must divide the mesh
-        mesh = users_mesh(jax.devices()[:n_dev])
-        inputs = dict(base=replicate(w.base, mesh), states=shard_users(fresh, mesh), data=shard_users(w.data, mesh),
-                      masks=shard_users(w.masks, mesh), active=shard_users(w.active, mesh))
+        if jax.process_count() > 1:  # every process's devices; run_benchmark skips a U they do not divide
+            n_dev, mesh = jax.device_count(), users_mesh()
+            # The same host values on every process (built from the seed): device_put places each
+            # process's shards of the global arrays.
+            fresh, base, rest = jax.device_get((fresh, w.base, (w.data, w.masks, w.active)))
+        else:
+            n_dev = math.gcd(w.n_users, jax.device_count())  # the users axis must divide the mesh
+            mesh = users_mesh(jax.devices()[:n_dev])
+            base, rest = w.base, (w.data, w.masks, w.active)
+        data, masks, active = rest
+        inputs = dict(base=replicate(base, mesh), states=shard_users(fresh, mesh), data=shard_users(data, mesh),
+                      masks=shard_users(masks, mesh), active=shard_users(active, mesh))
         info["devices"] = n_dev
         return vmap_round(*args, mesh=mesh), inputs, info
     raise ValueError(f"mode={mode!r}: allowed {MODES}")
@@ -301,7 +342,7 @@ def time_mode(mode: str, w: Workload, cfg: ConfigDict) -> dict:
         t = time.perf_counter()
         states, metrics = block(fn(base, states, data, masks, active))
         first = time.perf_counter() - t
-        first_loss = np.asarray(metrics["loss"], np.float64)
+        first_loss = distributed.to_host(metrics["loss"]).astype(np.float64)
         for _ in range(cfg.warmup):
             states, metrics = block(fn(base, states, data, masks, active))
         times = []
@@ -309,8 +350,11 @@ def time_mode(mode: str, w: Workload, cfg: ConfigDict) -> dict:
             t = time.perf_counter()
             states, metrics = block(fn(base, states, data, masks, active))
             times.append(time.perf_counter() - t)
-            if len(times) >= cfg.min_repeats and sum(times) > cfg.max_seconds:
+            if len(times) >= cfg.min_repeats and _agree(sum(times) > cfg.max_seconds):
                 break
+    if jax.process_count() > 1:  # a round lasts until the slowest process has it
+        times = list(np.max(distributed.gather_json(times), axis=0))
+        first = max(distributed.gather_json(first))
     sec = statistics.median(times)
     inputs["states"] = states
     program = _program_memory(fn, {"base": base, "states": states, "data": data, "masks": masks, "active": active}) \
@@ -321,20 +365,28 @@ def time_mode(mode: str, w: Workload, cfg: ConfigDict) -> dict:
             "program_memory": program, "first_round_loss": first_loss}
 
 
+def _agree(flag: bool) -> bool:
+    """Process 0's `flag` on every process (each must run the same rounds, or the others wait)."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.array(flag)))
+
+
 def _is_oom(e: Exception) -> bool:
     s = str(e)
     return "RESOURCE_EXHAUSTED" in s or "Out of memory" in s or "out of memory" in s
 
 
-def bench_workload(w: Workload, modes: list[str], cfg: ConfigDict, peak: float) -> list[dict]:
-    flops = round_flops(w)
-    rows, ref = [], None
+def bench_workload(w: Workload, modes: list[str], cfg: ConfigDict, peaks: list[float]) -> list[dict]:
+    rows, ref, flops = [], None, None
     for mode in modes:
         row = {"model": w.name, "users": w.n_users, "mode": mode, "dtype": w.model_cfg.dtype}
         if mode in LOOP_MODES and cfg.loop_max_users and w.n_users > cfg.loop_max_users:
             rows.append({**row, "skipped": f"U > loop_max_users={cfg.loop_max_users}"})
             continue
         logging.info("%s U=%d %s ...", w.name, w.n_users, mode)
+        flops = flops or round_flops(w)  # only for a U that runs
         try:
             r = time_mode(mode, w, cfg)
         except Exception as e:  # an accelerator running out of memory is a result, not a crash
@@ -349,7 +401,8 @@ def bench_workload(w: Workload, modes: list[str], cfg: ConfigDict, peak: float) 
         r["first_round_mean_loss"] = float(loss.mean())
         r["round_flops"] = flops["round"]
         r["flops_per_s"] = flops["round"] / r["round_s"]
-        r["fraction_of_peak"] = r["flops_per_s"] / peak
+        r["peak_reference_flops_per_s"] = peak_reference(peaks, jax.default_backend(), r["devices"])[0]
+        r["fraction_of_peak"] = r["flops_per_s"] / r["peak_reference_flops_per_s"]
         rows.append({**row, **r})
         logging.info("  %.4f s/round, %.0f tok/s, %.1f%% of peak, compile %.1f s", r["round_s"], r["tokens_per_s"],
                      100 * r["fraction_of_peak"], r["compile_s"])
@@ -360,7 +413,7 @@ def bench_workload(w: Workload, modes: list[str], cfg: ConfigDict, peak: float) 
         for base_mode in LOOP_MODES:
             b = by_mode.get(base_mode)
             r[f"speedup_vs_{base_mode}"] = None if b is None else b["round_s"] / r["round_s"]
-    for r in rows:
+    for r in rows if flops else ():
         r["flops_expert_step"], r["flops_router_step"] = flops["expert_step"], flops["router_step"]
     return rows
 
@@ -424,18 +477,32 @@ def check_targets(rows: list[dict], backend: str) -> list[dict]:
     return out
 
 
+def _print(msg: str) -> None:
+    """Print on process 0 only (the other processes print nothing but errors)."""
+    if jax.process_index() == 0:
+        print(msg, flush=True)
+
+
 def run_benchmark(cfg: ConfigDict) -> dict:
-    """Runs every configured model size, U and mode; writes bench.json and bench.md; returns the results."""
+    """Runs every configured model size, U and mode; writes bench.json and bench.md (process 0);
+    returns the results."""
     modes = _names(cfg.modes)
     bad = set(modes) - set(MODES)
     if bad:
         raise ValueError(f"modes {sorted(bad)}: allowed {MODES}")
+    if jax.process_count() > 1:
+        single = [m for m in modes if m != "vmap_sharded"]
+        if single:
+            _print(f"{jax.process_count()} processes, {jax.device_count()} devices: running vmap_sharded only; "
+                   f"{', '.join(single)} skipped (single-device baselines)")
+        modes = ["vmap_sharded"]
     backend = jax.default_backend()
     dtype = cfg.dtype or ("float32" if backend == "cpu" else "bfloat16")
     info = machine_info()
     n = cfg.matmul_size or (4096 if backend == "cpu" else 8192)
-    peak = peak_matmul_flops(n, dtype)
-    logging.info("peak matmul %s n=%d: %.1f GFLOP/s", dtype, n, peak["flops_per_s"] / 1e9)
+    peaks = peak_all_processes(n, dtype)
+    logging.info("peak matmul %s n=%d: %s GFLOP/s", dtype, n,
+                 ", ".join(f"{p['flops_per_s'] / 1e9:.1f}" for p in peaks))
     rows = []
     t_start = time.perf_counter()
     for model in _names(cfg.models):
@@ -445,41 +512,59 @@ def run_benchmark(cfg: ConfigDict) -> dict:
         users = _ints(cfg.users if model == "tiny" else mc.users)
         base = None
         for u in users:
+            if jax.process_count() > 1 and u % jax.device_count():  # (modes is just vmap_sharded)
+                why = f"U={u} does not divide the {jax.device_count()} devices of {jax.process_count()} processes"
+                _print(f"{model} U={u} vmap_sharded skipped: {why}")
+                rows.append({"model": model, "users": u, "mode": "vmap_sharded", "dtype": dtype, "skipped": why})
+                continue
             w = build_workload(model, mc, u, cfg.method, dtype, cfg.seed, base)
             base = w.base  # the frozen base does not depend on U
-            rows += bench_workload(w, modes, cfg, peak["flops_per_s"])
+            rows += bench_workload(w, modes, cfg, [p["flops_per_s"] for p in peaks])
             del w
     # The machine's limit is the better of two measurements, at the start and at the end: a
     # shared or throttled CPU can be slow at either (the fractions use this best peak).
-    peak_end = peak_matmul_flops(n, dtype)
-    if peak_end["flops_per_s"] > peak["flops_per_s"]:
-        for r in rows:
-            if "flops_per_s" in r:
-                r["fraction_of_peak"] = r["flops_per_s"] / peak_end["flops_per_s"]
-    peak = {**max(peak, peak_end, key=lambda p: p["flops_per_s"]),
-            "start_flops_per_s": peak["flops_per_s"], "end_flops_per_s": peak_end["flops_per_s"]}
+    peaks_end = peak_all_processes(n, dtype)
+    total = lambda ps: sum(p["flops_per_s"] for p in ps)
+    best = max(peaks, peaks_end, key=total)
+    per_process = [p["flops_per_s"] for p in best]
+    for r in rows:
+        if "flops_per_s" in r:
+            r["peak_reference_flops_per_s"] = peak_reference(per_process, backend, r["devices"])[0]
+            r["fraction_of_peak"] = r["flops_per_s"] / r["peak_reference_flops_per_s"]
+    ran = [1] if backend == "cpu" else sorted({r["devices"] for r in rows if "devices" in r}) or [1]
+    peak = {**best[0], "start_flops_per_s": peaks[0]["flops_per_s"], "end_flops_per_s": peaks_end[0]["flops_per_s"],
+            "per_process_flops_per_s": per_process,
+            "fraction_against": "; ".join(peak_reference(per_process, backend, d)[1] for d in ran)}
     info["bench_seconds"] = round(time.perf_counter() - t_start, 1)
     result = {"machine": info, "config": cfg.to_dict(), "dtype": dtype, "peak_matmul": peak,
               "flop_convention": FLOP_CONVENTION, "rows": rows, "targets": check_targets(rows, backend)}
+    result["markdown"] = report_markdown(result)
+    if jax.process_index() != 0:
+        return result
     os.makedirs(cfg.out_dir, exist_ok=True)
     with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
-        json.dump(result, f, indent=1, default=float)
-    md = report_markdown(result)
+        json.dump({k: v for k, v in result.items() if k != "markdown"}, f, indent=1, default=float)
     with open(os.path.join(cfg.out_dir, "bench.md"), "w") as f:
-        f.write(md)
-    result["markdown"] = md
+        f.write(result["markdown"])
     return result
 
 
 def report_markdown(result: dict) -> str:
     m, p = result["machine"], result["peak_matmul"]
+    n_proc = m.get("process_count", 1)
+    procs = "" if n_proc == 1 else f" over {n_proc} processes"
+    if n_proc == 1:
+        measured = f"{p['flops_per_s'] / 1e9:,.1f} GFLOP/s"
+    else:
+        measured = ("one device per process, " + ", ".join(f"{x / 1e9:,.1f}" for x in p["per_process_flops_per_s"])
+                    + " GFLOP/s")
     lines = [f"{m['date']} · {m['cpu']} ({m['cpu_cores']} cores, {m['host_memory_gib']} GiB) · "
-             f"backend {m['backend']} ({m['device_count']} × {m['device_kind']}) · jax {m['jax']} · git {m['git']}",
+             f"backend {m['backend']} ({m['device_count']} × {m['device_kind']}{procs}) · jax {m['jax']} · git {m['git']}",
              f"`{m['command']}`", "",
-             f"Peak: {p['n']}×{p['n']}×{p['n']} {p['dtype']} matmul, {p['flops_per_s'] / 1e9:,.1f} GFLOP/s "
-             f"(best of {p['start_flops_per_s'] / 1e9:,.1f} at the start and {p['end_flops_per_s'] / 1e9:,.1f} at the end; "
-             f"benchmark {m['bench_seconds']:.0f} s). "
-             f"FLOPs: {result['flop_convention']}.", "",
+             f"Peak: {p['n']}×{p['n']}×{p['n']} {p['dtype']} matmul, {measured} "
+             f"(process 0: best of {p['start_flops_per_s'] / 1e9:,.1f} at the start and "
+             f"{p['end_flops_per_s'] / 1e9:,.1f} at the end; benchmark {m['bench_seconds']:.0f} s). "
+             f"% peak is against {p['fraction_against']}. FLOPs: {result['flop_convention']}.", "",
              markdown_table(result["rows"]), ""]
     for t in result["targets"]:
         state = {True: "met", False: "MISSED", None: "info"}[t["met"]]
@@ -490,11 +575,26 @@ def report_markdown(result: dict) -> str:
 
 def main(argv):
     del argv
-    logging.set_verbosity(logging.INFO)
+    cfg = _CONFIG.value
+    logging.set_verbosity(logging.WARNING)  # INFO on process 0 once it is known (bench_main)
+    # before any JAX computation; no-op for one process
+    if not distributed.initialize(cfg.distributed):
+        return bench_main(cfg)
+    try:
+        return bench_main(cfg)
+    except BaseException as e:  # noqa: BLE001 - one failing process must not leave the others waiting
+        if isinstance(e, SystemExit) and e.code in (None, 0):
+            raise
+        distributed.exit_failed(e)
+
+
+def bench_main(cfg: ConfigDict) -> None:
+    # the other processes of a multi-process run print nothing but errors
+    logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     t = time.perf_counter()
-    result = run_benchmark(_CONFIG.value)
-    print(result["markdown"])
-    print(f"total {time.perf_counter() - t:.0f} s; wrote {os.path.join(_CONFIG.value.out_dir, 'bench.json')}")
+    result = run_benchmark(cfg)
+    _print(result["markdown"])
+    _print(f"total {time.perf_counter() - t:.0f} s; wrote {os.path.join(cfg.out_dir, 'bench.json')}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""experiments.bench as two JAX processes (2 x 4 fake CPU devices, gloo), as a pod's hosts run it:
+only vmap_sharded, over the global mesh; process 0 alone writes; the work equals 1 process x 8."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The tiny model, made smaller still so that both runs take well under a minute on 2 cores.
+FLAGS = ["--config.models=tiny", "--config.repeats=1", "--config.min_repeats=1",
+         "--config.matmul_size=256", "--config.tiny.n_layer=1", "--config.tiny.seq_len=64",
+         "--config.tiny.train_tokens=2048", "--config.tiny.valid_tokens=1024"]
+
+
+def _env(devices):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(k, None)
+    return env
+
+
+def test_bench_two_processes(tmp_path):
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    t0 = time.time()
+    # Both at once (they share the cores; only the work, not the speed, is compared).
+    pm = subprocess.Popen([sys.executable, "-m", "experiments.launch_local", "--processes", "2",
+                           "--devices-per-process", "4", "--module", "experiments.bench", "--timeout", "240", "--",
+                           *FLAGS, "--config.users=12,16", f"--config.out_dir={multi}"], cwd=REPO, env=_env(1),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    ps = subprocess.Popen([sys.executable, "-m", "experiments.bench", *FLAGS, "--config.users=16",
+                           "--config.modes=vmap_sharded", f"--config.out_dir={single}"], cwd=REPO, env=_env(8),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out_m, err_m = pm.communicate(timeout=300)
+        out_s, err_s = ps.communicate(timeout=300)
+    finally:
+        for p in (pm, ps):
+            if p.poll() is None:
+                p.kill()
+    print(f"both runs: {time.time() - t0:.1f} s")
+    assert pm.returncode == 0, out_m[-3000:] + err_m[-3000:]
+    assert ps.returncode == 0, out_s[-3000:] + err_s[-3000:]
+
+    assert sorted(os.listdir(multi)) == ["bench.json", "bench.md"]
+    out = json.load(open(multi / "bench.json"))
+    m = out["machine"]
+    assert (m["process_count"], m["device_count"], m["local_device_count"]) == (2, 8, 4)
+    assert {r["mode"] for r in out["rows"]} == {"vmap_sharded"}
+    assert [r["users"] for r in out["rows"]] == [12, 16]
+    skipped, r = out["rows"]  # 12 users do not divide 8 devices: skipped, and said so
+    assert "round_s" not in skipped and "does not divide the 8 devices of 2 processes" in skipped["skipped"]
+    assert "U=12 vmap_sharded skipped" in out_m
+    assert "loop_step, loop_round, vmap skipped" in out_m
+    assert r["devices"] == 8 and r["tokens_per_s"] > 0 and r["fraction_of_peak"] > 0 and r["round_flops"] > 0
+    assert len(out["peak_matmul"]["per_process_flops_per_s"]) == 2
+    assert "sum of the 2 processes'" in out["peak_matmul"]["fraction_against"]
+    assert "8 × cpu over 2 processes" in open(multi / "bench.md").read()
+    assert out_m.count("| tiny | 16 | vmap_sharded | 8 |") == 1  # the table, once
+
+    one = json.load(open(single / "bench.json"))
+    assert (one["machine"]["process_count"], one["machine"]["device_count"]) == (1, 8)
+    (ref,) = one["rows"]
+    assert (ref["users"], ref["mode"], ref["devices"]) == (16, "vmap_sharded", 8)
+    assert r["round_flops"] == ref["round_flops"]  # the same work ...
+    assert abs(r["first_round_mean_loss"] - ref["first_round_mean_loss"]) < 1e-5  # ... and the same losses
