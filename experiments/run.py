@@ -563,7 +563,23 @@ def parse_flags(argv) -> list[str]:
     return rest
 
 
+def _drop_abandoned_read_callbacks() -> None:
+    """When orbax cannot read a checkpoint, the tensorstore reads it abandoned finish later and
+    call back into an asyncio loop that is already closed; Python reports each of those as an
+    unraisable RuntimeError, dozens of tracebacks around the run's one-line error. Only that
+    exception is dropped; every other unraisable exception is reported as usual."""
+    default = sys.unraisablehook
+
+    def hook(u):
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            return
+        default(u)
+
+    sys.unraisablehook = hook
+
+
 if __name__ == "__main__":
+    _drop_abandoned_read_callbacks()
     import faulthandler
     # `kill -USR1 <pid>` prints every thread's Python stack to stderr: how a stalled multi-process
     # run shows where each process waits (the run goes on).
