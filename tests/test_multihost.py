@@ -98,7 +98,14 @@ def _wait(procs, timeout=300):
 
 
 def _logs(log_dir) -> str:
-    return "".join(f"\n--- process {i} ---\n" + (log_dir / f"process{i}.log").read_text()[-3000:] for i in range(2))
+    """Both processes' log tails, and their native stacks where _dump_stacks took them."""
+    out = ""
+    for i in range(2):
+        out += f"\n--- process {i} ---\n" + (log_dir / f"process{i}.log").read_text()[-3000:]
+        stack = log_dir / f"process{i}.stack"
+        if stack.exists():
+            out += f"\n--- process {i}, native stacks ---\n" + stack.read_text()[-3000:]
+    return out
 
 
 def _pair(wd, cache, log_dir, kill_at_checkpoint: bool, timeout=150):
@@ -113,8 +120,9 @@ def _pair(wd, cache, log_dir, kill_at_checkpoint: bool, timeout=150):
             if kill_at_checkpoint and (wd / "checkpoints" / "1").is_dir():  # complete: orbax renames
                 return
             codes = [q.poll() for q in procs]
+            if any(c not in (None, 0) for c in codes):  # one failed: no need to wait for the other
+                raise AssertionError(f"exit codes {codes}:" + _logs(log_dir))
             if all(c is not None for c in codes):
-                assert codes == [0, 0], _logs(log_dir)
                 assert not kill_at_checkpoint, "finished before the kill" + _logs(log_dir)
                 return
             time.sleep(0.05)
