@@ -177,9 +177,8 @@ class RunCheckpoints:
                 if os.path.exists(src):
                     shutil.move(src, target)
                     log(f"moved the corrupt checkpoint of round {r} to {target}")
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-            multihost_utils.sync_global_devices("comigs_jax:set_aside:" + ",".join(map(str, rounds)))
+        from comigs_jax import distributed
+        distributed.barrier("comigs_jax:set_aside:" + ",".join(map(str, rounds)))
         self.manager.reload()
 
     def delete_all(self) -> None:

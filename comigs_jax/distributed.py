@@ -79,6 +79,29 @@ def exit_failed(exc: BaseException) -> None:
     os._exit(code)
 
 
+def run_or_exit(fn, multi: bool, clean: tuple = ()):
+    """fn(); on one process of several, an exception or a non-zero exit escaping it ends this
+    process at once (exit_failed), so the others fail instead of hanging. `clean`: exceptions
+    that every process raises together (an agreed stop), which exit normally."""
+    if not multi:
+        return fn()
+    try:
+        return fn()
+    except clean:
+        raise
+    except BaseException as e:  # noqa: BLE001 - one failing process must not leave the others waiting
+        if isinstance(e, SystemExit) and e.code in (None, 0):
+            raise
+        exit_failed(e)
+
+
+def barrier(name: str) -> None:
+    """Wait until every process reaches barrier `name` (a no-op for one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def is_main_process() -> bool:
     return jax.process_index() == 0
 

@@ -184,9 +184,7 @@ def peak_matmul_flops(n: int, dtype: str, repeats: int = 5) -> dict:
 def peak_all_processes(n: int, dtype: str) -> list[dict]:
     """peak_matmul_flops on one local device of every process, measured at the same time (after a
     barrier: processes sharing a machine share its cores), in process order."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices("bench peak matmul")
+    distributed.barrier("bench peak matmul")
     return distributed.gather_json(peak_matmul_flops(n, dtype))
 
 
@@ -577,15 +575,8 @@ def main(argv):
     del argv
     cfg = _CONFIG.value
     logging.set_verbosity(logging.WARNING)  # INFO on process 0 once it is known (bench_main)
-    # before any JAX computation; no-op for one process
-    if not distributed.initialize(cfg.distributed):
-        return bench_main(cfg)
-    try:
-        return bench_main(cfg)
-    except BaseException as e:  # noqa: BLE001 - one failing process must not leave the others waiting
-        if isinstance(e, SystemExit) and e.code in (None, 0):
-            raise
-        distributed.exit_failed(e)
+    multi = distributed.initialize(cfg.distributed)  # before any JAX computation; no-op for one process
+    return distributed.run_or_exit(lambda: bench_main(cfg), multi)
 
 
 def bench_main(cfg: ConfigDict) -> None:

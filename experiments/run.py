@@ -467,17 +467,9 @@ def main(argv):
     methods, seeds = configuration.methods_of(cfg), configuration.seeds_of(cfg)
     workdir = FLAGS.workdir or default_workdir()
     from comigs_jax import distributed
-    # before any JAX computation; no-op for one process
-    if not distributed.initialize(cfg.distributed):
-        return run_all(cfg, methods, seeds, workdir)
-    try:
-        return run_all(cfg, methods, seeds, workdir)
-    except CleanStop:
-        raise  # every process agreed to stop: the normal exit, through the shutdown barrier
-    except BaseException as e:  # noqa: BLE001 - one failing process must not leave the others waiting
-        if isinstance(e, SystemExit) and e.code in (None, 0):
-            raise
-        distributed.exit_failed(e)
+    multi = distributed.initialize(cfg.distributed)  # before any JAX computation; no-op for one process
+    # a CleanStop is agreed by every process: the normal exit, through the shutdown barrier
+    return distributed.run_or_exit(lambda: run_all(cfg, methods, seeds, workdir), multi, clean=(CleanStop,))
 
 
 class CleanStop(SystemExit):
