@@ -399,6 +399,7 @@ def compiled_memory(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_us
     import jax.numpy as jnp
 
     from comigs_jax.federated.roles import split_base
+    from comigs_jax.federated.sharding import single_device_mesh
     from comigs_jax.model.gpt2 import param_shapes
     from comigs_jax.train.rounds import vmap_round
     from comigs_jax.train.state import init_states
@@ -412,7 +413,7 @@ def compiled_memory(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_us
     data = {"train": S((n_users, train_tokens), tok), "train_len": S((n_users,), jnp.int32),
             "valid": S((n_users, valid_tokens), tok), "valid_len": S((n_users,), jnp.int32)}
     args = (base, states, data, S((n_users, cfg.moe.n_experts), jnp.bool_), S((n_users,), jnp.bool_))
-    lowered = vmap_round(cfg, tc, method, tc.local_steps).lower(*args)
+    lowered = vmap_round(cfg, tc, method, tc.local_steps, mesh=single_device_mesh()).lower(*args)
     m = lowered.compile(compiler_options=compiler_options).memory_analysis()
     out = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
                                            "alias_size_in_bytes", "temp_size_in_bytes")}

@@ -8,14 +8,13 @@ import math
 import os
 
 from comigs_jax.data.config import split_list, validate_data_config
+from comigs_jax.errors import ConfigError
 from comigs_jax.federated.methods import METHODS, ROUTER_MODES  # noqa: F401
 from comigs_jax.model.config import DTYPES, LB_INPUTS, LORA_SCALINGS, GPT2Config, LoRAConfig, MoEConfig
 from comigs_jax.train.evaluation import PROTOCOLS
 from comigs_jax.train.state import TrainConfig
 
 
-class ConfigError(ValueError):
-    """A configuration value that is not allowed."""
 
 
 def _fail(key, value, allowed):

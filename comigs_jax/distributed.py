@@ -122,6 +122,15 @@ def global_max(value: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.array([value], np.int32))))
 
 
+def global_result_type(dtypes, default=np.int32) -> np.dtype:
+    """np.result_type of every process's `dtypes` (a process may have none: it then learns the
+    others'); `default` when no process has any."""
+    names = sorted({np.dtype(d).name for d in dtypes})
+    if jax.process_count() > 1:
+        names = sorted({n for part in gather_json(names) for n in part})
+    return np.result_type(*names) if names else np.dtype(default)
+
+
 def gather_json(obj) -> list:
     """Every process's JSON-able `obj`, in process order, on every process."""
     import json

@@ -64,7 +64,7 @@ from ml_collections import ConfigDict, config_flags
 from comigs_jax import distributed
 from comigs_jax.federated.methods import configure_model, get_method
 from comigs_jax.federated.roles import split_base
-from comigs_jax.federated.sharding import shard_users, replicate, users_mesh
+from comigs_jax.federated.sharding import replicate, shard_users, single_device_mesh, users_mesh
 from comigs_jax.federated.users import stack_tokens
 from comigs_jax.model.config import GPT2Config, LoRAConfig, MoEConfig
 from comigs_jax.model.gpt2 import init_params
@@ -296,8 +296,8 @@ def build_mode(mode: str, w: Workload) -> tuple[Callable, dict, dict]:
         return loop_step_round(*args), inputs, info
     if mode == "loop_round":
         return loop_round(*args), inputs, info
-    if mode == "vmap":
-        return vmap_round(*args), inputs, info
+    if mode == "vmap":  # one device: a one-device mesh splits nothing
+        return vmap_round(*args, mesh=single_device_mesh()), inputs, info
     if mode == "vmap_sharded":
         if jax.process_count() > 1:  # every process's devices; run_benchmark skips a U they do not divide
             n_dev, mesh = jax.device_count(), users_mesh()

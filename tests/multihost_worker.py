@@ -25,8 +25,9 @@ distributed.initialize(SimpleNamespace(mode="auto", coordinator_address="", num_
 import numpy as np  # noqa: E402
 
 from comigs_jax.federated.methods import get_method  # noqa: E402
-from comigs_jax.federated.sharding import local_user_rows, users_mesh  # noqa: E402
-from comigs_jax.federated.simulation import Simulation  # noqa: E402
+from comigs_jax.federated.layout import Layout  # noqa: E402
+from comigs_jax.federated.sharding import users_mesh  # noqa: E402
+from comigs_jax.experiment.simulation import Simulation  # noqa: E402
 from comigs_jax.train.state import TrainConfig  # noqa: E402
 from tiny import markov_users, tiny_base, tiny_cfg  # noqa: E402
 
@@ -35,12 +36,12 @@ def main(out_dir):
     n_users = 12
     cfg = tiny_cfg(n_experts=3)
     tc = TrainConfig(rounds=2, local_steps=3, batch_size=4, seq_len=8, router_every=2, router_steps=2)
-    mesh = users_mesh()
-    mine = [u for u in local_user_rows(mesh, 16) if u < n_users]
+    layout = Layout(n_users, users_mesh())
+    mine = layout.data_users  # this process's users: those on its devices
     train_all, valid_all = markov_users(n_users, 400, 0), markov_users(n_users, 200, 100)
     train, valid = [train_all[u] for u in mine], [valid_all[u] for u in mine]  # nothing else is given
     sim = Simulation(cfg, tc, get_method("comigs"), tiny_base(cfg), train, valid,
-                     expert_counts=[2, 3, 1, 3] * 3, seed=3, mesh=mesh, user_indices=mine, n_users=n_users)
+                     expert_counts=[2, 3, 1, 3] * 3, seed=3, layout=layout, user_indices=mine)
     losses = []
     for _ in range(2):
         losses.append(sim.run_round()["loss"])

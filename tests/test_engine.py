@@ -10,8 +10,9 @@ from flax import traverse_util
 from comigs_jax.federated.aggregate import aggregate
 from comigs_jax.federated.methods import METHODS, get_method
 from comigs_jax.federated.roles import role_of
-from comigs_jax.federated.sharding import users_mesh
-from comigs_jax.federated.simulation import Simulation
+from comigs_jax.federated.layout import Layout
+from comigs_jax.federated.sharding import single_device_mesh, users_mesh
+from comigs_jax.experiment.simulation import Simulation
 from comigs_jax.train.state import TrainConfig
 from tiny import markov_users, tiny_base, tiny_cfg
 
@@ -45,9 +46,9 @@ def test_vmap_sharded_and_loop_agree(faithful):
     tc = dataclasses.replace(TC, faithful=faithful)
     method = get_method("comigs")
     results = {}
-    for mode, mesh in (("vmap", None), ("vmap_sharded", users_mesh()), ("loop", None)):
+    for mode, mesh in (("vmap", single_device_mesh()), ("vmap_sharded", users_mesh()), ("loop", single_device_mesh())):
         sim = Simulation(cfg, tc, method, base, train, valid, expert_counts=counts, seed=3,
-                         mode="loop" if mode == "loop" else "vmap", mesh=mesh)
+                         mode="loop" if mode == "loop" else "vmap", layout=Layout(12, mesh))
         metrics = _run(sim, 2)
         results[mode] = (_flat(jax.tree.map(lambda x: x[:12], sim.states.params)), metrics, sim)
     assert results["vmap_sharded"][2].n_padded == 16

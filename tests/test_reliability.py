@@ -200,7 +200,7 @@ def _toy_state(users=3, rank=4):
     ("extra_leaf", r"it lacks \['params'\]\['c'\]"),
 ])
 def test_checkpoint_of_another_model_shape_is_a_one_line_error(change, expect, tmp_path):
-    from comigs_jax.checkpoint import CheckpointError, RunCheckpoints
+    from comigs_jax.experiment.checkpoint import CheckpointError, RunCheckpoints
     c = RunCheckpoints(str(tmp_path / "ck"))
     c.save(2, _toy_state(), {"round": 2})
     if change == "extra_leaf":
@@ -217,7 +217,7 @@ def test_fingerprint_catches_arrays_that_read_back_different(tmp_path):
     """A checkpoint whose arrays read back fine but differ from what was saved (a silent bit flip)."""
     import orbax.checkpoint as ocp
 
-    from comigs_jax.checkpoint import RunCheckpoints, _flat, fingerprint
+    from comigs_jax.experiment.checkpoint import RunCheckpoints, _flat, fingerprint
     c = RunCheckpoints(str(tmp_path / "ck"))
     good = _toy_state()
     c.save(1, good, {"round": 1})
@@ -245,7 +245,7 @@ def test_huge_learning_rate_stops_with_round_user_step_and_no_checkpoint(cache, 
 
 
 def test_nonfinite_metric_locator():
-    from experiments.run import first_nonfinite
+    from comigs_jax.experiment.numerics import first_nonfinite
     m = {"loss": np.ones((3, 4), np.float32), "ce": np.ones((3, 4), np.float32),
          "router_prob": np.ones((3, 4, 2, 2), np.float32), "router_phase": np.ones((3, 4), bool)}
     assert first_nonfinite(m, np.ones(3, bool)) is None
@@ -316,8 +316,9 @@ def test_bad_config_fails_at_once_with_one_line(args, message, base32, tmp_path)
 def test_more_devices_than_users_is_fine():
     """3 users on the 8 fake devices of the test process: padded to 8, masked out; train and evaluate."""
     from comigs_jax.federated.methods import get_method
+    from comigs_jax.federated.layout import Layout
     from comigs_jax.federated.sharding import users_mesh
-    from comigs_jax.federated.simulation import Simulation
+    from comigs_jax.experiment.simulation import Simulation
     from comigs_jax.train.state import TrainConfig
     from tiny import markov_users, tiny_base, tiny_cfg
 
@@ -325,7 +326,8 @@ def test_more_devices_than_users_is_fine():
     cfg = tiny_cfg()
     tc = TrainConfig(rounds=1, local_steps=2, batch_size=4, seq_len=8, router_every=2, router_steps=1)
     train, valid = markov_users(3, 400), markov_users(3, 200, seed=1)
-    sim = Simulation(cfg, tc, get_method("comigs"), tiny_base(cfg), train, valid, seed=0, mesh=users_mesh())
+    sim = Simulation(cfg, tc, get_method("comigs"), tiny_base(cfg), train, valid, seed=0,
+                     layout=Layout(3, users_mesh()))
     assert sim.n_padded == 8
     m = sim.run_round()
     sim.aggregate()
@@ -485,7 +487,7 @@ def test_no_remote_code_or_unsafe_deserialisation_in_the_sources():
 
 def test_metrics_writer_without_a_file_keeps_records_in_memory(tmp_path, monkeypatch):
     """The other processes of a multi-process run keep their metrics in memory and open no file."""
-    from comigs_jax.metrics import MetricsWriter
+    from comigs_jax.experiment.metrics import MetricsWriter
     monkeypatch.chdir(tmp_path)
     w = MetricsWriter(None)
     for r in (1, 2, 3):

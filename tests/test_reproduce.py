@@ -13,7 +13,7 @@ import pytest
 from comigs_jax.data import default_data_config, load_user_data, tokens
 from comigs_jax.federated.methods import get_method
 from comigs_jax.federated.roles import merge
-from comigs_jax.federated.simulation import Simulation
+from comigs_jax.experiment.simulation import Simulation
 from comigs_jax.model.gpt2 import GPT2
 from comigs_jax.train import evaluation
 from comigs_jax.train.state import TrainConfig

@@ -10,6 +10,7 @@ USERS = "users"
 
 def users_mesh(devices=None) -> Mesh:
     """A 1-D mesh over all (or the given) devices with axis `users` (Auto axis type).
+    `single_device_mesh()` is the mesh of a run that shards nothing.
 
     Devices are ordered by process, so that every process holds one contiguous block of users
     (what lets each process load only its own users' data)."""
@@ -18,10 +19,13 @@ def users_mesh(devices=None) -> Mesh:
     return Mesh(np.asarray(devices), (USERS,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def local_user_rows(mesh: Mesh | None, n_rows: int) -> list[int]:
+def single_device_mesh() -> Mesh:
+    """A one-device `users` mesh (this process's first device): nothing is split."""
+    return users_mesh(jax.local_devices()[:1])
+
+
+def local_user_rows(mesh: Mesh, n_rows: int) -> list[int]:
     """The rows of a [n_rows, ...] user-sharded array that live on this process's devices."""
-    if mesh is None:
-        return list(range(n_rows))
     index_map = user_sharded(mesh).addressable_devices_indices_map((n_rows,))
     rows = sorted({r for idx in index_map.values() for r in range(*idx[0].indices(n_rows))})
     if rows != list(range(rows[0], rows[-1] + 1)):
@@ -29,13 +33,10 @@ def local_user_rows(mesh: Mesh | None, n_rows: int) -> list[int]:
     return rows
 
 
-def global_user_array(mesh: Mesh | None, local_rows, n_rows: int):
+def global_user_array(mesh: Mesh, local_rows, n_rows: int):
     """A global [n_rows, ...] array split over `users` from this process's rows only
     (`local_rows` [len(local_user_rows), ...]); no process holds another's users."""
-    import jax.numpy as jnp
     local_rows = np.asarray(local_rows)
-    if mesh is None:
-        return jnp.asarray(local_rows)
     return jax.make_array_from_process_local_data(user_sharded(mesh), local_rows,
                                                   (n_rows,) + local_rows.shape[1:])
 

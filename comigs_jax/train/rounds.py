@@ -1,7 +1,7 @@
 """One local round as one XLA program: vmap over users of a lax.scan over local steps.
 
-`user_round` is the round of ONE user. `vmap_round` stacks it over the user axis (optionally
-sharded over a mesh's `users` axis); `loop_round` jits it without the user axis and calls it in
+`user_round` is the round of ONE user. `vmap_round` stacks it over the user axis (sharded
+over a mesh's `users` axis); `loop_round` jits it without the user axis and calls it in
 a Python loop over users: the same math, the benchmark's baseline and the correctness oracle.
 `loop_step_round` goes one step further back to the reference's structure: one jitted training
 step (or router phase) per Python call, users in a Python loop.
@@ -15,14 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import Mesh
 
 from comigs_jax.federated.methods import Method
+from comigs_jax.federated.sharding import USERS, replicated, user_sharded
 from comigs_jax.model.config import GPT2Config
 from comigs_jax.train.state import TrainConfig, UserState
 from comigs_jax.train.steps import expert_step, router_step
-
-USERS = "users"
-
 
 def _tree_where(cond, new, old):
     return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
@@ -66,18 +65,14 @@ def user_round(base: dict, state: UserState, data: dict, mask: jax.Array, active
     return _tree_where(active, new_state, state), metrics
 
 
-def vmap_round(model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: int, mesh=None):
+def vmap_round(model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: int, *, mesh: Mesh):
     """jit(vmap(user_round)): (base, states [U], data [U], masks [U, E], active [U]) -> (states, metrics).
 
-    With a mesh, users are sharded over its `users` axis and the base is replicated; U must be
-    a multiple of the mesh size (pad with comigs_jax.federated.users).
+    Users are sharded over the mesh's `users` axis (one device: nothing is split) and the base is
+    replicated; U must be a multiple of the mesh size (comigs_jax.federated.layout pads it).
     """
     fn = functools.partial(user_round, model_cfg=model_cfg, tc=tc, method=method, steps=steps, axis_name=USERS)
-    vfn = jax.vmap(fn, in_axes=(None, 0, 0, 0, 0), axis_name=USERS,
-                   spmd_axis_name=USERS if mesh is not None else None)
-    if mesh is None:
-        return jax.jit(vfn, donate_argnums=(1,))
-    from comigs_jax.federated.sharding import replicated, user_sharded
+    vfn = jax.vmap(fn, in_axes=(None, 0, 0, 0, 0), axis_name=USERS, spmd_axis_name=USERS)
     rep, users = replicated(mesh), user_sharded(mesh)
     return jax.jit(vfn, in_shardings=(rep, users, users, users, users), out_shardings=(users, users),
                    donate_argnums=(1,))

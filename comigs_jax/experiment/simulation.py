@@ -6,9 +6,9 @@
         ... evaluate the local (pre-aggregation) models here, as the reference ...
         sim.aggregate()                  # jitted masked mean of the shared leaves
 
-All per-user arrays carry a leading user axis padded to a multiple of the device count;
-padding users compute like real users but weigh nothing in aggregation and are dropped from
-every output.
+All per-user arrays carry a leading user axis padded to a multiple of the device count (the
+`Layout`, comigs_jax.federated.layout); padding users compute like real users but weigh nothing
+in aggregation and are dropped from every output.
 """
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ import numpy as np
 from comigs_jax import distributed
 from comigs_jax.federated import sharding
 from comigs_jax.federated.aggregate import aggregate, aggregation_weights
+from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.methods import Method, configure_model
-from comigs_jax.federated.users import expert_masks, padded_user_count, real_user_mask
+from comigs_jax.federated.users import expert_masks
 from comigs_jax.model.config import GPT2Config
 from comigs_jax.train.rounds import loop_round, vmap_round
 from comigs_jax.train.state import TrainConfig, init_states, init_states_unjitted
@@ -36,27 +37,35 @@ MODES = ("vmap", "loop")
 class Simulation:
     """U users of one method, trained as one array program.
 
-    train / valid: per-user 1-D token arrays. expert_counts: experts per user (None: all
-    model_cfg.moe.n_experts). mode: "vmap" (one program for all users; sharded when a mesh is
-    given) or "loop" (the same round per user in a Python loop). weighting: "uniform" (the
-    reference) or "tokens" (by training-set size). participation: fraction of users that train
-    in a round (sampled per round with the run's seed; 1.0 = all).
+    train / valid: per-user 1-D token arrays of the users `user_indices` (default: every user).
+    layout: where the users live (default: every user on one device; its `pooled` must match the
+    method's). expert_counts: experts per user (None: all model_cfg.moe.n_experts). mode: "vmap"
+    (one program for all users, sharded over the layout's mesh) or "loop" (the same round per
+    user in a Python loop). weighting: "uniform" (the reference) or "tokens" (by training-set
+    size). participation: fraction of users that train in a round (sampled per round with the
+    run's seed; 1.0 = all).
     """
 
     def __init__(self, model_cfg: GPT2Config, tc: TrainConfig, method: Method, base: dict,
                  train: Sequence[np.ndarray], valid: Sequence[np.ndarray], *,
-                 expert_counts: Optional[Sequence[int]] = None, seed: int = 0, mode: str = "vmap",
-                 mesh=None, weighting: str = "uniform", participation: float = 1.0,
-                 user_indices: Optional[Sequence[int]] = None, n_users: Optional[int] = None):
+                 layout: Optional[Layout] = None, expert_counts: Optional[Sequence[int]] = None, seed: int = 0,
+                 mode: str = "vmap", weighting: str = "uniform", participation: float = 1.0,
+                 user_indices: Optional[Sequence[int]] = None):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: allowed {MODES}")
         if weighting not in ("uniform", "tokens"):
             raise ValueError(f"weighting={weighting!r}: allowed ('uniform', 'tokens')")
         if not 0.0 < participation <= 1.0:
             raise ValueError(f"participation={participation}: must be in (0, 1]")
+        if layout is None:
+            layout = Layout(len(train), sharding.single_device_mesh(), method.pooled_data)
+        if layout.pooled != method.pooled_data:
+            raise ValueError(f"layout.pooled={layout.pooled} for method {method.name!r} "
+                             f"(pooled_data={method.pooled_data})")
+        self.layout = layout
         self.model_cfg = configure_model(model_cfg, method)
         moe = self.model_cfg.moe
-        self.n_users = len(train) if n_users is None else n_users
+        self.n_users = layout.n_users
         self.user_indices = list(range(self.n_users)) if user_indices is None else list(user_indices)
         if len(self.user_indices) != len(train) or len(train) != len(valid):
             raise ValueError(f"{len(train)} train and {len(valid)} valid splits for {len(self.user_indices)} users")
@@ -68,7 +77,7 @@ class Simulation:
                 raise ValueError(f"expert count {c}: must be in [max(n_generalists, 1)={max(moe.n_generalists, 1)}, "
                                  f"n_experts={moe.n_experts}]")
         self.expert_counts = counts
-        self.method, self.mode, self.mesh = method, mode, mesh
+        self.method, self.mode, self.mesh = method, mode, layout.mesh
         self.participation, self.weighting = participation, weighting
         self.n_rounds, self.steps_per_round = tc.rounds, tc.local_steps
         self.tc = tc
@@ -77,16 +86,16 @@ class Simulation:
                 if len(a) < tc.seq_len + 1:
                     raise ValueError(f"user {i}: {name} split has {len(a)} tokens, fewer than one window "
                                      f"(seq_len + 1 = {tc.seq_len + 1})")
-        n_models = 1 if method.pooled_data else self.n_users
         if method.pooled_data:  # one model on the union of the users' data, batch x U
             counts = [max(counts)]
             tc = self.tc = _replace(tc, batch_size=tc.batch_size * self.n_users)
-        n_dev = mesh.devices.size if mesh is not None else 1
-        self.n_padded = padded_user_count(n_models, n_dev)
-        self.local_rows = sharding.local_user_rows(mesh, self.n_padded)
-        self.real = real_user_mask(n_models, self.n_padded)
+        self.n_padded = layout.n_rows
+        self.local_rows = layout.local_rows
+        self.real = layout.real
         self.masks = expert_masks(counts, moe.n_experts, self.n_padded)
         self.n_shared_specialists = max(min(counts) - moe.n_generalists, 0)
+        # every process agrees on the token dtype, even one given no user (only padding rows)
+        self.token_dtype = distributed.global_result_type([a.dtype for a in (*train, *valid)])
         self.data = {}
         for name, split in (("train", train), ("valid", valid)):
             self.data[name], self.data[f"{name}_len"] = self._place_rows(self._model_rows(split))
@@ -95,24 +104,17 @@ class Simulation:
 
         key = jax.random.PRNGKey(seed)
         init = lambda k: init_states_unjitted(self.model_cfg, tc, method, k, self.n_padded, self.n_shared_specialists)
-        if mesh is not None:
-            self.base = sharding.replicate(base, mesh)
-            self.states = jax.jit(init, out_shardings=sharding.user_sharded(mesh))(key)
-            self.masks_dev = sharding.shard_users(jnp.asarray(self.masks), mesh)
+        self.base = jax.device_put(base, layout.replicated)
+        self.states = jax.jit(init, out_shardings=layout.users)(key)
+        self.masks_dev = jax.device_put(jnp.asarray(self.masks), layout.users)
+        if mode == "vmap":
+            self._round = vmap_round(self.model_cfg, tc, method, self.steps_per_round, mesh=layout.mesh)
         else:
-            self.base = jax.device_put(base)
-            self.states = init_states(self.model_cfg, tc, method, key, self.n_padded, self.n_shared_specialists)
-            self.masks_dev = jnp.asarray(self.masks)
-        builder = vmap_round if mode == "vmap" else loop_round
-        kwargs = {"mesh": mesh} if mode == "vmap" else {}
-        self._round = builder(self.model_cfg, tc, method, self.steps_per_round, **kwargs)
+            self._round = loop_round(self.model_cfg, tc, method, self.steps_per_round)
         agg = functools.partial(aggregate, shared_roles=method.shared_roles,
                                 n_shared_specialists=self.n_shared_specialists)
-        if mesh is None:
-            self._aggregate = jax.jit(agg)
-        else:  # the mean is an all-reduce; the result stays split over users
-            users = sharding.user_sharded(mesh)
-            self._aggregate = jax.jit(agg, in_shardings=(users, users), out_shardings=users)
+        # the mean is an all-reduce; the result stays split over users
+        self._aggregate = jax.jit(agg, in_shardings=(layout.users, layout.users), out_shardings=layout.users)
         self._eval_cache = {}
         self.active = np.ones(self.n_padded, bool)
 
@@ -121,7 +123,7 @@ class Simulation:
         """{row: tokens} for this process's rows of the (padded) model axis. Padding rows get a
         dummy window of zeros; Centralized's one model gets every user's tokens, concatenated."""
         given = dict(zip(self.user_indices, split))
-        dummy = np.zeros(self.tc.seq_len + 1, next(iter(given.values())).dtype)
+        dummy = np.zeros(self.tc.seq_len + 1, self.token_dtype)
         rows = {}
         for r in self.local_rows:
             if not self.real[r]:
@@ -143,12 +145,11 @@ class Simulation:
         rows = self.local_rows if rows is None else rows
         n_rows = self.n_padded if n_rows is None else n_rows
         n = distributed.global_max(max(len(a) for a in arrays.values()))
-        block = np.zeros((len(rows), n), np.result_type(*[a.dtype for a in arrays.values()]))
+        block = np.zeros((len(rows), n), self.token_dtype)
         lengths = np.zeros(len(rows), np.int32)
         for i, r in enumerate(rows):
             block[i, : len(arrays[r])], lengths[i] = arrays[r], len(arrays[r])
-        return (sharding.global_user_array(self.mesh, block, n_rows),
-                sharding.global_user_array(self.mesh, lengths, n_rows))
+        return sharding.global_user_array(self.mesh, block, n_rows), sharding.global_user_array(self.mesh, lengths, n_rows)
 
     # ------------------------------------------------------------------ rounds
     def sample_participants(self) -> np.ndarray:
@@ -163,9 +164,7 @@ class Simulation:
     def run_round(self) -> dict:
         """All users' local steps of one round; returns per-user, per-step metrics (real users only)."""
         self.active = self.sample_participants()
-        active = jnp.asarray(self.active)
-        if self.mesh is not None:
-            active = sharding.shard_users(active, self.mesh)
+        active = jax.device_put(jnp.asarray(self.active), self.layout.users)
         self.states, metrics = self._round(self.base, self.states, self.data, self.masks_dev, active)
         self.round_index += 1
         return jax.tree.map(lambda x: distributed.to_host(x)[self.real], metrics)
@@ -176,9 +175,7 @@ class Simulation:
         A no-op for one-round methods (synchronised at round 0 only)."""
         if self.method.one_round:
             return
-        real, active = jnp.asarray(self.real), jnp.asarray(self.active)
-        if self.mesh is not None:
-            real, active = sharding.shard_users((real, active), self.mesh)
+        real, active = jax.device_put((jnp.asarray(self.real), jnp.asarray(self.active)), self.layout.users)
         w = aggregation_weights(real, active, self.data["train_len"] if self.weighting == "tokens" else None)
         params = self._aggregate(self.states.params, w)
         self.states = self.states.replace(params=params)
@@ -197,15 +194,14 @@ class Simulation:
         if not self.method.pooled_data:
             return self.states.params
         rep = lambda p: jax.tree.map(lambda x: jnp.broadcast_to(x[0], (n_rows,) + x.shape[1:]), p)
-        out = sharding.user_sharded(self.mesh) if self.mesh is not None else None
-        return jax.jit(rep, out_shardings=out)(self.states.params)
+        return jax.jit(rep, out_shardings=self.layout.users)(self.states.params)
 
     def user_params(self, user: int) -> dict:
         """One user's trainable params (no user axis), on every process: a collective, so every
         process must call it (Centralized: its one model)."""
         row = 0 if self.method.pooled_data else user
-        out = sharding.replicated(self.mesh) if self.mesh is not None else None
-        return jax.jit(lambda p: jax.tree.map(lambda x: x[row], p), out_shardings=out)(self.states.params)
+        return jax.jit(lambda p: jax.tree.map(lambda x: x[row], p),
+                       out_shardings=self.layout.replicated)(self.states.params)
 
     def evaluate(self, splits: Sequence[np.ndarray], n_windows: int, batch: int, protocol: str = "full",
                  seed: int = 0) -> dict:
@@ -219,13 +215,12 @@ class Simulation:
         if len(splits) != len(self.user_indices):
             raise ValueError(f"evaluate: {len(splits)} splits for the {len(self.user_indices)} users given")
         # Users (not models: Centralized's one model is scored on every user) on the users axis.
-        n_rows = padded_user_count(self.n_users, self.mesh.devices.size if self.mesh is not None else 1)
-        rows = sharding.local_user_rows(self.mesh, n_rows)
+        n_rows, rows = self.layout.n_user_rows, self.layout.local_user_rows
         given = dict(zip(self.user_indices, splits))
         missing = [r for r in rows if r < self.n_users and r not in given]
         if missing:
             raise ValueError(f"evaluate: users {missing[:5]} live on this process's devices but were not given")
-        arrays = {r: given[r] if r < self.n_users else np.zeros(self.tc.seq_len + 1, np.int32) for r in rows}
+        arrays = {r: given[r] if r < self.n_users else np.zeros(self.tc.seq_len + 1, self.token_dtype) for r in rows}
         lengths = np.array([len(arrays[r]) for r in rows])
         counts = full_window_counts(lengths, self.tc.seq_len) if protocol == "full" else np.zeros(1, int)
         starts, weights = eval_windows(protocol, lengths, self.tc.seq_len, n_windows, batch, seed, user_ids=rows,

@@ -20,8 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from comigs_jax import distributed
+from comigs_jax.errors import ExperimentError
 
-class CheckpointError(Exception):
+
+class CheckpointError(ExperimentError):
     """A checkpoint that cannot be used (one line: which, why, what to do)."""
 
 
@@ -64,7 +67,8 @@ def _first_difference(old: dict, new: dict) -> str | None:
 
 
 class RunCheckpoints:
-    """Numbered (by round) checkpoints under `directory`."""
+    """Numbered (by round) checkpoints under `directory`; a context manager that closes orbax's
+    manager on the way out, whatever ends the run."""
 
     def __init__(self, directory: str, max_to_keep: int = 2):
         self.directory = os.path.abspath(directory)
@@ -167,7 +171,6 @@ class RunCheckpoints:
     def _set_aside(self, rounds: list[int], log=print) -> None:
         """Move corrupt checkpoints out of the manager's folder (kept for inspection). Several
         processes share the folder: process 0 moves, the others wait for it, all then reload."""
-        import jax
         if jax.process_index() == 0:
             dest = self.directory.rstrip("/") + "_corrupt"
             os.makedirs(dest, exist_ok=True)
@@ -177,9 +180,15 @@ class RunCheckpoints:
                 if os.path.exists(src):
                     shutil.move(src, target)
                     log(f"moved the corrupt checkpoint of round {r} to {target}")
-        from comigs_jax import distributed
         distributed.barrier("comigs_jax:set_aside:" + ",".join(map(str, rounds)))
         self.manager.reload()
+
+    def __enter__(self) -> "RunCheckpoints":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()  # orbax's threads end before an error line is printed (else a teardown traceback)
+        return False
 
     def delete_all(self) -> None:
         for r in self.all_rounds():

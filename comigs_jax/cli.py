@@ -1,0 +1,186 @@
+"""What every command line of the project shares: `--config=FILE[:ARG]` with `--config.key=value`
+overrides (ml_collections, locked, so a mistyped key fails), and errors as one line.
+
+    cfg, flag_values = cli.parse_config(argv, "configs/demo.py", homes=cli.EXPERIMENT_HOMES, define=...)
+    code = cli.main_guard(lambda: ...)        # a typed error -> "error: ..." on stderr, exit code
+
+`experiments.run`, `experiments.bench` and `comigs_jax.capacity` parse with it, each on a fresh
+FlagValues, so their `main(argv)` can be called in-process (tests, notebooks) and returns an exit
+code instead of ending the interpreter.
+"""
+from __future__ import annotations
+
+import difflib
+import errno
+import importlib.util
+import os
+import shlex
+import sys
+from typing import Callable
+
+from absl import flags
+from ml_collections import ConfigDict, config_flags
+
+from comigs_jax.errors import ExperimentError, Stopped
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Where the keys of each group of the experiment configs are defined ("" = every other group).
+EXPERIMENT_HOMES = {"": "configs/base.py", "data": "comigs_jax/data/config.py"}
+# OSErrors that are the machine's or the user's, not the code's: one line, no traceback.
+ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR,
+                      errno.EISDIR, errno.EEXIST, errno.ENOENT}
+
+
+class UsageError(Exception):
+    """A command line that cannot be run: a missing config file, an unknown key, a bad value."""
+
+
+class CleanStop(SystemExit):
+    """A stop every process agreed on (a signal), after a checkpoint: the normal exit path."""
+
+
+def config_spec(argv, default: str) -> str:
+    """The --config value as typed (FILE[:ARG]), or `default`."""
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return default
+
+
+def load_config_file(spec: str) -> ConfigDict:
+    """get_config([ARG]) of FILE, as config_flags calls it (no overrides)."""
+    path, _, arg = spec.partition(":")
+    name = "_comigs_config_file"
+    loader = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(loader)
+    sys.modules[name] = module  # dataclasses and pickling look the module up by name
+    try:
+        loader.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
+    finally:
+        sys.modules.pop(name, None)
+
+
+def _override_keys(argv) -> list[tuple[str, str]]:
+    """(flag as typed, dotted key) of every --config.KEY override."""
+    out = []
+    for a in argv:
+        for prefix in ("--config.", "--noconfig."):
+            if a.startswith(prefix):
+                out.append((a.split("=", 1)[0], a[len(prefix):].split("=", 1)[0]))
+    return out
+
+
+def unknown_key(cfg: ConfigDict, key: str, homes: dict) -> str | None:
+    """None when `key` (dotted) is in cfg; else the one-line reason: the key, a near miss, and the
+    file that defines the keys of its group."""
+    node, path = cfg, []
+    for part in key.split("."):
+        if not isinstance(node, ConfigDict) or part not in node:
+            group = ".".join(path)
+            close = difflib.get_close_matches(part, list(node.keys()) if isinstance(node, ConfigDict) else [], 1)
+            hint = f"did you mean '{'.'.join(path + close)}'? " if close else ""
+            home = next((homes[g] for g in sorted(homes, key=len, reverse=True)
+                         if g and (group == g or group.startswith(g + "."))), homes.get("", "the config file"))
+            where = f"the keys of '{group}' are defined in {home}" if group else f"the top-level keys are defined in {home}"
+            return f"unknown config key '{key}' ({hint}{where})"
+        node = node[part]
+        path.append(part)
+    return None
+
+
+def parse_config(argv, default: str, *, homes: dict, define: Callable | None = None):
+    """(config, FlagValues) from argv (argv[0] is the program). UsageError (one line) for a missing
+    config file, an unknown key or a value the flag parser refuses. `define(flag_values)` adds
+    the command's other flags."""
+    spec = config_spec(argv[1:], default)
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+        raise UsageError(f"config file {path!r} not found (see configs/ for the config files)")
+    overrides = _override_keys(argv[1:])
+    if overrides:
+        try:
+            plain = load_config_file(spec)
+        except Exception as e:  # noqa: BLE001 - a broken config file: its own error, one line
+            raise UsageError(f"config file {spec!r} cannot be loaded: {_first_line(e)}") from None
+        for flag, key in overrides:
+            why = unknown_key(plain, key, homes)
+            if why:
+                raise UsageError(f"{flag}: {why}")
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", default, "Config file[:argument].", flag_values=fv, lock_config=True,
+                                   sys_argv=list(argv))
+    if define is not None:
+        define(fv)
+    try:
+        fv(list(argv))
+        cfg = fv.config  # loads the file and applies the --config.* overrides
+    except (flags.Error, ValueError, TypeError, KeyError, AttributeError, OSError) as e:
+        raise UsageError(_first_line(e)) from None
+    return cfg, fv
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def resume_command(module: str, argv) -> str:
+    """The command line that resumes a run (without a --config.resume=False)."""
+    args = [a for a in argv[1:] if not a.startswith("--config.resume")]
+    return " ".join(["python", "-m", module, *map(shlex.quote, args)])
+
+
+def as_exit(fn: Callable, resume: str | None = None):
+    """fn(), with the library's typed errors turned into SystemExit("error: ...") (one line) and a
+    signal stop into CleanStop(128 + signum) after printing where it stopped and how to resume."""
+    try:
+        return fn()
+    except Stopped as e:
+        if _is_main_process():
+            print(f"{e}; resume with: {resume}" if resume else str(e), flush=True)
+        raise CleanStop(e.exit_code) from None
+    except (ExperimentError, UsageError) as e:
+        raise SystemExit(f"error: {_first_line(e)}") from None
+    except OSError as e:
+        if e.errno in ENVIRONMENT_ERRNOS:
+            raise SystemExit(f"error: {e.strerror or type(e).__name__}: {e.filename or ''}".rstrip(": ")) from None
+        raise
+
+
+def main_guard(fn: Callable) -> int:
+    """Run a command's body; its exit code (SystemExit's message printed on stderr, one line)."""
+    try:
+        out = as_exit(fn)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr, flush=True)
+            return 1
+        return int(e.code or 0)
+    return int(out or 0)
+
+
+def _is_main_process() -> bool:
+    if "jax" not in sys.modules:
+        return True
+    return sys.modules["jax"].process_index() == 0
+
+
+def install_process_hooks() -> None:
+    """For a command's own process: `kill -USR1 <pid>` prints every thread's Python stack (to see
+    where a stalled multi-process run waits), and the 'Event loop is closed' reports of the
+    tensorstore reads orbax abandons after an unreadable checkpoint are dropped (dozens of
+    tracebacks around the run's one error line); every other unraisable exception is reported."""
+    import faulthandler
+    import signal
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    default = sys.unraisablehook
+
+    def hook(u):
+        if isinstance(u.exc_value, RuntimeError) and str(u.exc_value) == "Event loop is closed":
+            return
+        default(u)
+
+    sys.unraisablehook = hook

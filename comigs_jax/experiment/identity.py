@@ -1,0 +1,62 @@
+"""A run's identity: the config values that must match for a workdir's run to be resumed."""
+from __future__ import annotations
+
+import json
+import os
+
+from comigs_jax.errors import WorkdirError
+
+# Keys that may change between a run and its resumption without making it another run.
+RESUMABLE_KEYS = ("resume", "output", "checkpoint", "methods", "seeds", "federation.mode", "federation.shard",
+                  "distributed", "data.cache_dir", "data.use_cache", "data.progress")
+
+
+def flat_config(cfg) -> dict:
+    """{"a.b.c": value} of a ConfigDict."""
+    out = {}
+
+    def walk(d, prefix):
+        for k, v in d.items():
+            key = f"{prefix}{k}"
+            if hasattr(v, "items"):
+                walk(v, key + ".")
+            else:
+                out[key] = v
+    walk(cfg.to_dict(), "")
+    return out
+
+
+def run_identity(cfg, method: str, seed: int) -> dict:
+    """The config values that define a run (what must match to resume it)."""
+    flat = {k: v for k, v in flat_config(cfg).items()
+            if not any(k == r or k.startswith(r + ".") for r in RESUMABLE_KEYS)}
+    flat["method"], flat["seed"] = method, seed
+    return flat
+
+
+def check_workdir(run_dir: str, identity: dict, resume: bool) -> bool:
+    """True to resume. WorkdirError (one line) for a workdir that holds another config's run."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return False
+    try:
+        with open(path) as f:
+            old = json.load(f)["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise WorkdirError(f"{path} cannot be read ({type(e).__name__}), so this workdir's run is unknown; "
+                           "use another --workdir") from None
+    diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    if diff:
+        k = diff[0]
+        raise WorkdirError(f"{run_dir} holds a run of another config ({k}: {old.get(k)!r} there, "
+                           f"{identity.get(k)!r} now{f', and {len(diff) - 1} more' if len(diff) > 1 else ''}); "
+                           "use another --workdir")
+    return resume
+
+
+def write_config_json(run_dir: str, identity: dict, cfg) -> None:
+    """config.json: the run's identity and resolved config, written atomically."""
+    tmp = os.path.join(run_dir, "config.json.tmp")
+    with open(tmp, "w") as f:  # a kill never leaves a half-written config.json
+        json.dump({"identity": identity, "config": json.loads(cfg.to_json_best_effort())}, f, indent=1)
+    os.replace(tmp, os.path.join(run_dir, "config.json"))
