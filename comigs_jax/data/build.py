@@ -129,8 +129,10 @@ def load_user_data(data_cfg, user_indices: Optional[Sequence[int]] = None) -> Us
                 tokens.write_user_cache(paths[i], key, i, users[i].name, built[i], vocab, eos,
                                         extra={"parts": users[i].parts})
             got[i] = (header, built[i])
-    vocab = int(got[idx[0]][0]["vocab_size"])
-    eos = got[idx[0]][0]["eos_id"]
+    if idx:
+        vocab, eos = int(got[idx[0]][0]["vocab_size"]), got[idx[0]][0]["eos_id"]
+    else:  # no user asked for (a process of a multi-host run that holds only padding): the tokenizer's
+        vocab, eos = tokens.tokenizer_info(tokens.get_tokenizer(data_cfg.tokenizer))
     arrays = {s: [got[i][1][s] for i in idx] for s in SPLITS}
     names = [users[i].name for i in idx]
     _check_min_tokens(data_cfg, idx, names, arrays)

@@ -169,6 +169,8 @@ def _pad_pair(c0: Chain, c1: Chain):
 
 def sample_streams(procs: list[UserProcess], n: int, seeds: list[list[int]]) -> list[np.ndarray]:
     """One stream of n tokens per (process, seed), sampled exactly from the process."""
+    if not procs:  # a process of a multi-host run whose devices hold no real user
+        return []
     import jax
     import jax.numpy as jnp
 
