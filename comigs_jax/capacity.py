@@ -1,9 +1,15 @@
 r"""A capacity model: bytes per user, FLOPs per round, users per device, devices for U users.
 
-    python -m comigs_jax.capacity --users=1000 --model=gpt2 --batch=64 --seq=128 --dtype=bfloat16
+    python -m comigs_jax.capacity                                  # configs/capacity.py: 1,000 users of GPT-2 124M
+    python -m comigs_jax.capacity --config.users=5000 --config.train.batch_size=16
+    python -m comigs_jax.capacity --config=configs/capacity.py:tiny --config.measure=16,64
 
 Everything here is arithmetic on the config's shapes (no tracing, no device): `plan(model_cfg, tc,
-method, n_users)` returns a dict; `format_plan` renders it as markdown. docs/scaling.md explains
+method, n_users)` returns a dict; `format_plan` renders it as markdown. The command line takes
+`--config=FILE[:ARG]` and `--config.key=value` as experiments.run does (configs/capacity.py: the
+`model` and `train` groups are configs/base.py's), and builds the engine's configs through the
+same functions (comigs_jax.configuration.engine_configs) as experiments.bench, whose FLOPs per
+round are `round_flops` here. docs/scaling.md explains
 the numbers and checks them against the compiled program (tests/test_capacity.py).
 
 Memory of one user (the leading user axis of everything the round program holds per user):
@@ -19,7 +25,7 @@ Memory of one user (the leading user axis of everything the round program holds 
   (d logits), the gradients and the sampled windows.
 
 `measure` compiles the real round program (compile only) and compares its memory_analysis()
-with the model; `python -m comigs_jax.capacity ... --measure=16,64` prints both.
+with the model; `python -m comigs_jax.capacity ... --config.measure=16,64` prints both.
 
 Shared (replicated on every device, not per user): the frozen base in float32, its copy in the
 activation dtype (XLA converts each frozen kernel once per step and keeps it for the backward),
@@ -34,13 +40,14 @@ training step is therefore about 2x its forward, not the 3x of full fine-tuning.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
+import os
+import sys
 from typing import Optional
 
-from comigs_jax.federated.methods import Method, get_method, configure_model
-from comigs_jax.model.config import GPT2_SIZES, GPT2Config, LoRAConfig, MoEConfig
+from comigs_jax.federated.methods import Method, configure_model
+from comigs_jax.model.config import GPT2Config
 from comigs_jax.train.state import TrainConfig
 
 GiB = 2**30
@@ -391,13 +398,16 @@ def format_plan(p: dict) -> str:
 def compiled_memory(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_users: int, *,
                     train_tokens: int, valid_tokens: int, token_dtype: str = "uint16",
                     compiler_options: Optional[dict] = None) -> dict:
-    """Bytes of the compiled round program `vmap_round(...)` at U = n_users on the default
-    backend, from XLA's memory_analysis() (compile only: nothing runs, nothing is allocated).
+    """Bytes of the compiled round program `vmap_round(...)` at U = n_users on one device of the
+    default backend, from XLA's memory_analysis() (compile only: nothing runs, nothing is
+    allocated). The users are laid out as a run lays them out (comigs_jax.federated.layout), on a
+    one-device mesh: what one device holds for n_users users.
 
     total = arguments + outputs - aliased (the donated states) + temporaries."""
     import jax
     import jax.numpy as jnp
 
+    from comigs_jax.federated.layout import Layout
     from comigs_jax.federated.roles import split_base
     from comigs_jax.federated.sharding import single_device_mesh
     from comigs_jax.model.gpt2 import param_shapes
@@ -405,15 +415,18 @@ def compiled_memory(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_us
     from comigs_jax.train.state import init_states
 
     cfg = configure_model(model_cfg, method)
-    S = jax.ShapeDtypeStruct
-    base = split_base(param_shapes(cfg.base))[0]
+    layout = Layout(n_users, single_device_mesh())
+    n, users, rep = layout.n_rows, layout.users, layout.replicated
+    S = lambda shape, dtype, sharding=users: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+    place = lambda tree, sharding: jax.tree.map(lambda x: S(x.shape, x.dtype, sharding), tree)
+    base = place(split_base(param_shapes(cfg.base))[0], rep)
     n_shared = cfg.moe.n_specialists
-    states = jax.eval_shape(lambda k: init_states(cfg, tc, method, k, n_users, n_shared), jax.random.key(0))
+    states = place(jax.eval_shape(lambda k: init_states(cfg, tc, method, k, n, n_shared), jax.random.key(0)), users)
     tok = jnp.dtype(token_dtype)
-    data = {"train": S((n_users, train_tokens), tok), "train_len": S((n_users,), jnp.int32),
-            "valid": S((n_users, valid_tokens), tok), "valid_len": S((n_users,), jnp.int32)}
-    args = (base, states, data, S((n_users, cfg.moe.n_experts), jnp.bool_), S((n_users,), jnp.bool_))
-    lowered = vmap_round(cfg, tc, method, tc.local_steps, mesh=single_device_mesh()).lower(*args)
+    data = {"train": S((n, train_tokens), tok), "train_len": S((n,), jnp.int32),
+            "valid": S((n, valid_tokens), tok), "valid_len": S((n,), jnp.int32)}
+    args = (base, states, data, S((n, cfg.moe.n_experts), jnp.bool_), S((n,), jnp.bool_))
+    lowered = vmap_round(cfg, tc, method, tc.local_steps, mesh=layout.mesh).lower(*args)
     m = lowered.compile(compiler_options=compiler_options).memory_analysis()
     out = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
                                            "alias_size_in_bytes", "temp_size_in_bytes")}
@@ -445,75 +458,89 @@ def measure(model_cfg: GPT2Config, tc: TrainConfig, method: Method, users=(16, 6
 
 # ----------------------------------------------------------------------------- command line
 
-def _config_from_args(args) -> tuple[GPT2Config, TrainConfig, Method]:
-    sizes = {"tiny": dict(n_embd=128, n_layer=2, n_head=4)}
-    sizes.update(GPT2_SIZES)
-    if args.model not in sizes:
-        raise SystemExit(f"--model={args.model!r}: allowed {sorted(sizes)}")
-    vocab = args.vocab or (2048 if args.model == "tiny" else 50257)
-    lora = LoRAConfig(rank=args.rank)
-    attn = LoRAConfig(rank=args.attn_rank) if args.attn_rank else None
-    method = get_method(args.method)
-    cfg = GPT2Config(vocab_size=vocab, n_positions=max(args.seq, 128 if args.model == "tiny" else 1024),
-                     dtype=args.dtype, attn_lora=attn,
-                     moe=MoEConfig(n_experts=args.experts, n_generalists=args.generalists, top_k=min(2, args.experts),
-                                   lora=lora), **sizes[args.model])
-    tc = TrainConfig(local_steps=args.local_steps, batch_size=args.batch, seq_len=args.seq,
-                     router_every=args.router_every, router_steps=args.router_steps)
-    return configure_model(cfg, method), tc, method
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "capacity.py")
+# Where the keys of each group of configs/capacity.py are defined (unknown-key messages).
+HOMES = {"": "configs/capacity.py", "model": "configs/base.py", "train": "configs/base.py"}
 
 
-def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(prog="python -m comigs_jax.capacity", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--users", type=int, default=1000)
-    ap.add_argument("--model", default="gpt2", help="tiny | gpt2 | gpt2-medium | gpt2-large | gpt2-xl")
-    ap.add_argument("--vocab", type=int, default=0, help="vocabulary (0: 50257, tiny 2048)")
-    ap.add_argument("--method", default="comigs")
-    ap.add_argument("--experts", type=int, default=2, help="experts per user (E_max)")
-    ap.add_argument("--generalists", type=int, default=1)
-    ap.add_argument("--rank", type=int, default=8)
-    ap.add_argument("--attn-rank", type=int, default=8, help="0: no attention LoRA")
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
-    ap.add_argument("--local-steps", type=int, default=10)
-    ap.add_argument("--router-every", type=int, default=30)
-    ap.add_argument("--router-steps", type=int, default=10)
-    ap.add_argument("--train-tokens", type=int, default=1_000_000, help="training tokens per user")
-    ap.add_argument("--valid-tokens", type=int, default=100_000, help="validation tokens per user")
-    ap.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated, of {sorted(TARGETS)}")
-    ap.add_argument("--mfu", type=float, default=MFU)
-    ap.add_argument("--usable", type=float, default=USABLE_FRACTION, help="usable fraction of each chip's memory")
-    ap.add_argument("--profile", default="accelerator", choices=PROFILES,
-                    help="which tensors XLA keeps for the backward: accelerator (GPU/TPU fusion) or cpu")
-    ap.add_argument("--measure", default="", help="comma-separated U (e.g. 16,64): also compile the round program "
-                    "at these U on the default backend and compare its memory_analysis() with the model")
-    args = ap.parse_args(argv)
-    cfg, tc, method = _config_from_args(args)
-    p = plan(cfg, tc, method, args.users, train_tokens=args.train_tokens, valid_tokens=args.valid_tokens,
-             targets=[t.strip() for t in args.targets.split(",") if t.strip()], mfu=args.mfu,
-             usable_fraction=args.usable, profile=args.profile)
+def _ints(s) -> list[int]:
+    return [int(x) for x in str(s).replace(" ", "").split(",") if x]
+
+
+def check_config(cfg) -> None:
+    """The capacity keys' checks (ConfigError, one line); the model's are engine_configs'."""
+    from comigs_jax.configuration import _fail
+    if not (isinstance(cfg.users, int) and cfg.users >= 1):
+        _fail("users", cfg.users, "a positive integer")
+    unknown = [t for t in str(cfg.targets).split(",") if t.strip() and t.strip() not in TARGETS]
+    if unknown or not str(cfg.targets).strip():
+        _fail("targets", cfg.targets, f"comma-separated, of {', '.join(TARGETS)}")
+    if cfg.profile not in PROFILES:
+        _fail("profile", cfg.profile, " | ".join(PROFILES))
+    if not 0 < cfg.mfu <= 1:
+        _fail("mfu", cfg.mfu, "in (0, 1]")
+    if not 0 < cfg.usable <= 1:
+        _fail("usable", cfg.usable, "in (0, 1]")
+    for key in ("train_tokens", "valid_tokens"):
+        if not (isinstance(cfg[key], int) and cfg[key] >= cfg.train.seq_len + 1):
+            _fail(key, cfg[key], f"at least one window: train.seq_len + 1 = {cfg.train.seq_len + 1}")
+    try:
+        users = _ints(cfg.measure)
+    except ValueError:
+        users = [0]
+    if users and (len(users) < 2 or min(users) < 1 or len(set(users)) < 2):
+        _fail("measure", cfg.measure, "'' or at least two different positive U, comma-separated (e.g. 16,64)")
+
+
+def run(cfg) -> dict:
+    """The plan of a configs/capacity.py config (and its measurement with cfg.measure), printed."""
+    from comigs_jax.configuration import engine_configs
+    check_config(cfg)
+    model_cfg, tc, method = engine_configs(cfg)
+    p = plan(model_cfg, tc, method, cfg.users, train_tokens=cfg.train_tokens, valid_tokens=cfg.valid_tokens,
+             targets=[t.strip() for t in cfg.targets.split(",") if t.strip()], mfu=cfg.mfu,
+             usable_fraction=cfg.usable, profile=cfg.profile)
     print(format_plan(p), end="")
-    if args.measure:
-        users = [int(u) for u in args.measure.split(",")]
-        m = measure(cfg, tc, method, users, profile=args.profile, train_tokens=args.train_tokens, valid_tokens=args.valid_tokens,
-                    token_dtype="uint16" if cfg.vocab_size <= 2**16 else "int32")
-        import jax
-        dev = jax.devices()[0]
-        print(f"\nCompiled round program on {jax.default_backend()} ({dev.device_kind}): memory_analysis()")
-        print("\n| U | arguments | outputs | aliased | temporaries | total | total / U | model total | model / measured |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        for u in users:
-            r, q = m["compiled"][u], m["per_u"][u]
-            print(f"| {u} | {_b(r['argument_size_in_bytes'])} | {_b(r['output_size_in_bytes'])} | "
-                  f"{_b(r['alias_size_in_bytes'])} | {_b(r['temp_size_in_bytes'])} | {_b(r['total'])} | "
-                  f"{_b(q['measured_per_user'])} | {_b(q['model_total'])} | {q['ratio']:.3f} |")
-        print(f"\nModel profile {m['profile']!r}. Marginal bytes per user: measured {_b(m['marginal_per_user'])}, model {_b(m['model_per_user'])} "
-              f"(model / measured {m['ratio_marginal']:.3f}); shared: measured {_b(m['measured_shared'])}, "
-              f"model {_b(m['model_shared'])}")
+    users = _ints(cfg.measure)
+    if users:
+        m = measure(model_cfg, tc, method, users, profile=cfg.profile, train_tokens=cfg.train_tokens,
+                    valid_tokens=cfg.valid_tokens, token_dtype="uint16" if model_cfg.vocab_size <= 2**16 else "int32")
+        print(format_measurement(m, users), end="")
         p["measurement"] = m
     return p
 
 
+def format_measurement(m: dict, users) -> str:
+    import jax
+    dev = jax.devices()[0]
+    lines = [f"\nCompiled round program on {jax.default_backend()} ({dev.device_kind}): memory_analysis()", "",
+             "| U | arguments | outputs | aliased | temporaries | total | total / U | model total | model / measured |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for u in users:
+        r, q = m["compiled"][u], m["per_u"][u]
+        lines.append(f"| {u} | {_b(r['argument_size_in_bytes'])} | {_b(r['output_size_in_bytes'])} | "
+                     f"{_b(r['alias_size_in_bytes'])} | {_b(r['temp_size_in_bytes'])} | {_b(r['total'])} | "
+                     f"{_b(q['measured_per_user'])} | {_b(q['model_total'])} | {q['ratio']:.3f} |")
+    lines += ["", f"Model profile {m['profile']!r}. Marginal bytes per user: measured {_b(m['marginal_per_user'])}, "
+                  f"model {_b(m['model_per_user'])} (model / measured {m['ratio_marginal']:.3f}); shared: measured "
+                  f"{_b(m['measured_shared'])}, model {_b(m['model_shared'])}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    """The command line `python -m comigs_jax.capacity [--config=FILE[:ARG]] [--config.key=value ...]`
+    (argv[0] is the program); its exit code. Errors are one `error: ...` line on stderr."""
+    from comigs_jax import cli
+    argv = list(sys.argv if argv is None else argv)
+
+    def body():
+        cfg, _ = cli.parse_config(argv, DEFAULT_CONFIG, homes=HOMES)
+        run(cfg)
+
+    return cli.main_guard(body)
+
+
 if __name__ == "__main__":
-    main()
+    from comigs_jax import cli
+    cli.install_process_hooks()
+    sys.exit(main())

@@ -9,12 +9,10 @@ import os
 
 from comigs_jax.data.config import split_list, validate_data_config
 from comigs_jax.errors import ConfigError
-from comigs_jax.federated.methods import METHODS, ROUTER_MODES  # noqa: F401
-from comigs_jax.model.config import DTYPES, LB_INPUTS, LORA_SCALINGS, GPT2Config, LoRAConfig, MoEConfig
+from comigs_jax.federated.methods import METHODS, ROUTER_MODES, Method, configure_model, get_method  # noqa: F401
+from comigs_jax.model.config import DTYPES, GPT2_SIZES, LB_INPUTS, LORA_SCALINGS, GPT2Config, LoRAConfig, MoEConfig
 from comigs_jax.train.evaluation import PROTOCOLS
 from comigs_jax.train.state import TrainConfig
-
-
 
 
 def _fail(key, value, allowed):
@@ -56,6 +54,58 @@ def base_positions(cfg) -> int | None:
     return 1024 if cfg.base.startswith("gpt2") else None
 
 
+def validate_model(mo, counts=None, group: str = "model") -> None:
+    """The checks of a `model` group (configs/base.py); `counts`: the per-user expert counts
+    (expert_counts_of) when model.expert_counts is set. `group`: its dotted name in messages."""
+    k = lambda key: f"{group}.{key}"
+    if mo.dtype not in DTYPES:
+        _fail(k("dtype"), mo.dtype, f"one of {DTYPES}")
+    if mo.lora_scaling not in LORA_SCALINGS:
+        _fail(k("lora_scaling"), mo.lora_scaling, f"one of {LORA_SCALINGS}")
+    if mo.lb_input not in LB_INPUTS:
+        _fail(k("lb_input"), mo.lb_input, f"one of {LB_INPUTS}")
+    if mo.rank <= 0:
+        _fail(k("rank"), mo.rank, "a positive integer")
+    if mo.attn_rank < 0:
+        _fail(k("attn_rank"), mo.attn_rank, "a non-negative integer (0 = no attention LoRA)")
+    counts = list(counts) if mo.expert_counts and counts else []
+    n_experts = max(counts) if counts else mo.n_experts
+    if n_experts < 1:
+        _fail(k("n_experts"), n_experts, "at least 1")
+    if not 0 <= mo.n_generalists < n_experts:
+        _fail(k("n_generalists"), mo.n_generalists, f"in [0, {n_experts - 1}] (fewer than the {n_experts} experts)")
+    for c in counts:
+        if c < max(mo.n_generalists, 1):
+            _fail(k("expert_counts"), mo.expert_counts,
+                  f"every user needs at least max(1, n_generalists={mo.n_generalists}) experts")
+    if not 1 <= mo.top_k <= n_experts:
+        _fail(k("top_k"), mo.top_k, f"in [1, {n_experts}] (the number of experts)")
+    if not 0 <= mo.importance < 1:
+        _fail(k("importance"), mo.importance, "in [0, 1)")
+    if not 0 <= mo.dropout < 1:
+        _fail(k("dropout"), mo.dropout, "in [0, 1)")
+    if not (mo.alpha > 0 and math.isfinite(mo.alpha)):
+        _fail(k("alpha"), mo.alpha, "a positive finite number")
+
+
+def validate_train(tr, group: str = "train") -> None:
+    """The checks of a `train` group (configs/base.py)."""
+    k = lambda key: f"{group}.{key}"
+    for key in ("rounds", "local_steps", "batch_size", "seq_len", "router_every"):
+        if tr[key] <= 0:
+            _fail(k(key), tr[key], "a positive integer")
+    if tr.router_steps < 0:
+        _fail(k("router_steps"), tr.router_steps, "a non-negative integer")
+    for key in ("lr", "router_lr"):
+        if not (isinstance(tr[key], (int, float)) and tr[key] > 0 and math.isfinite(tr[key])):
+            _fail(k(key), tr[key], "a positive finite number")
+    if not 0 <= tr.lr_final_ratio <= 1:
+        _fail(k("lr_final_ratio"), tr.lr_final_ratio, "in [0, 1]")
+    for key in ("weight_decay", "lb_weight"):
+        if not (tr[key] >= 0 and math.isfinite(tr[key])):
+            _fail(k(key), tr[key], "a non-negative finite number")
+
+
 def validate(cfg) -> None:
     """Every check that needs no data and no compile; raises ConfigError (one line)."""
     for m in methods_of(cfg):
@@ -64,49 +114,9 @@ def validate(cfg) -> None:
     seeds_of(cfg)
     if cfg.data.n_users < 1:
         _fail("data.n_users", cfg.data.n_users, "at least 1 user")
-    mo, tr = cfg.model, cfg.train
-    if mo.dtype not in DTYPES:
-        _fail("model.dtype", mo.dtype, f"one of {DTYPES}")
-    if mo.lora_scaling not in LORA_SCALINGS:
-        _fail("model.lora_scaling", mo.lora_scaling, f"one of {LORA_SCALINGS}")
-    if mo.lb_input not in LB_INPUTS:
-        _fail("model.lb_input", mo.lb_input, f"one of {LB_INPUTS}")
-    for key in ("rank",):
-        if mo[key] <= 0:
-            _fail(f"model.{key}", mo[key], "a positive integer")
-    if mo.attn_rank < 0:
-        _fail("model.attn_rank", mo.attn_rank, "a non-negative integer (0 = no attention LoRA)")
-    counts = expert_counts_of(cfg)
-    n_experts = max(counts) if mo.expert_counts else mo.n_experts
-    if n_experts < 1:
-        _fail("model.n_experts", n_experts, "at least 1")
-    if not 0 <= mo.n_generalists < n_experts:
-        _fail("model.n_generalists", mo.n_generalists, f"in [0, {n_experts - 1}] (fewer than the {n_experts} experts)")
-    for c in counts:
-        if c < max(mo.n_generalists, 1):
-            _fail("model.expert_counts", mo.expert_counts,
-                  f"every user needs at least max(1, n_generalists={mo.n_generalists}) experts")
-    if not 1 <= mo.top_k <= n_experts:
-        _fail("model.top_k", mo.top_k, f"in [1, {n_experts}] (the number of experts)")
-    if not 0 <= mo.importance < 1:
-        _fail("model.importance", mo.importance, "in [0, 1)")
-    if not 0 <= mo.dropout < 1:
-        _fail("model.dropout", mo.dropout, "in [0, 1)")
-    for key in ("rounds", "local_steps", "batch_size", "seq_len", "router_every"):
-        if tr[key] <= 0:
-            _fail(f"train.{key}", tr[key], "a positive integer")
-    if tr.router_steps < 0:
-        _fail("train.router_steps", tr.router_steps, "a non-negative integer")
-    for key in ("lr", "router_lr"):
-        if not (isinstance(tr[key], (int, float)) and tr[key] > 0 and math.isfinite(tr[key])):
-            _fail(f"train.{key}", tr[key], "a positive finite number")
-    if not 0 <= tr.lr_final_ratio <= 1:
-        _fail("train.lr_final_ratio", tr.lr_final_ratio, "in [0, 1]")
-    for key in ("weight_decay", "lb_weight"):
-        if not (tr[key] >= 0 and math.isfinite(tr[key])):
-            _fail(f"train.{key}", tr[key], "a non-negative finite number")
-    if not (mo.alpha > 0 and math.isfinite(mo.alpha)):
-        _fail("model.alpha", mo.alpha, "a positive finite number")
+    validate_model(cfg.model, expert_counts_of(cfg))
+    validate_train(cfg.train)
+    tr = cfg.train
     for s in ("train", "valid", "test"):  # every split must hold one window of seq_len + 1 tokens
         if cfg.data[f"{s}_tokens"] < tr.seq_len + 1:
             _fail(f"data.{s}_tokens", cfg.data[f"{s}_tokens"], f"at least one window: train.seq_len + 1 = {tr.seq_len + 1}")
@@ -129,7 +139,9 @@ def validate(cfg) -> None:
         if cfg.checkpoint[key] <= 0:
             _fail(f"checkpoint.{key}", cfg.checkpoint[key], "a positive integer")
     if cfg.base == "pretrain":
-        p = cfg.pretrain
+        p = cfg.get("pretrain")
+        if p is None:
+            _fail("base", cfg.base, "a GPT-2 size here (this config has no `pretrain` group for the small base)")
         for key in ("n_layer", "n_embd", "n_head", "steps", "batch_size"):
             if p[key] <= 0:
                 _fail(f"pretrain.{key}", p[key], "a positive integer")
@@ -152,11 +164,12 @@ def validate(cfg) -> None:
 
 
 def model_config(cfg, base_cfg: GPT2Config) -> GPT2Config:
-    """The CoMiGS model on the given base: attention LoRA and a mixture of LoRA experts."""
+    """The CoMiGS model on the given base: attention LoRA and a mixture of LoRA experts (reads
+    cfg.data.n_users only when model.expert_counts is set)."""
     mo = cfg.model
-    counts = expert_counts_of(cfg)
+    n_experts = max(expert_counts_of(cfg)) if mo.expert_counts else mo.n_experts
     lora = lambda r: LoRAConfig(rank=r, alpha=mo.alpha, scaling=mo.lora_scaling, dropout=mo.dropout)
-    moe = MoEConfig(n_experts=max(counts) if mo.expert_counts else mo.n_experts, n_generalists=mo.n_generalists,
+    moe = MoEConfig(n_experts=n_experts, n_generalists=mo.n_generalists,
                     top_k=mo.top_k, lora=lora(mo.rank), lb_input=mo.lb_input, importance=mo.importance)
     return dataclasses.replace(base_cfg, attn_lora=lora(mo.attn_rank) if mo.attn_rank else None, moe=moe,
                                dtype=mo.dtype)
@@ -168,3 +181,51 @@ def train_config(cfg) -> TrainConfig:
                        lr=tr.lr, lr_final_ratio=tr.lr_final_ratio, router_lr=tr.router_lr,
                        weight_decay=tr.weight_decay, router_every=tr.router_every, router_steps=tr.router_steps,
                        lb_weight=tr.lb_weight, faithful=tr.faithful)
+
+
+# ----------------------------------------------------------------------------- without a base
+
+BASE_SHAPES = (*GPT2_SIZES, "pretrain")
+
+
+def base_shape(cfg) -> GPT2Config:
+    """The frozen base's shape from the config alone, nothing loaded (experiments.bench and
+    comigs_jax.capacity): `cfg.base` a GPT-2 hub size (GPT2_SIZES, 1024 positions), or "pretrain",
+    the small base experiments.run trains (cfg.pretrain's n_layer, n_embd, n_head; train.seq_len
+    positions, as comigs_jax.experiment.base_model builds it); vocabulary `cfg.vocab_size`."""
+    seq_len = cfg.train.seq_len
+    if cfg.base == "pretrain":
+        p = cfg.get("pretrain")
+        if p is None:
+            _fail("base", cfg.base, "a GPT-2 size here (this config has no `pretrain` group for the small base)")
+        for key in ("n_layer", "n_embd", "n_head"):
+            if p[key] <= 0:
+                _fail(f"pretrain.{key}", p[key], "a positive integer")
+        if p.n_embd % p.n_head:
+            _fail("pretrain.n_head", p.n_head, f"a divisor of pretrain.n_embd={p.n_embd}")
+        shape, positions = dict(n_layer=p.n_layer, n_embd=p.n_embd, n_head=p.n_head), seq_len
+    elif cfg.base in GPT2_SIZES:
+        shape, positions = GPT2_SIZES[cfg.base], 1024
+        if seq_len > positions:
+            _fail("train.seq_len", seq_len, f"at most the base's {positions} positions")
+    else:
+        _fail("base", cfg.base, " | ".join(BASE_SHAPES) + " (a base's shape by name; nothing is loaded)")
+    if not (isinstance(cfg.vocab_size, int) and cfg.vocab_size >= 2):
+        _fail("vocab_size", cfg.vocab_size, "an integer >= 2")
+    return GPT2Config(vocab_size=cfg.vocab_size, n_positions=positions, **shape)
+
+
+def engine_configs(cfg, method: str | None = None) -> tuple[GPT2Config, TrainConfig, Method]:
+    """(model config, train config, method) of a config with `base`, `vocab_size`, `pretrain`
+    (for base="pretrain"), `model` and `train` groups as in configs/base.py, without loading a
+    base: what experiments.bench and comigs_jax.capacity run and count. `method`: a method name
+    (default cfg.method). ConfigError (one line) for a value that is not allowed."""
+    name = method or cfg.method
+    if name not in METHODS:
+        _fail("method", name, f"one of {', '.join(sorted(METHODS))}")
+    if cfg.model.expert_counts:
+        _fail("model.expert_counts", cfg.model.expert_counts, "'' here: every user has model.n_experts experts")
+    validate_model(cfg.model)
+    validate_train(cfg.train)
+    m = get_method(name)
+    return configure_model(model_config(cfg, base_shape(cfg)), m), train_config(cfg), m

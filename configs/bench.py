@@ -3,11 +3,16 @@
     python -m experiments.bench                                    # this file's defaults
     python -m experiments.bench --config.users=1,4,16,64,256       # the tiny sweep
     python -m experiments.bench --config.models=gpt2 --config.gpt2.users=1,2
+    python -m experiments.bench --config.tiny.train.batch_size=8 --config.tiny.model.rank=16
 
 Lists are comma-separated strings (so that `--config.users=64` and `--config.users=1,4` both
-parse). The defaults run on a 2-core CPU in under 10 minutes; `get_config("gpu")` is the
-accelerator preset (`--config=configs/bench.py:gpu`): GPT-2 124M in bfloat16 up to the
-largest U that fits.
+parse). Each workload (`tiny`, `gpt2`) says what model runs in the keys that comigs_jax.capacity
+(configs/capacity.py) and experiments.run use: `base` (a GPT-2 size, or "pretrain": the small
+base of `pretrain.n_layer / n_embd / n_head`), `vocab_size`, and configs/base.py's `model` and
+`train` groups (their `model.dtype` is left out: the bench's `dtype` is every workload's, and the
+peak matmul's). The defaults run on a 2-core CPU in under 10 minutes; `get_config("gpu")` is the
+accelerator preset (`--config=configs/bench.py:gpu`): GPT-2 124M in bfloat16 up to the largest U
+that fits.
 
 Several processes: run the same command on every host, or on one machine
 `python -m experiments.launch_local --processes 2 --module experiments.bench -- --config.models=tiny`.
@@ -15,8 +20,22 @@ Several processes: run the same command on every host, or on one machine
 from ml_collections import ConfigDict
 
 from configs import base
+from configs.capacity import shape_groups
 
 MODES = "loop_step,loop_round,vmap,vmap_sharded"
+
+
+def workload(base_name: str, vocab_size: int, **train) -> ConfigDict:
+    """One workload: the shared model keys (configs/capacity.py's shape_groups) and its tokens."""
+    w = shape_groups(ConfigDict(), base_name=base_name, vocab_size=vocab_size)
+    del w.model.dtype  # the bench's `dtype`
+    if base_name != "pretrain":
+        del w.pretrain
+    for key, value in train.items():
+        w.train[key] = value
+    w.train_tokens = 8192  # training tokens per user (uniform random)
+    w.valid_tokens = 4096  # validation tokens per user (the router steps')
+    return w
 
 
 def get_config(preset: str = "cpu") -> ConfigDict:
@@ -25,7 +44,8 @@ def get_config(preset: str = "cpu") -> ConfigDict:
     c.users = "1,4,16,64,256"       # U for the tiny sweep
     c.modes = MODES                 # any subset, in any order
     c.method = "comigs"             # a method of comigs_jax.federated.methods
-    c.dtype = ""                    # activation dtype; "" = float32 on CPU, bfloat16 on GPU/TPU
+    c.dtype = ""                    # activation dtype of every workload and of the peak matmul;
+                                    # "" = float32 on CPU, bfloat16 on GPU/TPU
     c.seed = 0
     c.warmup = 0                    # untimed rounds after the first (compiling, untimed) round
     c.repeats = 5                   # timed rounds per mode (the median is reported) ...
@@ -40,25 +60,22 @@ def get_config(preset: str = "cpu") -> ConfigDict:
     # defaults. With more than one process only vmap_sharded runs, over every process's devices.
     c.distributed = base.get_config().distributed
 
-    # Tiny config for the many-users sweep: 2 layers, width 128, vocabulary 2048, sequence 128.
-    c.tiny = ConfigDict(dict(
-        vocab_size=2048, n_embd=128, n_layer=2, n_head=4, seq_len=128, batch_size=2,
-        rank=8, n_experts=2, n_generalists=1, top_k=2,
-        local_steps=2, router_every=2, router_steps=1, train_tokens=8192, valid_tokens=4096))
-    # GPT-2 124M, 1 generalist + 1 specialist, rank 8 (attention LoRA rank 8 too).
-    c.gpt2 = ConfigDict(dict(
-        users="2",
-        vocab_size=50257, n_embd=768, n_layer=12, n_head=12, seq_len=128, batch_size=4,
-        rank=8, n_experts=2, n_generalists=1, top_k=2,
-        local_steps=2, router_every=2, router_steps=1, train_tokens=8192, valid_tokens=4096))
+    # Tiny config for the many-users sweep: the small base (2 layers, width 128, 4 heads),
+    # vocabulary 2048, sequence 128, batch 2, 1 generalist + 1 specialist, rank 8 (attention
+    # LoRA rank 8 too); a round = 2 expert steps + 1 router step. local_steps must be a multiple
+    # of router_every (every round the same router phases).
+    c.tiny = workload("pretrain", 2048, batch_size=2, local_steps=2, router_every=2, router_steps=1)
+    # GPT-2 124M, the same mixture and round, batch 4.
+    c.gpt2 = workload("gpt2", 50257, batch_size=4, local_steps=2, router_every=2, router_steps=1)
+    c.gpt2.users = "2"              # U for the GPT-2 sweep
 
     if preset == "gpu":
         c.models = "gpt2"
         c.modes = "loop_step,loop_round,vmap"
         c.gpt2.users = "1,8,64,128,192"
-        c.gpt2.batch_size = 8
-        c.gpt2.local_steps = 4
-        c.gpt2.router_every = 4
+        c.gpt2.train.batch_size = 8
+        c.gpt2.train.local_steps = 4
+        c.gpt2.train.router_every = 4
         c.min_repeats = 3
         c.loop_max_users = 8
     elif preset != "cpu":

@@ -1,6 +1,12 @@
 r"""vmap versus loop: what simulating users as an array axis buys, against the machine's own peak.
 
-    python -m experiments.bench [--config=configs/bench.py] [--config.users=1,4,16,64,256] ...
+    python -m experiments.bench [--config=configs/bench.py[:gpu]] [--config.users=1,4,16,64,256] ...
+
+The command line is experiments.run's (comigs_jax.cli: `--config=FILE[:ARG]`, `--config.key=value`,
+an unknown key or a bad value is one `error: ...` line and exit code 1); `main(argv)` returns the
+exit code, so tests call it in-process. Each workload's engine configs are built from the keys
+experiments.run and comigs_jax.capacity share (`base`, `vocab_size`, the `model` and `train`
+groups) by the same function, comigs_jax.configuration.engine_configs.
 
 For each model size and user count U, in one process, four ways to run the same federated round
 (comigs_jax.train.rounds; all start from the same states and must give the same losses):
@@ -16,10 +22,14 @@ over all users, speedups, peak host RSS while the mode ran, device memory where 
 reports it, and achieved FLOP/s as a fraction of the peak of a large matmul of the same dtype
 timed in the same run.
 
-FLOP convention: one multiply-add = 2 FLOPs (an m x k by k x n matmul is 2mkn). A round's FLOPs
-are XLA's HLO cost analysis of the lowered per-user `expert_step` and `router_step` (all ops:
-matmuls, attention, elementwise, optimizer), times the steps in the round, times U. XLA's cost
-analysis counts a loop body once, so the scanned round itself cannot be analysed directly.
+FLOP convention: the capacity model's (comigs_jax.capacity.round_flops, one count for the
+project): a [m, k] x [k, n] matmul is 2mkn FLOPs; forward matmuls, the input gradients on the
+path to a trainable leaf and the trainable leaves' weight gradients, per user, times the expert
+and router steps of a round, times U; elementwise ops, softmax, LayerNorm and the optimizer are
+not counted.
+
+The vmapped modes place their inputs through a Layout (comigs_jax.federated.layout: its `users`
+and `replicated` shardings), the one the training loop uses; the bench never pads (`n_rows` = U).
 
 On CPU this module asks XLA for 8 fake host devices (XLA_FLAGS=--xla_force_host_platform_device_count=8,
 set before jax is imported, unless XLA_FLAGS already sets a count) so that vmap_sharded has a
@@ -44,7 +54,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import dataclasses
 import datetime
-import functools
 import json
 import math
 import platform
@@ -58,27 +67,31 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, logging
-from ml_collections import ConfigDict, config_flags
+from absl import logging
+from ml_collections import ConfigDict
 
-from comigs_jax import distributed
-from comigs_jax.federated.methods import configure_model, get_method
+from comigs_jax import capacity, cli, configuration, distributed
+from comigs_jax.errors import ConfigError
+from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.roles import split_base
-from comigs_jax.federated.sharding import replicate, shard_users, single_device_mesh, users_mesh
+from comigs_jax.federated.sharding import single_device_mesh, users_mesh
 from comigs_jax.federated.users import stack_tokens
-from comigs_jax.model.config import GPT2Config, LoRAConfig, MoEConfig
+from comigs_jax.model.config import GPT2Config
 from comigs_jax.model.gpt2 import init_params
 from comigs_jax.train.rounds import loop_round, loop_step_round, vmap_round
 from comigs_jax.train.state import TrainConfig, init_states
-from comigs_jax.train.steps import expert_step, router_step
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CONFIG = None  # the --config flag, defined only when run as a program (importing defines no flags)
+DEFAULT_CONFIG = os.path.join(_REPO, "configs", "bench.py")
+# Where the keys of configs/bench.py's groups are defined (unknown-key messages): the workloads'
+# model and train groups are configs/base.py's, without model.dtype (the bench's `dtype`).
+HOMES = {"": "configs/bench.py", "distributed": "configs/base.py"}
 
 MODES = ("loop_step", "loop_round", "vmap", "vmap_sharded")
 LOOP_MODES = ("loop_step", "loop_round")
-FLOP_CONVENTION = ("1 multiply-add = 2 FLOPs; round FLOPs = XLA HLO cost analysis (all ops) of the lowered "
-                   "per-user expert_step and router_step x steps per round x U; peak = median "
+FLOP_CONVENTION = ("1 multiply-add = 2 FLOPs; round FLOPs = comigs_jax.capacity.round_flops (matmuls only: "
+                   "forward, input gradients on the path to a trainable leaf, trainable weight gradients) "
+                   "of the per-user expert and router steps x steps per round x U; peak = median "
                    "n x n x n matmul (2n^3 FLOPs) in the model dtype, same process")
 
 
@@ -142,7 +155,8 @@ def _git_rev() -> str | None:
     return (rev + ("+dirty" if dirty else "")) or None
 
 
-def machine_info() -> dict:
+def machine_info(argv=None) -> dict:
+    """The machine, the versions and the command (`argv`, default sys.argv)."""
     dev = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
     try:
@@ -159,7 +173,7 @@ def machine_info() -> dict:
             "backend": jax.default_backend(), "device_kind": dev.device_kind, "device_count": jax.device_count(),
             "process_count": jax.process_count(), "local_device_count": jax.local_device_count(),
             "jax": jax.__version__, "python": platform.python_version(), "git": _git_rev(),
-            "command": " ".join(["python -m experiments.bench"] + sys.argv[1:])}
+            "command": " ".join(["python -m experiments.bench"] + list(sys.argv if argv is None else argv)[1:])}
 
 
 def peak_matmul_flops(n: int, dtype: str, repeats: int = 5) -> dict:
@@ -225,63 +239,44 @@ class Workload:
         """Training tokens of the expert steps of all users (router steps not counted)."""
         return self.n_users * self.steps * self.tc.batch_size * self.tc.seq_len
 
-    @property
-    def router_steps_per_round(self) -> int:
-        if not (self.method.alternating and self.tc.router_steps > 0):
-            return 0
-        return (self.steps // self.tc.router_every) * self.tc.router_steps
 
-
-def model_config(mc: ConfigDict, dtype: str) -> GPT2Config:
-    lora = LoRAConfig(rank=mc.rank)
-    return GPT2Config(vocab_size=mc.vocab_size, n_positions=max(mc.seq_len, 128), n_embd=mc.n_embd,
-                      n_layer=mc.n_layer, n_head=mc.n_head, dtype=dtype, attn_lora=lora,
-                      moe=MoEConfig(n_experts=mc.n_experts, n_generalists=mc.n_generalists, top_k=mc.top_k,
-                                    lora=lora))
-
-
-def train_config(mc: ConfigDict) -> TrainConfig:
-    if mc.local_steps % mc.router_every:
-        raise ValueError(f"local_steps={mc.local_steps} must be a multiple of router_every={mc.router_every}, "
-                         "so that every round has the same router phases")
-    return TrainConfig(rounds=1000, local_steps=mc.local_steps, batch_size=mc.batch_size, seq_len=mc.seq_len,
-                       router_every=mc.router_every, router_steps=mc.router_steps)
+def workload_configs(name: str, mc: ConfigDict, method_name: str, dtype: str
+                     ) -> tuple[GPT2Config, TrainConfig, object]:
+    """(model config, train config, method) of workload `name` of configs/bench.py in `dtype`,
+    through comigs_jax.configuration.engine_configs (as comigs_jax.capacity builds them).
+    ConfigError (one line, the key as `config.<name>.<key>`) for a value that is not allowed."""
+    wc = ConfigDict(mc.to_dict())
+    wc.model.dtype = dtype
+    try:
+        model_cfg, tc, method = configuration.engine_configs(wc, method_name)
+        if tc.local_steps % tc.router_every:
+            raise ConfigError(f"config.train.local_steps={tc.local_steps} is not allowed: a multiple of "
+                              f"train.router_every={tc.router_every} (every round the same router phases)")
+    except ConfigError as e:  # the workload's keys live under config.<name>
+        raise ConfigError(str(e).replace("config.", f"config.{name}.", 1)) from None
+    return model_cfg, tc, method
 
 
 def build_workload(name: str, mc: ConfigDict, n_users: int, method_name: str, dtype: str, seed: int,
                    base: dict | None = None) -> Workload:
-    method = get_method(method_name)
-    cfg = configure_model(model_config(mc, dtype), method)
-    tc = train_config(mc)
+    cfg, tc, method = workload_configs(name, mc, method_name, dtype)
     if base is None:
         base = split_base(init_params(cfg.base, jax.random.key(seed)))[0]
     rng = np.random.default_rng(seed)
-    tok = np.uint16 if mc.vocab_size <= 2**16 else np.int32
-    train = [rng.integers(0, mc.vocab_size, mc.train_tokens).astype(tok) for _ in range(n_users)]
-    valid = [rng.integers(0, mc.vocab_size, mc.valid_tokens).astype(tok) for _ in range(n_users)]
+    tok = np.uint16 if cfg.vocab_size <= 2**16 else np.int32
+    train = [rng.integers(0, cfg.vocab_size, mc.train_tokens).astype(tok) for _ in range(n_users)]
+    valid = [rng.integers(0, cfg.vocab_size, mc.valid_tokens).astype(tok) for _ in range(n_users)]
     (tr, tr_len), (va, va_len) = stack_tokens(train), stack_tokens(valid)
     data = jax.device_put({"train": tr, "train_len": tr_len, "valid": va, "valid_len": va_len})
-    n_shared = max(mc.n_experts - mc.n_generalists, 0)
-    states0 = init_states(cfg, tc, method, jax.random.PRNGKey(seed), n_users, n_shared)
-    return Workload(name, cfg, tc, method, mc.local_steps, n_users, base, states0, data,
-                    jnp.ones((n_users, mc.n_experts), bool), jnp.ones((n_users,), bool))
+    states0 = init_states(cfg, tc, method, jax.random.PRNGKey(seed), n_users, cfg.moe.n_specialists)
+    return Workload(name, cfg, tc, method, tc.local_steps, n_users, base, states0, data,
+                    jnp.ones((n_users, cfg.moe.n_experts), bool), jnp.ones((n_users,), bool))
 
 
-def round_flops(w: Workload) -> dict:
-    """FLOPs of one round of all users from the cost analysis of the per-user steps (no loops)."""
-    one = lambda x: x[0]
-    args = (jax.tree.map(one, w.states0), w.base, jax.tree.map(one, w.data), w.masks[0])
-    kw = dict(model_cfg=w.model_cfg, tc=w.tc, method=w.method)
-    out = {}
-    for name, fn in (("expert_step", expert_step), ("router_step", router_step)):
-        lowered = jax.jit(functools.partial(fn, **kw)).lower(*args)
-        cost = lowered.cost_analysis()  # the unoptimised HLO: no compile (CPU) ...
-        if not cost:  # ... where the backend has no such analysis (GPU), the compiled program's
-            cost = lowered.compile().cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        out[name] = float(cost["flops"])
-    out["round"] = w.n_users * (w.steps * out["expert_step"] + w.router_steps_per_round * out["router_step"])
-    return out
+def workload_flops(w: Workload) -> dict:
+    """FLOPs of one round of all users: U x comigs_jax.capacity.round_flops (the one count)."""
+    f = capacity.round_flops(w.model_cfg, w.tc, w.method, w.steps)
+    return {"expert_step": f["expert_step"], "router_step": f["router_step"], "round": w.n_users * f["per_user"]}
 
 
 # ----------------------------------------------------------------------------- modes
@@ -297,23 +292,29 @@ def build_mode(mode: str, w: Workload) -> tuple[Callable, dict, dict]:
     if mode == "loop_round":
         return loop_round(*args), inputs, info
     if mode == "vmap":  # one device: a one-device mesh splits nothing
-        return vmap_round(*args, mesh=single_device_mesh()), inputs, info
-    if mode == "vmap_sharded":
-        if jax.process_count() > 1:  # every process's devices; run_benchmark skips a U they do not divide
-            n_dev, mesh = jax.device_count(), users_mesh()
-            # The same host values on every process (built from the seed): device_put places each
-            # process's shards of the global arrays.
-            fresh, base, rest = jax.device_get((fresh, w.base, (w.data, w.masks, w.active)))
-        else:
-            n_dev = math.gcd(w.n_users, jax.device_count())  # the users axis must divide the mesh
-            mesh = users_mesh(jax.devices()[:n_dev])
-            base, rest = w.base, (w.data, w.masks, w.active)
-        data, masks, active = rest
-        inputs = dict(base=replicate(base, mesh), states=shard_users(fresh, mesh), data=shard_users(data, mesh),
-                      masks=shard_users(masks, mesh), active=shard_users(active, mesh))
-        info["devices"] = n_dev
-        return vmap_round(*args, mesh=mesh), inputs, info
-    raise ValueError(f"mode={mode!r}: allowed {MODES}")
+        layout = Layout(w.n_users, single_device_mesh())
+    elif mode == "vmap_sharded":
+        # Several processes: every process's devices (run_benchmark skips a U they do not divide).
+        # One: gcd(U, devices) of them, so that no padding users are added.
+        n_dev = jax.device_count() if jax.process_count() > 1 else math.gcd(w.n_users, jax.device_count())
+        layout = Layout(w.n_users, users_mesh(jax.devices()[:n_dev]))
+    else:
+        raise ValueError(f"mode={mode!r}: allowed {MODES}")
+    info["devices"] = layout.n_devices
+    return vmap_round(*args, mesh=layout.mesh), place(layout, inputs), info
+
+
+def place(layout: Layout, inputs: dict) -> dict:
+    """The round's inputs on the layout's mesh: the base replicated, the rest split over `users`
+    (the layout's shardings, as the training loop places them). The bench adds no padding users:
+    the layout's rows must be the users."""
+    n = inputs["masks"].shape[0]
+    if layout.n_rows != n:
+        raise ValueError(f"{n} users on {layout.n_devices} devices would need {layout.n_padding} padding users")
+    # Several processes: the same host values on every process (built from the seed); device_put
+    # places each process's shards of the global arrays.
+    host = jax.device_get if jax.process_count() > 1 else (lambda x: x)
+    return {k: jax.device_put(host(v), layout.replicated if k == "base" else layout.users) for k, v in inputs.items()}
 
 
 def _program_memory(fn, inputs) -> dict | None:
@@ -335,8 +336,7 @@ def time_mode(mode: str, w: Workload, cfg: ConfigDict) -> dict:
     block = jax.block_until_ready
     with PeakRSS() as rss:
         states = inputs.pop("states")
-        rest = tuple(inputs.values())
-        base, data, masks, active = rest
+        base, data, masks, active = (inputs[k] for k in ("base", "data", "masks", "active"))
         t = time.perf_counter()
         states, metrics = block(fn(base, states, data, masks, active))
         first = time.perf_counter() - t
@@ -384,7 +384,7 @@ def bench_workload(w: Workload, modes: list[str], cfg: ConfigDict, peaks: list[f
             rows.append({**row, "skipped": f"U > loop_max_users={cfg.loop_max_users}"})
             continue
         logging.info("%s U=%d %s ...", w.name, w.n_users, mode)
-        flops = flops or round_flops(w)  # only for a U that runs
+        flops = flops or workload_flops(w)  # only for a U that runs
         try:
             r = time_mode(mode, w, cfg)
         except Exception as e:  # an accelerator running out of memory is a result, not a crash
@@ -481,13 +481,45 @@ def _print(msg: str) -> None:
         print(msg, flush=True)
 
 
-def run_benchmark(cfg: ConfigDict) -> dict:
+def _fail(key: str, value, allowed: str):
+    raise ConfigError(f"config.{key}={value!r} is not allowed: {allowed}")
+
+
+def check_config(cfg: ConfigDict) -> None:
+    """Every check that needs no device work, before the peak matmul: ConfigError (one line)."""
+    bad = set(_names(cfg.modes)) - set(MODES)
+    if bad or not _names(cfg.modes):
+        _fail("modes", cfg.modes, f"comma-separated, of {', '.join(MODES)}")
+    models = _names(cfg.models)
+    if not models or set(models) - {"tiny", "gpt2"}:
+        _fail("models", cfg.models, "comma-separated, of tiny, gpt2")
+    if cfg.method not in configuration.METHODS:
+        _fail("method", cfg.method, f"one of {', '.join(sorted(configuration.METHODS))}")
+    if cfg.dtype not in ("", "float32", "bfloat16"):
+        _fail("dtype", cfg.dtype, "'' (float32 on CPU, bfloat16 on accelerators) | float32 | bfloat16")
+    if cfg.distributed.mode not in distributed.MODES:
+        _fail("distributed.mode", cfg.distributed.mode, " | ".join(distributed.MODES))
+    for model in models:
+        key = "users" if model == "tiny" else f"{model}.users"
+        try:
+            users = _ints(cfg.users if model == "tiny" else cfg[model].users)
+        except ValueError:
+            users = []
+        if not users or min(users) < 1:
+            _fail(key, cfg.users if model == "tiny" else cfg[model].users, "comma-separated positive integers")
+        workload_configs(model, cfg[model], cfg.method, cfg.dtype or "float32")
+        for k in ("train_tokens", "valid_tokens"):
+            if cfg[model][k] < cfg[model].train.seq_len + 1:
+                _fail(f"{model}.{k}", cfg[model][k], f"at least one window: train.seq_len + 1 = "
+                      f"{cfg[model].train.seq_len + 1}")
+
+
+def run_benchmark(cfg: ConfigDict, argv=None) -> dict:
     """Runs every configured model size, U and mode; writes bench.json and bench.md (process 0);
-    returns the results."""
+    returns the results. ConfigError (one line) for a config value that is not allowed. `argv`:
+    the command line recorded in bench.json (default sys.argv)."""
+    check_config(cfg)
     modes = _names(cfg.modes)
-    bad = set(modes) - set(MODES)
-    if bad:
-        raise ValueError(f"modes {sorted(bad)}: allowed {MODES}")
     if jax.process_count() > 1:
         single = [m for m in modes if m != "vmap_sharded"]
         if single:
@@ -496,7 +528,7 @@ def run_benchmark(cfg: ConfigDict) -> dict:
         modes = ["vmap_sharded"]
     backend = jax.default_backend()
     dtype = cfg.dtype or ("float32" if backend == "cpu" else "bfloat16")
-    info = machine_info()
+    info = machine_info(argv)
     n = cfg.matmul_size or (4096 if backend == "cpu" else 8192)
     peaks = peak_all_processes(n, dtype)
     logging.info("peak matmul %s n=%d: %s GFLOP/s", dtype, n,
@@ -504,13 +536,12 @@ def run_benchmark(cfg: ConfigDict) -> dict:
     rows = []
     t_start = time.perf_counter()
     for model in _names(cfg.models):
-        if model not in ("tiny", "gpt2"):
-            raise ValueError(f"model={model!r}: allowed 'tiny', 'gpt2'")
         mc = cfg[model]
         users = _ints(cfg.users if model == "tiny" else mc.users)
         base = None
         for u in users:
-            if jax.process_count() > 1 and u % jax.device_count():  # (modes is just vmap_sharded)
+            # (modes is just vmap_sharded) the layout over every process's devices would pad U
+            if jax.process_count() > 1 and Layout(u, users_mesh()).n_padding:
                 why = f"U={u} does not divide the {jax.device_count()} devices of {jax.process_count()} processes"
                 _print(f"{model} U={u} vmap_sharded skipped: {why}")
                 rows.append({"model": model, "users": u, "mode": "vmap_sharded", "dtype": dtype, "skipped": why})
@@ -571,24 +602,30 @@ def report_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv):
-    del argv
-    cfg = _CONFIG.value
-    logging.set_verbosity(logging.WARNING)  # INFO on process 0 once it is known (bench_main)
-    multi = distributed.initialize(cfg.distributed)  # before any JAX computation; no-op for one process
-    return distributed.run_or_exit(lambda: bench_main(cfg), multi)
+def main(argv=None) -> int:
+    """The command line `python -m experiments.bench [--config=FILE[:ARG]] [--config.key=value ...]`
+    (argv[0] is the program); its exit code. Errors are one `error: ...` line on stderr."""
+    argv = list(sys.argv if argv is None else argv)
+
+    def body():
+        cfg, _ = cli.parse_config(argv, DEFAULT_CONFIG, homes=HOMES)
+        check_config(cfg)  # before the distributed start-up and any JAX work
+        logging.set_verbosity(logging.WARNING)  # INFO on process 0 once it is known (bench_main)
+        multi = distributed.initialize(cfg.distributed)  # before any JAX computation; no-op for one process
+        return distributed.run_or_exit(lambda: cli.as_exit(lambda: bench_main(cfg, argv)), multi)
+
+    return cli.main_guard(body)
 
 
-def bench_main(cfg: ConfigDict) -> None:
+def bench_main(cfg: ConfigDict, argv=None) -> None:
     # the other processes of a multi-process run print nothing but errors
     logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     t = time.perf_counter()
-    result = run_benchmark(cfg)
+    result = run_benchmark(cfg, argv)
     _print(result["markdown"])
     _print(f"total {time.perf_counter() - t:.0f} s; wrote {os.path.join(cfg.out_dir, 'bench.json')}")
 
 
 if __name__ == "__main__":
-    _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_REPO, "configs", "bench.py"),
-                                              "benchmark configuration file[:preset] (configs/bench.py)")
-    app.run(main)
+    cli.install_process_hooks()
+    sys.exit(main())

@@ -9,7 +9,7 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny model, made smaller still so that both runs take well under a minute on 2 cores.
 FLAGS = ["--config.models=tiny", "--config.repeats=1", "--config.min_repeats=1",
-         "--config.matmul_size=256", "--config.tiny.n_layer=1", "--config.tiny.seq_len=64",
+         "--config.matmul_size=256", "--config.tiny.pretrain.n_layer=1", "--config.tiny.train.seq_len=64",
          "--config.tiny.train_tokens=2048", "--config.tiny.valid_tokens=1024"]
 
 

@@ -1,18 +1,23 @@
 """The capacity model (comigs_jax.capacity) against the shapes and the compiled round program.
 
 Compile only, nothing runs: the bench's tiny config (2 layers, width 128, vocabulary 2048,
-sequence 128, batch 2, 1 generalist + 1 specialist, rank 8) at U = 16 and U = 64 on CPU.
+sequence 128, batch 2, 1 generalist + 1 specialist, rank 8; configs/capacity.py:tiny) at U = 16
+and U = 64 on CPU. The command line (capacity.main(argv), in-process) as experiments.run's.
 """
+import os
+
 import jax
 import pytest
 
-from comigs_jax import capacity
+from comigs_jax import capacity, configuration
+from configs import capacity as capacity_config
 from comigs_jax.federated.methods import configure_model, get_method
 from comigs_jax.federated.roles import label_params
 from comigs_jax.model.config import GPT2Config, LoRAConfig, MoEConfig
 from comigs_jax.model.gpt2 import param_shapes
 from comigs_jax.train.state import TrainConfig
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The LLVM optimisation level changes compile time, not XLA's buffer assignment.
 FAST = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -75,3 +80,48 @@ def test_plan_gpt2_1000_users():
     assert "H100" in capacity.format_plan(p)
     with pytest.raises(ValueError):
         capacity.activation_tensors(cfg, 64, 128, profile="tpu")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_capacity_default_plan_is_the_issue_example(capsys):
+    """`python -m comigs_jax.capacity` with no flags: 1,000 users of GPT-2 124M, 1G + 1S, rank 8,
+    64 x 128 windows, bf16, the reference schedule (the argparse defaults it replaced)."""
+    assert capacity.main(["comigs_jax.capacity"]) == 0
+    out = capsys.readouterr().out
+    lora = LoRAConfig(rank=8)
+    cfg = GPT2Config(dtype="bfloat16", attn_lora=lora, moe=MoEConfig(n_experts=2, n_generalists=1, lora=lora))
+    assert out == capacity.format_plan(capacity.plan(cfg, TrainConfig(), get_method("comigs"), 1000))
+    assert "| NVIDIA H100 SXM 80 GB | 79.65 GiB | 989 TFLOP/s | 8 | 125 | 1.3 s |" in out  # docs/scaling.md
+    assert "56.35 TFLOP per user" in out
+
+
+def test_capacity_config_file_and_overrides(capsys):
+    argv = ["comigs_jax.capacity", f"--config={os.path.join(REPO, 'configs', 'capacity.py')}:tiny",
+            "--config.users=64", "--config.train.batch_size=4", "--config.model.n_experts=4", "--config.targets=h100"]
+    assert capacity.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# Capacity plan: 64 users, GPT-2 2L x 128 (V 2,048), comigs (1G + 3S), batch 4 x 128, "
+                          "float32, activation profile 'cpu'")
+    assert "H100" in out and "H200" not in out
+    # the preset is the bench's tiny workload, the config of the tests above
+    model_cfg, tc, method = configuration.engine_configs(capacity_config.get_config("tiny"))
+    cfg, tc_ref, _ = tiny()
+    assert model_cfg == cfg and method.name == "comigs"
+    assert [getattr(tc, k) for k in ("local_steps", "batch_size", "seq_len", "router_every", "router_steps")] == \
+        [getattr(tc_ref, k) for k in ("local_steps", "batch_size", "seq_len", "router_every", "router_steps")]
+
+
+@pytest.mark.parametrize("flag, names", [
+    ("--config.model.rnak=4", "'model.rnak'"),             # unknown key in configs/base.py's model group
+    ("--config.user=4", "'user'"),                         # unknown top-level key
+    ("--config.users=many", "--config.users"),             # a value the flag parser refuses
+    ("--config.base=gpt3", "config.base='gpt3'"),          # a value the builder refuses
+    ("--config.measure=16", "config.measure='16'"),
+])
+def test_capacity_command_line_errors_are_one_line(flag, names, capsys):
+    assert capacity.main(["comigs_jax.capacity", flag]) == 1
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], err
+    assert out == ""
