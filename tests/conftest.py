@@ -16,3 +16,24 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """One data cache (token caches and the pretrained base of configs/tiny.py) for every run of
+    the tiny config in the session, in-process or subprocess: the base is pretrained once."""
+    return str(tmp_path_factory.mktemp("tiny_cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_reference(tmp_path_factory, tiny_cache):
+    """One uninterrupted `experiments.run --config=configs/tiny.py` (in-process, one device: bit for
+    bit a subprocess's run): (workdir, CompletedProcess). Tests that change it work on a copy."""
+    from entrypoint import main
+    wd = str(tmp_path_factory.mktemp("tiny_reference") / "tiny")
+    p = main(["--config=configs/tiny.py", f"--workdir={wd}"], tiny_cache)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return wd, p

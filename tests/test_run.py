@@ -1,24 +1,22 @@
-"""experiments.run through its real entry point (a subprocess) on configs/tiny.py."""
+"""experiments.run through its entry point, `main(argv)` in this process (tests/entrypoint.py), on
+configs/tiny.py; the finished run is the session's reference (conftest.tiny_reference)."""
 import json
 import os
 import shutil
 
 import pytest
 
-from entrypoint import run
+from entrypoint import main as run
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+@pytest.fixture
+def cache(tiny_cache):
+    return tiny_cache
 
 
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory, cache):
-    wd = str(tmp_path_factory.mktemp("runs") / "tiny")
-    p = run(["--config=configs/tiny.py", f"--workdir={wd}"], cache)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return wd, p
+@pytest.fixture
+def finished(tiny_reference):
+    return tiny_reference
 
 
 def test_run_writes_every_output(finished):
@@ -75,7 +73,7 @@ def test_refuses_a_workdir_of_another_config(finished, cache):
     (["--config.model.top_k=3"], "config.model.top_k=3 is not allowed"),
 ])
 def test_bad_flags_fail_with_one_clear_line(args, message, cache):
-    p = run(args, cache, timeout=60)
+    p = run(args, cache)
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], p.stderr
