@@ -35,6 +35,10 @@ class UsageError(Exception):
     """A command line that cannot be run: a missing config file, an unknown key, a bad value."""
 
 
+class HelpRequested(Exception):
+    """--help / -h: the text to print (exit code 0)."""
+
+
 class CleanStop(SystemExit):
     """A stop every process agreed on (a signal), after a checkpoint: the normal exit path."""
 
@@ -91,10 +95,19 @@ def unknown_key(cfg: ConfigDict, key: str, homes: dict) -> str | None:
     return None
 
 
-def parse_config(argv, default: str, *, homes: dict, define: Callable | None = None):
+def parse_config(argv, default: str, *, homes: dict, define: Callable | None = None, doc: str = ""):
     """(config, FlagValues) from argv (argv[0] is the program). UsageError (one line) for a missing
-    config file, an unknown key or a value the flag parser refuses. `define(flag_values)` adds
-    the command's other flags."""
+    config file, an unknown key or a value the flag parser refuses; HelpRequested for --help.
+    `define(flag_values)` adds the command's other flags; `doc` is the command's help text."""
+    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+        fv = flags.FlagValues()
+        if define is not None:
+            define(fv)
+        others = "".join(f"  --{name}: {fv[name].help}\n" for name in fv)
+        home = ", ".join(f"{g + '.*' if g else 'other keys'}: {f}" for g, f in sorted(homes.items(), reverse=True))
+        raise HelpRequested(f"{doc.strip()}\n\nFlags:\n  --config=FILE[:ARG]: the config file (default {os.path.relpath(default, REPO)})\n"
+                            f"  --config.KEY=VALUE: override any key of it (defaults, one comment each: {home})\n"
+                            f"{others}")
     spec = config_spec(argv[1:], default)
     path = spec.partition(":")[0]
     if not os.path.isfile(path):
@@ -154,6 +167,9 @@ def main_guard(fn: Callable) -> int:
     """Run a command's body; its exit code (SystemExit's message printed on stderr, one line)."""
     try:
         out = as_exit(fn)
+    except HelpRequested as e:
+        print(e, flush=True)
+        return 0
     except SystemExit as e:
         if isinstance(e.code, str):
             print(e.code, file=sys.stderr, flush=True)

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
 
     def body():
-        cfg, fv = cli.parse_config(argv, DEMO, homes=cli.EXPERIMENT_HOMES, define=_define)
+        cfg, fv = cli.parse_config(argv, DEMO, homes=cli.EXPERIMENT_HOMES, define=_define, doc=__doc__)
         from comigs_jax import configuration, distributed, experiment
         configuration.validate(cfg)  # before the distributed start-up and any JAX work
         workdir = fv.workdir or default_workdir(argv)

@@ -87,3 +87,11 @@ def test_default_workdir_and_resume_command():
     assert run_cli.default_workdir(["run"]) == os.path.join("runs", "demo")
     assert cli.resume_command("experiments.run", argv) == \
         "python -m experiments.run --config=configs/agnews.py:fedavg --config.seed=3"
+
+
+def test_help_lists_the_flags_and_where_the_defaults_live(capsys):
+    assert run_cli.main(["experiments.run", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Train and evaluate CoMiGS") and "--workdir" in out
+    assert "--config=FILE[:ARG]: the config file (default configs/demo.py)" in out
+    assert "data.*: comigs_jax/data/config.py" in out and "other keys: configs/base.py" in out
