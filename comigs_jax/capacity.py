@@ -534,7 +534,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
 
     def body():
-        cfg, _ = cli.parse_config(argv, DEFAULT_CONFIG, homes=HOMES)
+        cfg, _ = cli.parse_config(argv, DEFAULT_CONFIG, homes=HOMES, doc=__doc__)
         run(cfg)
 
     return cli.main_guard(body)

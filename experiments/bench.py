@@ -608,7 +608,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
 
     def body():
-        cfg, _ = cli.parse_config(argv, DEFAULT_CONFIG, homes=HOMES)
+        cfg, _ = cli.parse_config(argv, DEFAULT_CONFIG, homes=HOMES, doc=__doc__)
         check_config(cfg)  # before the distributed start-up and any JAX work
         logging.set_verbosity(logging.WARNING)  # INFO on process 0 once it is known (bench_main)
         multi = distributed.initialize(cfg.distributed)  # before any JAX computation; no-op for one process
