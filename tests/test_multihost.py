@@ -22,9 +22,8 @@ def _env(devices):
 @pytest.fixture(scope="module")
 def engine_runs(tmp_path_factory):
     single, multi = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("multi")
-    p = subprocess.run([sys.executable, "tests/multihost_worker.py", str(single)], cwd=REPO, env=_env(8),
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    import multihost_worker  # the reference in this process: one process, the tests' 8 fake devices
+    multihost_worker.main(str(single))
     p = subprocess.run([sys.executable, "-m", "experiments.launch_local", "--processes", "2",
                         "--devices-per-process", "4", "--module", "tests.multihost_worker", "--timeout", "150",
                         "--", str(multi)], cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=300)
@@ -151,16 +150,19 @@ def _dump_stacks(procs, log_dir):
     time.sleep(2)
 
 
+def _run_here(args):
+    """experiments.run in this process (one process, the tests' 8 fake devices): the reference."""
+    from experiments import run as run_cli
+    return run_cli.main(["experiments.run", *RUN_ARGS, *args])
+
+
 @pytest.fixture(scope="module")
 def run_pair(tmp_path_factory):
     """A single-process run (8 devices), and the same run on 2 processes x 4 devices that is
     killed (SIGKILL, both processes) once its round-1 checkpoint exists and then relaunched."""
     cache, root = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("runs")
     single = root / "single"
-    p = subprocess.run([sys.executable, "-m", "experiments.run", *RUN_ARGS, f"--workdir={single}",
-                        f"--config.data.cache_dir={cache}"], cwd=REPO, env=_env(8), capture_output=True,
-                       text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
+    assert _run_here([f"--workdir={single}", f"--config.data.cache_dir={cache}"]) == 0
     multi = root / "multi"
     _pair(multi, cache, root, kill_at_checkpoint=True)
     killed_before_results = not (multi / "results.json").exists()
@@ -240,18 +242,15 @@ def test_a_failing_process_ends_the_run_instead_of_hanging(tmp_path):
     assert elapsed < 90, elapsed
 
 
-def test_a_two_process_checkpoint_resumes_on_one_process(run_pair, tmp_path):
+def test_a_two_process_checkpoint_resumes_on_one_process(run_pair, tmp_path, capsys):
     """A changed topology (2 processes x 4 devices -> 1 x 8): orbax reshards on restore."""
     import shutil
-    single, multi, _, _, _ = run_pair
+    single, multi, _, _, cache = run_pair
     wd = tmp_path / "moved"
     shutil.copytree(multi, wd)
     shutil.rmtree(wd / "checkpoints" / "2")
     (wd / "results.json").unlink()
-    p = subprocess.run([sys.executable, "-m", "experiments.run", *RUN_ARGS, f"--workdir={wd}",
-                        f"--config.data.cache_dir={tmp_path / 'cache'}"], cwd=REPO, env=_env(8),
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "resumed from round 1" in p.stdout
+    assert _run_here([f"--workdir={wd}", f"--config.data.cache_dir={cache}"]) == 0
+    assert "resumed from round 1" in capsys.readouterr().out
     for x, y in zip(_users(single), _users(wd)):
         assert y["test_ppl"] == pytest.approx(x["test_ppl"], rel=1e-5)
