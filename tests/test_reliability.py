@@ -1,6 +1,9 @@
 """Reliability (issue 8): kills and resumption, signals, bad configs, bad data, bad checkpoints,
-numerical faults, untrusted inputs. The real entry point runs in subprocesses on configs/tiny.py;
-one uninterrupted run is the reference every interrupted run must reproduce bit for bit."""
+numerical faults, untrusted inputs. The entry point runs on configs/tiny.py: in subprocesses where
+the process boundary is the point (SIGKILL, SIGTERM/SIGINT, the CLI's own stderr), else its
+main(argv) in this process (tests/entrypoint.py; one device, bit for bit a subprocess's run). One
+uninterrupted run (conftest.tiny_reference) is the reference every interrupted run must reproduce
+bit for bit."""
 import glob
 import json
 import os
@@ -8,8 +11,6 @@ import pickle
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import time
 
 import jax
@@ -17,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from entrypoint import REPO, run, start
-from entrypoint import env as _env
+from entrypoint import REPO, main, start
+from entrypoint import run as run_subprocess
 TINY = "--config=configs/tiny.py"
 
 
@@ -41,19 +42,20 @@ def ckpt_rounds(wd):
     return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("cache"))
+@pytest.fixture
+def cache(tiny_cache):
+    return tiny_cache
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, cache):
+@pytest.fixture
+def reference(tiny_reference):
     """The uninterrupted run every interrupted one must reproduce."""
-    wd = str(tmp_path_factory.mktemp("ref") / "tiny")
-    p = run([TINY, f"--workdir={wd}"], cache)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    wd = tiny_reference[0]
     assert ckpt_rounds(wd) == [2, 4]
     return wd
+
+
+run = main  # experiments.run's main(argv) in this process, answering as a subprocess run would
 
 
 def _copy_run(reference, dest, drop_results=True):
@@ -134,8 +136,7 @@ def test_signal_stops_after_the_round_with_a_checkpoint_and_resume_line(sig, ref
     assert resume[:3] == ["python", "-m", "experiments.run"] and f"--workdir={wd}" in resume
     if sig == signal.SIGINT:  # the same stop path; one resumption (SIGTERM's) is enough
         return
-    q = subprocess.run([sys.executable, *resume[1:]], cwd=REPO, env=_env(), capture_output=True, text=True,
-                       timeout=300)
+    q = main(resume[3:])  # the printed command's arguments, through the same entry point
     assert q.returncode == 0, q.stdout[-3000:] + q.stderr[-3000:]
     assert "resumed from round 1" in q.stdout
     assert results_bytes(wd) == results_bytes(reference)
@@ -166,7 +167,7 @@ def test_no_restorable_checkpoint_is_an_error_not_a_restart(reference, cache, tm
     for r in (2, 4):
         _corrupt_arrays(os.path.join(wd, "checkpoints", str(r)))
     before = open(os.path.join(wd, "metrics.jsonl")).read()
-    p = run([TINY, f"--workdir={wd}"], cache)
+    p = run_subprocess([TINY, f"--workdir={wd}"], cache)  # the process's whole stderr: a subprocess
     assert p.returncode != 0
     # one line, and no traceback of tensorstore's abandoned reads around it
     assert "Traceback" not in p.stderr and "Event loop is closed" not in p.stderr, p.stderr[-3000:]
@@ -304,12 +305,27 @@ def test_bad_config_fails_at_once_with_one_line(args, message, base32, tmp_path)
         args = [TINY, *args]
     wd, cache = tmp_path / "wd", tmp_path / "cache"
     t0 = time.time()
-    p = run([*args, f"--workdir={wd}"], str(cache), timeout=60)
+    p = run([*args, f"--workdir={wd}"], str(cache))
     dt = time.time() - t0
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr[-2000:]
     assert not wd.exists() and not cache.exists()  # no data, base or run work was done
+    assert dt < 15, dt
+
+
+@pytest.mark.parametrize("args,message", [BAD_CONFIGS[0], BAD_CONFIGS[-1]], ids=["model.top_k=3", "train.rounds=2.5"])
+def test_bad_config_on_the_command_line_is_one_stderr_line(args, message, tmp_path):
+    """The same as above through `python -m experiments.run` itself: the process's whole stderr
+    (import-time warnings, logging, a traceback) is that one line, and it fails at once."""
+    wd, cache = tmp_path / "wd", tmp_path / "cache"
+    t0 = time.time()
+    p = run_subprocess([TINY, *args, f"--workdir={wd}"], str(cache), timeout=60)
+    dt = time.time() - t0
+    assert p.returncode == 1
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr[-2000:]
+    assert not wd.exists() and not cache.exists()
     assert dt < 15, dt
 
 
@@ -392,7 +408,7 @@ def test_non_utf8_bytes_name_the_file(tmp_path, cache):
     # through the entry point: one line, no traceback
     p = run(["--config=configs/local_text.py", f"--config.data.text_files.root={root}", "--config.data.n_users=2", "--config.data.train_tokens=1000", "--config.data.valid_tokens=300",
              "--config.data.test_tokens=300", "--config.data.categories=a,b", "--config.train.seq_len=64",
-             f"--workdir={tmp_path / 'wd'}"], str(tmp_path / "k2"), timeout=120)
+             f"--workdir={tmp_path / 'wd'}"], str(tmp_path / "k2"))
     lines = p.stderr.strip().splitlines()
     assert p.returncode != 0 and lines[-1].startswith("error: text_files category 'b'") and "Traceback" not in p.stderr
 
