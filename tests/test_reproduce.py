@@ -3,8 +3,6 @@ text folders, the `full` evaluation protocol, and configs/reference.py against i
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,6 +15,7 @@ from comigs_jax.experiment.simulation import Simulation
 from comigs_jax.model.gpt2 import GPT2
 from comigs_jax.train import evaluation
 from comigs_jax.train.state import TrainConfig
+import entrypoint
 from tiny import VOCAB, markov_users, tiny_base, tiny_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -121,11 +120,9 @@ def test_reference_bins_are_read_as_given_and_bad_files_are_named(tmp_path):
         load_user_data(_bins_cfg(""))
 
 
-def _run(args, cache, timeout=300):
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)
-    cmd = [sys.executable, "-m", "experiments.run", *args, f"--config.data.cache_dir={cache}"]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+def _run(args, cache):
+    """experiments.run's main(argv) in this process (one device, as a subprocess): tests/entrypoint.py."""
+    return entrypoint.main(args, cache)
 
 
 SHORT = ["--config.train.rounds=2", "--config.train.local_steps=3", "--config.train.batch_size=4",
