@@ -188,7 +188,8 @@ def install_process_hooks() -> None:
     """For a command's own process: `kill -USR1 <pid>` prints every thread's Python stack (to see
     where a stalled multi-process run waits), and the 'Event loop is closed' reports of the
     tensorstore reads orbax abandons after an unreadable checkpoint are dropped (dozens of
-    tracebacks around the run's one error line); every other unraisable exception is reported."""
+    tracebacks around the run's one error line), as are asyncio's 'Task exception was never
+    retrieved' reports of the same reads; every other unraisable exception is reported."""
     import faulthandler
     import signal
     faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -200,3 +201,8 @@ def install_process_hooks() -> None:
         default(u)
 
     sys.unraisablehook = hook
+    # The same abandoned reads may end as asyncio tasks whose exception nobody retrieves; asyncio
+    # logs each with its traceback. This project runs no asyncio code of its own.
+    import logging
+    logging.getLogger("asyncio").addFilter(
+        lambda record: not str(record.msg).startswith("Task exception was never retrieved"))

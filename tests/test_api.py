@@ -19,9 +19,12 @@ def test_readme_snippet_is_short():
     assert len(readme_snippet().strip().splitlines()) <= 12
 
 
-def test_readme_snippet_runs_and_returns_the_results_it_writes(tmp_path, monkeypatch):
+def test_readme_snippet_runs_and_returns_the_results_it_writes(tmp_path, monkeypatch, tiny_cache):
     monkeypatch.chdir(tmp_path)  # the snippet's relative runs/notebook
-    monkeypatch.setenv("HOME", str(tmp_path))  # its default cache (~/.cache/comigs_jax) lands here too
+    # its default cache, ~/.cache/comigs_jax/data, is the session's tiny cache (the base is pretrained once)
+    os.makedirs(tmp_path / "home" / ".cache" / "comigs_jax")
+    os.symlink(tiny_cache, tmp_path / "home" / ".cache" / "comigs_jax" / "data")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     scope = {}
     exec(compile(readme_snippet(), "README.md", "exec"), scope)  # noqa: S102 - the README's own code
     results = scope["results"]
