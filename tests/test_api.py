@@ -28,13 +28,13 @@ def test_readme_snippet_runs_and_returns_the_results_it_writes(tmp_path, monkeyp
     scope = {}
     exec(compile(readme_snippet(), "README.md", "exec"), scope)  # noqa: S102 - the README's own code
     results = scope["results"]
-    assert sorted(results) == [("comigs", 0), ("local", 0)]  # configs/demo.py: seed 0
+    assert list(results) == [("comigs", 0)]  # configs/demo.py: seed 0
     for (method, seed), res in results.items():
-        on_disk = json.load(open(tmp_path / "runs" / "notebook" / f"{method}_s{seed}" / "results.json"))
+        on_disk = json.load(open(tmp_path / "runs" / "notebook" / "results.json"))  # one run: the workdir itself
         assert res == on_disk  # the returned results are results.json's content
         assert len(res["users"]) == 3 and all(u["test_ppl"] > u["bayes_ppl"] for u in res["users"])
     assert os.path.getsize(tmp_path / "runs" / "notebook" / "ppl.png") > 0
-    assert os.path.exists(tmp_path / "runs" / "notebook" / "comparison.json")
+    assert os.path.getsize(tmp_path / "runs" / "notebook" / "loss_curves.png") > 0  # the run's own figures
 
 
 def test_run_raises_typed_errors_and_leaves_the_config_alone(tmp_path):

@@ -27,7 +27,7 @@ from comigs_jax.federated.methods import Method, configure_model
 from comigs_jax.federated.users import expert_masks
 from comigs_jax.model.config import GPT2Config
 from comigs_jax.train.rounds import loop_round, vmap_round
-from comigs_jax.train.state import TrainConfig, init_states, init_states_unjitted
+from comigs_jax.train.state import TrainConfig, init_states_unjitted
 from comigs_jax.train.evaluation import eval_windows, full_window_counts
 from comigs_jax.train.steps import evaluate_user
 
@@ -103,19 +103,11 @@ class Simulation:
         self.round_index = 0
 
         key = jax.random.PRNGKey(seed)
-        init = lambda k: init_states_unjitted(self.model_cfg, tc, method, k, self.n_padded, self.n_shared_specialists)
+        init, self._round, self._aggregate = _programs(self.model_cfg, tc, method, self.steps_per_round,
+                                                       self.n_padded, self.n_shared_specialists, layout.mesh, mode)
         self.base = jax.device_put(base, layout.replicated)
-        self.states = jax.jit(init, out_shardings=layout.users)(key)
+        self.states = init(key)
         self.masks_dev = jax.device_put(jnp.asarray(self.masks), layout.users)
-        if mode == "vmap":
-            self._round = vmap_round(self.model_cfg, tc, method, self.steps_per_round, mesh=layout.mesh)
-        else:
-            self._round = loop_round(self.model_cfg, tc, method, self.steps_per_round)
-        agg = functools.partial(aggregate, shared_roles=method.shared_roles,
-                                n_shared_specialists=self.n_shared_specialists)
-        # the mean is an all-reduce; the result stays split over users
-        self._aggregate = jax.jit(agg, in_shardings=(layout.users, layout.users), out_shardings=layout.users)
-        self._eval_cache = {}
         self.active = np.ones(self.n_padded, bool)
 
     # ------------------------------------------------------------------ data placement
@@ -227,11 +219,8 @@ class Simulation:
                                        min_windows=distributed.global_max(int(counts.max())))
         tokens, _ = self._place_rows(arrays, rows, n_rows)
         place = lambda a: sharding.global_user_array(self.mesh, a, n_rows)
-        if batch not in self._eval_cache:
-            fn = functools.partial(evaluate_user, model_cfg=self.model_cfg, seq_len=self.tc.seq_len, batch=batch)
-            self._eval_cache[batch] = jax.jit(jax.vmap(fn, in_axes=(0, None, 0, 0, 0, 0)))
         masks = self.masks if not self.method.pooled_data else np.repeat(self.masks[:1], n_rows, 0)
-        out = self._eval_cache[batch](self._params_per_user(n_rows), self.base, tokens, place(starts),
+        out = _eval_program(self.model_cfg, self.tc.seq_len, batch)(self._params_per_user(n_rows), self.base, tokens, place(starts),
                                       place(weights), place(masks[rows]))
         out = jax.tree.map(lambda x: distributed.to_host(x)[: self.n_users], out)
         out = jax.tree.map(lambda x: np.asarray(x, np.float64), out)  # [U, n_batches, ...]
@@ -242,6 +231,30 @@ class Simulation:
             wk = w.reshape(w.shape + (1,) * (v.ndim - 2))
             res[k] = (v * wk).sum(1) / wk.sum(1)
         return res
+
+
+# The jitted programs of a federation, built once per process for each distinct (configs, shapes,
+# mesh): a comparison over seeds, or several Simulations of one config, trace and compile them once.
+@functools.lru_cache(maxsize=64)
+def _programs(model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: int, n_rows: int,
+              n_shared_specialists: int, mesh, mode: str):
+    """(init(key) -> states [n_rows, ...] split over users, round, aggregate)."""
+    users = sharding.user_sharded(mesh)
+    init = jax.jit(lambda k: init_states_unjitted(model_cfg, tc, method, k, n_rows, n_shared_specialists),
+                   out_shardings=users)
+    if mode == "vmap":
+        round_fn = vmap_round(model_cfg, tc, method, steps, mesh=mesh)
+    else:
+        round_fn = loop_round(model_cfg, tc, method, steps)
+    agg = functools.partial(aggregate, shared_roles=method.shared_roles, n_shared_specialists=n_shared_specialists)
+    # the mean is an all-reduce; the result stays split over users
+    return init, round_fn, jax.jit(agg, in_shardings=(users, users), out_shardings=users)
+
+
+@functools.lru_cache(maxsize=64)
+def _eval_program(model_cfg: GPT2Config, seq_len: int, batch: int):
+    fn = functools.partial(evaluate_user, model_cfg=model_cfg, seq_len=seq_len, batch=batch)
+    return jax.jit(jax.vmap(fn, in_axes=(0, None, 0, 0, 0, 0)))
 
 
 def _replace(tc: TrainConfig, **kw) -> TrainConfig:
