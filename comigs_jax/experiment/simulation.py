@@ -131,17 +131,16 @@ class Simulation:
                 rows[r] = given[r]
         return rows
 
-    def _place_rows(self, arrays: dict, rows=None, n_rows=None):
-        """(tokens [n_rows, N], lengths [n_rows]) as global arrays split over users, built from
-        this process's `rows` only (default: the model axis); N is the longest over all processes."""
-        rows = self.local_rows if rows is None else rows
-        n_rows = self.n_padded if n_rows is None else n_rows
+    def _place_rows(self, arrays: dict, user_axis: bool = False):
+        """(tokens [rows, N], lengths [rows]) as global arrays split over users, built from this
+        process's rows of the model axis (or the user axis) only; N is the longest over all processes."""
+        rows = self.layout.local_user_rows if user_axis else self.layout.local_rows
         n = distributed.global_max(max(len(a) for a in arrays.values()))
         block = np.zeros((len(rows), n), self.token_dtype)
         lengths = np.zeros(len(rows), np.int32)
         for i, r in enumerate(rows):
             block[i, : len(arrays[r])], lengths[i] = arrays[r], len(arrays[r])
-        return sharding.global_user_array(self.mesh, block, n_rows), sharding.global_user_array(self.mesh, lengths, n_rows)
+        return self.layout.place(block, user_axis), self.layout.place(lengths, user_axis)
 
     # ------------------------------------------------------------------ rounds
     def sample_participants(self) -> np.ndarray:
@@ -217,8 +216,8 @@ class Simulation:
         counts = full_window_counts(lengths, self.tc.seq_len) if protocol == "full" else np.zeros(1, int)
         starts, weights = eval_windows(protocol, lengths, self.tc.seq_len, n_windows, batch, seed, user_ids=rows,
                                        min_windows=distributed.global_max(int(counts.max())))
-        tokens, _ = self._place_rows(arrays, rows, n_rows)
-        place = lambda a: sharding.global_user_array(self.mesh, a, n_rows)
+        tokens, _ = self._place_rows(arrays, user_axis=True)
+        place = lambda a: self.layout.place(a, user_axis=True)
         masks = self.masks if not self.method.pooled_data else np.repeat(self.masks[:1], n_rows, 0)
         out = _eval_program(self.model_cfg, self.tc.seq_len, batch)(self._params_per_user(n_rows), self.base, tokens, place(starts),
                                       place(weights), place(masks[rows]))

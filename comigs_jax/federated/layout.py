@@ -133,12 +133,6 @@ class Layout:
         (`local_block` [len(local_rows), ...], or the user axis's rows)."""
         return sharding.global_user_array(self.mesh, local_block, self.n_user_rows if user_axis else self.n_rows)
 
-    def describe(self) -> dict:
-        """JSON-able summary (hosts.json, bench.json)."""
-        return {"users": self.n_users, "models": self.n_models, "rows": self.n_rows, "devices": self.n_devices,
-                "processes": jax.process_count(), "process": jax.process_index(),
-                "local_rows": self.local_rows, "local_user_rows": self.local_user_rows}
-
 
 def data_users(layouts) -> list[int]:
     """The users whose data this process loads for every layout given (one per method)."""

@@ -48,12 +48,3 @@ def user_sharded(mesh: Mesh) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
-
-
-def shard_users(tree, mesh: Mesh):
-    """Place a pytree whose leaves all have a leading user axis, split along `users`."""
-    return jax.device_put(tree, user_sharded(mesh))
-
-
-def replicate(tree, mesh: Mesh):
-    return jax.device_put(tree, replicated(mesh))
