@@ -1,7 +1,10 @@
 import os
 
-# 8 fake CPU devices for the sharding tests; must be set before jax is imported anywhere.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+from procenv import xla_flags
+
+# 8 fake CPU devices for the sharding tests, and the suite's compile flags (tests/procenv.py); must
+# be set before jax is imported anywhere.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
 
 # One persistent XLA compilation cache for the whole session, inherited by the subprocesses the
 # tests start: they compile the same tiny programs again and again (compile time dominates).

@@ -8,13 +8,13 @@ import os
 import subprocess
 import sys
 
+import procenv
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def env():
-    e = dict(os.environ, JAX_PLATFORMS="cpu")
-    e.pop("XLA_FLAGS", None)  # one CPU device, not the tests' 8 fake ones
-    return e
+    return procenv.env()  # one CPU device, not the tests' 8 fake ones
 
 
 def cmd(args, cache):

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import procenv
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny model, made smaller still so that both runs take well under a minute on 2 cores.
 FLAGS = ["--config.models=tiny", "--config.repeats=1", "--config.min_repeats=1",
@@ -14,11 +16,7 @@ FLAGS = ["--config.models=tiny", "--config.repeats=1", "--config.min_repeats=1",
 
 
 def _env(devices):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(k, None)
-    return env
+    return procenv.env(devices, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
 
 
 def test_bench_two_processes(tmp_path):

@@ -7,16 +7,14 @@ import subprocess
 import sys
 
 import numpy as np
+import procenv
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _env(devices):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-        env.pop(k, None)
-    return env
+    return procenv.env(devices)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import procenv
 from comigs_jax.experiment.signals import StopOnSignal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,8 +52,7 @@ def _wait_for(cond, timeout, proc, out, what):
 
 def test_second_sigterm_during_a_long_evaluation_exits_within_5_s(tmp_path):
     wd = tmp_path / "wd"
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's machine
+    env = procenv.env()  # one CPU device, as a user's machine
     proc = subprocess.Popen([sys.executable, "-m", "experiments.run", *LONG_EVAL, f"--workdir={wd}",
                              f"--config.data.cache_dir={tmp_path / 'cache'}"], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
