@@ -104,6 +104,9 @@ def validate_train(tr, group: str = "train") -> None:
     for key in ("weight_decay", "lb_weight"):
         if not (tr[key] >= 0 and math.isfinite(tr[key])):
             _fail(k(key), tr[key], "a non-negative finite number")
+    chunk = tr.get("user_chunk", 0)
+    if not isinstance(chunk, int) or chunk < 0:
+        _fail(k("user_chunk"), chunk, "an integer >= 0 (0 = all of a device's users at once)")
 
 
 def validate(cfg) -> None:

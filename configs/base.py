@@ -43,6 +43,7 @@ def get_config(arg=None):
     c.train.router_every = 30  # a router phase after every router_every-th expert step (global count)
     c.train.router_steps = 10  # router steps per phase
     c.train.lb_weight = 0.01  # weight of the load-balancing loss
+    c.train.user_chunk = 0  # vmap mode: each device trains and scores its users this many at a time (0 = all at once); live activations are a chunk's, not every user's
     c.train.faithful = False  # reproduce the reference's gradient leaks D1, D2 (method.md §8)
 
     c.federation = ml_collections.ConfigDict()

@@ -54,9 +54,11 @@ def decode_eval(blob: dict) -> dict:
 
 
 def layouts_of(cfg, methods) -> dict[str, Layout]:
-    """One layout per method (Centralized's one model lays out differently), on the run's mesh."""
+    """One layout per method (Centralized's one model lays out differently), on the run's mesh;
+    users in chunks of train.user_chunk in the vmapped mode (the loop runs one user at a time)."""
+    chunk = cfg.train.user_chunk if cfg.federation.mode == "vmap" else 0
     return {m: Layout.build(cfg.data.n_users, pooled=get_method(m).pooled_data, shard=cfg.federation.shard,
-                            mode=cfg.federation.mode) for m in methods}
+                            mode=cfg.federation.mode, chunk=chunk) for m in methods}
 
 
 def run_dir_of(workdir: str, method: str, seed: int, n_runs: int) -> str:

@@ -26,6 +26,7 @@ from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.methods import Method, configure_model
 from comigs_jax.federated.users import expert_masks
 from comigs_jax.model.config import GPT2Config
+from comigs_jax.train.chunks import chunked
 from comigs_jax.train.rounds import loop_round, vmap_round
 from comigs_jax.train.state import TrainConfig, init_states_unjitted
 from comigs_jax.train.evaluation import eval_windows, full_window_counts
@@ -104,7 +105,8 @@ class Simulation:
 
         key = jax.random.PRNGKey(seed)
         init, self._round, self._aggregate = _programs(self.model_cfg, tc, method, self.steps_per_round,
-                                                       self.n_padded, self.n_shared_specialists, layout.mesh, mode)
+                                                       self.n_padded, self.n_shared_specialists, layout.mesh, mode,
+                                                       layout.model_chunk)
         self.base = jax.device_put(base, layout.replicated)
         self.states = init(key)
         self.masks_dev = jax.device_put(jnp.asarray(self.masks), layout.users)
@@ -219,8 +221,9 @@ class Simulation:
         tokens, _ = self._place_rows(arrays, user_axis=True)
         place = lambda a: self.layout.place(a, user_axis=True)
         masks = self.masks if not self.method.pooled_data else np.repeat(self.masks[:1], n_rows, 0)
-        out = _eval_program(self.model_cfg, self.tc.seq_len, batch)(self._params_per_user(n_rows), self.base, tokens, place(starts),
-                                      place(weights), place(masks[rows]))
+        program = _eval_program(self.model_cfg, self.tc.seq_len, batch, self.mesh, self.layout.user_chunk)
+        out = program(self._params_per_user(n_rows), self.base, tokens, place(starts), place(weights),
+                      place(masks[rows]))
         out = jax.tree.map(lambda x: distributed.to_host(x)[: self.n_users], out)
         out = jax.tree.map(lambda x: np.asarray(x, np.float64), out)  # [U, n_batches, ...]
         w = out.pop("weight")
@@ -236,13 +239,14 @@ class Simulation:
 # mesh): a comparison over seeds, or several Simulations of one config, trace and compile them once.
 @functools.lru_cache(maxsize=64)
 def _programs(model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: int, n_rows: int,
-              n_shared_specialists: int, mesh, mode: str):
-    """(init(key) -> states [n_rows, ...] split over users, round, aggregate)."""
+              n_shared_specialists: int, mesh, mode: str, chunk: int):
+    """(init(key) -> states [n_rows, ...] split over users, round, aggregate); chunk: users per
+    chunk on each device in the round (0: all at once)."""
     users = sharding.user_sharded(mesh)
     init = jax.jit(lambda k: init_states_unjitted(model_cfg, tc, method, k, n_rows, n_shared_specialists),
                    out_shardings=users)
     if mode == "vmap":
-        round_fn = vmap_round(model_cfg, tc, method, steps, mesh=mesh)
+        round_fn = vmap_round(model_cfg, tc, method, steps, mesh=mesh, user_chunk=chunk)
     else:
         round_fn = loop_round(model_cfg, tc, method, steps)
     agg = functools.partial(aggregate, shared_roles=method.shared_roles, n_shared_specialists=n_shared_specialists)
@@ -251,9 +255,15 @@ def _programs(model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: int
 
 
 @functools.lru_cache(maxsize=64)
-def _eval_program(model_cfg: GPT2Config, seq_len: int, batch: int):
+def _eval_program(model_cfg: GPT2Config, seq_len: int, batch: int, mesh, chunk: int):
+    """(params [U], base, tokens [U, N], starts [U, W], weights [U, W], masks [U, E]) -> per-user
+    batch sums [U, W / batch, ...]; chunk > 0: each device scores its users chunk at a time."""
     fn = functools.partial(evaluate_user, model_cfg=model_cfg, seq_len=seq_len, batch=batch)
-    return jax.jit(jax.vmap(fn, in_axes=(0, None, 0, 0, 0, 0)))
+    vfn = jax.vmap(fn, in_axes=(0, None, 0, 0, 0, 0))
+    if not chunk:
+        return jax.jit(vfn)
+    run = chunked(lambda base, carry, xs: (carry, vfn(xs[0], base, *xs[1:])), mesh, chunk)
+    return jax.jit(lambda params, base, *xs: run(base, (), (params, *xs))[1])
 
 
 def _replace(tc: TrainConfig, **kw) -> TrainConfig:

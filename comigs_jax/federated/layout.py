@@ -5,12 +5,20 @@
     layout.real            # [16] bool: rows 12..15 are padding (masked out of aggregation)
     layout.local_rows      # the model rows on this process's devices
     layout.data_users      # the users whose data this process must load
+    Layout.build(n_users=12, chunk=4, ...).model_chunk   # 2: each device's 2 users in one chunk
 
 Two user axes exist. The *model* axis holds one row per trained model (every user, or
 Centralized's one pooled model); the *user* axis holds one row per user (evaluation scores every
 user, whatever the method). Both are padded to a multiple of the mesh size and split over the
 mesh's `users` axis, so a process holds a contiguous block of each. The mesh is always a mesh:
 one device when nothing is sharded.
+
+`chunk` (config `train.user_chunk`): each device's rows are processed `chunk` at a time
+(comigs_jax.train.chunks), so that only a chunk's activations are alive at once. 0, or a chunk
+of at least a device's rows, means all of them at once. A chunk that does not divide a device's
+rows pads the axis further, to a multiple of devices x chunk: the padding rows are masked like
+the device padding (no aggregation weight, not counted, dropped from every output).
+Centralized's one pooled model is never chunked on the model axis.
 """
 from __future__ import annotations
 
@@ -43,17 +51,21 @@ class Layout:
     n_users: int
     mesh: Mesh
     pooled: bool = False
+    chunk: int = 0
 
     def __post_init__(self):
         if self.n_users < 1:
             raise ValueError(f"n_users={self.n_users}: at least one user is needed")
+        if not isinstance(self.chunk, (int, np.integer)) or self.chunk < 0:
+            raise ValueError(f"user_chunk={self.chunk!r}: must be an integer >= 0 (0 = all of a device's users at once)")
 
     @classmethod
     def build(cls, n_users: int, *, pooled: bool = False, mesh: Mesh | None = None, shard: bool = True,
-              mode: str = "vmap") -> "Layout":
+              mode: str = "vmap", chunk: int = 0) -> "Layout":
         """The layout on `mesh`, or on the mesh a run would choose (`run_mesh`)."""
         n_models = 1 if pooled else n_users
-        return cls(n_users, mesh if mesh is not None else run_mesh(n_models, shard=shard, mode=mode), pooled)
+        return cls(n_users, mesh if mesh is not None else run_mesh(n_models, shard=shard, mode=mode), pooled,
+                   chunk)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -65,15 +77,31 @@ class Layout:
         """Models trained: one per user, or one pooled model."""
         return 1 if self.pooled else self.n_users
 
+    def _chunk_of(self, n: int) -> int:
+        """The chunk of an axis of n real rows: 0 (all of a device's rows at once) unless the
+        configured chunk is smaller than a device's share."""
+        per_device = -(-n // self.n_devices)
+        return self.chunk if 0 < self.chunk < per_device else 0
+
+    @property
+    def model_chunk(self) -> int:
+        """Model rows per chunk on each device (0: all at once)."""
+        return 0 if self.pooled else self._chunk_of(self.n_models)
+
+    @property
+    def user_chunk(self) -> int:
+        """User rows per chunk on each device, for evaluation (0: all at once)."""
+        return self._chunk_of(self.n_users)
+
     @property
     def n_rows(self) -> int:
-        """Rows of the model axis (models padded to a multiple of the device count)."""
-        return padded_user_count(self.n_models, self.n_devices)
+        """Rows of the model axis (models padded to a multiple of devices x chunk)."""
+        return padded_user_count(self.n_models, self.n_devices * max(self.model_chunk, 1))
 
     @property
     def n_user_rows(self) -> int:
-        """Rows of the user axis (users padded to a multiple of the device count)."""
-        return padded_user_count(self.n_users, self.n_devices)
+        """Rows of the user axis (users padded to a multiple of devices x chunk)."""
+        return padded_user_count(self.n_users, self.n_devices * max(self.user_chunk, 1))
 
     @property
     def n_padding(self) -> int:

@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 from comigs_jax.federated.methods import Method
 from comigs_jax.federated.sharding import USERS, replicated, user_sharded
 from comigs_jax.model.config import GPT2Config
+from comigs_jax.train.chunks import CHUNK, chunked
 from comigs_jax.train.state import TrainConfig, UserState
 from comigs_jax.train.steps import expert_step, router_step
 
@@ -65,17 +66,30 @@ def user_round(base: dict, state: UserState, data: dict, mask: jax.Array, active
     return _tree_where(active, new_state, state), metrics
 
 
-def vmap_round(model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: int, *, mesh: Mesh):
+def vmap_round(model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: int, *, mesh: Mesh,
+               user_chunk: int = 0):
     """jit(vmap(user_round)): (base, states [U], data [U], masks [U, E], active [U]) -> (states, metrics).
 
     Users are sharded over the mesh's `users` axis (one device: nothing is split) and the base is
     replicated; U must be a multiple of the mesh size (comigs_jax.federated.layout pads it).
+    user_chunk > 0: each device runs its users user_chunk at a time (comigs_jax.train.chunks;
+    U must be a multiple of mesh size x user_chunk): the same per-user results, the activations
+    of user_chunk users alive at once.
     """
-    fn = functools.partial(user_round, model_cfg=model_cfg, tc=tc, method=method, steps=steps, axis_name=USERS)
-    vfn = jax.vmap(fn, in_axes=(None, 0, 0, 0, 0), axis_name=USERS, spmd_axis_name=USERS)
     rep, users = replicated(mesh), user_sharded(mesh)
-    return jax.jit(vfn, in_shardings=(rep, users, users, users, users), out_shardings=(users, users),
-                   donate_argnums=(1,))
+    shardings = dict(in_shardings=(rep, users, users, users, users), out_shardings=(users, users),
+                     donate_argnums=(1,))
+    if not user_chunk:
+        fn = functools.partial(user_round, model_cfg=model_cfg, tc=tc, method=method, steps=steps, axis_name=USERS)
+        vfn = jax.vmap(fn, in_axes=(None, 0, 0, 0, 0), axis_name=USERS, spmd_axis_name=USERS)
+        return jax.jit(vfn, **shardings)
+    # A router phase runs when any user of any device is due: the predicate is reduced over both
+    # the devices and the chunk's users, so lax.cond stays a branch and not a select.
+    fn = functools.partial(user_round, model_cfg=model_cfg, tc=tc, method=method, steps=steps,
+                           axis_name=(USERS, CHUNK))
+    vfn = jax.vmap(fn, in_axes=(None, 0, 0, 0, 0), axis_name=CHUNK)
+    run = chunked(lambda base, states, xs: vfn(base, states, *xs), mesh, user_chunk)
+    return jax.jit(lambda base, states, data, masks, active: run(base, states, (data, masks, active)), **shardings)
 
 
 # The loop modes hold all users' state stacked, as the vmapped mode does; the reference instead
