@@ -5,6 +5,8 @@ Builds 12 tiny users (padded to 16 on 8 devices), hands the Simulation ONLY the 
 shards live on this process's devices, runs 2 rounds of CoMiGS with aggregation, and writes
 (process 0) the gathered per-user losses and final parameters, and (every process) which
 users and array shapes it held. Evaluation (full and reference protocols) is gathered too.
+A second argument sets train.user_chunk (the 2-process run uses 1: each device's 2 users one
+at a time, compared with the reference's all at once).
 """
 import json
 import os
@@ -32,11 +34,11 @@ from comigs_jax.train.state import TrainConfig  # noqa: E402
 from tiny import markov_users, tiny_base, tiny_cfg  # noqa: E402
 
 
-def main(out_dir):
+def main(out_dir, chunk=0):
     n_users = 12
     cfg = tiny_cfg(n_experts=3)
     tc = TrainConfig(rounds=2, local_steps=3, batch_size=4, seq_len=8, router_every=2, router_steps=2)
-    layout = Layout(n_users, users_mesh())
+    layout = Layout(n_users, users_mesh(), chunk=chunk)
     mine = layout.data_users  # this process's users: those on its devices
     train_all, valid_all = markov_users(n_users, 400, 0), markov_users(n_users, 200, 100)
     train, valid = [train_all[u] for u in mine], [valid_all[u] for u in mine]  # nothing else is given
@@ -59,4 +61,4 @@ def main(out_dir):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 0)

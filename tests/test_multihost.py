@@ -24,13 +24,14 @@ def engine_runs(tmp_path_factory):
     multihost_worker.main(str(single))
     p = subprocess.run([sys.executable, "-m", "experiments.launch_local", "--processes", "2",
                         "--devices-per-process", "4", "--module", "tests.multihost_worker", "--timeout", "150",
-                        "--", str(multi)], cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=300)
+                        "--", str(multi), "1"], cwd=REPO, env=_env(1), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return single, multi
 
 
 def test_two_processes_equal_one_process(engine_runs):
-    """12 users padded to 16 on 2 x 4 devices: same per-user losses and final params as 1 x 8."""
+    """12 users padded to 16 on 2 x 4 devices, each device's 2 users in chunks of 1: same per-user
+    losses, evaluations and final params as 1 x 8, all users at once."""
     single, multi = engine_runs
     a, b = np.load(single / "result.npz"), np.load(multi / "result.npz")
     assert a["losses"].shape == (2, 12, 3)  # rounds, users, steps
