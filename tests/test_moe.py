@@ -137,7 +137,7 @@ def test_lora_dense_scale_init_and_output():
 def naive_moe(params, h, w, s):
     """Reference form: every expert runs the whole frozen MLP with its own LoRA (method.md §1.3)."""
     fc, pr = params["c_fc"], params["c_proj"]
-    stack = lambda leaf: np.concatenate([params[g][leaf] for g in ("generalists", "specialists") if g in params])
+    stack = lambda leaf: jnp.concatenate([params[g][leaf] for g in ("generalists", "specialists") if g in params])
     fa, fb, pa, pb = (stack(n) for n in ("fc_A", "fc_B", "proj_A", "proj_B"))
     out = 0
     for e in range(w.shape[-1]):
@@ -159,6 +159,32 @@ def test_moe_mlp_equals_naive_per_expert_form(n_experts, n_gen, k):
     out = mod.apply({"params": params}, h, w)
     ref = naive_moe(params, h, w, cfg.lora.scale)
     np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("remat", ["none", "moe"])
+def test_moe_mlp_gradients_equal_naive_per_expert_form(remat):
+    """The lean MLP (only the pre-activation kept, GELU recomputed in the backward) against
+    autodiff of the naive form: gradients of the LoRA factors, the input and the gate weights."""
+    cfg = MoEConfig(n_experts=3, n_generalists=1, top_k=2, lora=LoRAConfig(rank=4))
+    rng = np.random.default_rng(1)
+    h = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)
+    mod = moe.MoEMLP(cfg, 16, 2, remat=remat)
+    params = mod.init(jax.random.key(0), h, jnp.ones((2, 5, 3)) / 3)["params"]
+    params = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.3, jnp.float32), params)
+    frozen = {k: params[k] for k in ("c_fc", "c_proj")}
+    lora = {k: v for k, v in params.items() if k not in frozen}
+    w = moe.gate(jnp.asarray(rng.normal(size=(2, 5, 3)), jnp.float32), jnp.ones(3, bool), 2)
+    probe = jnp.asarray(rng.normal(size=(2, 5, 16)), jnp.float32)  # a loss that weighs every output
+    loss = lambda t, h, w: (mod.apply({"params": {**frozen, **t}}, h, w) * probe).sum()
+    ref_loss = lambda t, h, w: (naive_moe({**frozen, **t}, h, w, cfg.lora.scale) * probe).sum()
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(lora, h, w)
+    ref = jax.grad(ref_loss, argnums=(0, 1, 2))(lora, h, w)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(got)):
+        a, b = np.asarray(a), np.asarray(b)
+        scale = np.abs(a).max()
+        assert scale > 0, jax.tree_util.keystr(path)
+        # Relative to the leaf's largest entry: the two forms sum in different orders (f32).
+        assert np.abs(b - a).max() <= 1e-5 * scale, (jax.tree_util.keystr(path), np.abs(b - a).max() / scale)
 
 
 def test_gradients_reach_only_selected_experts():

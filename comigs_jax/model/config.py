@@ -11,6 +11,9 @@ LORA_SCALINGS = ("rslora", "lora")
 ROUTER_KINDS = ("learned", "uniform")
 LB_INPUTS = ("block_output", "router_input")
 DTYPES = ("float32", "bfloat16")
+# What the backward recomputes instead of keeping: "none"; "block": every transformer block
+# (only its input is kept); "moe": the mixture MLP's per-expert [E, N, 4d] tensors.
+REMAT = ("none", "block", "moe")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +92,11 @@ class GPT2Config:
     attn_lora: LoRA on the attention's c_attn and c_proj (None: plain attention).
     moe: the MLP as a mixture of LoRA experts (None: the plain GPT-2 MLP).
     dtype: activation dtype; parameters are always float32.
+    remat: what the backward recomputes rather than keeps, one of REMAT (same values and
+      gradients, less memory, more compute).
+    head_block: vocabulary block of the training / evaluation cross-entropy
+      (comigs_jax.model.head): the loss never holds more than [N, head_block] logits; 0 builds the
+      full [B, T, V] logits. Only the loss uses it; GPT2's logits output is always full.
     """
 
     vocab_size: int = 50257
@@ -100,11 +108,17 @@ class GPT2Config:
     dtype: str = "float32"
     attn_lora: Optional[LoRAConfig] = None
     moe: Optional[MoEConfig] = None
+    remat: str = "none"
+    head_block: int = 8192
 
     def __post_init__(self):
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be a positive integer")
+        if self.remat not in REMAT:
+            raise ValueError(f"remat={self.remat!r}: allowed {REMAT}")
+        if not isinstance(self.head_block, int) or self.head_block < 0:
+            raise ValueError(f"head_block={self.head_block!r}: must be an integer >= 0 (0 = full logits)")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.dtype not in DTYPES:

@@ -84,7 +84,7 @@ class Block(nn.Module):
         # Per-token expert weights [B, T, E], collected only when "intermediates" is mutable
         # (routing pictures); otherwise sow is a no-op.
         self.sow("intermediates", "gate", weights)
-        x = x + moe_lib.MoEMLP(moe, cfg.n_embd, cfg.n_layer, dtype, name="mlp")(h, weights, deterministic)
+        x = x + moe_lib.MoEMLP(moe, cfg.n_embd, cfg.n_layer, dtype, remat=cfg.remat, name="mlp")(h, weights, deterministic)
 
         if moe.router == "uniform":
             n = mask.sum()
@@ -97,32 +97,43 @@ class Block(nn.Module):
         return x, aux
 
 
+# Block with remat "block": the backward keeps only each block's input and recomputes the rest.
+# Argument 3 (self is 0) is `deterministic`, a Python bool that must stay static. The lifted
+# transform keeps the module's name, so parameters stay h_{i}/... .
+RematBlock = nn.remat(Block, static_argnums=(3,))
+
+
 class GPT2(nn.Module):
     """GPT-2 language model with the LM head tied to the token embedding.
 
     tokens [B, T] int -> logits [B, T, V] float32, aux. aux stacks the blocks' aux over layers:
     "lb" [L], "router_prob" [L, E], "selection" [L, E] (empty without cfg.moe).
     expert_mask [E] bool marks the experts this user has (default: all).
+    return_hidden: return the final hidden state (after ln_f) [B, T, d] in the activation dtype
+    instead of the logits, for a loss that applies the head itself (comigs_jax.model.head).
     """
 
     cfg: GPT2Config
 
     @nn.compact
     def __call__(self, tokens: jax.Array, expert_mask: Optional[jax.Array] = None,
-                 deterministic: bool = True):
+                 deterministic: bool = True, return_hidden: bool = False):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         init = nn.initializers.normal(0.02)
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, embedding_init=init, name="wte")
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=dtype, embedding_init=init, name="wpe")
         x = wte(tokens) + wpe(jnp.arange(tokens.shape[-1]))
+        block = RematBlock if cfg.remat == "block" else Block
         auxes = []
         for i in range(cfg.n_layer):
-            x, aux = Block(cfg, name=f"h_{i}")(x, expert_mask, deterministic)
+            x, aux = block(cfg, name=f"h_{i}")(x, expert_mask, deterministic)
             auxes.append(aux)
         x = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name="ln_f")(x)
-        logits = wte.attend(x).astype(jnp.float32)
-        return logits, jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+        aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+        if return_hidden:
+            return x, aux
+        return wte.attend(x).astype(jnp.float32), aux
 
 
 def token_gate_weights(cfg: GPT2Config, params: dict, tokens: jax.Array,

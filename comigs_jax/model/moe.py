@@ -8,9 +8,12 @@ Shapes: logits [..., E] (any leading token axes), mask [E] bool.
 """
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from comigs_jax.model.config import MoEConfig
 from comigs_jax.model.lora import expert_a_init
@@ -137,18 +140,47 @@ class ExpertLoRAs(nn.Module):
         )
 
 
+def _expert_core(u, h_a, fc_b, w, proj_a, drop_key, *, scale: float, keep_prob: float):
+    """Every expert's own part of the MLP: its correction, GELU, mixing and proj_A product.
+
+    u [N, F] frozen c_fc output, h_a [N, E, r] = h A_fc, fc_b [E, r, F], w [N, E], proj_a [E, F, r]
+    -> mixed [N, F] = sum_e w_e g_e, g_a [E, N, r] = dropout(g_e) A_proj, g = GELU(u + s h_a B_fc).
+    The pre-activation [E, N, F] is named "moe_pre" so a checkpoint policy can keep it alone.
+    """
+    corr = jnp.einsum("ner,erf->enf", h_a, fc_b)                                   # [E, N, F]
+    pre = checkpoint_name(u[None] + scale * corr, "moe_pre")                       # [E, N, F]
+    g = nn.gelu(pre, approximate=True)                                             # [E, N, F]
+    mixed = jnp.einsum("ne,enf->nf", w, g)                                         # [N, F]
+    if drop_key is not None:  # nn.Dropout's own formula, so the mask equals the module's
+        keep = jax.random.bernoulli(drop_key, p=keep_prob, shape=g.shape)
+        g = jax.lax.select(keep, g / keep_prob, jnp.zeros_like(g))
+    g_a = jnp.einsum("enf,efr->enr", g, proj_a)                                     # [E, N, r]
+    return mixed, g_a
+
+
+# What the backward keeps of _expert_core: by default only the pre-activation (tanh and GELU are
+# recomputed from it: one [E, N, F] instead of six); with remat "moe" nothing [E, N, F] at all
+# (corr and pre are recomputed from u, h_a and the weights).
+_CORE_POLICY = {"none": jax.checkpoint_policies.save_only_these_names("moe_pre"),
+                "block": jax.checkpoint_policies.save_only_these_names("moe_pre"),
+                "moe": jax.checkpoint_policies.nothing_saveable}
+
+
 class MoEMLP(nn.Module):
     """sum_e w_e expert_e(h), expert_e = the frozen GPT-2 MLP with expert e's own LoRA.
 
     Computed in the equivalent cheap form (method.md §1.4): the frozen c_fc matmul runs once,
     each expert adds its rank-r correction and its own GELU, and the frozen c_proj matmul runs
     once on the weight-mixed activations. h [B, T, d], weights [B, T, E] -> [B, T, d].
+    The per-expert part runs under jax.checkpoint (_expert_core, policy by `remat`, one of
+    config.REMAT): the backward keeps at most one [E, N, F] tensor, in the activation dtype.
     """
 
     cfg: MoEConfig
     d_model: int
     n_layer: int
     dtype: jnp.dtype = jnp.float32
+    remat: str = "none"
 
     @nn.compact
     def __call__(self, h: jax.Array, weights: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -162,18 +194,21 @@ class MoEMLP(nn.Module):
                                   ("specialists", self.cfg.n_specialists)) if n > 0]
         fc_a, fc_b, proj_a, proj_b = (jnp.concatenate(parts, 0).astype(dt) for parts in zip(*groups))
 
-        drop = nn.Dropout(self.cfg.lora.dropout)
-        det = deterministic or self.cfg.lora.dropout == 0
+        rate = self.cfg.lora.dropout
+        drop = nn.Dropout(rate)
+        det = deterministic or rate == 0
         lead, n_e = h.shape[:-1], fc_a.shape[0]
         h = h.astype(dt).reshape(-1, d)                                        # [N, d]
         w = weights.astype(dt).reshape(-1, n_e)                                # [N, E]
         u = h @ w_fc.astype(dt) + b_fc.astype(dt)                              # [N, F]: once for all experts
         # Expert-major layout [E, N, .]: batched matmuls with a leading batch axis (fast on CPU/GPU).
         h_a = (drop(h, deterministic=det) @ fc_a.transpose(1, 0, 2).reshape(d, n_e * r)).reshape(-1, n_e, r)
-        corr = jnp.einsum("ner,erf->enf", h_a, fc_b)                            # [E, N, F]
-        g = nn.gelu(u[None] + s * corr, approximate=True)                       # [E, N, F]
-        mixed = jnp.einsum("ne,enf->nf", w, g)                                  # [N, F]
-        g_a = jnp.einsum("enf,efr->enr", drop(g, deterministic=det), proj_a)    # [E, N, r]
+        # The key the Dropout module's second call would draw, so the mask is the same as applying
+        # `drop` to g; drawn out here because the checkpointed core is a plain function.
+        drop_key = None if det else drop.make_rng("dropout")
+        core = jax.checkpoint(functools.partial(_expert_core, scale=s, keep_prob=1.0 - rate),
+                              policy=_CORE_POLICY[self.remat])
+        mixed, g_a = core(u, h_a, fc_b, w, proj_a, drop_key)                   # [N, F], [E, N, r]
         g_a = (w.T[..., None] * g_a).transpose(1, 0, 2).reshape(-1, n_e * r)    # [N, E*r]
         lora_out = g_a @ proj_b.reshape(n_e * r, d)                            # [N, d]
         out = mixed @ w_proj.astype(dt) + w.sum(-1, keepdims=True) * b_proj.astype(dt) + s * lora_out
