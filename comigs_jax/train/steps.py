@@ -15,6 +15,7 @@ from comigs_jax.federated.methods import Method
 from comigs_jax.federated.roles import TRAINABLE_ROLES, filter_roles, merge
 from comigs_jax.model.config import GPT2Config
 from comigs_jax.model.gpt2 import GPT2
+from comigs_jax.model.head import token_cross_entropy
 from comigs_jax.train.state import (TrainConfig, UserState, expert_optimizer, expert_roles, leaks_active,
                                     router_optimizer)
 
@@ -31,11 +32,14 @@ def lm_loss(trainable: dict, base: dict, windows: jax.Array, mask: jax.Array, mo
     """Mean next-token cross-entropy + lb_weight * (mean over layers of the balance loss).
 
     windows [B, T + 1]. Returns (loss, metrics) with ce, lb and routing statistics [L, E].
+    The tied head's cross-entropy runs in vocabulary blocks of model_cfg.head_block (no
+    [B, T, V] logits; 0 = full logits).
     """
     rngs = None if dropout_key is None else {"dropout": dropout_key}
-    logits, aux = GPT2(model_cfg).apply({"params": merge(base, trainable)}, windows[:, :-1], mask,
-                                        deterministic=dropout_key is None, rngs=rngs)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+    params = merge(base, trainable)
+    hidden, aux = GPT2(model_cfg).apply({"params": params}, windows[:, :-1], mask,
+                                        deterministic=dropout_key is None, rngs=rngs, return_hidden=True)
+    ce = token_cross_entropy(hidden, params["wte"]["embedding"], windows[:, 1:], model_cfg.head_block).mean()
     lb = aux["lb"].mean() if aux else jnp.zeros((), jnp.float32)
     loss = ce + lb_weight * lb
     return loss, {"loss": loss, "ce": ce, "lb": lb,
@@ -113,12 +117,14 @@ def evaluate_user(params: dict, base: dict, tokens: jax.Array, starts: jax.Array
     token-mean CE is sum(ce_sum) / (sum(weight) * seq_len))."""
     model = GPT2(model_cfg)
     variables = {"params": merge(base, params)}
+    embedding = variables["params"]["wte"]["embedding"]
 
     def one_batch(sw):
         s, w = sw
         windows = tokens[s[:, None] + jnp.arange(seq_len + 1)].astype(jnp.int32)
-        logits, aux = model.apply(variables, windows[:, :-1], mask, deterministic=True)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), windows[:, 1:])
+        hidden, aux = model.apply(variables, windows[:, :-1], mask, deterministic=True, return_hidden=True)
+        # [batch, seq_len] float32, in vocabulary blocks of model_cfg.head_block: no [batch, seq, V] logits.
+        ce = token_cross_entropy(hidden, embedding, windows[:, 1:], model_cfg.head_block)
         out = {"ce_sum": (ce.sum(1) * w).sum(), "weight": w.sum()}
         if aux:
             out["lb"] = aux["lb"].mean()
