@@ -3,6 +3,7 @@ r"""A capacity model: bytes per user, FLOPs per round, users per device, devices
     python -m comigs_jax.capacity                                  # configs/capacity.py: 1,000 users of GPT-2 124M
     python -m comigs_jax.capacity --config.users=5000 --config.train.batch_size=16
     python -m comigs_jax.capacity --config=configs/capacity.py:tiny --config.measure=16,64
+    python -m comigs_jax.capacity --config.train.user_chunk=8 --config.model.remat=block --config.train.batch_size=8
 
 Everything here is arithmetic on the config's shapes (no tracing, no device): `plan(model_cfg, tc,
 method, n_users)` returns a dict; `format_plan` renders it as markdown. The command line takes
@@ -20,12 +21,18 @@ Memory of one user (the leading user axis of everything the round program holds 
 - tokens: the user's token arrays on device (train + validation, padded to the longest user);
 - step: the working set of one training step, the largest of the round (expert step): the
   activations that the backward pass keeps (`activation_tensors`, in one of two profiles:
-  "accelerator", what XLA's GPU backend keeps after fusion, used for the targets; "cpu", JAX's
-  saved residuals as XLA's CPU backend keeps them), plus the backward's largest transient
-  (d logits), the gradients and the sampled windows.
+  "accelerator", what XLA's GPU backend keeps after fusion, used for the targets; "cpu", what
+  XLA's CPU backend keeps), plus the backward's largest transient (`transient_tensors`: a
+  vocabulary block of the head's logits, or one recomputed layer), the gradients and the
+  sampled windows. `model.remat` (cfg.remat) changes what is kept (accelerator profile).
 
-`measure` compiles the real round program (compile only) and compares its memory_analysis()
-with the model; `python -m comigs_jax.capacity ... --config.measure=16,64` prints both.
+A device holds (U / devices) x (state + tokens) of its users, padding rows included, plus the
+shared bytes, plus the step working set of the users whose activations are alive at once: C of
+them with train.user_chunk = C (`device_bytes`, `users_per_device`), all of them without.
+
+`measure` compiles the real round program (compile only, with the same user_chunk at every U) and
+compares its memory_analysis() with the model; `python -m comigs_jax.capacity ...
+--config.measure=16,64` prints both.
 
 Shared (replicated on every device, not per user): the frozen base in float32, its copy in the
 activation dtype (XLA converts each frozen kernel once per step and keeps it for the backward),
@@ -129,107 +136,151 @@ def state_bytes(cfg: GPT2Config, tc: TrainConfig, method: Method) -> dict:
 # ----------------------------------------------------------------------------- activations
 
 PROFILES = ("cpu", "accelerator")
+REMATS = ("none", "block", "moe")  # comigs_jax.model.config.REMAT (model.remat)
+# XLA's CPU backend keeps four of the six [E, N, 4d] terms JAX saves for every expert's tanh-GELU
+# (it recomputes the cheapest in the backward fusions): fitted to the compiled tiny round at seven
+# shapes (docs/scaling.md); JAX's own residual list (print_saved_residuals) has six.
+CPU_GELU_TERMS = 4
+
+
+def remat_of(cfg: GPT2Config) -> str:
+    """cfg.remat (what the backward recomputes: none | block | moe)."""
+    return getattr(cfg, "remat", "none")
+
+
+def head_block_of(cfg: GPT2Config) -> int:
+    """Vocabulary columns the loss's head computes at once: cfg.head_block capped at V (0: the
+    full [N, V] logits, the model without a blocked cross-entropy)."""
+    block = getattr(cfg, "head_block", 0)
+    return min(block, cfg.vocab_size) if block else 0
+
+
+def _layer_tensors(cfg: GPT2Config, batch: int, seq_len: int, profile: str, remat: str, l: int
+                   ) -> list[tuple[str, int, int]]:
+    """What the backward keeps of one transformer block (layer l) of one user."""
+    a = _itemsize(cfg.dtype)
+    d, H, T = cfg.n_embd, cfg.n_head, seq_len
+    n, f = batch * seq_len, 4 * cfg.n_embd
+    p = f"L{l}."
+    bhtt = batch * H * T * T
+    t = []
+    if profile == "cpu":
+        # flax LayerNorm: x - mean, x^2 and the normalised x in float32, and per-token statistics;
+        # ln_1's output (the attention's and its LoRA's input) is kept too.
+        per_ln = [("ln (x - mean, x^2, normalised) (f32)", 3 * n * d, 4), ("ln statistics [N] (f32)", 4 * n, 4)]
+        t += [(p + "ln_1 " + nm, e, b) for nm, e, b in per_ln] + [(p + "ln_1 output", n * d, a)]
+        if cfg.attn_lora is not None:
+            t += [(p + "attn x@A (c_attn, c_proj)", 2 * n * cfg.attn_lora.rank, a)]
+        t += [(p + "attn q, k, v", 3 * n * d, a),
+              (p + "attn masked scores, exp(scores) [B,H,T,T] (f32)", 2 * bhtt, 4),
+              (p + "attn causal mask [B,H,T,T] (bool)", bhtt, 1),
+              (p + "attn softmax statistics [B,H,T] (f32)", 2 * batch * H * T, 4),
+              (p + "attn output y (c_proj input)", n * d, a)]
+        t += [(p + "attn probabilities [B,H,T,T]", bhtt, 4 if a == 4 else a)]
+        t += [(p + "ln_2 " + nm, e, b) for nm, e, b in per_ln]
+        if cfg.moe is None:
+            return t + [(p + "mlp c_fc output, gelu terms [N,4d]", 6 * n * f, a)]
+        e, r, k = cfg.moe.n_experts, cfg.moe.lora.rank, cfg.moe.top_k
+        t += [(p + "gate: logits, top-k, softmax, one-hot, load balancing (f32)", 5 * n * e + n * k + n * k * e + 4 * n, 4),
+              (p + "moe input h [N,d], weights [N,E]", n * d + n * e, a),
+              (p + "moe h@A [N,E*r]", n * e * r, a),
+              (p + f"moe expert gelu terms {CPU_GELU_TERMS} x [E,N,4d]", CPU_GELU_TERMS * e * n * f, a),
+              (p + "moe mixed [N,4d] (frozen c_proj input)", n * f, a),
+              (p + "moe g@A [E,N,r], its weighted [N,E*r]", 2 * e * n * r + e * n, a),
+              (p + "moe LoRA factors concatenated over experts", 2 * e * r * f + 2 * d * e * r, a)]
+        return t
+    # accelerator: XLA's GPU fusion (docs/scaling.md)
+    t += [(p + "ln_1, ln_2 inputs and outputs [N,d]", 4 * n * d, a),
+          (p + "ln statistics [N] (f32)", 4 * n, 4),
+          (p + "attn qkv [N,3d] and its head-major copy", 2 * 3 * n * d, a),
+          (p + "attn probabilities [B,H,T,T] (f32)", bhtt, 4),
+          (p + "attn probabilities cast [B,H,T,T]", bhtt, a),
+          (p + "attn output y (c_proj input)", n * d, a)]
+    if cfg.attn_lora is not None:
+        t += [(p + "attn x@A (c_attn, c_proj)", 2 * n * cfg.attn_lora.rank, a)]
+    if cfg.moe is None:
+        return t + [(p + "mlp c_fc output and gelu output [N,4d]", 2 * n * f, a)]
+    e, r = cfg.moe.n_experts, cfg.moe.lora.rank
+    if remat == "moe":  # the expert core is recomputed from u: no [E, N, 4d] kept
+        t += [(p + "moe frozen c_fc output u and mixed [N,4d]", 2 * n * f, a)]
+    else:  # the lean expert MLP: only the pre-activation of every expert
+        t += [(p + "moe mixed [N,4d]", n * f, a),
+              (p + "moe expert pre-activation [E,N,4d]", e * n * f, a)]
+    t += [(p + "moe h@A, g@A, weights", n * e * r + e * n * r + n * e, a),
+          (p + "gate: logits, top-k, softmax, load balancing [N,E] (f32)", 12 * n * e, 4)]
+    return t
+
+
+def _head_tensors(cfg: GPT2Config, batch: int, seq_len: int, profile: str) -> list[tuple[str, int, int]]:
+    a = _itemsize(cfg.dtype)
+    n, d, V = batch * seq_len, cfg.n_embd, cfg.vocab_size
+    if profile == "cpu":
+        t = [("head ln_f (x - mean, x^2, normalised) (f32)", 3 * n * d, 4), ("head ln_f statistics (f32)", 4 * n, 4),
+             ("head ln_f output [N,d]", n * d, a)]
+    else:
+        t = [("head ln_f input and output [N,d]", 2 * n * d, a)]
+    if head_block_of(cfg):  # blocked cross-entropy: d ce / d x [N, d], log-sum-exp [N]
+        return t + [("head d ce/dx [N,d] (blocked cross-entropy)", n * d, a), ("head log-sum-exp, label logit [N] (f32)", 2 * n, 4)]
+    return t + [("head exp(logits) [N,V] (f32)", n * V, 4)]
 
 
 def activation_tensors(cfg: GPT2Config, batch: int, seq_len: int, profile: str = "accelerator"
                        ) -> list[tuple[str, int, int]]:
     """What the backward pass of one expert step keeps, per user: (name, elements, bytes each).
 
-    profile "cpu": JAX's saved residuals of the loss (jax.ad_checkpoint.print_saved_residuals)
-    for this model, which XLA's CPU backend keeps as they are. profile "accelerator": what XLA's
-    GPU backend keeps after fusion (read off its buffer assignment for GPT-2 on an H100,
-    docs/scaling.md): elementwise chains (LayerNorm, tanh-GELU) are recomputed in the backward
-    fusions from their inputs, so fewer, smaller tensors stay; assumed the same on TPU.
-    N = batch x seq_len tokens, a = the activation dtype's bytes.
+    profile "cpu": what XLA's CPU backend keeps: JAX's saved residuals of the loss without any
+    jax.checkpoint (XLA:CPU merges a checkpoint's recomputation back into the forward, so
+    `model.remat` and the lean expert MLP do not change its memory: jax-ml/jax#19822, measured in
+    docs/scaling.md), with CPU_GELU_TERMS of the tanh-GELU's six [E, N, 4d] terms. Profile
+    "accelerator": what XLA's GPU backend keeps after fusion (its buffer assignment for GPT-2 on an
+    H100, docs/scaling.md) for the lean expert MLP (one [E, N, 4d] per layer) and `model.remat`:
+    "moe" keeps no [E, N, 4d], "block" keeps only each block's input (one block is recomputed at a
+    time in the backward: `transient_tensors`). N = batch x seq_len tokens, a = the activation
+    dtype's bytes. Without a blocked cross-entropy (cfg.head_block 0) the head keeps exp(logits).
     """
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r}: allowed {PROFILES}")
-    if profile == "accelerator":
-        return _accelerator_tensors(cfg, batch, seq_len)
-    a = _itemsize(cfg.dtype)
-    d, L, V, H, T = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.n_head, seq_len
-    n = batch * seq_len
-    f = 4 * d
-    cast = a != 4  # a LayerNorm output / probability cast is a separate buffer only below float32
-    t = []
-    per_ln = [("x - mean (f32)", n * d, 4), ("x^2 (f32)", n * d, 4), ("normalised (f32)", n * d, 4)]
-    if cast:
-        per_ln.append(("output cast", n * d, a))
-    for l in range(L):
-        p = f"L{l}."
-        # ln_1 of layer 0 reads the embeddings, which no trainable leaf touches: only its
-        # output (the LoRA A input) is kept.
-        t += [(p + "ln_1 " + nm, e, b) for nm, e, b in (per_ln if l else [("output", n * d, a)])]
-        if cfg.attn_lora is not None:
-            r = cfg.attn_lora.rank
-            t += [(p + "attn x@A (c_attn, c_proj)", 2 * n * r, a)]
-        t += [(p + "attn q, k, v", 3 * n * d, a),
-              (p + "attn masked scores [B,H,T,T] (f32)", batch * H * T * T, 4),
-              (p + "attn exp(scores) [B,H,T,T] (f32)", batch * H * T * T, 4),
-              (p + "attn causal mask [B,H,T,T] (bool)", batch * H * T * T, 1),
-              (p + "attn output y (c_proj input)", n * d, a)]
-        if cast:
-            t += [(p + "attn probabilities cast [B,H,T,T]", batch * H * T * T, a)]
-        else:
-            t += [(p + "attn probabilities [B,H,T,T]", batch * H * T * T, 4)]
-        t += [(p + "ln_2 " + nm, e, b) for nm, e, b in per_ln]
-        if cfg.moe is None:
-            t += [(p + "mlp c_fc output, gelu terms [N,4d]", 6 * n * f, a)]
-            continue
-        moe, r = cfg.moe, cfg.moe.lora.rank
-        e = moe.n_experts
-        t += [(p + "gate: logits, top-k, softmax, load balancing [N,E] (f32)", 12 * n * e, 4),
-              (p + "moe weights [N,E]", n * e, a),
-              (p + "moe h@A [N,E*r]", n * e * r, a),
-              # tanh-GELU of every expert: pre-activation z, z^3 term, tanh, 1 - tanh^2 and two
-              # products of its derivative, each [E, N, 4d] (the largest tensors of the step).
-              (p + "moe expert gelu terms 6 x [E,N,4d]", 6 * e * n * f, a),
-              (p + "moe g@A [E,N,r] and mixed [N,E*r]", 2 * e * n * r, a)]
-    t += [("head ln_f " + nm, el, b) for nm, el, b in per_ln]
-    t += [("head exp(logits) [N,V] (f32)", n * V, 4)]
-    return t
+    remat = remat_of(cfg) if profile == "accelerator" else "none"
+    if remat == "block":
+        t = [(f"L{l}.block input [N,d]", batch * seq_len * cfg.n_embd, _itemsize(cfg.dtype)) for l in range(cfg.n_layer)]
+    else:
+        t = [x for l in range(cfg.n_layer) for x in _layer_tensors(cfg, batch, seq_len, profile, remat, l)]
+    return t + _head_tensors(cfg, batch, seq_len, profile)
 
 
-def _accelerator_tensors(cfg: GPT2Config, batch: int, seq_len: int) -> list[tuple[str, int, int]]:
+def transient_tensors(cfg: GPT2Config, batch: int, seq_len: int, profile: str = "accelerator"
+                      ) -> list[tuple[str, int, int]]:
+    """The backward's largest working set beyond the kept activations, per user: the head's (the
+    blocked cross-entropy's [N, block] float32 logits and probabilities, or the full d logits), or
+    one layer's (its GELU derivative; with remat "block" that block's recomputed activations,
+    with "moe" its recomputed expert tensors), whichever is larger."""
     a = _itemsize(cfg.dtype)
-    d, L, V, H, T = cfg.n_embd, cfg.n_layer, cfg.vocab_size, cfg.n_head, seq_len
-    n, f = batch * seq_len, 4 * cfg.n_embd
-    t = []
-    for l in range(L):
-        p = f"L{l}."
-        t += [(p + "ln_1, ln_2 inputs and outputs [N,d]", 4 * n * d, a),
-              (p + "ln statistics [N] (f32)", 4 * n, 4),
-              (p + "attn qkv [N,3d] and its head-major copy", 2 * 3 * n * d, a),
-              (p + "attn probabilities [B,H,T,T] (f32)", batch * H * T * T, 4),
-              (p + "attn probabilities cast [B,H,T,T]", batch * H * T * T, a),
-              (p + "attn output y (c_proj input)", n * d, a)]
-        if cfg.attn_lora is not None:
-            t += [(p + "attn x@A (c_attn, c_proj)", 2 * n * cfg.attn_lora.rank, a)]
-        if cfg.moe is None:
-            t += [(p + "mlp c_fc output and gelu output [N,4d]", 2 * n * f, a)]
-            continue
-        e, r = cfg.moe.n_experts, cfg.moe.lora.rank
-        t += [(p + "moe frozen c_fc output u [N,4d]", n * f, a),
-              (p + "moe expert pre-activation, tanh, gelu output 3 x [E,N,4d]", 3 * e * n * f, a),
-              (p + "moe h@A, g@A, weights", n * e * r + e * n * r + n * e, a),
-              (p + "gate: logits, top-k, softmax, load balancing [N,E] (f32)", 12 * n * e, 4)]
-    t += [("head ln_f input and output [N,d]", 2 * n * d, a),
-          ("head exp(logits) [N,V] (f32)", n * V, 4)]
-    return t
+    n, f, V = batch * seq_len, 4 * cfg.n_embd, cfg.vocab_size
+    block = head_block_of(cfg)
+    if block:
+        head = [("head logits and probabilities of one vocabulary block [N,block] (f32)", 2 * n * block, 4)]
+    elif profile == "cpu":
+        head = [("head d logits [N,V] (f32)", n * V, 4)] + ([("head d logits cast [N,V]", n * V, a)] if a != 4 else [])
+    else:
+        head = [("head d logits [N,V]", n * V, a)]
+    if profile == "cpu" or cfg.moe is None:
+        return head
+    remat, e = remat_of(cfg), cfg.moe.n_experts
+    layer = [("one layer: expert GELU backward [E,N,4d]", (2 if remat == "moe" else 1) * e * n * f, a)]
+    if remat == "block":
+        layer += [("one layer: " + nm.split(".", 1)[1], el, b)
+                  for nm, el, b in _layer_tensors(cfg, batch, seq_len, profile, "none", cfg.n_layer - 1)]
+    total = lambda ts: sum(el * b for _, el, b in ts)
+    return head if total(head) >= total(layer) else layer
 
 
 def step_bytes(cfg: GPT2Config, tc: TrainConfig, method: Method, profile: str = "accelerator") -> dict:
-    """Working set of one training step of one user: kept activations + the backward's d logits
-    + gradients + the sampled windows. d logits: float32 and its cast for the tied head's matmul
-    (cpu); fused into one buffer in the activation dtype (accelerator)."""
+    """Working set of one training step of one user: kept activations + the backward's largest
+    transient + gradients + the sampled windows."""
     kept = sum(e * b for _, e, b in activation_tensors(cfg, tc.batch_size, tc.seq_len, profile))
-    n, V, a = tc.batch_size * tc.seq_len, cfg.vocab_size, _itemsize(cfg.dtype)
-    if profile == "cpu":
-        d_logits = n * V * 4 + (n * V * a if a != 4 else 0)
-    else:
-        d_logits = n * V * a
+    transient = sum(e * b for _, e, b in transient_tensors(cfg, tc.batch_size, tc.seq_len, profile))
     p = param_counts(cfg)
-    out = {"activations_kept": kept, "d_logits": d_logits, "gradients": 4 * p["trainable"],
+    out = {"activations_kept": kept, "backward_transient": transient, "gradients": 4 * p["trainable"],
            "windows": 4 * tc.batch_size * (tc.seq_len + 1)}
     out["total"] = sum(out.values())
     return out
@@ -293,13 +344,49 @@ def round_flops(cfg: GPT2Config, tc: TrainConfig, method: Method, steps: Optiona
 
 # ----------------------------------------------------------------------------- plan
 
+def device_rows(n_users: int, devices: int = 1, chunk: int = 0) -> dict:
+    """How a device holds its users, as comigs_jax.federated.layout.Layout lays them out: `rows`
+    (its users padded to whole chunks), the effective `chunk` (0: all at once, also when the chunk
+    is at least a device's users) and `live`, the users whose activations are alive at once."""
+    per_device = -(-n_users // devices)
+    c = chunk if 0 < chunk < per_device else 0
+    rows = -(-per_device // c) * c if c else per_device
+    return {"users": per_device, "rows": rows, "chunk": c, "live": c or rows}
+
+
+def device_bytes(per_user: dict, shared: int, n_users: int, devices: int = 1, chunk: int = 0) -> dict:
+    """Resident bytes of one device for `n_users` users over `devices` devices with train.user_chunk
+    `chunk`: (U / devices) x (state + tokens), padding rows included, + the shared base + the
+    activations (one step's working set) of the users alive at once (C, or every user when
+    unchunked). `per_user`: plan()'s {"state", "tokens", "step"}."""
+    r = device_rows(n_users, devices, chunk)
+    out = {"state": r["rows"] * per_user["state"], "tokens": r["rows"] * per_user["tokens"],
+           "activations": r["live"] * per_user["step"], "shared": shared}
+    out["total"] = sum(out.values())
+    return {**r, "bytes": out}
+
+
+def users_per_device(room: float, per_user: dict, chunk: int = 0) -> int:
+    """The most users one device holds in `room` bytes (its memory less the shared bytes): every
+    user's state and tokens, and the activations of min(users, chunk) of them at once (every user's
+    when chunk is 0)."""
+    resident, step = per_user["state"] + per_user["tokens"], per_user["step"]
+    at_once = max(int(room // (resident + step)), 0)
+    if not chunk or room < chunk * step:
+        return at_once
+    chunked = int((room - chunk * step) // resident) // chunk * chunk  # whole chunks, no padding
+    return max(min(at_once, chunk), chunked)
+
+
 def plan(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_users: int, *,
          train_tokens: int = 1_000_000, valid_tokens: int = 100_000, token_bytes: Optional[int] = None,
          targets: Optional[list[str]] = None, mfu: float = MFU, usable_fraction: float = USABLE_FRACTION,
-         profile: str = "accelerator") -> dict:
+         profile: str = "accelerator", user_chunk: int = 0) -> dict:
     """The capacity plan of `n_users` users of this config: bytes per user (broken down),
     shared bytes, FLOPs per round, and per target chip the users per device, the devices
-    needed and an estimated time per round at `mfu`."""
+    needed and an estimated time per round at `mfu`. `user_chunk` (train.user_chunk): a device
+    runs its users that many at a time, so it holds every user's state but only a chunk's
+    activations; model_cfg.remat says which activations the backward keeps."""
     cfg = configure_model(model_cfg, method) if model_cfg.moe is not None else model_cfg
     token_bytes = token_bytes or (2 if cfg.vocab_size <= 2**16 else 4)
     st, sp, sh = state_bytes(cfg, tc, method), step_bytes(cfg, tc, method, profile), shared_bytes(cfg)
@@ -311,7 +398,7 @@ def plan(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_users: int, *
     for key in targets or list(TARGETS):
         t = TARGETS[key]
         room = t.memory_bytes * usable_fraction - sh["total"]
-        upd = max(int(room // per_user["total"]), 0)
+        upd = users_per_device(room, per_user, user_chunk)
         devices = math.ceil(n_users / upd) if upd else None
         if devices:
             per_device = math.ceil(n_users / devices)  # users padded to a multiple of the device count
@@ -328,11 +415,13 @@ def plan(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_users: int, *
                    "method": method.name, "n_experts": cfg.moe.n_experts if cfg.moe else 0,
                    "n_generalists": cfg.moe.n_generalists if cfg.moe else 0,
                    "train_tokens": train_tokens, "valid_tokens": valid_tokens, "token_bytes": token_bytes,
-                   "mfu": mfu, "usable_fraction": usable_fraction, "profile": profile},
+                   "mfu": mfu, "usable_fraction": usable_fraction, "profile": profile,
+                   "user_chunk": user_chunk, "remat": remat_of(cfg), "head_block": head_block_of(cfg)},
         "params": param_counts(cfg),
         "state": st, "step": sp, "shared": sh, "per_user": per_user,
         "profile": profile,
         "activations": activation_tensors(cfg, tc.batch_size, tc.seq_len, profile),
+        "transient": transient_tensors(cfg, tc.batch_size, tc.seq_len, profile),
         "flops": fl, "flops_round_all_users": n_users * fl["per_user"],
         "targets": rows,
     }
@@ -358,7 +447,8 @@ def format_plan(p: dict) -> str:
     c, pc = p["config"], p["params"]
     lines = [f"# Capacity plan: {c['n_users']:,} users, GPT-2 {c['n_layer']}L x {c['n_embd']} (V {c['vocab_size']:,}), "
              f"{c['method']} ({c['n_generalists']}G + {c['n_experts'] - c['n_generalists']}S), "
-             f"batch {c['batch_size']} x {c['seq_len']}, {c['dtype']}, activation profile {c['profile']!r}", ""]
+             f"batch {c['batch_size']} x {c['seq_len']}, {c['dtype']}, remat {c['remat']!r}, "
+             f"user_chunk {c['user_chunk']}, activation profile {c['profile']!r}", ""]
     lines.append("Trainable parameters per user: " + ", ".join(
         f"{k} {pc[k]:,}" for k in ("attn", "generalist", "specialist", "router", "trainable")) + f"; base {pc['base']:,}")
     lines += ["", "| Per user | Bytes |", "|---|---|"]
@@ -369,12 +459,19 @@ def format_plan(p: dict) -> str:
     for k, v in p["step"].items():
         if k != "total":
             lines.append(f"| step: {k} | {_b(v)} |")
-    lines.append(f"| **total per user** | **{_b(p['per_user']['total'])}** |")
+    lines.append(f"| **total per user** (state + tokens + one step's working set) | **{_b(p['per_user']['total'])}** |")
     lines.append("| shared (replicated per device): " + ", ".join(f"{k} {_b(v)}" for k, v in p["shared"].items()
                                                                      if k != "total") + f" | {_b(p['shared']['total'])} |")
+    if c["user_chunk"]:
+        pu = p["per_user"]
+        lines += ["", f"With train.user_chunk = {c['user_chunk']}, a device holds every user's state and tokens "
+                      f"({_b(pu['state'] + pu['tokens'])} per user) but the working set of only {c['user_chunk']} users "
+                      f"at once ({_b(c['user_chunk'] * pu['step'])})."]
     lines += ["", "Kept activations of one step, by kind (all layers):", "", "| Tensor | Bytes |", "|---|---|"]
     for k, v in sorted(_group_activations(p["activations"]).items(), key=lambda kv: -kv[1])[:10]:
         lines.append(f"| {k} | {_b(v)} |")
+    lines += ["", "Largest transient of the backward: " + ", ".join(f"{k} {_b(v)}" for k, v in
+                                                                 _group_activations(p["transient"]).items()) + "."]
     fl = p["flops"]
     lines += ["", f"FLOPs per user: expert step {fl['expert_step'] / 1e12:,.3f} TFLOP (forward {fl['forward'] / 1e12:,.3f}), "
                   f"router step {fl['router_step'] / 1e12:,.3f} TFLOP; round = {fl['expert_steps']} expert + "
@@ -387,8 +484,10 @@ def format_plan(p: dict) -> str:
         lines.append(f"| {r['name']} | {_b(r['memory_bytes'])} | {r['peak_flops'] / 1e12:,.0f} TFLOP/s | "
                      f"{r['users_per_device']} | {r['devices'] or 'does not fit'} | {sec} |")
     lines.append("")
-    lines.append(f"Usable memory {100 * c['usable_fraction']:.0f}% of each chip, minus the shared bytes; devices = "
-                 f"ceil(users / users per device); round time = users on the busiest device x FLOPs per user / "
+    chunked = (f"every user's state and tokens plus the working set of {c['user_chunk']} users at once"
+               if c["user_chunk"] else "the total per user of every user")
+    lines.append(f"Usable memory {100 * c['usable_fraction']:.0f}% of each chip, minus the shared bytes, holds {chunked}; "
+                 f"devices = ceil(users / users per device); round time = users on the busiest device x FLOPs per user / "
                  f"(peak x MFU).")
     return "\n".join(lines) + "\n"
 
@@ -396,14 +495,18 @@ def format_plan(p: dict) -> str:
 # ----------------------------------------------------------------------------- measurement
 
 def compiled_memory(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_users: int, *,
-                    train_tokens: int, valid_tokens: int, token_dtype: str = "uint16",
+                    train_tokens: int, valid_tokens: int, token_dtype: str = "uint16", user_chunk: int = 0,
                     compiler_options: Optional[dict] = None) -> dict:
     """Bytes of the compiled round program `vmap_round(...)` at U = n_users on one device of the
     default backend, from XLA's memory_analysis() (compile only: nothing runs, nothing is
-    allocated). The users are laid out as a run lays them out (comigs_jax.federated.layout), on a
-    one-device mesh: what one device holds for n_users users.
+    allocated). The users are laid out as a run lays them out (comigs_jax.federated.layout.Layout
+    with `user_chunk`, padding rows included), on a one-device mesh: what one device holds for
+    n_users users, running them user_chunk at a time.
 
-    total = arguments + outputs - aliased (the donated states) + temporaries."""
+    total = arguments + outputs - aliased (the donated states) + temporaries; also `rows` (the
+    padded user axis), `chunk` (the layout's effective chunk, 0 = all at once) and `compile_s`."""
+    import time
+
     import jax
     import jax.numpy as jnp
 
@@ -415,7 +518,7 @@ def compiled_memory(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_us
     from comigs_jax.train.state import init_states
 
     cfg = configure_model(model_cfg, method)
-    layout = Layout(n_users, single_device_mesh())
+    layout = Layout(n_users, single_device_mesh(), chunk=user_chunk)
     n, users, rep = layout.n_rows, layout.users, layout.replicated
     S = lambda shape, dtype, sharding=users: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
     place = lambda tree, sharding: jax.tree.map(lambda x: S(x.shape, x.dtype, sharding), tree)
@@ -426,34 +529,51 @@ def compiled_memory(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_us
     data = {"train": S((n, train_tokens), tok), "train_len": S((n,), jnp.int32),
             "valid": S((n, valid_tokens), tok), "valid_len": S((n,), jnp.int32)}
     args = (base, states, data, S((n, cfg.moe.n_experts), jnp.bool_), S((n,), jnp.bool_))
-    lowered = vmap_round(cfg, tc, method, tc.local_steps, mesh=layout.mesh).lower(*args)
-    m = lowered.compile(compiler_options=compiler_options).memory_analysis()
+    t = time.perf_counter()
+    fn = vmap_round(cfg, tc, method, tc.local_steps, mesh=layout.mesh, user_chunk=layout.model_chunk)
+    m = fn.lower(*args).compile(compiler_options=compiler_options).memory_analysis()
     out = {k: int(getattr(m, k)) for k in ("argument_size_in_bytes", "output_size_in_bytes",
                                            "alias_size_in_bytes", "temp_size_in_bytes")}
     out["total"] = (out["argument_size_in_bytes"] + out["output_size_in_bytes"] - out["alias_size_in_bytes"]
                     + out["temp_size_in_bytes"])
+    out.update(rows=n, chunk=layout.model_chunk, compile_s=time.perf_counter() - t)
     return out
 
 
 def measure(model_cfg: GPT2Config, tc: TrainConfig, method: Method, users=(16, 64), profile: Optional[str] = None,
-            **kw) -> dict:
-    """Compiled bytes at each U, the marginal bytes per user between the smallest and largest U,
-    and the model's per-user and shared bytes beside them."""
+            user_chunk: int = 0, **kw) -> dict:
+    """Compiled bytes at each U (the same `user_chunk`), the marginal bytes per row (user, padding
+    included) between the smallest and largest U, and the model's bytes beside them: per U the
+    device total (comigs_jax.capacity.device_bytes), the arguments (state, tokens and the base)
+    and the temporaries (the activations of the users alive at once)."""
     import jax
     profile = profile or ("cpu" if jax.default_backend() == "cpu" else "accelerator")
-    runs = {u: compiled_memory(model_cfg, tc, method, u, **kw) for u in users}
+    runs = {u: compiled_memory(model_cfg, tc, method, u, user_chunk=user_chunk, **kw) for u in users}
     lo, hi = min(users), max(users)
-    marginal = (runs[hi]["total"] - runs[lo]["total"]) / (hi - lo)
     p = plan(model_cfg, tc, method, hi, train_tokens=kw.get("train_tokens", 0),
              valid_tokens=kw.get("valid_tokens", 0), token_bytes=2 if kw.get("token_dtype", "uint16") == "uint16" else 4,
-             profile=profile)
-    model_user, model_shared = p["per_user"]["total"], p["shared"]["total"]
-    per_u = {u: {"measured_total": r["total"], "measured_per_user": r["total"] / u,
-                 "model_total": model_shared + u * model_user,
-                 "ratio": (model_shared + u * model_user) / r["total"]} for u, r in runs.items()}
-    return {"profile": profile, "compiled": runs, "marginal_per_user": marginal, "model_per_user": model_user,
-            "model_shared": model_shared, "ratio_marginal": model_user / marginal, "per_u": per_u,
-            "measured_shared": runs[lo]["total"] - lo * marginal}
+             profile=profile, user_chunk=user_chunk)
+    pu, model_shared = p["per_user"], p["shared"]["total"]
+    per_u = {}
+    for u, r in runs.items():
+        d = device_bytes(pu, model_shared, u, 1, user_chunk)
+        b = d["bytes"]
+        args = b["state"] + b["tokens"] + model_shared
+        per_u[u] = {"rows": d["rows"], "live": d["live"], "measured_total": r["total"], "measured_per_user": r["total"] / u,
+                    "model_total": b["total"], "ratio": b["total"] / r["total"],
+                    "model_arguments": args, "arguments_ratio": args / r["argument_size_in_bytes"],
+                    "model_activations": b["activations"],
+                    "activations_ratio": b["activations"] / max(r["temp_size_in_bytes"], 1)}
+    rows_lo, rows_hi = per_u[lo]["rows"], per_u[hi]["rows"]
+    marginal = (runs[hi]["total"] - runs[lo]["total"]) / (rows_hi - rows_lo)
+    model_marginal = (per_u[hi]["model_total"] - per_u[lo]["model_total"]) / (rows_hi - rows_lo)
+    return {"profile": profile, "user_chunk": user_chunk, "remat": remat_of(model_cfg), "compiled": runs,
+            "marginal_per_user": marginal, "model_per_user": model_marginal, "model_shared": model_shared,
+            "model_step": pu["step"], "model_state": pu["state"], "model_tokens": pu["tokens"],
+            "ratio_marginal": model_marginal / marginal, "per_u": per_u,
+            # total at zero rows: the shared bytes, plus the live users' working set when chunked
+            "measured_intercept": runs[lo]["total"] - rows_lo * marginal,
+            "model_intercept": per_u[lo]["model_total"] - rows_lo * model_marginal}
 
 
 # ----------------------------------------------------------------------------- command line
@@ -477,6 +597,8 @@ def check_config(cfg) -> None:
         _fail("targets", cfg.targets, f"comma-separated, of {', '.join(TARGETS)}")
     if cfg.profile not in PROFILES:
         _fail("profile", cfg.profile, " | ".join(PROFILES))
+    if cfg.model.get("remat", "none") not in REMATS:
+        _fail("model.remat", cfg.model.remat, " | ".join(REMATS))
     if not 0 < cfg.mfu <= 1:
         _fail("mfu", cfg.mfu, "in (0, 1]")
     if not 0 < cfg.usable <= 1:
@@ -492,18 +614,32 @@ def check_config(cfg) -> None:
         _fail("measure", cfg.measure, "'' or at least two different positive U, comma-separated (e.g. 16,64)")
 
 
+def configs_of(cfg, method: Optional[str] = None) -> tuple[GPT2Config, TrainConfig, Method]:
+    """(model config, train config, method) of a config with configs/base.py's `model` and `train`
+    groups (comigs_jax.configuration.engine_configs), with `model.remat` applied (ConfigError, one
+    line, for a value not in REMATS)."""
+    from comigs_jax.configuration import _fail, engine_configs
+    remat = cfg.model.get("remat", "none")
+    if remat not in REMATS:
+        _fail("model.remat", remat, " | ".join(REMATS))
+    model_cfg, tc, m = engine_configs(cfg, method)
+    if remat_of(model_cfg) != remat:
+        model_cfg = dataclasses.replace(model_cfg, remat=remat)
+    return model_cfg, tc, m
+
+
 def run(cfg) -> dict:
     """The plan of a configs/capacity.py config (and its measurement with cfg.measure), printed."""
-    from comigs_jax.configuration import engine_configs
     check_config(cfg)
-    model_cfg, tc, method = engine_configs(cfg)
+    model_cfg, tc, method = configs_of(cfg)
+    chunk = cfg.train.get("user_chunk", 0)
     p = plan(model_cfg, tc, method, cfg.users, train_tokens=cfg.train_tokens, valid_tokens=cfg.valid_tokens,
              targets=[t.strip() for t in cfg.targets.split(",") if t.strip()], mfu=cfg.mfu,
-             usable_fraction=cfg.usable, profile=cfg.profile)
+             usable_fraction=cfg.usable, profile=cfg.profile, user_chunk=chunk)
     print(format_plan(p), end="")
     users = _ints(cfg.measure)
     if users:
-        m = measure(model_cfg, tc, method, users, profile=cfg.profile, train_tokens=cfg.train_tokens,
+        m = measure(model_cfg, tc, method, users, profile=cfg.profile, user_chunk=chunk, train_tokens=cfg.train_tokens,
                     valid_tokens=cfg.valid_tokens, token_dtype="uint16" if model_cfg.vocab_size <= 2**16 else "int32")
         print(format_measurement(m, users), end="")
         p["measurement"] = m
@@ -513,17 +649,24 @@ def run(cfg) -> dict:
 def format_measurement(m: dict, users) -> str:
     import jax
     dev = jax.devices()[0]
-    lines = [f"\nCompiled round program on {jax.default_backend()} ({dev.device_kind}): memory_analysis()", "",
-             "| U | arguments | outputs | aliased | temporaries | total | total / U | model total | model / measured |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    chunk = m["user_chunk"]
+    lines = [f"\nCompiled round program on {jax.default_backend()} ({dev.device_kind}), user_chunk {chunk}, "
+             f"remat {m['remat']!r}: memory_analysis() (compile only)", "",
+             "| U | rows | live | arguments (model) | outputs | aliased | temporaries (model) | total | total / U "
+             "| model total | model / measured | compile s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for u in users:
         r, q = m["compiled"][u], m["per_u"][u]
-        lines.append(f"| {u} | {_b(r['argument_size_in_bytes'])} | {_b(r['output_size_in_bytes'])} | "
-                     f"{_b(r['alias_size_in_bytes'])} | {_b(r['temp_size_in_bytes'])} | {_b(r['total'])} | "
-                     f"{_b(q['measured_per_user'])} | {_b(q['model_total'])} | {q['ratio']:.3f} |")
-    lines += ["", f"Model profile {m['profile']!r}. Marginal bytes per user: measured {_b(m['marginal_per_user'])}, "
-                  f"model {_b(m['model_per_user'])} (model / measured {m['ratio_marginal']:.3f}); shared: measured "
-                  f"{_b(m['measured_shared'])}, model {_b(m['model_shared'])}"]
+        lines.append(f"| {u} | {q['rows']} | {q['live']} | {_b(r['argument_size_in_bytes'])} ({_b(q['model_arguments'])}) | "
+                     f"{_b(r['output_size_in_bytes'])} | {_b(r['alias_size_in_bytes'])} | "
+                     f"{_b(r['temp_size_in_bytes'])} ({_b(q['model_activations'])}) | {_b(r['total'])} | "
+                     f"{_b(q['measured_per_user'])} | {_b(q['model_total'])} | {q['ratio']:.3f} | {r['compile_s']:.1f} |")
+    lines += ["", f"Model profile {m['profile']!r}: per user state {_b(m['model_state'])}, tokens {_b(m['model_tokens'])}, "
+                  f"one step's working set {_b(m['model_step'])}. Marginal bytes per row: measured "
+                  f"{_b(m['marginal_per_user'])}, model {_b(m['model_per_user'])} (model / measured "
+                  f"{m['ratio_marginal']:.3f}); intercept (shared bytes{' + one chunk' if chunk else ''}): measured "
+                  f"{_b(m['measured_intercept'])}, model {_b(m['model_intercept'])}. "
+                  f"rows = users padded to whole chunks; live = users whose activations are alive at once."]
     return "\n".join(lines) + "\n"
 
 

@@ -3,6 +3,7 @@
     python -m comigs_jax.capacity                                             # 1,000 users of GPT-2 124M
     python -m comigs_jax.capacity --config.users=1000 --config.train.batch_size=16 --config.model.n_experts=4
     python -m comigs_jax.capacity --config=configs/capacity.py:tiny --config.measure=16,64
+    python -m comigs_jax.capacity --config.train.user_chunk=8 --config.model.remat=block   # users in chunks of 8
 
 The `model` and `train` groups are experiments.run's (configs/base.py: same keys, same meaning);
 `base` names the frozen base's shape as experiments.run's `base` does ("gpt2" ... "gpt2-xl", or
@@ -11,6 +12,8 @@ defaults are the issue's example: GPT-2 124M, 1 generalist + 1 specialist, rank 
 LoRA rank 8), 64 x 128 windows, bfloat16 activations, the reference's schedule (10 local steps,
 a 10-step router phase every 30 steps). `:tiny` is the benchmark's tiny workload
 (configs/bench.py) as tests/test_capacity.py checks it against the compiled program on CPU.
+`train.user_chunk` (a device runs its users that many at a time: it holds every user's state but
+one chunk's activations) and `model.remat` (what the backward recomputes) change the plan.
 """
 from ml_collections import ConfigDict
 
@@ -30,8 +33,10 @@ def shape_groups(c: ConfigDict, *, base_name: str, vocab_size: int) -> ConfigDic
     c.pretrain.n_layer = defaults.pretrain.n_layer  # layers
     c.pretrain.n_embd = defaults.pretrain.n_embd  # width
     c.pretrain.n_head = defaults.pretrain.n_head  # heads
-    c.model = defaults.model  # configs/base.py's: dtype, n_experts, n_generalists, top_k, rank, attn_rank, ...
-    c.train = defaults.train  # configs/base.py's: local_steps, batch_size, seq_len, router_every, router_steps, ...
+    c.model = defaults.model  # configs/base.py's: dtype, n_experts, n_generalists, top_k, rank, attn_rank, remat, ...
+    if "remat" not in c.model:  # until configs/base.py defines it: what the backward recomputes
+        c.model.remat = "none"  # none | block (every transformer block) | moe (the experts' [E, N, 4d] tensors)
+    c.train = defaults.train  # configs/base.py's: local_steps, batch_size, seq_len, router_every, user_chunk, ...
     return c
 
 

@@ -56,13 +56,66 @@ def test_state_bytes_match_init_states():
     assert capacity.state_bytes(cfg, tc, method)["total"] == nbytes
 
 
-def test_per_user_bytes_within_25_percent_of_compiled_program():
+def test_chunked_round_bytes_within_25_percent_of_compiled_program():
+    """train.user_chunk = 4 at U = 10 (padded to 12 rows: 3 chunks) and U = 32 (8 chunks): the
+    device holds every row's state and tokens (the arguments) and the activations of 4 users (the
+    temporaries); the model's total, its arguments and its activations against XLA's."""
     cfg, tc, method = tiny()
-    m = capacity.measure(cfg, tc, method, (16, 64), profile="cpu", train_tokens=8192, valid_tokens=4096,
-                         compiler_options=FAST)
-    assert 0.75 <= m["ratio_marginal"] <= 1.25, m
-    for u in (16, 64):
-        assert 0.75 <= m["per_u"][u]["ratio"] <= 1.25, (u, m)
+    m = capacity.measure(cfg, tc, method, (10, 32), profile="cpu", user_chunk=4, train_tokens=8192,
+                         valid_tokens=4096, compiler_options=FAST)
+    for u, rows in ((10, 12), (32, 32)):
+        q, c = m["per_u"][u], m["compiled"][u]
+        assert (q["rows"], q["live"], c["rows"], c["chunk"]) == (rows, 4, rows, 4), (u, q, c)
+        assert 0.75 <= q["ratio"] <= 1.25, (u, m)                     # the device's total
+        assert 0.9 <= q["arguments_ratio"] <= 1.1, (u, m)             # state + tokens of every row, the base
+        assert 0.75 <= q["activations_ratio"] <= 1.25, (u, m)         # 4 users' working set
+    # The marginal row costs its state and tokens, not its activations (those of 4 users only).
+    assert m["model_per_user"] == m["model_state"] + m["model_tokens"]
+    assert m["marginal_per_user"] < 0.1 * m["model_step"], m
+
+
+def test_device_rows_are_the_layouts():
+    """capacity.device_rows (arithmetic) lays users out as federated.layout.Layout does."""
+    from comigs_jax.federated.layout import Layout
+    from comigs_jax.federated.sharding import users_mesh
+    for n_users, devices, chunk in [(10, 1, 4), (32, 1, 4), (12, 8, 0), (12, 8, 1), (100, 8, 4), (9, 2, 16),
+                                    (4096, 8, 64), (7, 4, 2)]:
+        layout = Layout(n_users, users_mesh(jax.devices()[:devices]), chunk=chunk)
+        r = capacity.device_rows(n_users, devices, chunk)
+        assert (r["rows"] * devices, r["chunk"]) == (layout.n_rows, layout.model_chunk), (n_users, devices, chunk)
+        assert r["live"] == (r["chunk"] or r["rows"])
+
+
+def test_chunks_and_remat_in_the_plan():
+    """Chunked, a device holds every user's state but one chunk's activations: far more users per
+    chip; remat (accelerator profile) keeps less; the CPU profile ignores it (XLA:CPU undoes
+    jax.checkpoint, docs/scaling.md)."""
+    import dataclasses
+    lora = LoRAConfig(rank=8)
+    cfg = GPT2Config(dtype="bfloat16", attn_lora=lora, moe=MoEConfig(n_experts=2, n_generalists=1, lora=lora))
+    tc, method = TrainConfig(batch_size=8, local_steps=4, router_every=4, router_steps=1), get_method("comigs")
+    kw = dict(train_tokens=8192, valid_tokens=4096, targets=["h200"])
+    kept = {}
+    for remat in capacity.REMATS:
+        c = dataclasses.replace(cfg, remat=remat)
+        kept[remat] = capacity.plan(c, tc, method, 1000, **kw)["step"]["activations_kept"]
+        cpu = capacity.plan(c, tc, method, 1000, profile="cpu", **kw)["step"]["activations_kept"]
+        assert cpu == capacity.plan(cfg, tc, method, 1000, profile="cpu", **kw)["step"]["activations_kept"]
+    assert kept["block"] < kept["moe"] < kept["none"]
+    # block: each block's input [N, d] plus the head; one block is recomputed at a time (transient)
+    n, d = 8 * 128, 768
+    assert kept["block"] < 12 * n * d * 2 + 10 * n * d * 4
+    p0, p8 = capacity.plan(cfg, tc, method, 1000, **kw), capacity.plan(cfg, tc, method, 1000, user_chunk=8, **kw)
+    pu = p8["per_user"]
+    (r0,), (r8,) = p0["targets"], p8["targets"]
+    room = capacity.TARGETS["h200"].memory_bytes * capacity.USABLE_FRACTION - p8["shared"]["total"]
+    assert r0["users_per_device"] == int(room // pu["total"])
+    assert r8["users_per_device"] == int((room - 8 * pu["step"]) // (pu["state"] + pu["tokens"])) // 8 * 8
+    assert r8["users_per_device"] >= 1000 and r8["devices"] == 1 and r8["users_per_device"] > 10 * r0["users_per_device"]
+    assert "user_chunk 8" in capacity.format_plan(p8)
+    assert "remat 'block'" in capacity.format_plan(capacity.plan(dataclasses.replace(cfg, remat="block"), tc, method, 8))
+    # A chunk larger than what fits falls back to all at once.
+    assert capacity.users_per_device(10 * pu["total"], pu, 64) == 10
 
 
 def test_plan_gpt2_1000_users():
@@ -92,7 +145,7 @@ def test_capacity_default_plan_is_the_issue_example(capsys):
     lora = LoRAConfig(rank=8)
     cfg = GPT2Config(dtype="bfloat16", attn_lora=lora, moe=MoEConfig(n_experts=2, n_generalists=1, lora=lora))
     assert out == capacity.format_plan(capacity.plan(cfg, TrainConfig(), get_method("comigs"), 1000))
-    assert "| NVIDIA H100 SXM 80 GB | 79.65 GiB | 989 TFLOP/s | 8 | 125 | 1.3 s |" in out  # docs/scaling.md
+    assert "| NVIDIA H100 SXM 80 GB | 79.65 GiB | 989 TFLOP/s | 15 | 67 | 2.4 s |" in out  # docs/scaling.md
     assert "56.35 TFLOP per user" in out
 
 
@@ -102,7 +155,7 @@ def test_capacity_config_file_and_overrides(capsys):
     assert capacity.main(argv) == 0
     out = capsys.readouterr().out
     assert out.startswith("# Capacity plan: 64 users, GPT-2 2L x 128 (V 2,048), comigs (1G + 3S), batch 4 x 128, "
-                          "float32, activation profile 'cpu'")
+                          "float32, remat 'none', user_chunk 0, activation profile 'cpu'")
     assert "H100" in out and "H200" not in out
     # the preset is the bench's tiny workload, the config of the tests above
     model_cfg, tc, method = configuration.engine_configs(capacity_config.get_config("tiny"))
@@ -118,6 +171,8 @@ def test_capacity_config_file_and_overrides(capsys):
     ("--config.users=many", "--config.users"),             # a value the flag parser refuses
     ("--config.base=gpt3", "config.base='gpt3'"),          # a value the builder refuses
     ("--config.measure=16", "config.measure='16'"),
+    ("--config.model.remat=all", "config.model.remat='all' is not allowed: none | block | moe"),
+    ("--config.train.user_chunk=-1", "config.train.user_chunk=-1"),
 ])
 def test_capacity_command_line_errors_are_one_line(flag, names, capsys):
     assert capacity.main(["comigs_jax.capacity", flag]) == 1
