@@ -10,7 +10,8 @@ import os
 from comigs_jax.data.config import split_list, validate_data_config
 from comigs_jax.errors import ConfigError
 from comigs_jax.federated.methods import METHODS, ROUTER_MODES, Method, configure_model, get_method  # noqa: F401
-from comigs_jax.model.config import DTYPES, GPT2_SIZES, LB_INPUTS, LORA_SCALINGS, GPT2Config, LoRAConfig, MoEConfig
+from comigs_jax.model.config import (DTYPES, GPT2_SIZES, LB_INPUTS, LORA_SCALINGS, REMAT, GPT2Config, LoRAConfig,
+                                     MoEConfig)
 from comigs_jax.train.evaluation import PROTOCOLS
 from comigs_jax.train.state import TrainConfig
 
@@ -64,6 +65,11 @@ def validate_model(mo, counts=None, group: str = "model") -> None:
         _fail(k("lora_scaling"), mo.lora_scaling, f"one of {LORA_SCALINGS}")
     if mo.lb_input not in LB_INPUTS:
         _fail(k("lb_input"), mo.lb_input, f"one of {LB_INPUTS}")
+    if mo.get("remat", "none") not in REMAT:
+        _fail(k("remat"), mo.remat, f"one of {REMAT}")
+    head_block = mo.get("head_block", 0)
+    if not isinstance(head_block, int) or head_block < 0:
+        _fail(k("head_block"), head_block, "an integer >= 0 (0 = the full logits)")
     if mo.rank <= 0:
         _fail(k("rank"), mo.rank, "a positive integer")
     if mo.attn_rank < 0:
@@ -174,8 +180,9 @@ def model_config(cfg, base_cfg: GPT2Config) -> GPT2Config:
     lora = lambda r: LoRAConfig(rank=r, alpha=mo.alpha, scaling=mo.lora_scaling, dropout=mo.dropout)
     moe = MoEConfig(n_experts=n_experts, n_generalists=mo.n_generalists,
                     top_k=mo.top_k, lora=lora(mo.rank), lb_input=mo.lb_input, importance=mo.importance)
+    execution = {k: mo[k] for k in ("remat", "head_block") if k in mo}  # the same math, other memory
     return dataclasses.replace(base_cfg, attn_lora=lora(mo.attn_rank) if mo.attn_rank else None, moe=moe,
-                               dtype=mo.dtype)
+                               dtype=mo.dtype, **execution)
 
 
 def train_config(cfg) -> TrainConfig:

@@ -287,6 +287,7 @@ BAD_CONFIGS = [  # (overrides, the key and what the one line must name)
     (["--config.train.router_every=-3"], "config.train.router_every=-3 is not allowed: a positive integer"),
     (["--config.data.n_users=0"], "config.data.n_users=0 is not allowed: at least 1 user"),
     (["--config.train.user_chunk=-2"], "config.train.user_chunk=-2 is not allowed: an integer >= 0"),
+    (["--config.model.remat=full"], "config.model.remat='full' is not allowed: one of ('none', 'block', 'moe')"),
     (["--config.train.seq_len=4000"], "config.data.train_tokens=3000 is not allowed: at least one window"),
     (["--config.checkpoint.max_to_keep=0"], "config.checkpoint.max_to_keep=0 is not allowed"),
     (["--config.pretrain.n_head=3"], "config.pretrain.n_head=3 is not allowed: a divisor of pretrain.n_embd=32"),

@@ -7,8 +7,11 @@ import os
 from comigs_jax.errors import WorkdirError
 
 # Keys that may change between a run and its resumption without making it another run.
+# model.remat and model.head_block change what is recomputed and how the loss is blocked, not the math
+# or the saved state; train.user_chunk changes the saved state's padding, so it is not among them.
 RESUMABLE_KEYS = ("resume", "output", "checkpoint", "methods", "seeds", "federation.mode", "federation.shard",
-                  "distributed", "data.cache_dir", "data.use_cache", "data.progress")
+                  "distributed", "data.cache_dir", "data.use_cache", "data.progress", "model.remat",
+                  "model.head_block")
 
 
 def flat_config(cfg) -> dict:
