@@ -4,13 +4,15 @@
     python -m experiments.bench --config.users=1,4,16,64,256       # the tiny sweep
     python -m experiments.bench --config.models=gpt2 --config.gpt2.users=1,2
     python -m experiments.bench --config.tiny.train.batch_size=8 --config.tiny.model.rank=16
+    python -m experiments.bench --config.models=tiny --config.modes=vmap --config.user_chunk=64 \
+        --config.users=64 --config.sweep=True      # doubles U until 90% of RAM would be full
 
 Lists are comma-separated strings (so that `--config.users=64` and `--config.users=1,4` both
 parse). Each workload (`tiny`, `gpt2`) says what model runs in the keys that comigs_jax.capacity
 (configs/capacity.py) and experiments.run use: `base` (a GPT-2 size, or "pretrain": the small
 base of `pretrain.n_layer / n_embd / n_head`), `vocab_size`, and configs/base.py's `model` and
-`train` groups (their `model.dtype` is left out: the bench's `dtype` is every workload's, and the
-peak matmul's). The defaults run on a 2-core CPU in under 10 minutes; `get_config("gpu")` is the
+`train` groups (their `model.dtype`, `model.remat` and `train.user_chunk` are left out: the
+bench's `dtype`, `remat` and `user_chunk` are every workload's; `dtype` is the peak matmul's too). The defaults run on a 2-core CPU in under 10 minutes; `get_config("gpu")` is the
 accelerator preset (`--config=configs/bench.py:gpu`): GPT-2 124M in bfloat16 up to the largest U
 that fits.
 
@@ -29,6 +31,8 @@ def workload(base_name: str, vocab_size: int, **train) -> ConfigDict:
     """One workload: the shared model keys (configs/capacity.py's shape_groups) and its tokens."""
     w = shape_groups(ConfigDict(), base_name=base_name, vocab_size=vocab_size)
     del w.model.dtype  # the bench's `dtype`
+    del w.model.remat  # the bench's `remat`
+    del w.train.user_chunk  # the bench's `user_chunk`
     if base_name != "pretrain":
         del w.pretrain
     for key, value in train.items():
@@ -46,6 +50,14 @@ def get_config(preset: str = "cpu") -> ConfigDict:
     c.method = "comigs"             # a method of comigs_jax.federated.methods
     c.dtype = ""                    # activation dtype of every workload and of the peak matmul;
                                     # "" = float32 on CPU, bfloat16 on GPU/TPU
+    c.user_chunk = 0                # train.user_chunk of the vmapped modes, every workload: each device runs
+                                    # its users this many at a time (0 = all at once; a chunk that does not
+                                    # divide a device's users pads them, masked and not counted as work)
+    c.remat = "none"                # model.remat of every workload: none | block | moe
+    c.sweep = False                 # True: per model, double U from its first listed U until the next U
+                                    # would not fit (capacity model / measured bytes vs sweep_fraction)
+    c.sweep_fraction = 0.9          # memory the sweep may fill: of RAM on CPU, of the device on accelerators
+    c.sweep_max_users = 0           # the sweep stops after this U (0 = only memory stops it)
     c.seed = 0
     c.warmup = 0                    # untimed rounds after the first (compiling, untimed) round
     c.repeats = 5                   # timed rounds per mode (the median is reported) ...

@@ -16,7 +16,8 @@ For each model size and user count U, in one process, four ways to run the same 
 - vmap:         all users in one jitted round (jit(vmap(scan)))
 - vmap_sharded: the same with users split over a `users` mesh axis over the devices
 
-Measured per mode: compile time (first round minus the steady-state round), steady-state wall
+Measured per mode: compile time (the vmapped modes: lowering + XLA compilation, timed ahead of the
+first round; the loops: first round minus the steady-state round), steady-state wall
 time per round (median of repeated rounds after warm-up, block_until_ready), training tokens/s
 over all users, speedups, peak host RSS while the mode ran, device memory where the backend
 reports it, and achieved FLOP/s as a fraction of the peak of a large matmul of the same dtype
@@ -29,7 +30,18 @@ and router steps of a round, times U; elementwise ops, softmax, LayerNorm and th
 not counted.
 
 The vmapped modes place their inputs through a Layout (comigs_jax.federated.layout: its `users`
-and `replicated` shardings), the one the training loop uses; the bench never pads (`n_rows` = U).
+and `replicated` shardings, and `chunk`), the one the training loop uses, and run
+vmap_round(..., user_chunk=layout.model_chunk): `--config.user_chunk=C` runs each device's users
+C at a time (0 = all at once). A chunk that does not divide a device's users pads them to whole
+chunks: padding rows (copies of user 0, inactive) are computed but never reported nor counted as
+work (tokens/s and FLOPs are the real users'). `--config.remat` is every workload's model.remat.
+
+Sweep (`--config.sweep=True`): per model, U doubles from its first listed U; before a U starts, its
+bytes are predicted (the larger of comigs_jax.capacity.device_bytes for the mode's layout, plus on
+CPU the process's resident set at the start, and the extrapolated peak measured at the previous
+U's) and the sweep stops if they exceed sweep_fraction of RAM (CPU) or of the device's memory;
+it also stops at a U that runs out of memory or passes sweep_max_users. It reports the largest U
+that completed a round, with its round time.
 
 On CPU this module asks XLA for 8 fake host devices (XLA_FLAGS=--xla_force_host_platform_device_count=8,
 set before jax is imported, unless XLA_FLAGS already sets a count) so that vmap_sharded has a
@@ -220,7 +232,8 @@ def peak_reference(peaks: list[float], backend: str, devices: int) -> tuple[floa
 
 @dataclasses.dataclass
 class Workload:
-    """One model size at one U: everything a mode needs, built once and shared by all modes."""
+    """One model size at one U: everything a mode needs, built once and shared by all modes.
+    `chunk`: train.user_chunk of the vmapped modes (0 = all of a device's users at once)."""
 
     name: str
     model_cfg: GPT2Config
@@ -233,22 +246,25 @@ class Workload:
     data: dict
     masks: jax.Array
     active: jax.Array
+    chunk: int = 0
 
     @property
     def tokens_per_round(self) -> int:
-        """Training tokens of the expert steps of all users (router steps not counted)."""
+        """Training tokens of the expert steps of all users (router steps not counted; nor padding rows)."""
         return self.n_users * self.steps * self.tc.batch_size * self.tc.seq_len
 
 
-def workload_configs(name: str, mc: ConfigDict, method_name: str, dtype: str
+def workload_configs(name: str, mc: ConfigDict, method_name: str, dtype: str, remat: str = "none"
                      ) -> tuple[GPT2Config, TrainConfig, object]:
-    """(model config, train config, method) of workload `name` of configs/bench.py in `dtype`,
-    through comigs_jax.configuration.engine_configs (as comigs_jax.capacity builds them).
-    ConfigError (one line, the key as `config.<name>.<key>`) for a value that is not allowed."""
+    """(model config, train config, method) of workload `name` of configs/bench.py in `dtype`
+    with `remat` (the bench's model.remat), through comigs_jax.configuration.engine_configs (as
+    comigs_jax.capacity builds them). ConfigError (one line, the key as `config.<name>.<key>`)
+    for a value that is not allowed."""
     wc = ConfigDict(mc.to_dict())
     wc.model.dtype = dtype
+    wc.model.remat = remat
     try:
-        model_cfg, tc, method = configuration.engine_configs(wc, method_name)
+        model_cfg, tc, method = capacity.configs_of(wc, method_name)
         if tc.local_steps % tc.router_every:
             raise ConfigError(f"config.train.local_steps={tc.local_steps} is not allowed: a multiple of "
                               f"train.router_every={tc.router_every} (every round the same router phases)")
@@ -258,8 +274,8 @@ def workload_configs(name: str, mc: ConfigDict, method_name: str, dtype: str
 
 
 def build_workload(name: str, mc: ConfigDict, n_users: int, method_name: str, dtype: str, seed: int,
-                   base: dict | None = None) -> Workload:
-    cfg, tc, method = workload_configs(name, mc, method_name, dtype)
+                   base: dict | None = None, remat: str = "none", chunk: int = 0) -> Workload:
+    cfg, tc, method = workload_configs(name, mc, method_name, dtype, remat)
     if base is None:
         base = split_base(init_params(cfg.base, jax.random.key(seed)))[0]
     rng = np.random.default_rng(seed)
@@ -267,62 +283,87 @@ def build_workload(name: str, mc: ConfigDict, n_users: int, method_name: str, dt
     train = [rng.integers(0, cfg.vocab_size, mc.train_tokens).astype(tok) for _ in range(n_users)]
     valid = [rng.integers(0, cfg.vocab_size, mc.valid_tokens).astype(tok) for _ in range(n_users)]
     (tr, tr_len), (va, va_len) = stack_tokens(train), stack_tokens(valid)
+    del train, valid
     data = jax.device_put({"train": tr, "train_len": tr_len, "valid": va, "valid_len": va_len})
     states0 = init_states(cfg, tc, method, jax.random.PRNGKey(seed), n_users, cfg.moe.n_specialists)
     return Workload(name, cfg, tc, method, tc.local_steps, n_users, base, states0, data,
-                    jnp.ones((n_users, cfg.moe.n_experts), bool), jnp.ones((n_users,), bool))
+                    jnp.ones((n_users, cfg.moe.n_experts), bool), jnp.ones((n_users,), bool), chunk)
 
 
 def workload_flops(w: Workload) -> dict:
-    """FLOPs of one round of all users: U x comigs_jax.capacity.round_flops (the one count)."""
+    """FLOPs of one round of all users: U x comigs_jax.capacity.round_flops (the one count; padding
+    rows are not work)."""
     f = capacity.round_flops(w.model_cfg, w.tc, w.method, w.steps)
     return {"expert_step": f["expert_step"], "router_step": f["router_step"], "round": w.n_users * f["per_user"]}
 
 
-# ----------------------------------------------------------------------------- modes
+def mode_layout(mode: str, n_users: int, chunk: int = 0) -> Layout | None:
+    """The Layout a vmapped mode runs its users on (None for the loop modes): `vmap` one device,
+    `vmap_sharded` gcd(U, devices) devices of one process (so that the devices add no padding
+    users) or every process's devices; both with train.user_chunk `chunk`, which pads each
+    device's users to whole chunks."""
+    if mode in LOOP_MODES:
+        return None
+    if mode == "vmap":  # one device: a one-device mesh splits nothing
+        return Layout(n_users, single_device_mesh(), chunk=chunk)
+    if mode == "vmap_sharded":
+        # Several processes: every process's devices (run_benchmark skips a U they do not divide).
+        n_dev = jax.device_count() if jax.process_count() > 1 else math.gcd(n_users, jax.device_count())
+        return Layout(n_users, users_mesh(jax.devices()[:n_dev]), chunk=chunk)
+    raise ValueError(f"mode={mode!r}: allowed {MODES}")
 
-def build_mode(mode: str, w: Workload) -> tuple[Callable, dict, dict]:
-    """(round_fn, placed inputs, info) for one mode; round_fn(base, states, data, masks, active)."""
+
+def build_mode(mode: str, w: Workload, consume: bool = False) -> tuple[Callable, dict, dict]:
+    """(round_fn, placed inputs, info) for one mode; round_fn(base, states, data, masks, active).
+    The vmapped modes run through the mode's Layout and vmap_round(..., user_chunk=): padding rows
+    (users padded to whole chunks) train on copies of user 0's state and data but are inactive and
+    dropped from every result. consume: the mode takes w.states0 itself instead of a copy (the
+    last mode of a U: no second copy of every user's state)."""
     args = (w.model_cfg, w.tc, w.method, w.steps)
-    fresh = jax.tree.map(jnp.copy, w.states0)  # vmap donates its states: every mode gets its own
-    inputs = dict(base=w.base, states=fresh, data=w.data, masks=w.masks, active=w.active)
-    info = {"devices": 1}
+    states = w.states0 if consume else jax.tree.map(jnp.copy, w.states0)  # vmap donates its states
+    if consume:
+        w.states0 = None
+    inputs = dict(base=w.base, states=states, data=w.data, masks=w.masks, active=w.active)
+    info = {"devices": 1, "chunk": None, "padding_rows": 0}
     if mode == "loop_step":
         return loop_step_round(*args), inputs, info
     if mode == "loop_round":
         return loop_round(*args), inputs, info
-    if mode == "vmap":  # one device: a one-device mesh splits nothing
-        layout = Layout(w.n_users, single_device_mesh())
-    elif mode == "vmap_sharded":
-        # Several processes: every process's devices (run_benchmark skips a U they do not divide).
-        # One: gcd(U, devices) of them, so that no padding users are added.
-        n_dev = jax.device_count() if jax.process_count() > 1 else math.gcd(w.n_users, jax.device_count())
-        layout = Layout(w.n_users, users_mesh(jax.devices()[:n_dev]))
-    else:
-        raise ValueError(f"mode={mode!r}: allowed {MODES}")
-    info["devices"] = layout.n_devices
-    return vmap_round(*args, mesh=layout.mesh), place(layout, inputs), info
+    layout = mode_layout(mode, w.n_users, w.chunk)
+    info.update(devices=layout.n_devices, chunk=layout.model_chunk, padding_rows=layout.n_padding)
+    fn = vmap_round(*args, mesh=layout.mesh, user_chunk=layout.model_chunk)
+    return fn, place(layout, pad_rows(inputs, layout.n_rows)), info
+
+
+def pad_rows(inputs: dict, n_rows: int) -> dict:
+    """The round's inputs with the user axis padded to n_rows: padding rows repeat row 0 (state,
+    data, masks) and are inactive, so they change nothing and are never reported."""
+    n = inputs["masks"].shape[0]
+    if n_rows == n:
+        return inputs
+    pad = lambda x: jnp.concatenate([x, jnp.broadcast_to(x[:1], (n_rows - n, *x.shape[1:]))])
+    out = {k: v if k == "base" else jax.tree.map(pad, v) for k, v in inputs.items()}
+    out["active"] = jnp.concatenate([inputs["active"], jnp.zeros((n_rows - n,), bool)])
+    return out
 
 
 def place(layout: Layout, inputs: dict) -> dict:
     """The round's inputs on the layout's mesh: the base replicated, the rest split over `users`
-    (the layout's shardings, as the training loop places them). The bench adds no padding users:
-    the layout's rows must be the users."""
+    (the layout's shardings, as the training loop places them); the user axis must be the
+    layout's rows (pad_rows)."""
     n = inputs["masks"].shape[0]
     if layout.n_rows != n:
-        raise ValueError(f"{n} users on {layout.n_devices} devices would need {layout.n_padding} padding users")
+        raise ValueError(f"{n} rows for a layout of {layout.n_rows} ({layout.n_users} users, {layout.n_padding} padding)")
     # Several processes: the same host values on every process (built from the seed); device_put
     # places each process's shards of the global arrays.
     host = jax.device_get if jax.process_count() > 1 else (lambda x: x)
     return {k: jax.device_put(host(v), layout.replicated if k == "base" else layout.users) for k, v in inputs.items()}
 
 
-def _program_memory(fn, inputs) -> dict | None:
-    """Argument/output/temporary bytes of a jitted round's compiled program (a cache hit)."""
-    if not hasattr(fn, "lower"):
-        return None
+def _program_memory(compiled) -> dict | None:
+    """Argument/output/temporary bytes of a compiled round program."""
     try:
-        mem = fn.lower(*inputs.values()).compile().memory_analysis()
+        mem = compiled.memory_analysis()
     except Exception:  # not every backend gives it
         return None
     if mem is None:
@@ -331,16 +372,22 @@ def _program_memory(fn, inputs) -> dict | None:
                                               "temp_size_in_bytes", "alias_size_in_bytes")}
 
 
-def time_mode(mode: str, w: Workload, cfg: ConfigDict) -> dict:
-    fn, inputs, info = build_mode(mode, w)
+def time_mode(mode: str, w: Workload, cfg: ConfigDict, consume: bool = False) -> dict:
+    fn, inputs, info = build_mode(mode, w, consume)
     block = jax.block_until_ready
+    program, compile_s = None, None
     with PeakRSS() as rss:
         states = inputs.pop("states")
         base, data, masks, active = (inputs[k] for k in ("base", "data", "masks", "active"))
+        if hasattr(fn, "lower"):  # the vmapped modes: compiled ahead of time, timed exactly
+            t = time.perf_counter()
+            fn = fn.lower(base, states, data, masks, active).compile()
+            compile_s = time.perf_counter() - t
+            program = _program_memory(fn)
         t = time.perf_counter()
         states, metrics = block(fn(base, states, data, masks, active))
         first = time.perf_counter() - t
-        first_loss = distributed.to_host(metrics["loss"]).astype(np.float64)
+        first_loss = distributed.to_host(metrics["loss"])[:w.n_users].astype(np.float64)  # no padding rows
         for _ in range(cfg.warmup):
             states, metrics = block(fn(base, states, data, masks, active))
         times = []
@@ -350,14 +397,16 @@ def time_mode(mode: str, w: Workload, cfg: ConfigDict) -> dict:
             times.append(time.perf_counter() - t)
             if len(times) >= cfg.min_repeats and _agree(sum(times) > cfg.max_seconds):
                 break
+        del states, metrics
     if jax.process_count() > 1:  # a round lasts until the slowest process has it
         times = list(np.max(distributed.gather_json(times), axis=0))
         first = max(distributed.gather_json(first))
+        if compile_s is not None:
+            compile_s = max(distributed.gather_json(compile_s))
     sec = statistics.median(times)
-    inputs["states"] = states
-    program = _program_memory(fn, {"base": base, "states": states, "data": data, "masks": masks, "active": active}) \
-        if mode.startswith("vmap") else None
-    return {**info, "compile_s": max(first - sec, 0.0), "first_round_s": first, "round_s": sec,
+    # Loop modes compile inside their first round: compile time = first round - steady round.
+    compile_s = max(first - sec, 0.0) if compile_s is None else compile_s
+    return {**info, "compile_s": compile_s, "first_round_s": first, "round_s": sec,
             "round_s_all": times, "tokens_per_s": w.tokens_per_round / sec, "peak_rss_gib": rss.peak / 2**30,
             "device_peak_gib": None if _device_peak_bytes() is None else _device_peak_bytes() / 2**30,
             "program_memory": program, "first_round_loss": first_loss}
@@ -378,15 +427,18 @@ def _is_oom(e: Exception) -> bool:
 
 def bench_workload(w: Workload, modes: list[str], cfg: ConfigDict, peaks: list[float]) -> list[dict]:
     rows, ref, flops = [], None, None
+    skip = lambda mode: mode in LOOP_MODES and cfg.loop_max_users and w.n_users > cfg.loop_max_users
+    last = [m for m in modes if not skip(m)][-1:]  # the last mode that runs takes the initial states
     for mode in modes:
-        row = {"model": w.name, "users": w.n_users, "mode": mode, "dtype": w.model_cfg.dtype}
-        if mode in LOOP_MODES and cfg.loop_max_users and w.n_users > cfg.loop_max_users:
+        row = {"model": w.name, "users": w.n_users, "mode": mode, "dtype": w.model_cfg.dtype,
+               "user_chunk": w.chunk, "remat": capacity.remat_of(w.model_cfg)}
+        if skip(mode):
             rows.append({**row, "skipped": f"U > loop_max_users={cfg.loop_max_users}"})
             continue
         logging.info("%s U=%d %s ...", w.name, w.n_users, mode)
         flops = flops or workload_flops(w)  # only for a U that runs
         try:
-            r = time_mode(mode, w, cfg)
+            r = time_mode(mode, w, cfg, consume=[mode] == last)
         except Exception as e:  # an accelerator running out of memory is a result, not a crash
             if not _is_oom(e):
                 raise
@@ -416,6 +468,103 @@ def bench_workload(w: Workload, modes: list[str], cfg: ConfigDict, peaks: list[f
     return rows
 
 
+# ----------------------------------------------------------------------------- sweep
+
+def memory_limit(fraction: float) -> tuple[float, str]:
+    """(bytes, description) the sweep may fill: `fraction` of the host's RAM on CPU (the fake
+    devices share it), of one device's memory on accelerators."""
+    if jax.default_backend() == "cpu":
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return fraction * total, f"{100 * fraction:.0f}% of {total / 2**30:.1f} GiB RAM"
+    stats = jax.local_devices()[0].memory_stats() or {}
+    total = stats.get("bytes_limit")
+    if not total:
+        raise ConfigError("config.sweep=True is not allowed here: the device reports no memory limit")
+    return fraction * total, f"{100 * fraction:.0f}% of the device's {total / 2**30:.1f} GiB"
+
+
+def predicted_bytes(name: str, mc: ConfigDict, cfg: ConfigDict, dtype: str, n_users: int, modes: list[str],
+                    baseline: float = 0.0) -> float:
+    """What a U would need, from the capacity model (comigs_jax.capacity.device_bytes, the
+    backend's activation profile): on CPU the whole process (`baseline` + every device's bytes
+    of the largest mode + the workload's initial states, kept beside a mode's copy); on an
+    accelerator one device's bytes."""
+    model_cfg, tc, method = workload_configs(name, mc, cfg.method, dtype, cfg.remat)
+    cpu = jax.default_backend() == "cpu"
+    p = capacity.plan(model_cfg, tc, method, n_users, train_tokens=mc.train_tokens, valid_tokens=mc.valid_tokens,
+                      token_bytes=2 if model_cfg.vocab_size <= 2**16 else 4, targets=["h100"],
+                      profile="cpu" if cpu else "accelerator", user_chunk=cfg.user_chunk)
+    pu, shared = p["per_user"], p["shared"]["total"]
+    need = []
+    for mode in modes:
+        layout = mode_layout(mode, n_users, cfg.user_chunk)
+        if layout is None:  # a loop: every user's state and tokens, one user's step
+            need.append(n_users * (pu["state"] + pu["tokens"]) + pu["step"] + shared)
+            continue
+        d = capacity.device_bytes(pu, shared, n_users, layout.n_devices, cfg.user_chunk)
+        need.append(d["bytes"]["total"] * (layout.n_devices if cpu else 1))
+    copies = n_users * pu["state"] if (cpu and len(modes) > 1) else 0
+    return baseline + max(need) + copies
+
+
+def _extrapolate(points: list[tuple[int, float]], n_users: int) -> float:
+    """Measured bytes at n_users from the last measured points: the line through the last two,
+    or proportional to U from one."""
+    if not points:
+        return 0.0
+    (u1, b1) = points[-1]
+    if len(points) == 1:
+        return b1 * n_users / u1
+    (u0, b0) = points[-2]
+    return b1 + (n_users - u1) * max(b1 - b0, 0.0) / (u1 - u0)
+
+
+def sweep_model(name: str, mc: ConfigDict, cfg: ConfigDict, modes: list[str], dtype: str,
+                peaks: list[float]) -> tuple[list[dict], dict]:
+    """Doubles U from the model's first listed U until the next U would not fit (the larger of the
+    capacity model's prediction and the extrapolated measurement exceeds memory_limit), a U runs
+    out of memory, or U passes cfg.sweep_max_users. Returns (rows, summary): the largest U that
+    completed a round, with its round time (fastest mode), and why the sweep stopped."""
+    limit, what = memory_limit(cfg.sweep_fraction)
+    cpu = jax.default_backend() == "cpu"
+    baseline = _rss_bytes() if cpu else 0.0
+    u = _ints(cfg.users if name == "tiny" else mc.users)[0]
+    rows, points, best, base, stop = [], [], None, None, ""
+    while True:
+        if cfg.sweep_max_users and u > cfg.sweep_max_users:
+            stop = f"U={u} > sweep_max_users={cfg.sweep_max_users}"
+            break
+        model = predicted_bytes(name, mc, cfg, dtype, u, modes, baseline)
+        pred = max(model, _extrapolate(points, u))
+        if pred > limit:
+            stop = f"U={u} would need {pred / 2**30:.1f} GiB > {limit / 2**30:.1f} GiB ({what})"
+            break
+        _print(f"{name} sweep: U={u}, predicted {pred / 2**30:.2f} GiB of {limit / 2**30:.1f} GiB")
+        w = build_workload(name, mc, u, cfg.method, dtype, cfg.seed, base, cfg.remat, cfg.user_chunk)
+        base = w.base
+        rs = bench_workload(w, modes, cfg, peaks)
+        del w
+        for r in rs:
+            r.update(predicted_bytes=pred, model_bytes=model)
+        rows += rs
+        ok = [r for r in rs if "round_s" in r]
+        if not ok:
+            stop = f"U={u} did not complete a round: " + "; ".join(f"{r['mode']} {r['skipped']}" for r in rs)
+            break
+        fastest = min(ok, key=lambda r: r["round_s"])
+        best = {"users": u, "mode": fastest["mode"], "round_s": fastest["round_s"], "chunk": fastest.get("chunk"),
+                "tokens_per_s": fastest["tokens_per_s"]}
+        measured = max(r["peak_rss_gib"] if cpu else (r["device_peak_gib"] or 0.0) for r in ok) * 2**30
+        points.append((u, measured))
+        u *= 2
+    summary = {"model": name, "largest": best, "stopped": stop, "limit_bytes": limit, "limit": what,
+               "measured_bytes": points}
+    _print(f"{name} sweep: largest U that completed a round: "
+           + (f"{best['users']} ({best['mode']}, {best['round_s']:.3g} s per round)" if best else "none")
+           + f"; stopped: {stop}")
+    return rows, summary
+
+
 # ----------------------------------------------------------------------------- report
 
 def _fmt(x, spec):
@@ -423,15 +572,18 @@ def _fmt(x, spec):
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| model | U | mode | dev | compile s | round s | tokens/s | × loop_step | × loop_round "
+    head = ("| model | U | mode | dev | chunk | compile s | round s | tokens/s | × loop_step | × loop_round "
             "| GFLOP/s | % peak | peak RSS GiB | dev. mem GiB | loss diff |")
-    lines = [head, "|" + "---|" * 14]
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         if "round_s" not in r:
-            lines.append(f"| {r['model']} | {r['users']} | {r['mode']} | | | | | | | | | | | {r['skipped']} |")
+            lines.append(f"| {r['model']} | {r['users']} | {r['mode']} | | | | | | | | | | | | {r['skipped']} |")
             continue
+        chunk = "–" if r.get("chunk") is None else str(r["chunk"] or "all")
+        if r.get("padding_rows"):
+            chunk += f" (+{r['padding_rows']} pad)"
         lines.append(
-            f"| {r['model']} | {r['users']} | {r['mode']} | {r['devices']} | {r['compile_s']:.1f} | {r['round_s']:.4g} "
+            f"| {r['model']} | {r['users']} | {r['mode']} | {r['devices']} | {chunk} | {r['compile_s']:.1f} | {r['round_s']:.4g} "
             f"| {r['tokens_per_s']:,.0f} | {_fmt(r['speedup_vs_loop_step'], '.2f')} "
             f"| {_fmt(r['speedup_vs_loop_round'], '.2f')} | {r['flops_per_s'] / 1e9:,.1f} "
             f"| {100 * r['fraction_of_peak']:.1f} | {r['peak_rss_gib']:.2f} | {_fmt(r['device_peak_gib'], '.2f')} "
@@ -472,6 +624,20 @@ def check_targets(rows: list[dict], backend: str) -> list[dict]:
         ok = [r["users"] for r in g if r["mode"].startswith("vmap")]
         if ok:
             out.append({"target": "largest U that ran (vmap)", "value": max(ok), "met": None})
+    # Many users per device (train.user_chunk): the tiny model at U = 4,096 in one process.
+    for mode in ("vmap", "vmap_sharded"):
+        big, mid, small = get("tiny", 4096, mode), get("tiny", 256, mode), get("tiny", 64, mode)
+        if big:
+            out.append({"target": f"tiny U=4096 {mode} completes a round in one process within 24 GiB peak RSS",
+                        "value": round(big["peak_rss_gib"], 2), "unit": "peak RSS GiB", "met": big["peak_rss_gib"] <= 24})
+        if big and mid:
+            x = big["round_s"] / (4096 / 256 * mid["round_s"])
+            out.append({"target": f"tiny {mode}: round at U=4096 <= 1.2 x (4096/256) x round at U=256",
+                        "value": round(x, 3), "met": x <= 1.2})
+        if big and small:
+            x = big["compile_s"] / small["compile_s"]
+            out.append({"target": f"tiny {mode}: compile at U=4096 <= 1.5 x compile at U=64", "value": round(x, 3),
+                        "met": x <= 1.5})
     return out
 
 
@@ -499,6 +665,16 @@ def check_config(cfg: ConfigDict) -> None:
         _fail("dtype", cfg.dtype, "'' (float32 on CPU, bfloat16 on accelerators) | float32 | bfloat16")
     if cfg.distributed.mode not in distributed.MODES:
         _fail("distributed.mode", cfg.distributed.mode, " | ".join(distributed.MODES))
+    if not isinstance(cfg.user_chunk, int) or isinstance(cfg.user_chunk, bool) or cfg.user_chunk < 0:
+        _fail("user_chunk", cfg.user_chunk, "an integer >= 0 (0 = all of a device's users at once)")
+    if cfg.remat not in capacity.REMATS:
+        _fail("remat", cfg.remat, " | ".join(capacity.REMATS))
+    if not isinstance(cfg.sweep, bool):
+        _fail("sweep", cfg.sweep, "True | False")
+    if not 0 < cfg.sweep_fraction <= 1:
+        _fail("sweep_fraction", cfg.sweep_fraction, "in (0, 1]")
+    if not isinstance(cfg.sweep_max_users, int) or cfg.sweep_max_users < 0:
+        _fail("sweep_max_users", cfg.sweep_max_users, "an integer >= 0 (0 = only memory stops the sweep)")
     for model in models:
         key = "users" if model == "tiny" else f"{model}.users"
         try:
@@ -507,7 +683,7 @@ def check_config(cfg: ConfigDict) -> None:
             users = []
         if not users or min(users) < 1:
             _fail(key, cfg.users if model == "tiny" else cfg[model].users, "comma-separated positive integers")
-        workload_configs(model, cfg[model], cfg.method, cfg.dtype or "float32")
+        workload_configs(model, cfg[model], cfg.method, cfg.dtype or "float32", cfg.remat)
         for k in ("train_tokens", "valid_tokens"):
             if cfg[model][k] < cfg[model].train.seq_len + 1:
                 _fail(f"{model}.{k}", cfg[model][k], f"at least one window: train.seq_len + 1 = "
@@ -533,10 +709,17 @@ def run_benchmark(cfg: ConfigDict, argv=None) -> dict:
     peaks = peak_all_processes(n, dtype)
     logging.info("peak matmul %s n=%d: %s GFLOP/s", dtype, n,
                  ", ".join(f"{p['flops_per_s'] / 1e9:.1f}" for p in peaks))
-    rows = []
+    if cfg.sweep and jax.process_count() > 1:
+        _fail("sweep", cfg.sweep, "False with several processes (the sweep fills one process's memory)")
+    rows, sweeps = [], []
     t_start = time.perf_counter()
     for model in _names(cfg.models):
         mc = cfg[model]
+        if cfg.sweep:
+            rs, summary = sweep_model(model, mc, cfg, modes, dtype, [p["flops_per_s"] for p in peaks])
+            rows += rs
+            sweeps.append(summary)
+            continue
         users = _ints(cfg.users if model == "tiny" else mc.users)
         base = None
         for u in users:
@@ -546,7 +729,7 @@ def run_benchmark(cfg: ConfigDict, argv=None) -> dict:
                 _print(f"{model} U={u} vmap_sharded skipped: {why}")
                 rows.append({"model": model, "users": u, "mode": "vmap_sharded", "dtype": dtype, "skipped": why})
                 continue
-            w = build_workload(model, mc, u, cfg.method, dtype, cfg.seed, base)
+            w = build_workload(model, mc, u, cfg.method, dtype, cfg.seed, base, cfg.remat, cfg.user_chunk)
             base = w.base  # the frozen base does not depend on U
             rows += bench_workload(w, modes, cfg, [p["flops_per_s"] for p in peaks])
             del w
@@ -566,7 +749,8 @@ def run_benchmark(cfg: ConfigDict, argv=None) -> dict:
             "fraction_against": "; ".join(peak_reference(per_process, backend, d)[1] for d in ran)}
     info["bench_seconds"] = round(time.perf_counter() - t_start, 1)
     result = {"machine": info, "config": cfg.to_dict(), "dtype": dtype, "peak_matmul": peak,
-              "flop_convention": FLOP_CONVENTION, "rows": rows, "targets": check_targets(rows, backend)}
+              "flop_convention": FLOP_CONVENTION, "rows": rows, "sweeps": sweeps,
+              "targets": check_targets(rows, backend)}
     result["markdown"] = report_markdown(result)
     if jax.process_index() != 0:
         return result
@@ -593,8 +777,16 @@ def report_markdown(result: dict) -> str:
              f"Peak: {p['n']}×{p['n']}×{p['n']} {p['dtype']} matmul, {measured} "
              f"(process 0: best of {p['start_flops_per_s'] / 1e9:,.1f} at the start and "
              f"{p['end_flops_per_s'] / 1e9:,.1f} at the end; benchmark {m['bench_seconds']:.0f} s). "
-             f"% peak is against {p['fraction_against']}. FLOPs: {result['flop_convention']}.", "",
+             f"% peak is against {p['fraction_against']}. FLOPs: {result['flop_convention']}.",
+             f"model.remat {result['config']['remat']!r}; train.user_chunk {result['config']['user_chunk']} in the "
+             f"vmapped modes (chunk column: users per chunk on each device, 'all' = all at once, padding rows "
+             f"masked and not counted as work).", "",
              markdown_table(result["rows"]), ""]
+    for sw in result.get("sweeps", []):
+        b = sw["largest"]
+        largest = (f"U = {b['users']:,} ({b['mode']}, chunk {b['chunk']}, {b['round_s']:.4g} s per round, "
+                   f"{b['tokens_per_s']:,.0f} tokens/s)") if b else "none"
+        lines.append(f"- sweep {sw['model']}: largest U that completed a round: {largest}; stopped: {sw['stopped']}")
     for t in result["targets"]:
         state = {True: "met", False: "MISSED", None: "info"}[t["met"]]
         extra = "".join(f", {k} {t[k]}" for k in ("unit", "best") if k in t)

@@ -14,21 +14,29 @@ from experiments import bench
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bench_tiny_u2_all_modes_agree(tmp_path, capsys):
-    # Through the command line, in-process: --config=FILE and --config.key=value overrides,
-    # top-level and in a workload's model / train groups (configs/base.py's keys).
-    argv = ["experiments.bench", f"--config={os.path.join(REPO, 'configs', 'bench.py')}", "--config.models=tiny",
-            "--config.users=2", f"--config.out_dir={tmp_path}", "--config.repeats=1", "--config.min_repeats=1",
-            "--config.matmul_size=512", "--config.tiny.train.batch_size=2", "--config.tiny.model.rank=8",
-            # smaller than the default tiny workload, to keep the test fast
-            "--config.tiny.pretrain.n_layer=1", "--config.tiny.train.seq_len=64",
-            "--config.tiny.train_tokens=2048", "--config.tiny.valid_tokens=1024"]
+# Smaller than the default tiny workload, to keep the tests fast.
+SMALL = ["--config.models=tiny", "--config.repeats=1", "--config.min_repeats=1", "--config.matmul_size=512",
+         "--config.tiny.pretrain.n_layer=1", "--config.tiny.train.seq_len=64",
+         "--config.tiny.train_tokens=2048", "--config.tiny.valid_tokens=1024"]
+
+
+def test_bench_tiny_u6_chunked_all_modes_agree(tmp_path, capsys):
+    """Through the command line, in-process: --config=FILE and --config.key=value overrides, top-level
+    and in a workload's model / train groups (configs/base.py's keys). U = 6 users in chunks of 2,
+    remat 'block': `vmap` runs 3 chunks on one device; `vmap_sharded` 3 users on each of 2 devices,
+    padded to 2 chunks each (2 padding rows, masked). Every mode gives the loops' losses, and the
+    padding rows are neither reported nor counted as work."""
+    argv = ["experiments.bench", f"--config={os.path.join(REPO, 'configs', 'bench.py')}", *SMALL,
+            "--config.users=6", f"--config.out_dir={tmp_path}", "--config.tiny.train.batch_size=2",
+            "--config.tiny.model.rank=8", "--config.user_chunk=2", "--config.remat=block"]
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
-    assert "| tiny | 2 | vmap_sharded | 2 |" in out and out.count("| tiny | 2 | vmap |") == 1
+    assert "| tiny | 6 | vmap_sharded | 2 | 2 (+2 pad) |" in out and out.count("| tiny | 6 | vmap | 1 | 2 |") == 1
+    assert "model.remat 'block'; train.user_chunk 2" in out
 
     result = json.load(open(os.path.join(tmp_path, "bench.json")))
-    assert result["config"]["users"] == "2" and result["config"]["tiny"]["train"]["batch_size"] == 2
+    assert result["config"]["users"] == "6" and result["config"]["tiny"]["train"]["batch_size"] == 2
+    assert (result["config"]["user_chunk"], result["config"]["remat"]) == (2, "block")
     assert result["machine"]["command"] == " ".join(["python -m experiments.bench", *argv[1:]])
     rows = result["rows"]
     assert [r["mode"] for r in rows] == list(bench.MODES)
@@ -39,25 +47,59 @@ def test_bench_tiny_u2_all_modes_agree(tmp_path, capsys):
         assert r["losses_agree"] and r["loss_max_abs_diff"] < 1e-5, r
         assert r["tokens_per_s"] > 0 and 0 < r["fraction_of_peak"] and r["compile_s"] >= 0
         assert r["peak_rss_gib"] > 0
+        assert (r["user_chunk"], r["remat"]) == (2, "block")
     by_mode = {r["mode"]: r for r in rows}
-    assert by_mode["vmap_sharded"]["devices"] == 2  # U = 2 users over 2 of the 8 fake devices
-    assert by_mode["vmap"]["devices"] == 1
-    assert by_mode["loop_step"]["speedup_vs_loop_step"] == 1.0
+    assert (by_mode["vmap"]["devices"], by_mode["vmap"]["chunk"], by_mode["vmap"]["padding_rows"]) == (1, 2, 0)
+    sh = by_mode["vmap_sharded"]  # 6 users over gcd(6, 8) = 2 of the 8 fake devices, 3 each -> 2 chunks of 2
+    assert (sh["devices"], sh["chunk"], sh["padding_rows"]) == (2, 2, 2)
+    assert sh["program_memory"]["temp_size_in_bytes"] > 0 and by_mode["vmap"]["program_memory"] is not None
+    assert by_mode["loop_step"]["chunk"] is None and by_mode["loop_step"]["speedup_vs_loop_step"] == 1.0
     tr = get_config().tiny.train  # the FLOPs of a round: U x (expert steps + router steps), per-user costs
-    expect = 2 * (tr.local_steps * rows[0]["flops_expert_step"]
+    expect = 6 * (tr.local_steps * rows[0]["flops_expert_step"]
                   + tr.local_steps // tr.router_every * tr.router_steps * rows[0]["flops_router_step"])
-    assert rows[0]["round_flops"] == expect
+    assert all(r["round_flops"] == expect for r in rows)  # 6 users' work, not the 8 rows'
+    tokens = 6 * tr.local_steps * tr.batch_size * 64
+    assert abs(sh["tokens_per_s"] * sh["round_s"] - tokens) < 1e-6 * tokens
     # One FLOP count: bench.json's FLOPs per round are the capacity model's for the same configs
     # (configs/capacity.py:tiny is the bench's tiny workload), times U.
     cap = capacity_config.get_config("tiny")
     cap.pretrain.n_layer, cap.train.seq_len = 1, 64
     model_cfg, tc, method = configuration.engine_configs(cap)
     assert (model_cfg.n_layer, tc.seq_len) == (1, 64)
-    assert all(r["round_flops"] == 2 * capacity.round_flops(model_cfg, tc, method)["per_user"] for r in rows)
+    assert all(r["round_flops"] == 6 * capacity.round_flops(model_cfg, tc, method)["per_user"] for r in rows)
     assert result["targets"][0]["met"] is True
     assert "capacity.round_flops" in result["flop_convention"]
     md = open(os.path.join(tmp_path, "bench.md")).read()
-    assert "| tiny | 2 | vmap_sharded | 2 |" in md and "GFLOP/s" in md
+    assert "| tiny | 6 | vmap_sharded | 2 |" in md and "GFLOP/s" in md
+
+
+def test_bench_sweep_doubles_users_until_a_limit(tmp_path, capsys, monkeypatch):
+    """--config.sweep=True doubles U from the first listed U: here 2 (all at once), 4 (two chunks of
+    2), then stops before U = 8 (sweep_max_users=4), and reports the largest U that completed a
+    round with its round time. With a memory limit below what the first U needs, it stops before
+    running anything (the capacity model's prediction, nothing allocated)."""
+    argv = ["experiments.bench", *SMALL, "--config.users=2", "--config.modes=vmap", "--config.user_chunk=2",
+            "--config.sweep=True", "--config.sweep_max_users=4", f"--config.out_dir={tmp_path / 'a'}"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    result = json.load(open(tmp_path / "a" / "bench.json"))
+    rows, (sw,) = result["rows"], result["sweeps"]
+    assert [(r["users"], r["chunk"]) for r in rows] == [(2, 0), (4, 2)]
+    assert sw["largest"]["users"] == 4 and sw["largest"]["round_s"] == rows[1]["round_s"] > 0
+    assert sw["stopped"] == "U=8 > sweep_max_users=4" and sw["limit"].startswith("90% of ")
+    assert [u for u, _ in sw["measured_bytes"]] == [2, 4]
+    assert all(r["predicted_bytes"] >= r["model_bytes"] > 0 for r in rows)
+    assert "sweep tiny: largest U that completed a round: U = 4 (vmap, chunk 2, " in out
+
+    # A limit below this process's own resident set: the first U would exceed it, so nothing runs.
+    frac = 0.5 * bench._rss_bytes() / (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    argv = ["experiments.bench", *SMALL, "--config.users=2", "--config.modes=vmap", "--config.sweep=True",
+            f"--config.sweep_fraction={frac}", f"--config.out_dir={tmp_path / 'b'}"]
+    assert bench.main(argv) == 0
+    result = json.load(open(tmp_path / "b" / "bench.json"))
+    (sw,) = result["sweeps"]
+    assert result["rows"] == [] and sw["largest"] is None and sw["stopped"].startswith("U=2 would need ")
+    assert "largest U that completed a round: none; stopped: U=2 would need" in capsys.readouterr().out
 
 
 def test_workloads_are_built_as_capacity_builds_them():
@@ -79,6 +121,10 @@ def test_workloads_are_built_as_capacity_builds_them():
     ("--config.userz=4", "'userz'"),                           # unknown top-level key
     ("--config.tiny.model.top_k=3", "config.tiny.model.top_k=3"),  # a value the model does not allow
     ("--config.modes=vmap,loop", "config.modes='vmap,loop'"),
+    ("--config.user_chunk=-1", "config.user_chunk=-1 is not allowed"),
+    ("--config.remat=all", "config.remat='all' is not allowed: none | block | moe"),
+    ("--config.tiny.train.user_chunk=2", "'tiny.train.user_chunk'"),  # the bench's is top-level
+    ("--config.sweep_fraction=0", "config.sweep_fraction=0"),
 ])
 def test_bench_command_line_errors_are_one_line(flag, names, capsys, tmp_path):
     assert bench.main(["experiments.bench", flag, f"--config.out_dir={tmp_path}"]) == 1
@@ -101,3 +147,19 @@ def test_targets_report_misses_by_how_much():
     assert t["tiny U=256 runs in one process"]["met"] is True
     assert t["CPU GPT-2 124M round >= 50% of matmul peak"]["value"] == 0.3
     assert not t["CPU GPT-2 124M round >= 50% of matmul peak"]["met"]
+
+
+def test_many_users_targets():
+    """The issue's CPU targets for train.user_chunk, from bench rows: U = 4,096 within 24 GiB, its
+    round within 1.2 x 16 x the U = 256 round, its compile within 1.5 x the U = 64 compile."""
+    def row(users, round_s, compile_s, rss):
+        return {"model": "tiny", "users": users, "mode": "vmap", "dtype": "float32", "round_s": round_s,
+                "compile_s": compile_s, "tokens_per_s": 1.0, "fraction_of_peak": 0.1, "peak_rss_gib": rss,
+                "losses_agree": True}
+    t = {x["target"]: x for x in bench.check_targets([row(64, 1.0, 10.0, 2.0), row(256, 4.0, 11.0, 3.0),
+                                                      row(4096, 70.0, 16.0, 9.0)], "cpu")}
+    assert t["tiny U=4096 vmap completes a round in one process within 24 GiB peak RSS"]["met"] is True
+    r = t["tiny vmap: round at U=4096 <= 1.2 x (4096/256) x round at U=256"]
+    assert r["value"] == round(70 / 64, 3) and r["met"] is True
+    c = t["tiny vmap: compile at U=4096 <= 1.5 x compile at U=64"]
+    assert c["value"] == 1.6 and c["met"] is False
