@@ -160,7 +160,10 @@ def _expert_core(u, h_a, fc_b, w, proj_a, drop_key, *, scale: float, keep_prob: 
 
 # What the backward keeps of _expert_core: by default only the pre-activation (tanh and GELU are
 # recomputed from it: one [E, N, F] instead of six); with remat "moe" nothing [E, N, F] at all
-# (corr and pre are recomputed from u, h_a and the weights).
+# (corr and pre are recomputed from u, h_a and the weights). GPUs and TPUs honour this; XLA's CPU
+# pipeline removes the optimization barriers jax.checkpoint relies on (its cse_barrier_expander
+# pass) before CSE, which folds the recomputation back into the forward pass, so on CPU the
+# compiled memory is unchanged unless XLA_FLAGS=--xla_disable_hlo_passes=cse_barrier_expander.
 _CORE_POLICY = {"none": jax.checkpoint_policies.save_only_these_names("moe_pre"),
                 "block": jax.checkpoint_policies.save_only_these_names("moe_pre"),
                 "moe": jax.checkpoint_policies.nothing_saveable}
