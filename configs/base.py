@@ -31,7 +31,7 @@ def get_config(arg=None):
     c.model.lb_input = "block_output"  # load-balancing loss on the block output (reference, Q1) | router_input
     c.model.importance = 0.5  # expert0_importance of the load-balancing factors (scripts: 0.5)
     c.model.remat = "none"  # recomputed in the backward instead of kept: none | block (each transformer block) | moe (the experts' [E, N, 4d] tensors)
-    c.model.head_block = 8192  # vocabulary block of the loss and evaluation cross-entropy: never a [batch, seq, vocab] logits array (0 = full logits)
+    c.model.head_block = 2048  # vocabulary block of the loss and evaluation cross-entropy: never a [batch, seq, vocab] logits array (0 = full logits; 2048 is the fastest on CPU, docs/benchmarks.md)
 
     c.train = ml_collections.ConfigDict()
     c.train.rounds = 20  # communication rounds R
