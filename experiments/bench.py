@@ -507,14 +507,14 @@ def predicted_bytes(name: str, mc: ConfigDict, cfg: ConfigDict, dtype: str, n_us
     return baseline + max(need) + copies
 
 
-def _extrapolate(points: list[tuple[int, float]], n_users: int) -> float:
+def _extrapolate(points: list[tuple[int, float]], n_users: int, baseline: float = 0.0) -> float:
     """Measured bytes at n_users from the last measured points: the line through the last two,
-    or proportional to U from one."""
+    or, from one, `baseline` (what was resident before any U) plus the rest in proportion to U."""
     if not points:
         return 0.0
     (u1, b1) = points[-1]
     if len(points) == 1:
-        return b1 * n_users / u1
+        return baseline + max(b1 - baseline, 0.0) * n_users / u1
     (u0, b0) = points[-2]
     return b1 + (n_users - u1) * max(b1 - b0, 0.0) / (u1 - u0)
 
@@ -535,7 +535,7 @@ def sweep_model(name: str, mc: ConfigDict, cfg: ConfigDict, modes: list[str], dt
             stop = f"U={u} > sweep_max_users={cfg.sweep_max_users}"
             break
         model = predicted_bytes(name, mc, cfg, dtype, u, modes, baseline)
-        pred = max(model, _extrapolate(points, u))
+        pred = max(model, _extrapolate(points, u, baseline))
         if pred > limit:
             stop = f"U={u} would need {pred / 2**30:.1f} GiB > {limit / 2**30:.1f} GiB ({what})"
             break

@@ -149,6 +149,15 @@ def test_targets_report_misses_by_how_much():
     assert not t["CPU GPT-2 124M round >= 50% of matmul peak"]["met"]
 
 
+def test_sweep_extrapolates_measured_bytes():
+    """The next U's bytes from the measured ones: from one point, the part above what was resident
+    before the sweep grows with U; from two or more, the line through the last two."""
+    assert bench._extrapolate([], 512) == 0.0
+    assert bench._extrapolate([(256, 3.0)], 512, baseline=1.0) == 5.0
+    assert bench._extrapolate([(128, 2.0), (256, 3.0)], 512, baseline=1.0) == 5.0
+    assert bench._extrapolate([(64, 1.0), (128, 2.0), (256, 2.5)], 512) == 3.5
+
+
 def test_many_users_targets():
     """The issue's CPU targets for train.user_chunk, from bench rows: U = 4,096 within 24 GiB, its
     round within 1.2 x 16 x the U = 256 round, its compile within 1.5 x the U = 64 compile."""
