@@ -54,7 +54,8 @@ import sys
 from typing import Optional
 
 from comigs_jax.federated.methods import Method, configure_model
-from comigs_jax.model.config import GPT2Config
+from comigs_jax.federated.users import device_chunk, padded_user_count
+from comigs_jax.model.config import REMAT, GPT2Config
 from comigs_jax.train.state import TrainConfig
 
 GiB = 2**30
@@ -136,23 +137,16 @@ def state_bytes(cfg: GPT2Config, tc: TrainConfig, method: Method) -> dict:
 # ----------------------------------------------------------------------------- activations
 
 PROFILES = ("cpu", "accelerator")
-REMATS = ("none", "block", "moe")  # comigs_jax.model.config.REMAT (model.remat)
 # XLA's CPU backend keeps four of the six [E, N, 4d] terms JAX saves for every expert's tanh-GELU
 # (it recomputes the cheapest in the backward fusions): fitted to the compiled tiny round at seven
 # shapes (docs/scaling.md); JAX's own residual list (print_saved_residuals) has six.
 CPU_GELU_TERMS = 4
 
 
-def remat_of(cfg: GPT2Config) -> str:
-    """cfg.remat (what the backward recomputes: none | block | moe)."""
-    return getattr(cfg, "remat", "none")
-
-
 def head_block_of(cfg: GPT2Config) -> int:
     """Vocabulary columns the loss's head computes at once: cfg.head_block capped at V (0: the
     full [N, V] logits, the model without a blocked cross-entropy)."""
-    block = getattr(cfg, "head_block", 0)
-    return min(block, cfg.vocab_size) if block else 0
+    return min(cfg.head_block, cfg.vocab_size)
 
 
 def _layer_tensors(cfg: GPT2Config, batch: int, seq_len: int, profile: str, remat: str, l: int
@@ -240,7 +234,7 @@ def activation_tensors(cfg: GPT2Config, batch: int, seq_len: int, profile: str =
     """
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r}: allowed {PROFILES}")
-    remat = remat_of(cfg) if profile == "accelerator" else "none"
+    remat = cfg.remat if profile == "accelerator" else "none"
     if remat == "block":
         t = [(f"L{l}.block input [N,d]", batch * seq_len * cfg.n_embd, _itemsize(cfg.dtype)) for l in range(cfg.n_layer)]
     else:
@@ -265,7 +259,7 @@ def transient_tensors(cfg: GPT2Config, batch: int, seq_len: int, profile: str = 
         head = [("head d logits [N,V]", n * V, a)]
     if profile == "cpu" or cfg.moe is None:
         return head
-    remat, e = remat_of(cfg), cfg.moe.n_experts
+    remat, e = cfg.remat, cfg.moe.n_experts
     layer = [("one layer: expert GELU backward [E,N,4d]", (2 if remat == "moe" else 1) * e * n * f, a)]
     if remat == "block":
         layer += [("one layer: " + nm.split(".", 1)[1], el, b)
@@ -348,10 +342,9 @@ def device_rows(n_users: int, devices: int = 1, chunk: int = 0) -> dict:
     """How a device holds its users, as comigs_jax.federated.layout.Layout lays them out: `rows`
     (its users padded to whole chunks), the effective `chunk` (0: all at once, also when the chunk
     is at least a device's users) and `live`, the users whose activations are alive at once."""
-    per_device = -(-n_users // devices)
-    c = chunk if 0 < chunk < per_device else 0
-    rows = -(-per_device // c) * c if c else per_device
-    return {"users": per_device, "rows": rows, "chunk": c, "live": c or rows}
+    c = device_chunk(n_users, devices, chunk)
+    rows = padded_user_count(n_users, devices * max(c, 1)) // devices
+    return {"users": -(-n_users // devices), "rows": rows, "chunk": c, "live": c or rows}
 
 
 def device_bytes(per_user: dict, shared: int, n_users: int, devices: int = 1, chunk: int = 0) -> dict:
@@ -416,7 +409,7 @@ def plan(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_users: int, *
                    "n_generalists": cfg.moe.n_generalists if cfg.moe else 0,
                    "train_tokens": train_tokens, "valid_tokens": valid_tokens, "token_bytes": token_bytes,
                    "mfu": mfu, "usable_fraction": usable_fraction, "profile": profile,
-                   "user_chunk": user_chunk, "remat": remat_of(cfg), "head_block": head_block_of(cfg)},
+                   "user_chunk": user_chunk, "remat": cfg.remat, "head_block": head_block_of(cfg)},
         "params": param_counts(cfg),
         "state": st, "step": sp, "shared": sh, "per_user": per_user,
         "profile": profile,
@@ -567,7 +560,7 @@ def measure(model_cfg: GPT2Config, tc: TrainConfig, method: Method, users=(16, 6
     rows_lo, rows_hi = per_u[lo]["rows"], per_u[hi]["rows"]
     marginal = (runs[hi]["total"] - runs[lo]["total"]) / (rows_hi - rows_lo)
     model_marginal = (per_u[hi]["model_total"] - per_u[lo]["model_total"]) / (rows_hi - rows_lo)
-    return {"profile": profile, "user_chunk": user_chunk, "remat": remat_of(model_cfg), "compiled": runs,
+    return {"profile": profile, "user_chunk": user_chunk, "remat": model_cfg.remat, "compiled": runs,
             "marginal_per_user": marginal, "model_per_user": model_marginal, "model_shared": model_shared,
             "model_step": pu["step"], "model_state": pu["state"], "model_tokens": pu["tokens"],
             "ratio_marginal": model_marginal / marginal, "per_u": per_u,
@@ -597,8 +590,8 @@ def check_config(cfg) -> None:
         _fail("targets", cfg.targets, f"comma-separated, of {', '.join(TARGETS)}")
     if cfg.profile not in PROFILES:
         _fail("profile", cfg.profile, " | ".join(PROFILES))
-    if cfg.model.get("remat", "none") not in REMATS:
-        _fail("model.remat", cfg.model.remat, " | ".join(REMATS))
+    if cfg.model.remat not in REMAT:
+        _fail("model.remat", cfg.model.remat, " | ".join(REMAT))
     if not 0 < cfg.mfu <= 1:
         _fail("mfu", cfg.mfu, "in (0, 1]")
     if not 0 < cfg.usable <= 1:
@@ -614,24 +607,11 @@ def check_config(cfg) -> None:
         _fail("measure", cfg.measure, "'' or at least two different positive U, comma-separated (e.g. 16,64)")
 
 
-def configs_of(cfg, method: Optional[str] = None) -> tuple[GPT2Config, TrainConfig, Method]:
-    """(model config, train config, method) of a config with configs/base.py's `model` and `train`
-    groups (comigs_jax.configuration.engine_configs), with `model.remat` applied (ConfigError, one
-    line, for a value not in REMATS)."""
-    from comigs_jax.configuration import _fail, engine_configs
-    remat = cfg.model.get("remat", "none")
-    if remat not in REMATS:
-        _fail("model.remat", remat, " | ".join(REMATS))
-    model_cfg, tc, m = engine_configs(cfg, method)
-    if remat_of(model_cfg) != remat:
-        model_cfg = dataclasses.replace(model_cfg, remat=remat)
-    return model_cfg, tc, m
-
-
 def run(cfg) -> dict:
     """The plan of a configs/capacity.py config (and its measurement with cfg.measure), printed."""
+    from comigs_jax.configuration import engine_configs
     check_config(cfg)
-    model_cfg, tc, method = configs_of(cfg)
+    model_cfg, tc, method = engine_configs(cfg)
     chunk = cfg.train.get("user_chunk", 0)
     p = plan(model_cfg, tc, method, cfg.users, train_tokens=cfg.train_tokens, valid_tokens=cfg.valid_tokens,
              targets=[t.strip() for t in cfg.targets.split(",") if t.strip()], mfu=cfg.mfu,

@@ -88,7 +88,7 @@ from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.roles import split_base
 from comigs_jax.federated.sharding import single_device_mesh, users_mesh
 from comigs_jax.federated.users import stack_tokens
-from comigs_jax.model.config import GPT2Config
+from comigs_jax.model.config import REMAT, GPT2Config
 from comigs_jax.model.gpt2 import init_params
 from comigs_jax.train.rounds import loop_round, loop_step_round, vmap_round
 from comigs_jax.train.state import TrainConfig, init_states
@@ -264,7 +264,7 @@ def workload_configs(name: str, mc: ConfigDict, method_name: str, dtype: str, re
     wc.model.dtype = dtype
     wc.model.remat = remat
     try:
-        model_cfg, tc, method = capacity.configs_of(wc, method_name)
+        model_cfg, tc, method = configuration.engine_configs(wc, method_name)
         if tc.local_steps % tc.router_every:
             raise ConfigError(f"config.train.local_steps={tc.local_steps} is not allowed: a multiple of "
                               f"train.router_every={tc.router_every} (every round the same router phases)")
@@ -431,7 +431,7 @@ def bench_workload(w: Workload, modes: list[str], cfg: ConfigDict, peaks: list[f
     last = [m for m in modes if not skip(m)][-1:]  # the last mode that runs takes the initial states
     for mode in modes:
         row = {"model": w.name, "users": w.n_users, "mode": mode, "dtype": w.model_cfg.dtype,
-               "user_chunk": w.chunk, "remat": capacity.remat_of(w.model_cfg)}
+               "user_chunk": w.chunk, "remat": w.model_cfg.remat}
         if skip(mode):
             rows.append({**row, "skipped": f"U > loop_max_users={cfg.loop_max_users}"})
             continue
@@ -667,8 +667,8 @@ def check_config(cfg: ConfigDict) -> None:
         _fail("distributed.mode", cfg.distributed.mode, " | ".join(distributed.MODES))
     if not isinstance(cfg.user_chunk, int) or isinstance(cfg.user_chunk, bool) or cfg.user_chunk < 0:
         _fail("user_chunk", cfg.user_chunk, "an integer >= 0 (0 = all of a device's users at once)")
-    if cfg.remat not in capacity.REMATS:
-        _fail("remat", cfg.remat, " | ".join(capacity.REMATS))
+    if cfg.remat not in REMAT:
+        _fail("remat", cfg.remat, " | ".join(REMAT))
     if not isinstance(cfg.sweep, bool):
         _fail("sweep", cfg.sweep, "True | False")
     if not 0 < cfg.sweep_fraction <= 1:

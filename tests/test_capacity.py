@@ -13,7 +13,7 @@ from comigs_jax import capacity, configuration
 from configs import capacity as capacity_config
 from comigs_jax.federated.methods import configure_model, get_method
 from comigs_jax.federated.roles import label_params
-from comigs_jax.model.config import GPT2Config, LoRAConfig, MoEConfig
+from comigs_jax.model.config import REMAT, GPT2Config, LoRAConfig, MoEConfig
 from comigs_jax.model.gpt2 import param_shapes
 from comigs_jax.train.state import TrainConfig
 
@@ -96,7 +96,7 @@ def test_chunks_and_remat_in_the_plan():
     tc, method = TrainConfig(batch_size=8, local_steps=4, router_every=4, router_steps=1), get_method("comigs")
     kw = dict(train_tokens=8192, valid_tokens=4096, targets=["h200"])
     kept = {}
-    for remat in capacity.REMATS:
+    for remat in REMAT:
         c = dataclasses.replace(cfg, remat=remat)
         kept[remat] = capacity.plan(c, tc, method, 1000, **kw)["step"]["activations_kept"]
         cpu = capacity.plan(c, tc, method, 1000, profile="cpu", **kw)["step"]["activations_kept"]

@@ -30,7 +30,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from comigs_jax.federated import sharding
-from comigs_jax.federated.users import padded_user_count, real_user_mask
+from comigs_jax.federated.users import device_chunk, padded_user_count, real_user_mask
 
 
 def run_mesh(n_models: int, *, shard: bool = True, mode: str = "vmap") -> Mesh:
@@ -77,21 +77,15 @@ class Layout:
         """Models trained: one per user, or one pooled model."""
         return 1 if self.pooled else self.n_users
 
-    def _chunk_of(self, n: int) -> int:
-        """The chunk of an axis of n real rows: 0 (all of a device's rows at once) unless the
-        configured chunk is smaller than a device's share."""
-        per_device = -(-n // self.n_devices)
-        return self.chunk if 0 < self.chunk < per_device else 0
-
     @property
     def model_chunk(self) -> int:
         """Model rows per chunk on each device (0: all at once)."""
-        return 0 if self.pooled else self._chunk_of(self.n_models)
+        return 0 if self.pooled else device_chunk(self.n_models, self.n_devices, self.chunk)
 
     @property
     def user_chunk(self) -> int:
         """User rows per chunk on each device, for evaluation (0: all at once)."""
-        return self._chunk_of(self.n_users)
+        return device_chunk(self.n_users, self.n_devices, self.chunk)
 
     @property
     def n_rows(self) -> int:

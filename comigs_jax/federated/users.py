@@ -13,6 +13,13 @@ def padded_user_count(n_users: int, n_devices: int) -> int:
     return -(-n_users // n_devices) * n_devices
 
 
+def device_chunk(n_rows: int, n_devices: int, chunk: int) -> int:
+    """The chunk each device runs of an axis of n_rows real rows (train.user_chunk = chunk): the
+    chunk when it is smaller than a device's share, else 0 (all of a device's rows at once)."""
+    per_device = -(-n_rows // n_devices)
+    return chunk if 0 < chunk < per_device else 0
+
+
 def stack_tokens(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Per-user 1-D token arrays -> (tokens [U, N_max], lengths [U]).
 
