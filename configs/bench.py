@@ -8,7 +8,7 @@
         --config.users=64 --config.sweep=True      # doubles U until 90% of RAM would be full
 
 Lists are comma-separated strings (so that `--config.users=64` and `--config.users=1,4` both
-parse). Each workload (`tiny`, `gpt2`) says what model runs in the keys that comigs_jax.capacity
+parse). Each workload (`tiny`, `mini`, `gpt2`) says what model runs in the keys that comigs_jax.capacity
 (configs/capacity.py) and experiments.run use: `base` (a GPT-2 size, or "pretrain": the small
 base of `pretrain.n_layer / n_embd / n_head`), `vocab_size`, and configs/base.py's `model` and
 `train` groups (their `model.dtype`, `model.remat` and `train.user_chunk` are left out: the
@@ -25,6 +25,7 @@ from configs import base
 from configs.capacity import shape_groups
 
 MODES = "loop_step,loop_round,vmap,vmap_sharded"
+WORKLOADS = ("tiny", "mini", "gpt2")  # the model sizes `models` may list; each is a group of this config
 
 
 def workload(base_name: str, vocab_size: int, **train) -> ConfigDict:
@@ -80,6 +81,16 @@ def get_config(preset: str = "cpu") -> ConfigDict:
     # GPT-2 124M, the same mixture and round, batch 4.
     c.gpt2 = workload("gpt2", 50257, batch_size=4, local_steps=2, router_every=2, router_steps=1)
     c.gpt2.users = "2"              # U for the GPT-2 sweep
+    # A small GPT-2 on the real vocabulary, the shape of a CPU study on real text: 4 layers, width
+    # 256, 4 heads, vocabulary 50,257 (so the tied head is most of the FLOPs), batch 8 x 128,
+    # 1 generalist + 1 specialist. The study's router does 10 steps every 30 expert steps; a round
+    # here is 3 expert steps and 1 router step, the same steps in the same proportion (tokens/s and
+    # FLOP/s are per step), ~10 s on 2 cores instead of ~2 min (`--config.mini.train.local_steps=30
+    # --config.mini.train.router_every=30 --config.mini.train.router_steps=10` is the study's round).
+    # Not in the default `models`.
+    c.mini = workload("pretrain", 50257, batch_size=8, local_steps=3, router_every=3, router_steps=1)
+    c.mini.pretrain.n_layer, c.mini.pretrain.n_embd, c.mini.pretrain.n_head = 4, 256, 4
+    c.mini.users = "4"              # U for the mini sweep
 
     if preset == "gpu":
         c.models = "gpt2"

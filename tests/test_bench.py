@@ -109,6 +109,12 @@ def test_workloads_are_built_as_capacity_builds_them():
         assert (model_cfg.n_layer, model_cfg.vocab_size, tc.batch_size) == (
             {"tiny": 2, "gpt2": 12}[name], {"tiny": 2048, "gpt2": 50257}[name], {"tiny": 2, "gpt2": 4}[name])
         assert model_cfg.moe.n_experts == 2 and model_cfg.attn_lora.rank == 8 and tc.local_steps == 2
+    # mini: the issue-15 shape (4 x 256 GPT-2, real vocabulary, batch 8 x 128; 1 router step per 3
+    # expert steps, as the study's 10 every 30)
+    model_cfg, tc, _ = bench.workload_configs("mini", cfg.mini, "comigs", "float32")
+    assert (model_cfg.n_layer, model_cfg.n_embd, model_cfg.n_head, model_cfg.vocab_size) == (4, 256, 4, 50257)
+    assert (tc.batch_size, tc.seq_len, tc.local_steps, tc.router_every, tc.router_steps) == (8, 128, 3, 3, 1)
+    assert model_cfg.moe.n_experts == 2 and model_cfg.moe.n_generalists == 1
     tiny = bench.workload_configs("tiny", cfg.tiny, "comigs", "float32")
     assert tiny == configuration.engine_configs(capacity_config.get_config("tiny"))
     cfg.tiny.train.local_steps = 3  # not a multiple of router_every: one line, the workload's key
@@ -125,9 +131,11 @@ def test_workloads_are_built_as_capacity_builds_them():
     ("--config.remat=all", "config.remat='all' is not allowed: none | block | moe"),
     ("--config.tiny.train.user_chunk=2", "'tiny.train.user_chunk'"),  # the bench's is top-level
     ("--config.sweep_fraction=0", "config.sweep_fraction=0"),
+    ("--config.models=tiny,small", "config.models='tiny,small' is not allowed: comma-separated, of tiny, mini, gpt2"),
+    ("--config.models=mini --config.mini.users=0", "config.mini.users='0'"),  # a listed workload's U
 ])
 def test_bench_command_line_errors_are_one_line(flag, names, capsys, tmp_path):
-    assert bench.main(["experiments.bench", flag, f"--config.out_dir={tmp_path}"]) == 1
+    assert bench.main(["experiments.bench", *flag.split(), f"--config.out_dir={tmp_path}"]) == 1
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], err
