@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from comigs_jax.model.config import GPT2Config
-from comigs_jax.model.gpt2 import GPT2, init_params
+from comigs_jax.model.gpt2 import init_params
 from comigs_jax.model.hf import load_gpt2
 from conftest import ASSETS
+from tiny import forward
 
 GOLDEN_DIR = os.path.join(ASSETS, "gpt2_tiny")
 
@@ -22,7 +23,7 @@ def golden():
 def test_logits_match_hugging_face(golden):
     cfg, params = load_gpt2(GOLDEN_DIR)
     assert (cfg.n_layer, cfg.n_embd, cfg.vocab_size) == (2, 64, 512)
-    logits, aux = GPT2(cfg).apply({"params": params}, jnp.asarray(golden["input_ids"]))
+    logits, aux = forward(cfg, params, jnp.asarray(golden["input_ids"]))
     assert aux == {}
     ref = golden["logits"]
     assert logits.dtype == jnp.float32 and logits.shape == ref.shape
@@ -34,7 +35,7 @@ def test_logits_match_hugging_face(golden):
 
 def test_bfloat16_activations_keep_float32_params(golden):
     cfg, params = load_gpt2(GOLDEN_DIR, dtype="bfloat16")
-    logits, _ = GPT2(cfg).apply({"params": params}, jnp.asarray(golden["input_ids"]))
+    logits, _ = forward(cfg, params, jnp.asarray(golden["input_ids"]))
     assert logits.dtype == jnp.float32
     assert all(p.dtype == np.float32 for p in jax.tree.leaves(params))
     err = np.abs(np.asarray(logits) - golden["logits"]).max()
@@ -47,8 +48,8 @@ def test_causal():
     params = init_params(cfg, jax.random.key(0))
     a = jnp.arange(12).reshape(1, 12) % 128
     b = a.at[0, 8:].set(7)
-    la, _ = GPT2(cfg).apply({"params": params}, a)
-    lb, _ = GPT2(cfg).apply({"params": params}, b)
+    la, _ = forward(cfg, params, a)
+    lb, _ = forward(cfg, params, b)
     np.testing.assert_allclose(la[0, :8], lb[0, :8], atol=1e-6)
     assert np.abs(np.asarray(la[0, 8:] - lb[0, 8:])).max() > 1e-4
 

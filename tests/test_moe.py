@@ -11,10 +11,11 @@ from flax import traverse_util
 from comigs_jax.federated.roles import ROLES, TRAINABLE_ROLES, label_params, merge, split_base
 from comigs_jax.model import moe
 from comigs_jax.model.config import GPT2Config, LoRAConfig, MoEConfig
-from comigs_jax.model.gpt2 import GPT2, init_params, param_shapes
+from comigs_jax.model.gpt2 import init_params, param_shapes
 from comigs_jax.model.hf import load_gpt2
 from comigs_jax.model.lora import LoRADense
 from conftest import ASSETS
+from tiny import forward
 
 GOLDEN_DIR = os.path.join(ASSETS, "gpt2_tiny")
 
@@ -221,13 +222,13 @@ def _with_base(cfg, base, key):
 def test_zero_b_gives_plain_gpt2_logits(moe_cfg, mask):
     base_cfg, base = load_gpt2(GOLDEN_DIR)
     tokens = jnp.asarray(np.load(os.path.join(ASSETS, "gpt2_tiny_golden.npz"))["input_ids"])
-    plain, _ = GPT2(base_cfg).apply({"params": base}, tokens)
+    plain, _ = forward(base_cfg, base, tokens)
     cfg = _tiny(moe_cfg)
     params = _with_base(cfg, base, jax.random.key(1))
     # Random routers and A's; B stays 0.
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: jax.random.normal(jax.random.key(len(p)), x.shape) if "router" in str(p) else x, params)
-    logits, _ = GPT2(cfg).apply({"params": params}, tokens, jnp.asarray(mask, bool))
+    logits, _ = forward(cfg, params, tokens, jnp.asarray(mask, bool))
     np.testing.assert_allclose(np.asarray(logits), np.asarray(plain), atol=2e-5)
 
 
@@ -248,8 +249,8 @@ def test_padded_user_equals_unpadded_user():
         blk4["mlp"]["specialists"] = {n: blk4["mlp"]["specialists"][n].at[0].set(v[0])
                                       for n, v in blk2["mlp"]["specialists"].items()}
         blk4["router"]["kernel"] = blk4["router"]["kernel"].at[:, :2].set(blk2["router"]["kernel"])
-    l2, a2 = GPT2(cfg2).apply({"params": merge(base, t2)}, tokens)
-    l4, a4 = GPT2(cfg4).apply({"params": merge(base, t4)}, tokens, jnp.array([1, 1, 0, 0], bool))
+    l2, a2 = forward(cfg2, merge(base, t2), tokens)
+    l4, a4 = forward(cfg4, merge(base, t4), tokens, jnp.array([1, 1, 0, 0], bool))
     np.testing.assert_allclose(np.asarray(l4), np.asarray(l2), atol=1e-5)
     np.testing.assert_allclose(np.asarray(a4["lb"]), np.asarray(a2["lb"]), atol=1e-5)
     np.testing.assert_allclose(np.asarray(a4["router_prob"])[:, :2], np.asarray(a2["router_prob"]), atol=1e-6)
@@ -260,8 +261,8 @@ def test_lb_input_switch_changes_only_the_balance_loss():
     cfg_r = dataclasses.replace(cfg_b, moe=dataclasses.replace(cfg_b.moe, lb_input="router_input"))
     params = init_params(cfg_b, jax.random.key(0))
     tokens = jnp.arange(32).reshape(2, 16)
-    lb_, ab = GPT2(cfg_b).apply({"params": params}, tokens)
-    lr_, ar = GPT2(cfg_r).apply({"params": params}, tokens)
+    lb_, ab = forward(cfg_b, params, tokens)
+    lr_, ar = forward(cfg_r, params, tokens)
     np.testing.assert_array_equal(np.asarray(lb_), np.asarray(lr_))
     assert np.abs(np.asarray(ab["lb"]) - np.asarray(ar["lb"])).max() > 1e-6
 
@@ -269,7 +270,7 @@ def test_lb_input_switch_changes_only_the_balance_loss():
 def test_routing_stats_shapes_and_sums():
     cfg = _tiny(MoEConfig(n_experts=4, top_k=2))
     params = init_params(cfg, jax.random.key(0))
-    _, aux = GPT2(cfg).apply({"params": params}, jnp.arange(32).reshape(2, 16), jnp.array([1, 1, 1, 0], bool))
+    _, aux = forward(cfg, params, jnp.arange(32).reshape(2, 16), jnp.array([1, 1, 1, 0], bool))
     for key in ("router_prob", "selection"):
         assert aux[key].shape == (2, 4)
         np.testing.assert_allclose(np.asarray(aux[key]).sum(-1), 1.0, atol=1e-5)

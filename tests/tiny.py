@@ -1,12 +1,21 @@
 """Tiny models and data shared by the engine tests (milliseconds per step on a CPU)."""
+import functools
+
 import jax
 import numpy as np
 
 from comigs_jax.federated.roles import split_base
 from comigs_jax.model.config import GPT2Config, LoRAConfig, MoEConfig
-from comigs_jax.model.gpt2 import init_params
+from comigs_jax.model.gpt2 import GPT2, init_params
 
 VOCAB = 32
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(cfg, params, tokens, mask=None):
+    """GPT2(cfg).apply({"params": params}, tokens, mask), jitted: one compile per config instead of
+    an op-by-op trace (seconds per call on CPU)."""
+    return GPT2(cfg).apply({"params": params}, tokens, mask)
 
 
 def tiny_cfg(n_experts=2, n_generalists=1, top_k=2, n_layer=1):

@@ -7,6 +7,7 @@ experts with a router (comigs_jax.model.moe). Without them this is the plain GPT
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import flax.linen as nn
@@ -144,8 +145,10 @@ def token_gate_weights(cfg: GPT2Config, params: dict, tokens: jax.Array,
     return jnp.stack([inter[f"h_{i}"]["gate"][0] for i in range(cfg.n_layer)])
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
 def init_params(cfg: GPT2Config, key: jax.Array, seq_len: int = 8) -> dict:
-    """Random parameters of the whole model (base and adapters), a plain nested dict."""
+    """Random parameters of the whole model (base and adapters), a plain nested dict. Jitted: one
+    compile per config instead of an op-by-op trace of the whole forward (same values)."""
     tokens = jnp.zeros((1, seq_len), jnp.int32)
     return GPT2(cfg).init(key, tokens)["params"]
 
