@@ -3,7 +3,8 @@
 GPT-2's head is the token embedding E [V, d] (tied to `wte`, frozen in CoMiGS). The full logits of
 a batch are N x V float32 (8 x 128 tokens x 50,257 = 206 MB, and the backward keeps exp(logits)
 and builds d logits of the same size); here they exist one vocabulary block [N, block] at a time,
-in a scan with an online logsumexp.
+in a scan with an online logsumexp (the blocks that fit whole, then the remaining V mod block
+columns as one more step: nothing is masked).
 
 The gradient with respect to x, softmax(x E^T) E - E[label], is accumulated in the same scan
 (online, like flash attention's output): the backward only scales it, so a training step runs the
@@ -27,60 +28,63 @@ def full_logits(x: jax.Array, embedding: jax.Array) -> jax.Array:
     return jnp.dot(x, embedding.astype(x.dtype).T).astype(jnp.float32)
 
 
-def _block_logits(x, emb, labels, i, block):
-    """Block i's logits [N, block] float32 with the columns of earlier blocks at -inf, whether each
-    column is the token's label [N, block], and the block's embedding rows [block, d].
-
-    The last block ends at V and overlaps the previous one (no padded vocabulary)."""
-    vocab = emb.shape[0]
-    start = jnp.minimum(i * block, vocab - block)
-    e_blk = jax.lax.dynamic_slice_in_dim(emb, start, block, 0)            # [block, d]
-    col = start + jnp.arange(block)
-    valid = col >= i * block                                              # not counted by an earlier block
-    z = jnp.where(valid, full_logits(x, e_blk), -jnp.inf)                 # [N, block]
-    return z, valid & (col == labels[:, None]), e_blk, start
+def _blocks(emb, block):
+    """(full blocks [n_full, block, d] as a reshape of the first n_full * block rows, tail [V mod
+    block, d] or None): the scan runs over whole blocks and the tail is one static step, so no
+    column is masked or counted twice."""
+    vocab, d = emb.shape
+    n_full = vocab // block
+    full = emb[: n_full * block].reshape(n_full, block, d)
+    return full, (emb[n_full * block:] if vocab % block else None)
 
 
-def _scan(x, emb, labels, block, with_grad):
-    """One pass over the vocabulary. Returns lse [N], label logit [N] and, with_grad,
-    softmax(logits) @ E [N, d] float32."""
+def _label_logit(x, emb, labels):
+    """[N] float32 logit of each token's label: x . E[label] (the matching column of x @ E^T)."""
+    return jnp.einsum("nd,nd->n", x, emb[labels], preferred_element_type=jnp.float32)
+
+
+def _scan(x, emb, block, with_grad):
+    """One pass over the vocabulary with an online logsumexp. Returns lse [N] and, with_grad,
+    softmax(x E^T) @ E [N, d] float32."""
     n, d = x.shape
-    n_blocks = -(-emb.shape[0] // block)
+    full, tail = _blocks(emb, block)
 
-    def step(carry, i):
-        m, s, label_logit, acc = carry
-        z, hit, e_blk, _ = _block_logits(x, emb, labels, i, block)
+    def step(carry, e_blk):
+        m, s, acc = carry
+        z = full_logits(x, e_blk)                                         # [N, block] float32
         m_new = jnp.maximum(m, z.max(-1))                                 # running max (the first block is finite)
         rescale = jnp.exp(m - m_new)
-        p = jnp.exp(z - m_new[:, None])                                   # [N, block], 0 on masked columns
+        p = jnp.exp(z - m_new[:, None])                                   # [N, block]
         s = s * rescale + p.sum(-1)
-        label_logit = label_logit + jnp.where(hit, z, 0.0).sum(-1)
         if with_grad:
             acc = acc * rescale[:, None] + jnp.dot(p.astype(x.dtype), e_blk, preferred_element_type=jnp.float32)
-        return (m_new, s, label_logit, acc), None
+        return (m_new, s, acc), None
 
     f32 = jnp.float32
-    init = (jnp.full((n,), -jnp.inf, f32), jnp.zeros((n,), f32), jnp.zeros((n,), f32),
-            jnp.zeros((n, d), f32) if with_grad else None)
-    (m, s, label_logit, acc), _ = jax.lax.scan(step, init, jnp.arange(n_blocks))
+    carry = (jnp.full((n,), -jnp.inf, f32), jnp.zeros((n,), f32), jnp.zeros((n, d), f32) if with_grad else None)
+    carry, _ = jax.lax.scan(step, carry, full)
+    if tail is not None:
+        carry, _ = step(carry, tail)
+    m, s, acc = carry
     lse = m + jnp.log(s)
-    return lse, label_logit, None if acc is None else acc / s[:, None]
+    return lse, None if acc is None else acc / s[:, None]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _blocked_ce(x, embedding, labels, block):
-    lse, label_logit, _ = _scan(x, embedding.astype(x.dtype), labels, block, with_grad=False)
-    return lse - label_logit
+    emb = embedding.astype(x.dtype)
+    lse, _ = _scan(x, emb, block, with_grad=False)
+    return lse - _label_logit(x, emb, labels)
 
 
 def _blocked_ce_fwd(x, embedding, labels, block):
     xv, emb = x.value, embedding.value.astype(x.value.dtype)
     lab = labels.value
-    lse, label_logit, soft_e = _scan(xv, emb, lab, block, with_grad=x.perturbed)
+    lse, soft_e = _scan(xv, emb, block, with_grad=x.perturbed)
     # d ce / d x = softmax @ E - E[label], kept in the activation dtype: [N, d] instead of [N, V].
     dce_dx = None if soft_e is None else (soft_e - emb[lab].astype(jnp.float32)).astype(xv.dtype)
     res = (dce_dx, (xv, lse, embedding.value) if embedding.perturbed else None, lab)
-    return lse - label_logit, res
+    return lse - _label_logit(xv, emb, lab), res
 
 
 def _blocked_ce_bwd(block, res, g):
@@ -91,17 +95,18 @@ def _blocked_ce_bwd(block, res, g):
     if for_emb is not None:  # only if the head is trained: recompute each block's softmax
         x, lse, embedding = for_emb
         emb = embedding.astype(x.dtype)
+        full, tail = _blocks(emb, block)
+        # d ce / d E = softmax^T (g x) - scatter of g x onto the label rows
+        gx = (g[:, None] * x.astype(jnp.float32)).astype(x.dtype)          # [N, d]
 
-        def step(acc, i):
-            z, hit, _, start = _block_logits(x, emb, labels, i, block)
-            dz = (jnp.exp(z - lse[:, None]) - hit) * g[:, None]              # [N, block], 0 on masked columns
-            d_blk = jnp.dot(dz.astype(x.dtype).T, x, preferred_element_type=jnp.float32)  # [block, d]
-            cur = jax.lax.dynamic_slice_in_dim(acc, start, block, 0)
-            return jax.lax.dynamic_update_slice_in_dim(acc, cur + d_blk, start, 0), None
+        def grad_block(e_blk):
+            p = jnp.exp(full_logits(x, e_blk) - lse[:, None])              # [N, block] softmax
+            return jnp.dot(p.astype(x.dtype).T, gx, preferred_element_type=jnp.float32)  # [block, d]
 
-        n_blocks = -(-emb.shape[0] // block)
-        d_emb, _ = jax.lax.scan(step, jnp.zeros(emb.shape, jnp.float32), jnp.arange(n_blocks))
-        d_emb = d_emb.astype(embedding.dtype)
+        d_emb = jax.lax.map(grad_block, full).reshape(-1, emb.shape[1])
+        if tail is not None:
+            d_emb = jnp.concatenate([d_emb, grad_block(tail)], 0)
+        d_emb = d_emb.at[labels].add(-gx.astype(jnp.float32)).astype(embedding.dtype)
     return dx, d_emb, None
 
 
