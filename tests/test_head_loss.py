@@ -30,14 +30,14 @@ def _reference(x, emb, labels):
     return optax.softmax_cross_entropy_with_integer_labels(full_logits(x, emb), labels)
 
 
-@pytest.mark.parametrize("block", [64, 100, 7, V, 1000])  # V % block != 0 (last block overlaps), = V, > V
+@pytest.mark.parametrize("block", [64, 100, 7, V, 1000])  # V % block != 0 (a tail block), = V, > V
 def test_blocked_cross_entropy_equals_optax(block):
     x, emb, labels, c = _data()
     ce = jax.jit(head_cross_entropy, static_argnums=3)(x, emb, labels, block)
     ref = _reference(x, emb, labels)
     assert ce.shape == (N,) and ce.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(ce), np.asarray(ref), rtol=1e-5, atol=1e-5)
-    # Labels in the overlap of the last two blocks and at both ends are counted once.
+    # Labels in the tail block, at the last whole block's edge and at both ends are counted once.
     edge = jnp.asarray([0, V - 1, V - 2, (V // block) * block - 1 if block < V else 5] * 2, jnp.int32)
     np.testing.assert_allclose(np.asarray(head_cross_entropy(x[:8], emb, edge, block)),
                                np.asarray(_reference(x[:8], emb, edge)), rtol=1e-5, atol=1e-5)
