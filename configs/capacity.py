@@ -34,8 +34,6 @@ def shape_groups(c: ConfigDict, *, base_name: str, vocab_size: int) -> ConfigDic
     c.pretrain.n_embd = defaults.pretrain.n_embd  # width
     c.pretrain.n_head = defaults.pretrain.n_head  # heads
     c.model = defaults.model  # configs/base.py's: dtype, n_experts, n_generalists, top_k, rank, attn_rank, remat, ...
-    if "remat" not in c.model:  # until configs/base.py defines it: what the backward recomputes
-        c.model.remat = "none"  # none | block (every transformer block) | moe (the experts' [E, N, 4d] tensors)
     c.train = defaults.train  # configs/base.py's: local_steps, batch_size, seq_len, router_every, user_chunk, ...
     return c
 
