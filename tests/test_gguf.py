@@ -201,7 +201,7 @@ def test_round_trip_recovers_hf_tensors(tmp_path, tied):
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=hd, max_position_embeddings=128, vocab_size=len(_tiny_tokens()[0]), tie_word_embeddings=tied,
         bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    assert cfg["rope_theta"] == TINY["theta"] and cfg["rms_norm_eps"] == pytest.approx(TINY["eps"])
+    assert cfg["rope_theta"] == TINY["theta"] and cfg["rms_norm_eps"] == TINY["eps"]  # 1e-05, not its float32
     from transformers import AutoConfig
     hf_cfg = AutoConfig.from_pretrained(out)  # transformers reads it as a LlamaConfig
     assert type(hf_cfg).__name__ == "LlamaConfig" and hf_cfg.num_key_value_heads == 2
@@ -393,7 +393,8 @@ def test_smollm2_converts_with_every_layer(smollm2):
                                 "intermediate_size", "vocab_size", "tie_word_embeddings", "head_dim")} == dict(
         num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
         intermediate_size=1536, vocab_size=49152, tie_word_embeddings=True, head_dim=64)
-    assert cfg["rope_theta"] == 100000.0 and (cfg["bos_token_id"], cfg["eos_token_id"]) == (1, 2)
+    assert (cfg["rope_theta"], cfg["rms_norm_eps"]) == (100000.0, 1e-5)
+    assert (cfg["bos_token_id"], cfg["eos_token_id"]) == (1, 2)
     with safe_open(os.path.join(out, "model.safetensors"), framework="numpy") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     assert shapes == llama_gguf.expected_shapes(cfg)
@@ -409,12 +410,13 @@ def _llama_logits(ids, W, cfg):
         return x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w
 
     ang = np.arange(T)[:, None] * (1.0 / cfg["rope_theta"] ** (np.arange(0, hd, 2) / hd))[None]
-    cos, sin = np.cos(np.concatenate([ang, ang], -1))[:, None], np.sin(np.concatenate([ang, ang], -1))[:, None]
+    ang = np.concatenate([ang, ang], -1).astype(np.float32)[:, None]  # float32 throughout: fast, as the model
+    cos, sin = np.cos(ang), np.sin(ang)
 
     def rope(x):  # x [T, n, hd]; HF pairs dimension j with j + hd/2
         return x * cos + np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1) * sin
 
-    mask = np.triu(np.full((T, T), -np.inf), 1)
+    mask = np.triu(np.full((T, T), -np.inf, np.float32), 1)
     h = W["model.embed_tokens.weight"][ids]
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
@@ -422,7 +424,7 @@ def _llama_logits(ids, W, cfg):
         q = rope((x @ W[p + "self_attn.q_proj.weight"].T).reshape(T, nh, hd))
         k = np.repeat(rope((x @ W[p + "self_attn.k_proj.weight"].T).reshape(T, nkv, hd)), nh // nkv, 1)
         v = np.repeat((x @ W[p + "self_attn.v_proj.weight"].T).reshape(T, nkv, hd), nh // nkv, 1)
-        s = np.einsum("thd,shd->hts", q, k) / np.sqrt(hd) + mask
+        s = np.einsum("thd,shd->hts", q, k) / np.float32(np.sqrt(hd)) + mask
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
         h = h + np.einsum("hts,shd->thd", s, v).reshape(T, nh * hd) @ W[p + "self_attn.o_proj.weight"].T

@@ -108,6 +108,11 @@ def _get(reader, path: str, key: str, default=_MISSING):
     return field.contents()
 
 
+def _f32(x) -> float:
+    """A float32 metadata value as the shortest decimal that gives it back (1e-05, not 9.9999997e-06)."""
+    return float(str(np.float32(x)))
+
+
 def _open(path: str):
     import gguf
     _check_is_gguf(path)
@@ -141,7 +146,7 @@ def hf_config_from_gguf(reader, path: str) -> dict:
     if vocab is None:  # older files: the token list's length, else the embedding's rows
         tokens = reader.fields.get("tokenizer.ggml.tokens")
         vocab = len(tokens.data) if tokens is not None else int(_embedding(reader, path).shape[-1])
-    theta = float(_get(reader, path, a + "rope.freq_base", 10000.0))
+    theta = _f32(_get(reader, path, a + "rope.freq_base", 10000.0))
     bos = _get(reader, path, "tokenizer.ggml.bos_token_id", None)
     eos = _get(reader, path, "tokenizer.ggml.eos_token_id", None)
     pad = _get(reader, path, "tokenizer.ggml.padding_token_id", None)
@@ -151,7 +156,7 @@ def hf_config_from_gguf(reader, path: str) -> dict:
         "intermediate_size": int(_get(reader, path, a + "feed_forward_length")),
         "num_hidden_layers": int(_get(reader, path, a + "block_count")),
         "num_attention_heads": heads, "num_key_value_heads": kv_heads, "head_dim": head_dim,
-        "rms_norm_eps": float(_get(reader, path, a + "attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": _f32(_get(reader, path, a + "attention.layer_norm_rms_epsilon")),
         # rope_theta for transformers 4; transformers 5 reads rope_parameters
         "rope_theta": theta, "rope_parameters": {"rope_type": "default", "rope_theta": theta},
         "rope_scaling": None,
