@@ -362,6 +362,12 @@ def gguf_to_hf(gguf_path: str, out_dir: str) -> str:
     reader = _open(gguf_path)
     cfg = hf_config_from_gguf(reader, gguf_path)
     spec = _tokenizer_spec(reader, gguf_path)
+    n_tokens = len(reader.fields["tokenizer.ggml.tokens"].data)
+    if n_tokens > cfg["vocab_size"]:
+        raise GGUFError(f"{gguf_path}: {n_tokens} tokens but vocabulary size {cfg['vocab_size']}, expected at most that")
+    for key in ("bos", "eos", "unknown", "padding"):
+        if spec[key] is not None and not 0 <= spec[key] < n_tokens:
+            raise GGUFError(f"{gguf_path}: tokenizer.ggml.{key}_token_id {spec[key]} is not one of the {n_tokens} tokens")
     plan = _tensor_plan(reader, gguf_path, cfg)
 
     parent = os.path.dirname(out_dir)
