@@ -1,4 +1,4 @@
-"""Model configuration: GPT-2 sizes plus the optional LoRA / mixture-of-experts adapters.
+"""Model configuration: GPT-2 and Llama sizes plus the optional LoRA / mixture-of-experts adapters.
 
 Frozen dataclasses, so that they are hashable and can be Flax Linen module attributes.
 """
@@ -128,6 +128,8 @@ class GPT2Config:
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: allowed {DTYPES}")
 
+    family = "gpt2"  # the architecture, for code that dispatches on it (not a dataclass field)
+
     @property
     def base(self) -> "GPT2Config":
         """The same sizes without adapters: the plain GPT-2 that checkpoints hold."""
@@ -140,4 +142,112 @@ GPT2_SIZES = {
     "gpt2-medium": dict(n_embd=1024, n_layer=24, n_head=16),
     "gpt2-large": dict(n_embd=1280, n_layer=36, n_head=20),
     "gpt2-xl": dict(n_embd=1600, n_layer=48, n_head=25),
+}
+
+
+ROPE_TYPES = ("llama3",)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Hugging Face's "llama3" RoPE frequency adjustment (Llama 3.1 / 3.2): wavelengths longer than
+    original_max_position_embeddings / low_freq_factor are stretched by `factor`, those shorter
+    than original_max_position_embeddings / high_freq_factor are kept, the band between is
+    interpolated. No attention scaling (HF's attention_factor is 1 for llama3)."""
+
+    rope_type: str = "llama3"
+    factor: float = 32.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"rope_type={self.rope_type!r}: allowed {ROPE_TYPES} (or no rope scaling)")
+        if self.factor <= 0 or self.original_max_position_embeddings <= 0:
+            raise ValueError(f"rope scaling factor={self.factor}, original_max_position_embeddings="
+                             f"{self.original_max_position_embeddings}: must be positive")
+        if not 0 < self.low_freq_factor < self.high_freq_factor:
+            raise ValueError(f"rope scaling low_freq_factor={self.low_freq_factor}, high_freq_factor="
+                             f"{self.high_freq_factor}: need 0 < low < high")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Llama sizes (defaults: SmolLM2-135M) and the same adapters as GPT2Config.
+
+    The fields the engine reads have GPT2Config's names and meaning (vocab_size, n_positions,
+    n_embd, n_layer, n_head, dtype, attn_lora, moe, remat, head_block, `base`); attn_lora puts
+    LoRA on q/k/v/o_proj, moe turns the SwiGLU MLP into a mixture of LoRA experts.
+    n_kv_head: key/value heads (grouped-query attention; n_head must be a multiple).
+    intermediate_size: the SwiGLU width F. head_dim: 0 means n_embd // n_head.
+    n_positions: the longest sequence the model is meant for (RoPE has no position table).
+    rope_scaling: None (plain RoPE) or RopeScaling ("llama3").
+    tie_word_embeddings: the LM head is the token embedding (no lm_head kernel).
+    """
+
+    vocab_size: int = 49152
+    n_positions: int = 8192
+    n_embd: int = 576
+    n_layer: int = 30
+    n_head: int = 9
+    n_kv_head: int = 3
+    intermediate_size: int = 1536
+    head_dim: int = 0
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 100000.0
+    rope_scaling: Optional[RopeScaling] = None
+    tie_word_embeddings: bool = True
+    dtype: str = "float32"
+    attn_lora: Optional[LoRAConfig] = None
+    moe: Optional[MoEConfig] = None
+    remat: str = "none"
+    head_block: int = 2048
+
+    family = "llama"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_kv_head",
+                     "intermediate_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be a positive integer")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+        if self.head_dim < 0:
+            raise ValueError(f"head_dim={self.head_dim}: must be >= 0 (0 = n_embd // n_head)")
+        if self.head_dim == 0 and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head} (set head_dim)")
+        if self.dim_head % 2:
+            raise ValueError(f"head_dim={self.dim_head}: rotary embeddings need an even head dimension")
+        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError(f"rms_norm_eps={self.rms_norm_eps}, rope_theta={self.rope_theta}: must be positive")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise ValueError(f"rope_scaling={self.rope_scaling!r}: must be None or a RopeScaling")
+        if self.remat not in REMAT:
+            raise ValueError(f"remat={self.remat!r}: allowed {REMAT}")
+        if not isinstance(self.head_block, int) or self.head_block < 0:
+            raise ValueError(f"head_block={self.head_block!r}: must be an integer >= 0 (0 = full logits)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype={self.dtype!r}: allowed {DTYPES}")
+
+    @property
+    def dim_head(self) -> int:
+        """The per-head dimension actually used: head_dim, or n_embd // n_head when it is 0."""
+        return self.head_dim or self.n_embd // self.n_head
+
+    @property
+    def base(self) -> "LlamaConfig":
+        """The same sizes without adapters: the plain Llama that checkpoints hold."""
+        return dataclasses.replace(self, attn_lora=None, moe=None)
+
+
+# Named Llama sizes (Hugging Face's config.json values).
+LLAMA_SIZES = {
+    "smollm2-135m": dict(vocab_size=49152, n_positions=8192, n_embd=576, n_layer=30, n_head=9,
+                         n_kv_head=3, intermediate_size=1536, rms_norm_eps=1e-5,
+                         rope_theta=100000.0, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(vocab_size=128256, n_positions=131072, n_embd=2048, n_layer=16, n_head=32,
+                         n_kv_head=8, intermediate_size=8192, rms_norm_eps=1e-5,
+                         rope_theta=500000.0, tie_word_embeddings=True,
+                         rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)),
 }

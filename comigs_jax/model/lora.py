@@ -27,21 +27,23 @@ class LoRADense(nn.Module):
     """y = x W + b + s (dropout(x) A) B, with W, b frozen (role "base") and A, B trainable.
 
     lora=None gives a plain dense layer: the seam through which GPT-2 becomes CoMiGS.
-    x: [..., in] -> y: [..., features].
+    use_bias=False: no b (Llama's projections have none). x: [..., in] -> y: [..., features].
     """
 
     features: int
     lora: Optional[LoRAConfig] = None
     dtype: jnp.dtype = jnp.float32
     kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         d_in = x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (d_in, self.features), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
         x = x.astype(self.dtype)
-        y = x @ kernel.astype(self.dtype) + bias.astype(self.dtype)
+        y = x @ kernel.astype(self.dtype)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
         if self.lora is None:
             return y
         a = self.param("lora_A", lora_a_init, (d_in, self.lora.rank), jnp.float32)
