@@ -203,7 +203,7 @@ class LlamaMoEMLP(nn.Module):
         h_ga, h_ua = h_a[:, :n_e], h_a[:, n_e:]                                # [N, E, r] each
         drop_key = None if det else drop.make_rng("dropout")
         core = jax.checkpoint(functools.partial(_swiglu_expert_core, scale=s, keep_prob=1.0 - rate),
-                              policy=moe_lib._CORE_POLICY[self.remat])
+                              policy=moe_lib.CORE_POLICY[self.remat])
         mixed, a_a = core(g, u, h_ga, h_ua, gate_b, up_b, w, down_a, drop_key)  # [N, F], [E, N, r]
         a_a = (w.T[..., None] * a_a).transpose(1, 0, 2).reshape(-1, n_e * r)   # [N, E*r]
         out = dense(d, name="down_proj")(mixed) + s * (a_a @ down_b.reshape(n_e * r, d))

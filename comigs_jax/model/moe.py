@@ -164,7 +164,7 @@ def _expert_core(u, h_a, fc_b, w, proj_a, drop_key, *, scale: float, keep_prob: 
 # pipeline removes the optimization barriers jax.checkpoint relies on (its cse_barrier_expander
 # pass) before CSE, which folds the recomputation back into the forward pass, so on CPU the
 # compiled memory is unchanged unless XLA_FLAGS=--xla_disable_hlo_passes=cse_barrier_expander.
-_CORE_POLICY = {"none": jax.checkpoint_policies.save_only_these_names("moe_pre"),
+CORE_POLICY = {"none": jax.checkpoint_policies.save_only_these_names("moe_pre"),
                 "block": jax.checkpoint_policies.save_only_these_names("moe_pre"),
                 "moe": jax.checkpoint_policies.nothing_saveable}
 
@@ -210,7 +210,7 @@ class MoEMLP(nn.Module):
         # `drop` to g; drawn out here because the checkpointed core is a plain function.
         drop_key = None if det else drop.make_rng("dropout")
         core = jax.checkpoint(functools.partial(_expert_core, scale=s, keep_prob=1.0 - rate),
-                              policy=_CORE_POLICY[self.remat])
+                              policy=CORE_POLICY[self.remat])
         mixed, g_a = core(u, h_a, fc_b, w, proj_a, drop_key)                   # [N, F], [E, N, r]
         g_a = (w.T[..., None] * g_a).transpose(1, 0, 2).reshape(-1, n_e * r)    # [N, E*r]
         lora_out = g_a @ proj_b.reshape(n_e * r, d)                            # [N, d]
