@@ -1,5 +1,6 @@
 """The federated engine: vmap = sharded = loop, aggregation, role isolation, schedules, methods."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.sharding import single_device_mesh, users_mesh
 from comigs_jax.experiment.simulation import Simulation
 from comigs_jax.train.state import TrainConfig
-from tiny import markov_users, tiny_base, tiny_cfg
+from tiny import markov_users, random_like, tiny_base, tiny_cfg
 
 TC = TrainConfig(rounds=2, local_steps=3, batch_size=4, seq_len=8, router_every=2, router_steps=2)
 
@@ -214,7 +215,7 @@ def test_faithful_mode_reproduces_the_reference_gradient_leaks():
     and each bank is added to the other optimizer's next step (method.md §8)."""
     from comigs_jax.federated.roles import EXPERT_ROLES, filter_roles
     from comigs_jax.train.state import init_user_state, init_trainable
-    from comigs_jax.train.steps import expert_step, lm_loss, router_step, sample_windows
+    from comigs_jax.train.steps import expert_step as expert_step_, lm_loss, router_step as router_step_, sample_windows
 
     cfg = tiny_cfg()
     base = tiny_base(cfg)
@@ -226,20 +227,22 @@ def test_faithful_mode_reproduces_the_reference_gradient_leaks():
     tc = dataclasses.replace(TC, faithful=True)
     kw = dict(base=base, data=data, mask=mask, model_cfg=cfg, tc=tc, method=method)
     params = init_trainable(cfg, jax.random.key(0))  # B != 0, so that the router has a gradient
-    leaves, treedef = jax.tree.flatten(params)
-    params = treedef.unflatten([0.3 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)])
+    params = random_like(params, 0.3, seed=0)
     s0 = init_user_state(params, jax.random.PRNGKey(1), tc, method)
 
+    @functools.partial(jax.jit, static_argnums=1)  # jitted: an op-by-op step is seconds on CPU
     def grads_on(state, split):
         _, k_batch, _ = jax.random.split(state.key, 3)
         w = sample_windows(k_batch, data[split], data[f"{split}_len"], tc.batch_size, tc.seq_len)
         return jax.grad(lambda p: lm_loss(p, base, w, mask, cfg, tc.lb_weight)[0])(state.params)
 
-    s1, _ = expert_step(s0, **kw)
+    expert_step = jax.jit(functools.partial(expert_step_, **kw))
+    router_step = jax.jit(functools.partial(router_step_, **kw))
+    s1, _ = expert_step(s0)
     g = grads_on(s0, "train")
     for a, b in zip(jax.tree.leaves(s1.leak["router"]), jax.tree.leaves(filter_roles(g, ("router",)))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
-    s2, _ = router_step(s1, **kw)
+    s2, _ = router_step(s1)
     g = grads_on(s1, "valid")
     for a, b in zip(jax.tree.leaves(s2.leak["expert"]), jax.tree.leaves(filter_roles(g, EXPERT_ROLES))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
@@ -252,7 +255,7 @@ def test_faithful_mode_reproduces_the_reference_gradient_leaks():
     for a, b in zip(jax.tree.leaves(mu(s2.opt_router)), jax.tree.leaves(fed)):
         np.testing.assert_allclose(a, (1 - tc.b1) * b, rtol=1e-5, atol=1e-9)
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(s1.leak["router"])) > 1e-4
-    s3, _ = expert_step(s2, **kw)
+    s3, _ = expert_step(s2)
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(s3.leak["expert"]))
     g_exp = filter_roles(grads_on(s2, "train"), EXPERT_ROLES)
     fed = jax.tree.map(jnp.add, g_exp, s2.leak["expert"])

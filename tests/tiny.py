@@ -11,6 +11,13 @@ from comigs_jax.model.gpt2 import GPT2, init_params
 VOCAB = 32
 
 
+def random_like(tree, scale: float, seed: int):
+    """Every leaf replaced by scale * N(0, 1) float32, drawn with NumPy: an eager jax.random call
+    per leaf shape would be one XLA compile each (about half a second on CPU)."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda x: (scale * rng.standard_normal(np.shape(x))).astype(np.float32), tree)
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def forward(cfg, params, tokens, mask=None):
     """GPT2(cfg).apply({"params": params}, tokens, mask), jitted: one compile per config instead of
