@@ -72,29 +72,12 @@ class Block(nn.Module):
         if cfg.moe is None:
             return x + MLP(cfg, name="mlp")(h), {}
 
-        moe = cfg.moe
-        mask = jnp.ones((moe.n_experts,), bool) if expert_mask is None else expert_mask
-        if moe.router == "uniform":
-            weights = moe_lib.uniform_weights(mask, h.shape[:-1])
-        else:
-            # Router logits in float32 whatever the activation dtype: top-k is sensitive.
-            router = nn.Dense(moe.n_experts, use_bias=False, dtype=jnp.float32,
-                              kernel_init=nn.initializers.normal(0.02), name="router")
-            logits = router(h.astype(jnp.float32))
-            weights = moe_lib.gate(logits, mask, moe.top_k)
+        weights, mask, route = moe_lib.mixture_weights(h, expert_mask, cfg.moe)
         # Per-token expert weights [B, T, E], collected only when "intermediates" is mutable
         # (routing pictures); otherwise sow is a no-op.
         self.sow("intermediates", "gate", weights)
-        x = x + moe_lib.MoEMLP(moe, cfg.n_embd, cfg.n_layer, dtype, remat=cfg.remat, name="mlp")(h, weights, deterministic)
-
-        if moe.router == "uniform":
-            n = mask.sum()
-            share = mask / n
-            aux = {"lb": jnp.zeros((), jnp.float32), "router_prob": share, "selection": share}
-        else:
-            lb_logits = router(x.astype(jnp.float32)) if moe.lb_input == "block_output" else logits
-            aux = {"lb": moe_lib.load_balancing_loss(lb_logits, mask, moe.top_k, moe.importance),
-                   **moe_lib.routing_stats(logits, mask, moe.top_k)}
+        x = x + moe_lib.MoEMLP(cfg.moe, cfg.n_embd, cfg.n_layer, dtype, remat=cfg.remat, name="mlp")(h, weights, deterministic)
+        aux = moe_lib.mixture_aux(route, x, mask, cfg.moe)
         return x, aux
 
 

@@ -230,27 +230,11 @@ class LlamaBlock(nn.Module):
         if cfg.moe is None:
             return x + LlamaMLP(cfg, name="mlp")(h), {}
 
-        moe = cfg.moe
-        mask = jnp.ones((moe.n_experts,), bool) if expert_mask is None else expert_mask
-        if moe.router == "uniform":
-            weights = moe_lib.uniform_weights(mask, h.shape[:-1])
-        else:
-            # Router logits in float32 whatever the activation dtype: top-k is sensitive.
-            router = nn.Dense(moe.n_experts, use_bias=False, dtype=jnp.float32, kernel_init=_INIT,
-                              name="router")
-            logits = router(h.astype(jnp.float32))
-            weights = moe_lib.gate(logits, mask, moe.top_k)
+        weights, mask, route = moe_lib.mixture_weights(h, expert_mask, cfg.moe)
         self.sow("intermediates", "gate", weights)  # [B, T, E], only when "intermediates" is mutable
-        x = x + LlamaMoEMLP(moe, cfg.n_embd, cfg.intermediate_size, dtype, remat=cfg.remat,
+        x = x + LlamaMoEMLP(cfg.moe, cfg.n_embd, cfg.intermediate_size, dtype, remat=cfg.remat,
                             name="mlp")(h, weights, deterministic)
-
-        if moe.router == "uniform":
-            share = mask / mask.sum()
-            aux = {"lb": jnp.zeros((), jnp.float32), "router_prob": share, "selection": share}
-        else:
-            lb_logits = router(x.astype(jnp.float32)) if moe.lb_input == "block_output" else logits
-            aux = {"lb": moe_lib.load_balancing_loss(lb_logits, mask, moe.top_k, moe.importance),
-                   **moe_lib.routing_stats(logits, mask, moe.top_k)}
+        aux = moe_lib.mixture_aux(route, x, mask, cfg.moe)
         return x, aux
 
 

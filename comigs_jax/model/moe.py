@@ -103,6 +103,34 @@ def routing_stats(logits: jax.Array, mask: jax.Array, top_k: int) -> dict:
     }
 
 
+def mixture_weights(h: jax.Array, expert_mask, moe: MoEConfig):
+    """A block's expert weights: (weights [..., E] over h's [..., d] leading axes, mask [E], route).
+
+    Call it inside a block's compact method: the learned router becomes that block's submodule
+    "router" (parameters `<block>/router/kernel`), with float32 logits whatever the activation
+    dtype (top-k is sensitive). route = (router, logits) for mixture_aux; None for "uniform"."""
+    mask = jnp.ones((moe.n_experts,), bool) if expert_mask is None else expert_mask
+    if moe.router == "uniform":
+        return uniform_weights(mask, h.shape[:-1]), mask, None
+    router = nn.Dense(moe.n_experts, use_bias=False, dtype=jnp.float32,
+                      kernel_init=nn.initializers.normal(0.02), name="router")
+    logits = router(h.astype(jnp.float32))
+    return gate(logits, mask, moe.top_k), mask, (router, logits)
+
+
+def mixture_aux(route, x: jax.Array, mask: jax.Array, moe: MoEConfig) -> dict:
+    """A block's aux after its mixture (x: the block output): "lb" (scalar), "router_prob" and
+    "selection" ([E] each); route from mixture_weights. The balance loss reads the router's logits
+    of the block input, or of x with moe.lb_input == "block_output"."""
+    if route is None:
+        share = mask / mask.sum()
+        return {"lb": jnp.zeros((), jnp.float32), "router_prob": share, "selection": share}
+    router, logits = route
+    lb_logits = router(x.astype(jnp.float32)) if moe.lb_input == "block_output" else logits
+    return {"lb": load_balancing_loss(lb_logits, mask, moe.top_k, moe.importance),
+            **routing_stats(logits, mask, moe.top_k)}
+
+
 class FrozenDense(nn.Module):
     """Declares a frozen kernel [d_in, d_out] and bias [d_out] and returns them."""
 
