@@ -24,7 +24,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from comigs_jax.model import moe as moe_lib
 from comigs_jax.model.config import LlamaConfig, MoEConfig
-from comigs_jax.model.lora import LoRADense, expert_a_init
+from comigs_jax.model.lora import LoRADense
 
 _INIT = nn.initializers.normal(0.02)  # HF Llama's initializer_range, for every matrix
 
@@ -117,30 +117,6 @@ class LlamaMLP(nn.Module):
         return dense(cfg.n_embd, name="down_proj")(a)
 
 
-class SwiGLUExpertLoRAs(nn.Module):
-    """The LoRA factors of n experts on the three SwiGLU matmuls, stacked on a leading expert axis
-    (moe.ExpertLoRAs for Llama): gate_A, up_A [n, d, r]; gate_B, up_B [n, r, F]; down_A [n, F, r];
-    down_B [n, r, d]. B factors start at zero, so a new expert is the frozen MLP."""
-
-    n: int
-    d_model: int
-    d_hidden: int
-    rank: int
-
-    @nn.compact
-    def __call__(self):
-        n, d, f, r = self.n, self.d_model, self.d_hidden, self.rank
-        zeros = nn.initializers.zeros
-        return (
-            self.param("gate_A", expert_a_init, (n, d, r), jnp.float32),
-            self.param("gate_B", zeros, (n, r, f), jnp.float32),
-            self.param("up_A", expert_a_init, (n, d, r), jnp.float32),
-            self.param("up_B", zeros, (n, r, f), jnp.float32),
-            self.param("down_A", expert_a_init, (n, f, r), jnp.float32),
-            self.param("down_B", zeros, (n, r, d), jnp.float32),
-        )
-
-
 def _swiglu_expert_core(g, u, h_ga, h_ua, gate_b, up_b, w, down_a, drop_key, *, scale: float,
                         keep_prob: float):
     """Every expert's own part of the SwiGLU MLP (moe._expert_core for Llama).
@@ -183,7 +159,8 @@ class LlamaMoEMLP(nn.Module):
         d, f, r = self.d_model, self.d_hidden, self.cfg.lora.rank
         dt, s = self.dtype, self.cfg.lora.scale
         dense = functools.partial(LoRADense, lora=None, dtype=dt, kernel_init=_INIT, use_bias=False)
-        groups = [SwiGLUExpertLoRAs(n, d, f, r, name=name)()
+        # gate_A, up_A [n, d, r]; gate_B, up_B [n, r, F]; down_A [n, F, r]; down_B [n, r, d]
+        groups = [moe_lib.ExpertLoRAs(n, r, (("gate", d, f), ("up", d, f), ("down", f, d)), name=name)()
                   for name, n in (("generalists", self.cfg.n_generalists),
                                   ("specialists", self.cfg.n_specialists)) if n > 0]
         gate_a, gate_b, up_a, up_b, down_a, down_b = (

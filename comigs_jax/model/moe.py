@@ -146,26 +146,24 @@ class FrozenDense(nn.Module):
 
 
 class ExpertLoRAs(nn.Module):
-    """The LoRA factors of n experts on both MLP matmuls, stacked on a leading expert axis.
+    """The LoRA factors of n experts on an MLP's matmuls, stacked on a leading expert axis.
 
-    fc_A [n, d, r], fc_B [n, r, F], proj_A [n, F, r], proj_B [n, r, d] (F = 4d).
+    matmuls: (name, d_in, d_out) for each matmul, in order; each gets <name>_A [n, d_in, r] and
+    <name>_B [n, r, d_out] (B at zero: a new expert is the frozen MLP). Returns (A, B) of every
+    matmul in that order, flat. GPT-2: fc [d -> 4d], proj [4d -> d].
     """
 
     n: int
-    d_model: int
-    d_hidden: int
     rank: int
+    matmuls: tuple
 
     @nn.compact
     def __call__(self):
-        n, d, f, r = self.n, self.d_model, self.d_hidden, self.rank
-        zeros = nn.initializers.zeros
-        return (
-            self.param("fc_A", expert_a_init, (n, d, r), jnp.float32),
-            self.param("fc_B", zeros, (n, r, f), jnp.float32),
-            self.param("proj_A", expert_a_init, (n, f, r), jnp.float32),
-            self.param("proj_B", zeros, (n, r, d), jnp.float32),
-        )
+        n, r, out = self.n, self.rank, ()
+        for name, d_in, d_out in self.matmuls:
+            out += (self.param(f"{name}_A", expert_a_init, (n, d_in, r), jnp.float32),
+                    self.param(f"{name}_B", nn.initializers.zeros, (n, r, d_out), jnp.float32))
+        return out
 
 
 def _expert_core(u, h_a, fc_b, w, proj_a, drop_key, *, scale: float, keep_prob: float):
@@ -220,7 +218,7 @@ class MoEMLP(nn.Module):
         w_fc, b_fc = FrozenDense(d, f, name="c_fc")()
         w_proj, b_proj = FrozenDense(
             f, d, nn.initializers.normal(0.02 / (2 * self.n_layer) ** 0.5), name="c_proj")()
-        groups = [ExpertLoRAs(n, d, f, r, name=name)()
+        groups = [ExpertLoRAs(n, r, (("fc", d, f), ("proj", f, d)), name=name)()
                   for name, n in (("generalists", self.cfg.n_generalists),
                                   ("specialists", self.cfg.n_specialists)) if n > 0]
         fc_a, fc_b, proj_a, proj_b = (jnp.concatenate(parts, 0).astype(dt) for parts in zip(*groups))
