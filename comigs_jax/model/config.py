@@ -85,6 +85,20 @@ class MoEConfig:
         return self.n_experts - self.n_generalists
 
 
+def _check_model_fields(cfg, positive: tuple) -> None:
+    """The checks every model config shares (one-line ValueErrors): the `positive` size fields,
+    remat, head_block and dtype."""
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"{name}={getattr(cfg, name)}: must be a positive integer")
+    if cfg.remat not in REMAT:
+        raise ValueError(f"remat={cfg.remat!r}: allowed {REMAT}")
+    if not isinstance(cfg.head_block, int) or cfg.head_block < 0:
+        raise ValueError(f"head_block={cfg.head_block!r}: must be an integer >= 0 (0 = full logits)")
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"dtype={cfg.dtype!r}: allowed {DTYPES}")
+
+
 @dataclasses.dataclass(frozen=True)
 class GPT2Config:
     """GPT-2 sizes (defaults: GPT-2 124M) and the adapters that turn it into CoMiGS.
@@ -116,17 +130,9 @@ class GPT2Config:
     head_block: int = 2048
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be a positive integer")
-        if self.remat not in REMAT:
-            raise ValueError(f"remat={self.remat!r}: allowed {REMAT}")
-        if not isinstance(self.head_block, int) or self.head_block < 0:
-            raise ValueError(f"head_block={self.head_block!r}: must be an integer >= 0 (0 = full logits)")
+        _check_model_fields(self, ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"))
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}: allowed {DTYPES}")
 
     family = "gpt2"  # the architecture, for code that dispatches on it (not a dataclass field)
 
@@ -207,10 +213,8 @@ class LlamaConfig:
     family = "llama"
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_kv_head",
-                     "intermediate_size"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name}={getattr(self, name)}: must be a positive integer")
+        _check_model_fields(self, ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_kv_head",
+                                   "intermediate_size"))
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
         if self.head_dim < 0:
@@ -223,12 +227,6 @@ class LlamaConfig:
             raise ValueError(f"rms_norm_eps={self.rms_norm_eps}, rope_theta={self.rope_theta}: must be positive")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
             raise ValueError(f"rope_scaling={self.rope_scaling!r}: must be None or a RopeScaling")
-        if self.remat not in REMAT:
-            raise ValueError(f"remat={self.remat!r}: allowed {REMAT}")
-        if not isinstance(self.head_block, int) or self.head_block < 0:
-            raise ValueError(f"head_block={self.head_block!r}: must be an integer >= 0 (0 = full logits)")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r}: allowed {DTYPES}")
 
     @property
     def dim_head(self) -> int:
