@@ -506,7 +506,7 @@ def compiled_memory(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_us
     from comigs_jax.federated.layout import Layout
     from comigs_jax.federated.roles import split_base
     from comigs_jax.federated.sharding import single_device_mesh
-    from comigs_jax.model.gpt2 import param_shapes
+    from comigs_jax.model.lm import param_shapes
     from comigs_jax.train.rounds import vmap_round
     from comigs_jax.train.state import init_states
 

@@ -10,8 +10,9 @@ import os
 from comigs_jax.data.config import split_list, validate_data_config
 from comigs_jax.errors import ConfigError
 from comigs_jax.federated.methods import METHODS, ROUTER_MODES, Method, configure_model, get_method  # noqa: F401
-from comigs_jax.model.config import (DTYPES, GPT2_SIZES, LB_INPUTS, LORA_SCALINGS, REMAT, GPT2Config, LoRAConfig,
-                                     MoEConfig)
+from comigs_jax.model.config import (DTYPES, GPT2_SIZES, LB_INPUTS, LLAMA_SIZES, LORA_SCALINGS, REMAT, GPT2Config,
+                                     LlamaConfig, LoRAConfig, MoEConfig)
+from comigs_jax.model.lm import ModelConfig
 from comigs_jax.train.evaluation import PROTOCOLS
 from comigs_jax.train.state import TrainConfig
 
@@ -48,10 +49,16 @@ def base_positions(cfg) -> int | None:
     """n_positions of the configured base, read cheaply (None when unknown before download)."""
     if cfg.base == "pretrain":
         return None
+    if cfg.base.lower() in LLAMA_SIZES:
+        return LLAMA_SIZES[cfg.base.lower()]["n_positions"]
     path = os.path.join(os.path.expanduser(cfg.base), "config.json")
     if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f).get("n_positions")
+        try:
+            with open(path) as f:
+                hf = json.load(f)
+            return hf.get("n_positions") or hf.get("max_position_embeddings")
+        except (OSError, ValueError, AttributeError):
+            return None  # the loader reports a damaged config.json, naming the file
     return 1024 if cfg.base.startswith("gpt2") else None
 
 
@@ -169,10 +176,11 @@ def validate(cfg) -> None:
     if cfg.distributed.num_processes < 0:
         _fail("distributed.num_processes", cfg.distributed.num_processes, "0 (detect) or the number of processes")
     if cfg.base == "pretrain" and cfg.data.source != "synthetic":
-        _fail("base", cfg.base, "'pretrain' only with data.source='synthetic'; else a GPT-2 directory or hub id")
+        _fail("base", cfg.base, "'pretrain' only with data.source='synthetic'; else a GPT-2 or Llama directory or "
+              "hub id, 'smollm2-135m' or a .gguf file")
 
 
-def model_config(cfg, base_cfg: GPT2Config) -> GPT2Config:
+def model_config(cfg, base_cfg: ModelConfig) -> ModelConfig:
     """The CoMiGS model on the given base: attention LoRA and a mixture of LoRA experts (reads
     cfg.data.n_users only when model.expert_counts is set)."""
     mo = cfg.model
@@ -195,14 +203,15 @@ def train_config(cfg) -> TrainConfig:
 
 # ----------------------------------------------------------------------------- without a base
 
-BASE_SHAPES = (*GPT2_SIZES, "pretrain")
+BASE_SHAPES = (*GPT2_SIZES, *LLAMA_SIZES, "pretrain")
 
 
-def base_shape(cfg) -> GPT2Config:
+def base_shape(cfg) -> ModelConfig:
     """The frozen base's shape from the config alone, nothing loaded (experiments.bench and
-    comigs_jax.capacity): `cfg.base` a GPT-2 hub size (GPT2_SIZES, 1024 positions), or "pretrain",
-    the small base experiments.run trains (cfg.pretrain's n_layer, n_embd, n_head; train.seq_len
-    positions, as comigs_jax.experiment.base_model builds it); vocabulary `cfg.vocab_size`."""
+    comigs_jax.capacity): `cfg.base` a GPT-2 hub size (GPT2_SIZES, 1024 positions), a Llama size
+    (LLAMA_SIZES: smollm2-135m, llama-3.2-1b), or "pretrain", the small base experiments.run
+    trains (cfg.pretrain's n_layer, n_embd, n_head; train.seq_len positions, as
+    comigs_jax.experiment.base_model builds it); vocabulary `cfg.vocab_size`."""
     seq_len = cfg.train.seq_len
     if cfg.base == "pretrain":
         p = cfg.get("pretrain")
@@ -216,16 +225,20 @@ def base_shape(cfg) -> GPT2Config:
         shape, positions = dict(n_layer=p.n_layer, n_embd=p.n_embd, n_head=p.n_head), seq_len
     elif cfg.base in GPT2_SIZES:
         shape, positions = GPT2_SIZES[cfg.base], 1024
-        if seq_len > positions:
-            _fail("train.seq_len", seq_len, f"at most the base's {positions} positions")
+    elif cfg.base in LLAMA_SIZES:
+        shape = {k: v for k, v in LLAMA_SIZES[cfg.base].items() if k not in ("vocab_size", "n_positions")}
+        positions = LLAMA_SIZES[cfg.base]["n_positions"]
     else:
         _fail("base", cfg.base, " | ".join(BASE_SHAPES) + " (a base's shape by name; nothing is loaded)")
+    if seq_len > positions:
+        _fail("train.seq_len", seq_len, f"at most the base's {positions} positions")
     if not (isinstance(cfg.vocab_size, int) and cfg.vocab_size >= 2):
         _fail("vocab_size", cfg.vocab_size, "an integer >= 2")
-    return GPT2Config(vocab_size=cfg.vocab_size, n_positions=positions, **shape)
+    family = LlamaConfig if cfg.base in LLAMA_SIZES else GPT2Config
+    return family(vocab_size=cfg.vocab_size, n_positions=positions, **shape)
 
 
-def engine_configs(cfg, method: str | None = None) -> tuple[GPT2Config, TrainConfig, Method]:
+def engine_configs(cfg, method: str | None = None) -> tuple[ModelConfig, TrainConfig, Method]:
     """(model config, train config, method) of a config with `base`, `vocab_size`, `pretrain`
     (for base="pretrain"), `model` and `train` groups as in configs/base.py, without loading a
     base: what experiments.bench and comigs_jax.capacity run and count. `method`: a method name

@@ -14,7 +14,7 @@ def get_config(arg=None):
     c.methods = ""  # comparison: comma-separated methods run on the same data, seeds and base ("" = just `method`)
     c.seed = 42  # seeds initialisation, batch sampling and participation
     c.seeds = ""  # comparison: comma-separated seeds ("" = just `seed`)
-    c.base = "gpt2"  # frozen base: HF GPT-2 directory or hub id; "pretrain" = train a small GPT-2 on the synthetic general chain
+    c.base = "gpt2"  # frozen base: HF GPT-2 or Llama directory or hub id | smollm2-135m (the pip-installed GGUF) | a Llama .gguf path | "pretrain" = train a small GPT-2 on the synthetic general chain
     c.resume = True  # continue from the workdir's latest checkpoint; False starts fresh (never over another config's run)
 
     c.model = ml_collections.ConfigDict()
@@ -85,4 +85,5 @@ def get_config(arg=None):
     c.output.routing_tokens = 48  # tokens in the routing picture of a sample test text
 
     c.data = default_data_config()
+    c.data.tokenizer = "base"  # the base's own tokenizer (GPT-2 sizes and "pretrain": the bundled GPT-2 BPE); or a tokenizer directory / hub id
     return c

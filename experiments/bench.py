@@ -90,7 +90,7 @@ from comigs_jax.federated.roles import split_base
 from comigs_jax.federated.sharding import single_device_mesh, users_mesh
 from comigs_jax.federated.users import stack_tokens
 from comigs_jax.model.config import REMAT, GPT2Config
-from comigs_jax.model.gpt2 import init_params
+from comigs_jax.model.lm import init_params
 from comigs_jax.train.rounds import loop_round, loop_step_round, vmap_round
 from comigs_jax.train.state import TrainConfig, init_states
 

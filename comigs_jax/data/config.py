@@ -46,7 +46,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.test_tokens = 200_000  # tokens per user in the test split (evaluation)
     c.min_tokens = 129  # every user split must hold at least this many tokens (one window: seq_len + 1)
     c.allow_fewer_tokens = False  # if the source runs dry, keep what there is (>= min_tokens) instead of failing
-    c.tokenizer = "gpt2"  # "gpt2" = bundled GPT-2 BPE; else a tokenizer directory or hub id
+    c.tokenizer = "gpt2"  # "gpt2" = bundled GPT-2 BPE; else a tokenizer directory or hub id ("base" in experiment configs: the run's base's own, resolved by comigs_jax.experiment)
     c.dtype = "auto"  # token array dtype: auto (uint16 if the vocabulary fits) | uint16 | uint32 (reference_bins: the files' dtype)
     c.seed = 0  # seeds document shuffling, split assignment, Dirichlet mixtures and the synthetic process
     c.cache_dir = "~/.cache/comigs_jax/data"  # token caches (one file per user) and the datasets cache
@@ -175,7 +175,7 @@ def validate_data_config(data_cfg) -> None:
         _fail("tokenize_batch", d.tokenize_batch, "a positive integer")
     if not d.tokenizer:
         _fail("tokenizer", d.tokenizer, "'gpt2' (bundled BPE), a tokenizer directory or a hub id")
-    if d.source != "synthetic" and d.tokenizer != "gpt2":
+    if d.source != "synthetic" and d.tokenizer not in ("gpt2", "base"):
         tok = os.path.expanduser(d.tokenizer)
         if d.tokenizer.startswith((".", "/", "~")) or os.path.exists(tok):
             if not os.path.isdir(tok):

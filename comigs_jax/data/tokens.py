@@ -29,6 +29,9 @@ CACHE_VERSION = 1
 def get_tokenizer(name: str):
     from comigs_jax.model.hf import load_tokenizer
 
+    if name == "base":
+        raise ValueError("data.tokenizer='base' names the run's base tokenizer, which comigs_jax.experiment resolves; "
+                         "outside an experiment name a tokenizer: 'gpt2', a tokenizer directory or a hub id")
     return load_tokenizer(None if name in ("", "gpt2") else os.path.expanduser(name))
 
 

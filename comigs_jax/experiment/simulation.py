@@ -25,7 +25,7 @@ from comigs_jax.federated.aggregate import aggregate, aggregation_weights
 from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.methods import Method, configure_model
 from comigs_jax.federated.users import expert_masks
-from comigs_jax.model.config import GPT2Config
+from comigs_jax.model.lm import ModelConfig
 from comigs_jax.train.chunks import chunked
 from comigs_jax.train.rounds import loop_round, vmap_round
 from comigs_jax.train.state import TrainConfig, init_states_unjitted
@@ -47,7 +47,7 @@ class Simulation:
     run's seed; 1.0 = all).
     """
 
-    def __init__(self, model_cfg: GPT2Config, tc: TrainConfig, method: Method, base: dict,
+    def __init__(self, model_cfg: ModelConfig, tc: TrainConfig, method: Method, base: dict,
                  train: Sequence[np.ndarray], valid: Sequence[np.ndarray], *,
                  layout: Optional[Layout] = None, expert_counts: Optional[Sequence[int]] = None, seed: int = 0,
                  mode: str = "vmap", weighting: str = "uniform", participation: float = 1.0,
@@ -238,7 +238,7 @@ class Simulation:
 # The jitted programs of a federation, built once per process for each distinct (configs, shapes,
 # mesh): a comparison over seeds, or several Simulations of one config, trace and compile them once.
 @functools.lru_cache(maxsize=64)
-def _programs(model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: int, n_rows: int,
+def _programs(model_cfg: ModelConfig, tc: TrainConfig, method: Method, steps: int, n_rows: int,
               n_shared_specialists: int, mesh, mode: str, chunk: int):
     """(init(key) -> states [n_rows, ...] split over users, round, aggregate); chunk: users per
     chunk on each device in the round (0: all at once)."""
@@ -255,7 +255,7 @@ def _programs(model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: int
 
 
 @functools.lru_cache(maxsize=64)
-def _eval_program(model_cfg: GPT2Config, seq_len: int, batch: int, mesh, chunk: int):
+def _eval_program(model_cfg: ModelConfig, seq_len: int, batch: int, mesh, chunk: int):
     """(params [U], base, tokens [U, N], starts [U, W], weights [U, W], masks [U, E]) -> per-user
     batch sums [U, W / batch, ...]; chunk > 0: each device scores its users chunk at a time."""
     fn = functools.partial(evaluate_user, model_cfg=model_cfg, seq_len=seq_len, batch=batch)

@@ -421,8 +421,12 @@ def _swap_into_place(tmp: str, out_dir: str) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def convert(base: str, cache_dir: str) -> str:
-    """`find_gguf(base)` converted into `cache_dir/<gguf file name without .gguf>` (cached)."""
+def convert(base: str, cache_dir: str, log=None) -> str:
+    """`find_gguf(base)` converted into `cache_dir/<gguf file name without .gguf>` (cached);
+    `log(message)` is told when a conversion (seconds) is about to run."""
     path = find_gguf(base)
     name = os.path.basename(path)[:-len(".gguf")] if path.endswith(".gguf") else os.path.basename(path)
-    return gguf_to_hf(path, os.path.join(cache_dir, name))
+    out = os.path.join(cache_dir, name)
+    if log is not None and not _cached(os.path.abspath(out), _stamp(os.path.abspath(path))):
+        log(f"converting the GGUF base {path} to {out} (once; cached after)")
+    return gguf_to_hf(path, out)

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from comigs_jax.federated.methods import Method
 from comigs_jax.federated.sharding import USERS, replicated, user_sharded
-from comigs_jax.model.config import GPT2Config
+from comigs_jax.model.lm import ModelConfig
 from comigs_jax.train.chunks import CHUNK, chunked
 from comigs_jax.train.state import TrainConfig, UserState
 from comigs_jax.train.steps import expert_step, router_step
@@ -36,7 +36,7 @@ def router_phase(state: UserState, base, data, mask, *, model_cfg, tc, method):
 
 
 def user_round(base: dict, state: UserState, data: dict, mask: jax.Array, active: jax.Array, *,
-               model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: int,
+               model_cfg: ModelConfig, tc: TrainConfig, method: Method, steps: int,
                axis_name: Optional[str] = None) -> tuple[UserState, dict]:
     """`steps` expert steps of one user, with router phases where the global step counter is a
     multiple of tc.router_every (alternating methods). An inactive user's state is unchanged.
@@ -66,7 +66,7 @@ def user_round(base: dict, state: UserState, data: dict, mask: jax.Array, active
     return _tree_where(active, new_state, state), metrics
 
 
-def vmap_round(model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: int, *, mesh: Mesh,
+def vmap_round(model_cfg: ModelConfig, tc: TrainConfig, method: Method, steps: int, *, mesh: Mesh,
                user_chunk: int = 0):
     """jit(vmap(user_round)): (base, states [U], data [U], masks [U, E], active [U]) -> (states, metrics).
 
@@ -100,7 +100,7 @@ _user_slice = jax.jit(lambda tree, u: jax.tree.map(lambda x: x[u], tree))
 _stack_users = jax.jit(lambda outs: jax.tree.map(lambda *xs: jnp.stack(xs), *outs))
 
 
-def loop_round(model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: int):
+def loop_round(model_cfg: ModelConfig, tc: TrainConfig, method: Method, steps: int):
     """The same round, jitted per user and looped over users in Python (reference structure)."""
     fn = jax.jit(functools.partial(user_round, model_cfg=model_cfg, tc=tc, method=method, steps=steps))
 
@@ -112,7 +112,7 @@ def loop_round(model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: in
     return run
 
 
-def loop_step_round(model_cfg: GPT2Config, tc: TrainConfig, method: Method, steps: int):
+def loop_step_round(model_cfg: ModelConfig, tc: TrainConfig, method: Method, steps: int):
     """The round of `user_round`, one jitted training step per Python call, users in a Python
     loop: the structure of the reference PyTorch code (the benchmark's slowest baseline).
 

@@ -15,8 +15,7 @@ import optax
 
 from comigs_jax.federated.methods import Method
 from comigs_jax.federated.roles import EXPERT_ROLES, TRAINABLE_ROLES, filter_roles, merge, split_base
-from comigs_jax.model.config import GPT2Config
-from comigs_jax.model.gpt2 import init_params
+from comigs_jax.model.lm import ModelConfig, init_params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +86,7 @@ def leaks_active(tc: TrainConfig, method: Method) -> bool:
     return tc.faithful and method.alternating
 
 
-def init_trainable(model_cfg: GPT2Config, key: jax.Array) -> dict:
+def init_trainable(model_cfg: ModelConfig, key: jax.Array) -> dict:
     """Fresh adapter leaves (A random, B = 0, routers N(0, 0.02)) for one user."""
     return split_base(init_params(model_cfg, key))[1]
 
@@ -104,7 +103,7 @@ def init_user_state(params: dict, key: jax.Array, tc: TrainConfig, method: Metho
                      step=jnp.zeros((), jnp.int32), key=key, leak=leak)
 
 
-def init_states_unjitted(model_cfg: GPT2Config, tc: TrainConfig, method: Method, key: jax.Array, n_users: int,
+def init_states_unjitted(model_cfg: ModelConfig, tc: TrainConfig, method: Method, key: jax.Array, n_users: int,
                 n_shared_specialists: int | None = None) -> UserState:
     """Stacked states of n_users users [U, ...], with round 0's synchronisation applied.
 

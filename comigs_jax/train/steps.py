@@ -13,9 +13,8 @@ import optax
 
 from comigs_jax.federated.methods import Method
 from comigs_jax.federated.roles import TRAINABLE_ROLES, filter_roles, merge
-from comigs_jax.model.config import GPT2Config
-from comigs_jax.model.gpt2 import GPT2
 from comigs_jax.model.head import token_cross_entropy
+from comigs_jax.model.lm import ModelConfig, head_matrix, language_model
 from comigs_jax.train.state import (TrainConfig, UserState, expert_optimizer, expert_roles, leaks_active,
                                     router_optimizer)
 
@@ -27,19 +26,19 @@ def sample_windows(key: jax.Array, tokens: jax.Array, length: jax.Array, batch: 
     return tokens[starts[:, None] + jnp.arange(seq_len + 1)].astype(jnp.int32)
 
 
-def lm_loss(trainable: dict, base: dict, windows: jax.Array, mask: jax.Array, model_cfg: GPT2Config,
+def lm_loss(trainable: dict, base: dict, windows: jax.Array, mask: jax.Array, model_cfg: ModelConfig,
             lb_weight: float, dropout_key: jax.Array | None = None):
     """Mean next-token cross-entropy + lb_weight * (mean over layers of the balance loss).
 
     windows [B, T + 1]. Returns (loss, metrics) with ce, lb and routing statistics [L, E].
-    The tied head's cross-entropy runs in vocabulary blocks of model_cfg.head_block (no
+    The head's cross-entropy runs in vocabulary blocks of model_cfg.head_block (no
     [B, T, V] logits; 0 = full logits).
     """
     rngs = None if dropout_key is None else {"dropout": dropout_key}
     params = merge(base, trainable)
-    hidden, aux = GPT2(model_cfg).apply({"params": params}, windows[:, :-1], mask,
-                                        deterministic=dropout_key is None, rngs=rngs, return_hidden=True)
-    ce = token_cross_entropy(hidden, params["wte"]["embedding"], windows[:, 1:], model_cfg.head_block).mean()
+    hidden, aux = language_model(model_cfg).apply({"params": params}, windows[:, :-1], mask,
+                                                  deterministic=dropout_key is None, rngs=rngs, return_hidden=True)
+    ce = token_cross_entropy(hidden, head_matrix(params, model_cfg), windows[:, 1:], model_cfg.head_block).mean()
     lb = aux["lb"].mean() if aux else jnp.zeros((), jnp.float32)
     loss = ce + lb_weight * lb
     return loss, {"loss": loss, "ce": ce, "lb": lb,
@@ -55,12 +54,12 @@ def _grads(roles, params, base, windows, mask, model_cfg, tc, dropout_key):
     return metrics, grads
 
 
-def _needs_dropout_key(model_cfg: GPT2Config) -> bool:
+def _needs_dropout_key(model_cfg: ModelConfig) -> bool:
     return any(l is not None and l.dropout > 0 for l in (model_cfg.attn_lora, model_cfg.moe and model_cfg.moe.lora))
 
 
 def expert_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
-                model_cfg: GPT2Config, tc: TrainConfig, method: Method) -> tuple[UserState, dict]:
+                model_cfg: ModelConfig, tc: TrainConfig, method: Method) -> tuple[UserState, dict]:
     """One expert step on a TRAINING batch: updates attention and expert LoRA (and, in joint
     mode, the router); increments the step counter. In faithful mode it also adds the LoRA
     gradients leaked by the last router phase (D1) and banks its router gradient (D2)."""
@@ -84,7 +83,7 @@ def expert_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
 
 
 def router_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
-                model_cfg: GPT2Config, tc: TrainConfig, method: Method) -> tuple[UserState, dict]:
+                model_cfg: ModelConfig, tc: TrainConfig, method: Method) -> tuple[UserState, dict]:
     """One router step on a VALIDATION batch (TRAINING batch for alternating_train): updates
     the routers only. In faithful mode, the router gradient banked by the expert steps is added
     (D2, then cleared) and this step's LoRA gradient is banked for the next expert step (D1)."""
@@ -107,7 +106,7 @@ def router_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
 
 
 def evaluate_user(params: dict, base: dict, tokens: jax.Array, starts: jax.Array, weights: jax.Array,
-                  mask: jax.Array, *, model_cfg: GPT2Config, seq_len: int, batch: int) -> dict[str, Any]:
+                  mask: jax.Array, *, model_cfg: ModelConfig, seq_len: int, batch: int) -> dict[str, Any]:
     """Per-batch sums over the windows starting at `starts` [n] (n a multiple of `batch`), each
     window weighted by `weights` [n] (0 = padding, comigs_jax.train.evaluation.eval_windows).
 
@@ -115,9 +114,9 @@ def evaluate_user(params: dict, base: dict, tokens: jax.Array, starts: jax.Array
     cross-entropies, computed in float32), weight (sum of window weights), and the batch means
     of the load-balancing loss and routing statistics ([L, E]); the caller reduces them (the
     token-mean CE is sum(ce_sum) / (sum(weight) * seq_len))."""
-    model = GPT2(model_cfg)
+    model = language_model(model_cfg)
     variables = {"params": merge(base, params)}
-    embedding = variables["params"]["wte"]["embedding"]
+    embedding = head_matrix(variables["params"], model_cfg)
 
     def one_batch(sw):
         s, w = sw

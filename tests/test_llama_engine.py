@@ -1,0 +1,152 @@
+"""The Llama family through the engine: its loss head, vmap = sharded + chunked = loop, and
+experiment.run on a GGUF base whose tokenizer the data follows."""
+import dataclasses
+import json
+import os
+import re
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import traverse_util
+
+from comigs_jax import experiment
+from comigs_jax.errors import DataError
+from comigs_jax.experiment.simulation import Simulation
+from comigs_jax.federated.layout import Layout
+from comigs_jax.federated.methods import get_method
+from comigs_jax.federated.roles import split_base
+from comigs_jax.federated.sharding import single_device_mesh, users_mesh
+from comigs_jax.model.config import LlamaConfig, LoRAConfig, MoEConfig
+from comigs_jax.model.lm import head_matrix, init_params, language_model
+from comigs_jax.train.state import TrainConfig
+from comigs_jax.train.steps import lm_loss
+from tiny import markov_users, random_like
+
+VOCAB = 32
+
+
+def _cfg(tie: bool, n_experts=3, head_block=0):
+    return LlamaConfig(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=1, n_head=4, n_kv_head=2,
+                       intermediate_size=24, rope_theta=10000.0, tie_word_embeddings=tie,
+                       attn_lora=LoRAConfig(rank=2), head_block=head_block,
+                       moe=MoEConfig(n_experts=n_experts, n_generalists=1, top_k=2, lora=LoRAConfig(rank=2)))
+
+
+def _params(cfg, seed=0):
+    """Every leaf random (B factors too, so that the adapters change the logits); the head large
+    enough for the loss to depend on it."""
+    params = random_like(init_params(cfg, jax.random.key(seed)), 0.3, seed)
+    return params
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_loss_uses_the_familys_head(tie):
+    """lm_loss's blocked cross-entropy (a tail block included) equals optax's on the full logits of
+    the Llama itself: the tied embedding, or the untied lm_head's kernel transposed."""
+    cfg = _cfg(tie, head_block=12)  # 32 = 2 blocks of 12 + a tail of 8
+    params = _params(cfg)
+    assert ("lm_head" in params) != tie
+    base, trainable = split_base(params)
+    windows = np.random.default_rng(1).integers(0, VOCAB, (3, 9)).astype(np.int32)
+    mask = np.array([True, True, False])
+    loss, m = jax.jit(lm_loss, static_argnums=(4, 5))(trainable, base, windows, mask, cfg, 0.0)
+    logits, _ = jax.jit(lambda p: language_model(cfg).apply({"params": p}, windows[:, :-1], mask))(params)
+    want = optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).mean()
+    np.testing.assert_allclose(float(m["ce"]), float(want), rtol=1e-5)
+    assert head_matrix(params, cfg).shape == (VOCAB, cfg.n_embd)
+
+
+def _flat(tree):
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def test_vmap_sharded_chunked_and_loop_agree():
+    """12 Llama users (untied head, GQA) with 1-3 experts: the loop, one vmapped device, and 8
+    devices with 2 users each processed one at a time (chunk 1) give the same parameters and
+    losses after two rounds with a router phase and aggregation."""
+    assert jax.device_count() == 8
+    cfg = _cfg(tie=False)
+    base = split_base(_params(cfg))[0]
+    train, valid = markov_users(12, 300, 0), markov_users(12, 150, 100)
+    counts = [2, 3, 1, 3] * 3
+    tc = TrainConfig(rounds=2, local_steps=2, batch_size=4, seq_len=8, router_every=2, router_steps=1)
+    out = {}
+    for name, mode, layout in (("loop", "loop", Layout(12, single_device_mesh())),
+                               ("vmap", "vmap", Layout(12, single_device_mesh())),
+                               ("sharded_chunked", "vmap", Layout(12, users_mesh(), chunk=1))):
+        sim = Simulation(cfg, tc, get_method("comigs"), base, train, valid, expert_counts=counts, seed=3,
+                         mode=mode, layout=layout)
+        losses = []
+        for _ in range(2):
+            losses.append(np.asarray(sim.run_round()["loss"])[..., :12])
+            sim.aggregate()
+        out[name] = (_flat(jax.tree.map(lambda x: np.asarray(x)[:12], sim.states.params)), losses, sim)
+    assert out["sharded_chunked"][2].layout.model_chunk == 1
+    ref_p, ref_l, _ = out["loop"]
+    for name in ("vmap", "sharded_chunked"):
+        p, l, _ = out[name]
+        for k in ref_p:
+            np.testing.assert_allclose(p[k], ref_p[k], atol=2e-5, err_msg=f"{name} {k}")
+        np.testing.assert_allclose(np.stack(l), np.stack(ref_l), atol=2e-5)
+
+
+# ----------------------------------------------------------------------------- experiment.run
+def _run_cfg(workdir_base, **over):
+    from configs import demo
+    c = demo.get_config()
+    c.base = workdir_base
+    c.data.n_users = 2
+    c.data.synthetic.vocab_size = 96
+    c.data.train_tokens, c.data.valid_tokens, c.data.test_tokens = 2000, 600, 600
+    c.train.rounds, c.train.local_steps, c.train.batch_size, c.train.seq_len = 1, 2, 4, 16
+    c.train.router_every, c.train.router_steps = 2, 1
+    c.eval.n_windows, c.eval.batch_size = 4, 4
+    c.output.figures = False
+    c.output.progress = False
+    for k, v in over.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def test_gguf_base_and_the_data_follow_its_tokenizer(tmp_path):
+    """base = a Llama .gguf: converted once into <cache>/bases/ and loaded as an HF Llama
+    directory; its tokenizer (from the GGUF's metadata) tokenises the text users, and the run
+    trains on those ids; the run's identity keeps data.tokenizer='base'. The same data with
+    data.tokenizer='gpt2' is another cache entry whose ids the base cannot embed: one line,
+    before any compile."""
+    from test_data_text_files import write_corpus
+    from test_gguf import write_tiny_gguf
+    from transformers import AutoTokenizer
+
+    gguf_path = str(tmp_path / "tiny.gguf")
+    write_tiny_gguf(gguf_path)
+    root = write_corpus(str(tmp_path / "corpus"), n_docs=30)
+    cache = str(tmp_path / "cache")
+    over = {"data.source": "text_files", "data.text_files.root": root, "data.categories": "de,fr",
+            "data.cache_dir": cache, "data.train_tokens": 1500, "data.valid_tokens": 300, "data.test_tokens": 300}
+    cfg = _run_cfg(gguf_path, **over)
+    cfg.methods = "comigs"
+    wd = str(tmp_path / "run")
+    res = experiment.run(cfg, wd)[("comigs", 0)]
+    with open(os.path.join(wd, "config.json")) as f:
+        assert json.load(f)["identity"]["data.tokenizer"] == "base"
+    converted = os.path.join(cache, "bases", "tiny")
+    assert os.path.exists(os.path.join(converted, "tokenizer.json"))
+    tok = AutoTokenizer.from_pretrained(converted)
+    assert all(np.isfinite(u["test_ppl"]) for u in res["users"])
+    from comigs_jax.data import load_user_data
+    data_cfg = cfg.data.copy_and_resolve_references()
+    data_cfg.tokenizer = converted
+    data = load_user_data(data_cfg)  # from the run's cache
+    assert data.vocab_size == len(tok) and max(int(a.max()) for a in data.train) < len(tok)
+    text = tok.decode(data.train[0][:200].tolist())
+    assert re.search(r"Q(de|fr)\d+Q", text), text[:200]
+    with pytest.raises(DataError, match=r"outside the model's vocabulary of \d+ ids.*data.tokenizer='gpt2'"):
+        experiment.run(_run_cfg(gguf_path, **over, **{"data.tokenizer": "gpt2", "data.allow_fewer_tokens": True}),
+                       str(tmp_path / "run_gpt2"))
