@@ -150,3 +150,30 @@ def test_gguf_base_and_the_data_follow_its_tokenizer(tmp_path):
     with pytest.raises(DataError, match=r"outside the model's vocabulary of \d+ ids.*data.tokenizer='gpt2'"):
         experiment.run(_run_cfg(gguf_path, **over, **{"data.tokenizer": "gpt2", "data.allow_fewer_tokens": True}),
                        str(tmp_path / "run_gpt2"))
+
+
+def test_reference_bins_dtype_follows_the_vocabulary(tmp_path):
+    """A tokenizer of more than 65,536 ids (Llama 3's 128,256) reads uint32 files under "auto"
+    and refuses uint16 in one line; a smaller one keeps uint16 (test_reproduce)."""
+    from tokenizers import Tokenizer, models
+
+    from comigs_jax.data import default_data_config, load_user_data
+
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    vocab = {f"t{i}": i for i in range(70_000)}
+    Tokenizer(models.WordLevel(vocab, unk_token="t0")).save(str(tok_dir / "tokenizer.json"))
+    root = tmp_path / "bins" / "1"
+    root.mkdir(parents=True)
+    want = {s: np.random.default_rng(i).integers(0, 70_000, 300).astype(np.uint32)
+            for i, s in enumerate(("train", "valid", "test"))}
+    for s, a in want.items():
+        a.tofile(root / f"{s}_0.bin")
+    c = default_data_config()
+    c.source, c.dir, c.n_users, c.tokenizer = "reference_bins", str(tmp_path / "bins"), 1, str(tok_dir)
+    d = load_user_data(c)
+    assert d.vocab_size == 70_000 and d.train[0].dtype == np.uint32
+    np.testing.assert_array_equal(d.test[0], want["test"])
+    c.dtype = "uint16"
+    with pytest.raises(ValueError, match=r"^data.dtype='uint16' cannot hold the 70000 ids of data.tokenizer=.*'uint32' or 'auto'$"):
+        load_user_data(c)

@@ -27,9 +27,13 @@ class ReferenceBinsError(DataSourceError, ValueError):
 
 
 def bin_dtype(data_cfg, vocab_size: int) -> np.dtype:
-    """uint16 unless data.dtype says uint32 ("auto": uint32 only when the vocabulary needs it)."""
+    """The files' token dtype: uint16 while the vocabulary fits in it, uint32 otherwise ("auto"), or
+    data.dtype as given; uint16 for a vocabulary of more than 65,536 ids is a one-line error."""
     if data_cfg.dtype == "auto":
         return BIN_DTYPES["uint16" if vocab_size <= 65536 else "uint32"]
+    if data_cfg.dtype == "uint16" and vocab_size > 65536:
+        raise ReferenceBinsError(f"data.dtype='uint16' cannot hold the {vocab_size} ids of data.tokenizer="
+                                 f"{data_cfg.tokenizer!r}: 'uint32' or 'auto'")
     return BIN_DTYPES[data_cfg.dtype]
 
 
