@@ -51,14 +51,15 @@ import dataclasses
 import math
 import os
 import sys
-from typing import Optional
+from typing import Optional, Union
 
 from comigs_jax.federated.methods import Method, configure_model
 from comigs_jax.federated.users import device_chunk, padded_user_count
-from comigs_jax.model.config import REMAT, GPT2Config
+from comigs_jax.model.config import REMAT, GPT2Config, LlamaConfig
 from comigs_jax.train.state import TrainConfig
 
 GiB = 2**30
+ModelConfig = Union[GPT2Config, LlamaConfig]  # comigs_jax.model.lm's (without importing the models)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,19 +96,71 @@ def _itemsize(dtype: str) -> int:
 
 # ----------------------------------------------------------------------------- parameters
 
-def param_counts(cfg: GPT2Config) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Shapes:
+    """The matmul and parameter shapes of a model config, per family (`shapes(cfg)`): everything
+    param_counts, shared_bytes and step_flops read, so that they are one count for every family.
+
+    attn: the attention's projections (name, d_in, d_out), each a frozen kernel (+ bias) with a LoRA
+      when cfg.attn_lora; the last is the output projection, the others read the block input.
+    mlp: the frozen MLP's matmuls (name, d_in, d_out); every expert has a LoRA on each.
+    width: the attention's inner width H * head_dim (Q K^T and P V run over all H query heads).
+    hidden: the MLP's hidden width F. norm: parameters of one norm (LayerNorm 2d, RMSNorm d).
+    positions: rows of a position table (GPT-2's wpe; 0: RoPE). head: the LM head's name in the
+    plan's shared bytes; untied_head: a separate lm_head kernel [d, V] beside the embedding.
+    """
+
+    family: str
+    d: int
+    n_layer: int
+    vocab: int
+    attn: tuple
+    mlp: tuple
+    width: int
+    n_head: int
+    hidden: int
+    bias: bool
+    norm: int
+    positions: int
+    untied_head: bool
+    head: str
+
+
+def shapes(cfg: ModelConfig) -> Shapes:
+    """The Shapes of a GPT2Config or a LlamaConfig (dispatch on cfg.family)."""
+    d, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
+    family = getattr(cfg, "family", None)
+    if family == "gpt2":
+        f = 4 * d
+        return Shapes("gpt2", d, L, V, attn=(("c_attn", d, 3 * d), ("c_proj", d, d)),
+                      mlp=(("c_fc", d, f), ("c_proj", f, d)), width=d, n_head=cfg.n_head, hidden=f, bias=True,
+                      norm=2 * d, positions=cfg.n_positions, untied_head=False, head="wte_transposed")
+    if family == "llama":
+        q, kv, f = cfg.n_head * cfg.dim_head, cfg.n_kv_head * cfg.dim_head, cfg.intermediate_size
+        untied = not cfg.tie_word_embeddings
+        return Shapes("llama", d, L, V, attn=(("q_proj", d, q), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", q, d)),
+                      mlp=(("gate_proj", d, f), ("up_proj", d, f), ("down_proj", f, d)), width=q, n_head=cfg.n_head,
+                      hidden=f, bias=False, norm=d, positions=0, untied_head=untied,
+                      head="lm_head_transposed" if untied else "embed_transposed")
+    raise ValueError(f"model config {type(cfg).__name__} has family={family!r}: allowed gpt2, llama")
+
+
+def param_counts(cfg: ModelConfig) -> dict:
     """Parameters by role (method.md §1.7), from the shapes: base, attn, generalist,
     specialist, router; `expert_each` is one expert's LoRA factors."""
-    d, L, V, f = cfg.n_embd, cfg.n_layer, cfg.vocab_size, 4 * cfg.n_embd
-    base = V * d + cfg.n_positions * d + 2 * d  # wte, wpe, ln_f
-    base += L * (2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * f + f) + (f * d + d))
+    s = shapes(cfg)
+    d, L, V = s.d, s.n_layer, s.vocab
+    dense = lambda mats: sum(i * o + (o if s.bias else 0) for _, i, o in mats)
+    lora = lambda mats, r: sum(r * (i + o) for _, i, o in mats)
+    # embedding, position table, final norm, untied head; per layer two norms, attention and MLP
+    base = V * d + s.positions * d + s.norm + (V * d if s.untied_head else 0)
+    base += L * (2 * s.norm + dense(s.attn) + dense(s.mlp))
     out = {"base": base, "attn": 0, "generalist": 0, "specialist": 0, "router": 0, "expert_each": 0}
     if cfg.attn_lora is not None:
-        r = cfg.attn_lora.rank
-        out["attn"] = L * (r * (d + 3 * d) + r * (d + d))
+        out["attn"] = L * lora(s.attn, cfg.attn_lora.rank)
     if cfg.moe is not None:
-        moe, r = cfg.moe, cfg.moe.lora.rank
-        each = r * (d + f) + r * (f + d)
+        moe = cfg.moe
+        each = lora(s.mlp, moe.lora.rank)
         out["expert_each"] = L * each
         out["generalist"] = L * each * moe.n_generalists
         out["specialist"] = L * each * moe.n_specialists
@@ -116,7 +169,7 @@ def param_counts(cfg: GPT2Config) -> dict:
     return out
 
 
-def state_bytes(cfg: GPT2Config, tc: TrainConfig, method: Method) -> dict:
+def state_bytes(cfg: ModelConfig, tc: TrainConfig, method: Method) -> dict:
     """Bytes of one user's UserState (params, both AdamW states, counters, key, leaks)."""
     p = param_counts(cfg)
     joint = method.router_mode == "joint"
@@ -141,96 +194,169 @@ PROFILES = ("cpu", "accelerator")
 # (it recomputes the cheapest in the backward fusions): fitted to the compiled tiny round at seven
 # shapes (docs/scaling.md); JAX's own residual list (print_saved_residuals) has six.
 CPU_GELU_TERMS = 4
+# Llama's SwiGLU experts: JAX saves five [E, N, F] per layer without jax.checkpoint (the gate and
+# up pre-activations, sigmoid(gate), silu(gate) and the product a); XLA's CPU fusions keep
+# CPU_SWIGLU_TERMS of them, fitted to the compiled tiny Llama round (docs/scaling.md).
+CPU_SWIGLU_TERMS = 5
 
 
-def head_block_of(cfg: GPT2Config) -> int:
+def head_block_of(cfg: ModelConfig) -> int:
     """Vocabulary columns the loss's head computes at once: cfg.head_block capped at V (0: the
     full [N, V] logits, the model without a blocked cross-entropy)."""
     return min(cfg.head_block, cfg.vocab_size)
 
 
-def _layer_tensors(cfg: GPT2Config, batch: int, seq_len: int, profile: str, remat: str, l: int
-                   ) -> list[tuple[str, int, int]]:
-    """What the backward keeps of one transformer block (layer l) of one user."""
+def _scores_tensors(batch: int, heads: int, seq_len: int, profile: str, a: int) -> list[tuple[str, int, int]]:
+    """What the backward keeps of jax.nn.dot_product_attention's softmax(Q K^T) over all query heads
+    (grouped-query or not): [B, H, T, T] tensors, one layer."""
+    bhtt = batch * heads * seq_len * seq_len
+    if profile == "cpu":
+        return [("attn masked scores, exp(scores) [B,H,T,T] (f32)", 2 * bhtt, 4),
+                ("attn causal mask [B,H,T,T] (bool)", bhtt, 1),
+                ("attn softmax statistics [B,H,T] (f32)", 2 * batch * heads * seq_len, 4),
+                ("attn probabilities [B,H,T,T]", bhtt, 4 if a == 4 else a)]
+    return [("attn probabilities [B,H,T,T] (f32)", bhtt, 4), ("attn probabilities cast [B,H,T,T]", bhtt, a)]
+
+
+def _cpu_gate_tensors(n: int, moe) -> list[tuple[str, int, int]]:
+    """The router's and the load balancing's float32 tensors of one layer, as JAX saves them."""
+    e, k = moe.n_experts, moe.top_k
+    return [("gate: logits, top-k, softmax, one-hot, load balancing (f32)", 5 * n * e + n * k + n * k * e + 4 * n, 4)]
+
+
+def _gpt2_layer(cfg: GPT2Config, batch: int, seq_len: int, profile: str, remat: str) -> list[tuple[str, int, int]]:
+    """What the backward keeps of one GPT-2 block of one user (names without the layer prefix)."""
     a = _itemsize(cfg.dtype)
-    d, H, T = cfg.n_embd, cfg.n_head, seq_len
+    d, H = cfg.n_embd, cfg.n_head
     n, f = batch * seq_len, 4 * cfg.n_embd
-    p = f"L{l}."
-    bhtt = batch * H * T * T
+    scores = _scores_tensors(batch, H, seq_len, profile, a)
     t = []
     if profile == "cpu":
         # flax LayerNorm: x - mean, x^2 and the normalised x in float32, and per-token statistics;
         # ln_1's output (the attention's and its LoRA's input) is kept too.
         per_ln = [("ln (x - mean, x^2, normalised) (f32)", 3 * n * d, 4), ("ln statistics [N] (f32)", 4 * n, 4)]
-        t += [(p + "ln_1 " + nm, e, b) for nm, e, b in per_ln] + [(p + "ln_1 output", n * d, a)]
+        t += [("ln_1 " + nm, e, b) for nm, e, b in per_ln] + [("ln_1 output", n * d, a)]
         if cfg.attn_lora is not None:
-            t += [(p + "attn x@A (c_attn, c_proj)", 2 * n * cfg.attn_lora.rank, a)]
-        t += [(p + "attn q, k, v", 3 * n * d, a),
-              (p + "attn masked scores, exp(scores) [B,H,T,T] (f32)", 2 * bhtt, 4),
-              (p + "attn causal mask [B,H,T,T] (bool)", bhtt, 1),
-              (p + "attn softmax statistics [B,H,T] (f32)", 2 * batch * H * T, 4),
-              (p + "attn output y (c_proj input)", n * d, a)]
-        t += [(p + "attn probabilities [B,H,T,T]", bhtt, 4 if a == 4 else a)]
-        t += [(p + "ln_2 " + nm, e, b) for nm, e, b in per_ln]
+            t += [("attn x@A (c_attn, c_proj)", 2 * n * cfg.attn_lora.rank, a)]
+        t += [("attn q, k, v", 3 * n * d, a), *scores[:3], ("attn output y (c_proj input)", n * d, a), scores[3]]
+        t += [("ln_2 " + nm, e, b) for nm, e, b in per_ln]
         if cfg.moe is None:
-            return t + [(p + "mlp c_fc output, gelu terms [N,4d]", 6 * n * f, a)]
-        e, r, k = cfg.moe.n_experts, cfg.moe.lora.rank, cfg.moe.top_k
-        t += [(p + "gate: logits, top-k, softmax, one-hot, load balancing (f32)", 5 * n * e + n * k + n * k * e + 4 * n, 4),
-              (p + "moe input h [N,d], weights [N,E]", n * d + n * e, a),
-              (p + "moe h@A [N,E*r]", n * e * r, a),
-              (p + f"moe expert gelu terms {CPU_GELU_TERMS} x [E,N,4d]", CPU_GELU_TERMS * e * n * f, a),
-              (p + "moe mixed [N,4d] (frozen c_proj input)", n * f, a),
-              (p + "moe g@A [E,N,r], its weighted [N,E*r]", 2 * e * n * r + e * n, a),
-              (p + "moe LoRA factors concatenated over experts", 2 * e * r * f + 2 * d * e * r, a)]
+            return t + [("mlp c_fc output, gelu terms [N,4d]", 6 * n * f, a)]
+        e, r = cfg.moe.n_experts, cfg.moe.lora.rank
+        t += [*_cpu_gate_tensors(n, cfg.moe),
+              ("moe input h [N,d], weights [N,E]", n * d + n * e, a),
+              ("moe h@A [N,E*r]", n * e * r, a),
+              (f"moe expert gelu terms {CPU_GELU_TERMS} x [E,N,4d]", CPU_GELU_TERMS * e * n * f, a),
+              ("moe mixed [N,4d] (frozen c_proj input)", n * f, a),
+              ("moe g@A [E,N,r], its weighted [N,E*r]", 2 * e * n * r + e * n, a),
+              ("moe LoRA factors concatenated over experts", 2 * e * r * f + 2 * d * e * r, a)]
         return t
     # accelerator: XLA's GPU fusion (docs/scaling.md)
-    t += [(p + "ln_1, ln_2 inputs and outputs [N,d]", 4 * n * d, a),
-          (p + "ln statistics [N] (f32)", 4 * n, 4),
-          (p + "attn qkv [N,3d] and its head-major copy", 2 * 3 * n * d, a),
-          (p + "attn probabilities [B,H,T,T] (f32)", bhtt, 4),
-          (p + "attn probabilities cast [B,H,T,T]", bhtt, a),
-          (p + "attn output y (c_proj input)", n * d, a)]
+    t += [("ln_1, ln_2 inputs and outputs [N,d]", 4 * n * d, a),
+          ("ln statistics [N] (f32)", 4 * n, 4),
+          ("attn qkv [N,3d] and its head-major copy", 2 * 3 * n * d, a),
+          *scores,
+          ("attn output y (c_proj input)", n * d, a)]
     if cfg.attn_lora is not None:
-        t += [(p + "attn x@A (c_attn, c_proj)", 2 * n * cfg.attn_lora.rank, a)]
+        t += [("attn x@A (c_attn, c_proj)", 2 * n * cfg.attn_lora.rank, a)]
     if cfg.moe is None:
-        return t + [(p + "mlp c_fc output and gelu output [N,4d]", 2 * n * f, a)]
+        return t + [("mlp c_fc output and gelu output [N,4d]", 2 * n * f, a)]
     e, r = cfg.moe.n_experts, cfg.moe.lora.rank
     if remat == "moe":  # the expert core is recomputed from u: no [E, N, 4d] kept
-        t += [(p + "moe frozen c_fc output u and mixed [N,4d]", 2 * n * f, a)]
+        t += [("moe frozen c_fc output u and mixed [N,4d]", 2 * n * f, a)]
     else:  # the lean expert MLP: only the pre-activation of every expert
-        t += [(p + "moe mixed [N,4d]", n * f, a),
-              (p + "moe expert pre-activation [E,N,4d]", e * n * f, a)]
-    t += [(p + "moe h@A, g@A, weights", n * e * r + e * n * r + n * e, a),
-          (p + "gate: logits, top-k, softmax, load balancing [N,E] (f32)", 12 * n * e, 4)]
+        t += [("moe mixed [N,4d]", n * f, a),
+              ("moe expert pre-activation [E,N,4d]", e * n * f, a)]
+    t += [("moe h@A, g@A, weights", n * e * r + e * n * r + n * e, a),
+          ("gate: logits, top-k, softmax, load balancing [N,E] (f32)", 12 * n * e, 4)]
     return t
 
 
-def _head_tensors(cfg: GPT2Config, batch: int, seq_len: int, profile: str) -> list[tuple[str, int, int]]:
+def _llama_layer(cfg: LlamaConfig, batch: int, seq_len: int, profile: str, remat: str) -> list[tuple[str, int, int]]:
+    """What the backward keeps of one Llama block of one user (names without the layer prefix):
+    two RMSNorms (float32 math, output in the activation dtype), q/k/v and their RoPE rotation,
+    grouped-query attention (the scores of all H query heads), the SwiGLU mixture of experts."""
+    a = _itemsize(cfg.dtype)
+    d, hd = cfg.n_embd, cfg.dim_head
+    n, f = batch * seq_len, cfg.intermediate_size
+    qkv = n * (cfg.n_head + 2 * cfg.n_kv_head) * hd                      # q [N, H hd], k, v [N, KV hd]
+    scores = _scores_tensors(batch, cfg.n_head, seq_len, profile, a)
+    lora = [("attn x@A (q, k, v, o_proj)", 4 * n * cfg.attn_lora.rank, a)] if cfg.attn_lora is not None else []
+    if profile == "cpu":
+        # RMSNorm: its float32 input and 1/rms [N] (the scale is frozen: no normalised copy), its
+        # output in the activation dtype (the next matmuls' and their LoRA's input).
+        t = [("input_layernorm, post_attention_layernorm inputs (f32)", 2 * n * d, 4),
+             ("rms statistics [N] (f32)", 4 * n, 4),
+             ("input_layernorm, post_attention_layernorm outputs [N,d]", 2 * n * d, a),
+             *lora, ("attn q, k, v after RoPE", qkv, a), *scores,
+             ("attn output y (o_proj input)", n * cfg.n_head * hd, a)]
+        if cfg.moe is None:  # gate, up, sigmoid(gate), silu(gate), the product
+            return t + [("mlp gate, up outputs, silu terms [N,F]", 5 * n * f, a)]
+        e, r = cfg.moe.n_experts, cfg.moe.lora.rank
+        return t + [*_cpu_gate_tensors(n, cfg.moe),
+                    ("moe weights [N,E]", n * e, a),
+                    ("moe h@A (gate, up) [N,2*E*r]", 2 * n * e * r, a),
+                    (f"moe expert SwiGLU terms {CPU_SWIGLU_TERMS} x [E,N,F]", CPU_SWIGLU_TERMS * e * n * f, a),
+                    ("moe a@A [E,N,r], its weighted [N,E*r]", 2 * e * n * r + e * n, a),
+                    ("moe LoRA factors concatenated over experts", 3 * e * r * f + 3 * d * e * r, a)]
+    # accelerator: GPT-2's buffer assignment on an H100 carried over to Llama's tensors (not read
+    # on a GPU): norms keep their inputs and outputs, q/k/v kept before and after RoPE (the head-major
+    # copy), the lean SwiGLU core keeps its two pre-activations (both named "moe_pre").
+    t = [("input_layernorm, post_attention_layernorm inputs and outputs [N,d]", 4 * n * d, a),
+         ("rms statistics [N] (f32)", 2 * n, 4),
+         ("attn q, k, v [N,(H+2KV)hd] and after RoPE", 2 * qkv, a),
+         *scores,
+         ("attn output y (o_proj input)", n * cfg.n_head * hd, a), *lora]
+    if cfg.moe is None:
+        return t + [("mlp gate, up outputs and their product [N,F]", 3 * n * f, a)]
+    e, r = cfg.moe.n_experts, cfg.moe.lora.rank
+    if remat == "moe":  # the core is recomputed from the frozen gate and up outputs: no [E, N, F] kept
+        t += [("moe frozen gate, up outputs g, u and mixed [N,F]", 3 * n * f, a)]
+    else:
+        t += [("moe mixed [N,F]", n * f, a),
+              ("moe expert gate and up pre-activations 2 x [E,N,F]", 2 * e * n * f, a)]
+    return t + [("moe h@A (gate, up), a@A, weights", 2 * n * e * r + e * n * r + n * e, a),
+                ("gate: logits, top-k, softmax, load balancing [N,E] (f32)", 12 * n * e, 4)]
+
+
+def _layer_tensors(cfg: ModelConfig, batch: int, seq_len: int, profile: str, remat: str, l: int
+                   ) -> list[tuple[str, int, int]]:
+    """What the backward keeps of one transformer block (layer l) of one user."""
+    layer = _gpt2_layer if shapes(cfg).family == "gpt2" else _llama_layer
+    return [(f"L{l}." + name, e, b) for name, e, b in layer(cfg, batch, seq_len, profile, remat)]
+
+
+def _head_tensors(cfg: ModelConfig, batch: int, seq_len: int, profile: str) -> list[tuple[str, int, int]]:
     a = _itemsize(cfg.dtype)
     n, d, V = batch * seq_len, cfg.n_embd, cfg.vocab_size
-    if profile == "cpu":
+    gpt2 = shapes(cfg).family == "gpt2"
+    if profile == "cpu" and gpt2:
         t = [("head ln_f (x - mean, x^2, normalised) (f32)", 3 * n * d, 4), ("head ln_f statistics (f32)", 4 * n, 4),
              ("head ln_f output [N,d]", n * d, a)]
+    elif profile == "cpu":
+        t = [("head norm input (f32)", n * d, 4), ("head norm statistics (f32)", 2 * n, 4), ("head norm output [N,d]", n * d, a)]
     else:
-        t = [("head ln_f input and output [N,d]", 2 * n * d, a)]
+        t = [(f"head {'ln_f' if gpt2 else 'norm'} input and output [N,d]", 2 * n * d, a)]
     if head_block_of(cfg):  # blocked cross-entropy: d ce / d x [N, d], log-sum-exp [N]
         return t + [("head d ce/dx [N,d] (blocked cross-entropy)", n * d, a), ("head log-sum-exp, label logit [N] (f32)", 2 * n, 4)]
     return t + [("head exp(logits) [N,V] (f32)", n * V, 4)]
 
 
-def activation_tensors(cfg: GPT2Config, batch: int, seq_len: int, profile: str = "accelerator"
+def activation_tensors(cfg: ModelConfig, batch: int, seq_len: int, profile: str = "accelerator"
                        ) -> list[tuple[str, int, int]]:
     """What the backward pass of one expert step keeps, per user: (name, elements, bytes each).
 
     profile "cpu": what XLA's CPU backend keeps: JAX's saved residuals of the loss without any
     jax.checkpoint (XLA:CPU merges a checkpoint's recomputation back into the forward, so
     `model.remat` and the lean expert MLP do not change its memory: jax-ml/jax#19822, measured in
-    docs/scaling.md), with CPU_GELU_TERMS of the tanh-GELU's six [E, N, 4d] terms. Profile
-    "accelerator": what XLA's GPU backend keeps after fusion (its buffer assignment for GPT-2 on an
-    H100, docs/scaling.md) for the lean expert MLP (one [E, N, 4d] per layer) and `model.remat`:
-    "moe" keeps no [E, N, 4d], "block" keeps only each block's input (one block is recomputed at a
-    time in the backward: `transient_tensors`). N = batch x seq_len tokens, a = the activation
-    dtype's bytes. Without a blocked cross-entropy (cfg.head_block 0) the head keeps exp(logits).
+    docs/scaling.md), with CPU_GELU_TERMS of the tanh-GELU's six [E, N, 4d] terms (GPT-2) or
+    CPU_SWIGLU_TERMS of SwiGLU's five [E, N, F] (Llama). Profile "accelerator": what XLA's GPU
+    backend keeps after fusion (its buffer assignment for GPT-2 on an H100, docs/scaling.md; carried
+    over to Llama's tensors) for the lean expert MLP (one [E, N, 4d] per layer for GPT-2, the gate
+    and up pre-activations for Llama) and `model.remat`: "moe" keeps no [E, N, F], "block" keeps
+    only each block's input (one block is recomputed at a time in the backward:
+    `transient_tensors`). N = batch x seq_len tokens, a = the activation dtype's bytes. Without a
+    blocked cross-entropy (cfg.head_block 0) the head keeps exp(logits).
     """
     if profile not in PROFILES:
         raise ValueError(f"profile={profile!r}: allowed {PROFILES}")
@@ -242,14 +368,16 @@ def activation_tensors(cfg: GPT2Config, batch: int, seq_len: int, profile: str =
     return t + _head_tensors(cfg, batch, seq_len, profile)
 
 
-def transient_tensors(cfg: GPT2Config, batch: int, seq_len: int, profile: str = "accelerator"
+def transient_tensors(cfg: ModelConfig, batch: int, seq_len: int, profile: str = "accelerator"
                       ) -> list[tuple[str, int, int]]:
     """The backward's largest working set beyond the kept activations, per user: the head's (the
     blocked cross-entropy's [N, block] float32 logits and probabilities, or the full d logits), or
-    one layer's (its GELU derivative; with remat "block" that block's recomputed activations,
-    with "moe" its recomputed expert tensors), whichever is larger."""
+    one layer's (its activation's derivative: GPT-2's GELU, Llama's SwiGLU gate and up gradients;
+    with remat "block" that block's recomputed activations, with "moe" its recomputed expert
+    tensors), whichever is larger."""
     a = _itemsize(cfg.dtype)
-    n, f, V = batch * seq_len, 4 * cfg.n_embd, cfg.vocab_size
+    s = shapes(cfg)
+    n, f, V = batch * seq_len, s.hidden, cfg.vocab_size
     block = head_block_of(cfg)
     if block:
         head = [("head logits and probabilities of one vocabulary block [N,block] (f32)", 2 * n * block, 4)]
@@ -260,7 +388,11 @@ def transient_tensors(cfg: GPT2Config, batch: int, seq_len: int, profile: str = 
     if profile == "cpu" or cfg.moe is None:
         return head
     remat, e = cfg.remat, cfg.moe.n_experts
-    layer = [("one layer: expert GELU backward [E,N,4d]", (2 if remat == "moe" else 1) * e * n * f, a)]
+    recompute = 2 if remat == "moe" else 1  # with "moe" the core's forward is recomputed too
+    if s.family == "gpt2":
+        layer = [("one layer: expert GELU backward [E,N,4d]", recompute * e * n * f, a)]
+    else:
+        layer = [("one layer: expert SwiGLU backward, d gate and d up [E,N,F]", recompute * 2 * e * n * f, a)]
     if remat == "block":
         layer += [("one layer: " + nm.split(".", 1)[1], el, b)
                   for nm, el, b in _layer_tensors(cfg, batch, seq_len, profile, "none", cfg.n_layer - 1)]
@@ -268,7 +400,7 @@ def transient_tensors(cfg: GPT2Config, batch: int, seq_len: int, profile: str = 
     return head if total(head) >= total(layer) else layer
 
 
-def step_bytes(cfg: GPT2Config, tc: TrainConfig, method: Method, profile: str = "accelerator") -> dict:
+def step_bytes(cfg: ModelConfig, tc: TrainConfig, method: Method, profile: str = "accelerator") -> dict:
     """Working set of one training step of one user: kept activations + the backward's largest
     transient + gradients + the sampled windows."""
     kept = sum(e * b for _, e, b in activation_tensors(cfg, tc.batch_size, tc.seq_len, profile))
@@ -280,43 +412,48 @@ def step_bytes(cfg: GPT2Config, tc: TrainConfig, method: Method, profile: str = 
     return out
 
 
-def shared_bytes(cfg: GPT2Config) -> dict:
-    """Replicated bytes (no user axis): the frozen base and what XLA derives from it."""
+def shared_bytes(cfg: ModelConfig) -> dict:
+    """Replicated bytes (no user axis): the frozen base and what XLA derives from it: its frozen
+    kernels in the activation dtype, and the LM head as [V, d] in the activation dtype (the tied
+    embedding, or an untied Llama's lm_head kernel transposed; comigs_jax.model.lm.head_matrix)."""
+    s = shapes(cfg)
     p = param_counts(cfg)["base"]
     a = _itemsize(cfg.dtype)
-    d = cfg.n_embd
-    emb = (cfg.vocab_size + cfg.n_positions) * d
+    tables = (s.vocab * (2 if s.untied_head else 1) + s.positions) * s.d  # embedding, wpe, untied head
     out = {"base_f32": 4 * p,
-           "base_cast": a * (p - emb) if a != 4 else 0,   # frozen kernels in the activation dtype
-           "wte_transposed": (4 if a == 4 else a) * cfg.vocab_size * d}  # the tied head's [d, V]
+           "base_cast": a * (p - tables) if a != 4 else 0,   # frozen kernels in the activation dtype
+           s.head: (4 if a == 4 else a) * s.vocab * s.d}     # the head's [V, d]
     out["total"] = sum(out.values())
     return out
 
 
 # ----------------------------------------------------------------------------- FLOPs
 
-def step_flops(cfg: GPT2Config, batch: int, seq_len: int) -> dict:
-    """Matmul FLOPs of one user's expert step and router step (module docstring's convention)."""
-    d, L, V, T = cfg.n_embd, cfg.n_layer, cfg.vocab_size, seq_len
-    n, f = batch * seq_len, 4 * cfg.n_embd
+def step_flops(cfg: ModelConfig, batch: int, seq_len: int) -> dict:
+    """Matmul FLOPs of one user's expert step and router step (module docstring's convention),
+    from `shapes(cfg)`: the same count for GPT-2 (c_attn, c_proj, c_fc, c_proj) and Llama (q, k, v,
+    o, gate, up, down; attention scores over all H query heads, grouped-query or not)."""
+    s = shapes(cfg)
+    L, T, n = s.n_layer, seq_len, batch * seq_len
     mm = lambda m, k, nn: 2 * m * k * nn
     fwd = {"frozen": 0, "lora": 0, "attention": 0, "router": 0, "moe_mix": 0, "head": 0}
-    # c_attn, c_proj, c_fc, mlp c_proj (frozen) per layer
-    fwd["frozen"] = L * (mm(n, d, 3 * d) + mm(n, d, d) + mm(n, d, f) + mm(n, f, d))
-    fwd["attention"] = L * 2 * mm(batch * T, d, T)  # Q K^T and P V over all heads (full T x T)
+    fwd["frozen"] = L * sum(mm(n, i, o) for _, i, o in s.attn + s.mlp)
+    fwd["attention"] = L * 2 * mm(batch * T, s.width, T)  # Q K^T and P V over all heads (full T x T)
     if cfg.attn_lora is not None:
         r = cfg.attn_lora.rank
-        fwd["lora"] += L * (mm(n, d, r) + mm(n, r, 3 * d) + mm(n, d, r) + mm(n, r, d))
+        fwd["lora"] += L * sum(mm(n, i, r) + mm(n, r, o) for _, i, o in s.attn)
     if cfg.moe is not None:
         e, r = cfg.moe.n_experts, cfg.moe.lora.rank
-        fwd["lora"] += L * (mm(n, d, e * r) + e * mm(n, r, f) + e * mm(n, f, r) + mm(n, e * r, d))
-        fwd["moe_mix"] = L * mm(n, e, f)  # sum_e w_e g_e
+        # every expert's x A and (x A) B on each MLP matmul (batched over experts, or concatenated)
+        fwd["lora"] += L * e * sum(mm(n, i, r) + mm(n, r, o) for _, i, o in s.mlp)
+        fwd["moe_mix"] = L * mm(n, e, s.hidden)  # sum_e w_e g_e
         if cfg.moe.router == "learned":
-            fwd["router"] = L * 2 * mm(n, d, e)  # router logits + the load balancing's block-output logits
-    fwd["head"] = mm(n, d, V)
+            fwd["router"] = L * 2 * mm(n, s.d, e)  # router logits + the load balancing's block-output logits
+    fwd["head"] = mm(n, s.d, s.vocab)
     forward = sum(fwd.values())
-    # Layer 0's frozen c_attn reads the embeddings: no input gradient needed there.
-    first = mm(n, d, 3 * d)
+    # Layer 0's frozen projections of the block input (c_attn; q, k, v) read the (frozen)
+    # embeddings: no input gradient needed there.
+    first = sum(mm(n, i, o) for _, i, o in s.attn[:-1])
     input_grads = forward - first  # every matmul on the gradient path, once
     both = fwd["attention"] + fwd["moe_mix"]  # products of two activations: both operands get gradients
     expert = forward + input_grads + both + fwd["lora"]  # + the LoRA factors' weight gradients
@@ -326,7 +463,7 @@ def step_flops(cfg: GPT2Config, batch: int, seq_len: int) -> dict:
     return {"forward": forward, "forward_parts": fwd, "expert_step": expert, "router_step": router}
 
 
-def round_flops(cfg: GPT2Config, tc: TrainConfig, method: Method, steps: Optional[int] = None) -> dict:
+def round_flops(cfg: ModelConfig, tc: TrainConfig, method: Method, steps: Optional[int] = None) -> dict:
     """One user's FLOPs in one round: `steps` expert steps plus the round's share of router
     phases (steps / router_every phases of router_steps steps, on average over rounds)."""
     steps = tc.local_steps if steps is None else steps
@@ -371,7 +508,7 @@ def users_per_device(room: float, per_user: dict, chunk: int = 0) -> int:
     return max(min(at_once, chunk), chunked)
 
 
-def plan(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_users: int, *,
+def plan(model_cfg: ModelConfig, tc: TrainConfig, method: Method, n_users: int, *,
          train_tokens: int = 1_000_000, valid_tokens: int = 100_000, token_bytes: Optional[int] = None,
          targets: Optional[list[str]] = None, mfu: float = MFU, usable_fraction: float = USABLE_FRACTION,
          profile: str = "accelerator", user_chunk: int = 0) -> dict:
@@ -402,7 +539,7 @@ def plan(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_users: int, *
                      "users_per_device": upd, "devices": devices, "users_on_busiest_device": per_device,
                      "round_seconds": sec, "note": t.note})
     return {
-        "config": {"n_users": n_users, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size,
+        "config": {"n_users": n_users, "family": shapes(cfg).family, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size,
                    "dtype": cfg.dtype, "batch_size": tc.batch_size, "seq_len": tc.seq_len,
                    "local_steps": tc.local_steps, "router_every": tc.router_every, "router_steps": tc.router_steps,
                    "method": method.name, "n_experts": cfg.moe.n_experts if cfg.moe else 0,
@@ -438,7 +575,8 @@ def _group_activations(tensors) -> dict:
 
 def format_plan(p: dict) -> str:
     c, pc = p["config"], p["params"]
-    lines = [f"# Capacity plan: {c['n_users']:,} users, GPT-2 {c['n_layer']}L x {c['n_embd']} (V {c['vocab_size']:,}), "
+    family = {"gpt2": "GPT-2", "llama": "Llama"}[c["family"]]
+    lines = [f"# Capacity plan: {c['n_users']:,} users, {family} {c['n_layer']}L x {c['n_embd']} (V {c['vocab_size']:,}), "
              f"{c['method']} ({c['n_generalists']}G + {c['n_experts'] - c['n_generalists']}S), "
              f"batch {c['batch_size']} x {c['seq_len']}, {c['dtype']}, remat {c['remat']!r}, "
              f"user_chunk {c['user_chunk']}, activation profile {c['profile']!r}", ""]
@@ -487,7 +625,7 @@ def format_plan(p: dict) -> str:
 
 # ----------------------------------------------------------------------------- measurement
 
-def compiled_memory(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_users: int, *,
+def compiled_memory(model_cfg: ModelConfig, tc: TrainConfig, method: Method, n_users: int, *,
                     train_tokens: int, valid_tokens: int, token_dtype: str = "uint16", user_chunk: int = 0,
                     compiler_options: Optional[dict] = None) -> dict:
     """Bytes of the compiled round program `vmap_round(...)` at U = n_users on one device of the
@@ -533,7 +671,7 @@ def compiled_memory(model_cfg: GPT2Config, tc: TrainConfig, method: Method, n_us
     return out
 
 
-def measure(model_cfg: GPT2Config, tc: TrainConfig, method: Method, users=(16, 64), profile: Optional[str] = None,
+def measure(model_cfg: ModelConfig, tc: TrainConfig, method: Method, users=(16, 64), profile: Optional[str] = None,
             user_chunk: int = 0, **kw) -> dict:
     """Compiled bytes at each U (the same `user_chunk`), the marginal bytes per row (user, padding
     included) between the smallest and largest U, and the model's bytes beside them: per U the
@@ -580,11 +718,38 @@ def _ints(s) -> list[int]:
     return [int(x) for x in str(s).replace(" ", "").split(",") if x]
 
 
+# The vocabulary of a named base (vocab_size 0): a Llama size's own, else GPT-2's tokenizer (the
+# GPT-2 sizes, and the small "pretrain" base, which experiments.run trains on GPT-2 tokens).
+GPT2_VOCAB = 50257
+
+
+def base_vocab_size(cfg) -> int:
+    """cfg.vocab_size, or with 0 the vocabulary of the base cfg.base names: 49,152 for
+    smollm2-135m, 128,256 for llama-3.2-1b (LLAMA_SIZES), 50,257 (GPT-2's) otherwise."""
+    from comigs_jax.model.config import LLAMA_SIZES
+    if cfg.vocab_size != 0:
+        return cfg.vocab_size
+    return LLAMA_SIZES[cfg.base]["vocab_size"] if cfg.base in LLAMA_SIZES else GPT2_VOCAB
+
+
+def with_base_vocab(cfg):
+    """A copy of a config with `base` and `vocab_size` (configs/capacity.py, a bench workload)
+    whose vocab_size 0 is replaced by the base's own (base_vocab_size); what engine_configs reads."""
+    from comigs_jax.configuration import _fail
+    v = cfg.vocab_size
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v == 1:
+        _fail("vocab_size", cfg.vocab_size, "0 (the base's own vocabulary) or an integer >= 2")
+    out = cfg.copy_and_resolve_references()
+    out.vocab_size = base_vocab_size(cfg)
+    return out
+
+
 def check_config(cfg) -> None:
     """The capacity keys' checks (ConfigError, one line); the model's are engine_configs'."""
     from comigs_jax.configuration import _fail
     if not (isinstance(cfg.users, int) and cfg.users >= 1):
         _fail("users", cfg.users, "a positive integer")
+    with_base_vocab(cfg)
     unknown = [t for t in str(cfg.targets).split(",") if t.strip() and t.strip() not in TARGETS]
     if unknown or not str(cfg.targets).strip():
         _fail("targets", cfg.targets, f"comma-separated, of {', '.join(TARGETS)}")
@@ -611,7 +776,7 @@ def run(cfg) -> dict:
     """The plan of a configs/capacity.py config (and its measurement with cfg.measure), printed."""
     from comigs_jax.configuration import engine_configs
     check_config(cfg)
-    model_cfg, tc, method = engine_configs(cfg)
+    model_cfg, tc, method = engine_configs(with_base_vocab(cfg))
     chunk = cfg.train.get("user_chunk", 0)
     p = plan(model_cfg, tc, method, cfg.users, train_tokens=cfg.train_tokens, valid_tokens=cfg.valid_tokens,
              targets=[t.strip() for t in cfg.targets.split(",") if t.strip()], mfu=cfg.mfu,

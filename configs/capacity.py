@@ -6,8 +6,10 @@
     python -m comigs_jax.capacity --config.train.user_chunk=8 --config.model.remat=block   # users in chunks of 8
 
 The `model` and `train` groups are experiments.run's (configs/base.py: same keys, same meaning);
-`base` names the frozen base's shape as experiments.run's `base` does ("gpt2" ... "gpt2-xl", or
-"pretrain": the small base of `pretrain.n_layer / n_embd / n_head`), without loading it. The
+`base` names the frozen base's shape as experiments.run's `base` does ("gpt2" ... "gpt2-xl", the
+Llama sizes "smollm2-135m" and "llama-3.2-1b", or "pretrain": the small base of `pretrain.n_layer /
+n_embd / n_head`), without loading it; `vocab_size` 0 (the default) is that base's own vocabulary
+(50,257 for GPT-2 and "pretrain", 49,152 for smollm2-135m, 128,256 for llama-3.2-1b). The
 defaults are the issue's example: GPT-2 124M, 1 generalist + 1 specialist, rank 8 (attention
 LoRA rank 8), 64 x 128 windows, bfloat16 activations, the reference's schedule (10 local steps,
 a 10-step router phase every 30 steps). `:tiny` is the benchmark's tiny workload
@@ -27,8 +29,8 @@ def shape_groups(c: ConfigDict, *, base_name: str, vocab_size: int) -> ConfigDic
     `base`, `vocab_size`, `pretrain` (the small base's shape) and configs/base.py's `model` and
     `train` groups (comigs_jax.configuration.engine_configs builds the engine's configs from them)."""
     defaults = base.get_config()
-    c.base = base_name  # the frozen base's shape: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | pretrain (below)
-    c.vocab_size = vocab_size  # vocabulary (GPT-2's tokenizer: 50257)
+    c.base = base_name  # the frozen base's shape: gpt2 | gpt2-medium | gpt2-large | gpt2-xl | smollm2-135m | llama-3.2-1b | pretrain (below)
+    c.vocab_size = vocab_size  # vocabulary; 0 = the named base's own (GPT-2's 50257 for gpt2* and pretrain)
     c.pretrain = ConfigDict()  # base="pretrain" only: the small base's shape (experiments.run's keys)
     c.pretrain.n_layer = defaults.pretrain.n_layer  # layers
     c.pretrain.n_embd = defaults.pretrain.n_embd  # width
@@ -42,7 +44,7 @@ def get_config(preset: str = "gpt2") -> ConfigDict:
     c = ConfigDict()
     c.users = 1000  # users U to plan for
     c.method = "comigs"  # a method of comigs_jax.federated.methods (which roles train, which router)
-    shape_groups(c, base_name="gpt2", vocab_size=50257)
+    shape_groups(c, base_name="gpt2", vocab_size=0)
     c.model.dtype = "bfloat16"  # activation dtype (the accelerators' training dtype; parameters stay float32)
     c.train_tokens = 1_000_000  # training tokens per user held on device
     c.valid_tokens = 100_000  # validation tokens per user held on device (add the test split's if it stays there)
