@@ -58,6 +58,7 @@ def get_config(arg=None):
     c.eval.protocol = "full"  # full: every non-overlapping window of the split (exact, seed-free) | fixed: n_windows evenly spaced | reference: n_windows random (docs/reproducing.md)
     c.eval.n_windows = 640  # windows per user for fixed / reference (reference: 100 batches x 64 = 6400); unused by full
     c.eval.batch_size = 64  # windows per evaluation batch
+    c.eval.zero_shot = False  # also score the base alone before round 1 (every LoRA B starts at 0): results' zero_shot_ppl, one more evaluation
     c.eval.every_rounds = 2  # evaluate the local (pre-aggregation) models every k rounds (reference: 20 steps)
 
     c.pretrain = ml_collections.ConfigDict()  # only for base = "pretrain"

@@ -131,7 +131,7 @@ def test_gguf_base_and_the_data_follow_its_tokenizer(tmp_path):
     over = {"data.source": "text_files", "data.text_files.root": root, "data.categories": "de,fr",
             "data.cache_dir": cache, "data.train_tokens": 1500, "data.valid_tokens": 300, "data.test_tokens": 300}
     cfg = _run_cfg(gguf_path, **over)
-    cfg.methods = "comigs"
+    cfg.eval.zero_shot = True
     wd = str(tmp_path / "run")
     res = experiment.run(cfg, wd)[("comigs", 0)]
     with open(os.path.join(wd, "config.json")) as f:
@@ -147,6 +147,17 @@ def test_gguf_base_and_the_data_follow_its_tokenizer(tmp_path):
     assert data.vocab_size == len(tok) and max(int(a.max()) for a in data.train) < len(tok)
     text = tok.decode(data.train[0][:200].tolist())
     assert re.search(r"Q(de|fr)\d+Q", text), text[:200]
+    # eval.zero_shot: the base alone on every non-overlapping test window (full protocol)
+    from comigs_jax.model.lm import load_checkpoint
+    base_cfg, base = load_checkpoint(converted)
+    T = cfg.train.seq_len
+    forward = jax.jit(lambda x: language_model(base_cfg).apply({"params": base}, x)[0])
+    for u, t in zip(res["users"], data.test):
+        n = (len(t) - 1) // T
+        x = np.stack([t[k * T:k * T + T + 1] for k in range(n)]).astype(np.int32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(forward(x[:, :-1]), x[:, 1:]).mean()
+        assert u["zero_shot_ppl"] == pytest.approx(float(np.exp(ce)), rel=1e-4), u
+        assert u["zero_shot_ppl"] != pytest.approx(u["test_ppl"], rel=1e-4)  # training changed the model
     with pytest.raises(DataError, match=r"outside the model's vocabulary of \d+ ids.*data.tokenizer='gpt2'"):
         experiment.run(_run_cfg(gguf_path, **over, **{"data.tokenizer": "gpt2", "data.allow_fewer_tokens": True}),
                        str(tmp_path / "run_gpt2"))

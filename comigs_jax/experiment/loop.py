@@ -128,6 +128,7 @@ def _train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir, layout
     bar = tqdm(range(start, tc.rounds), desc=f"{method_name} s{seed}", initial=start, total=tc.rounds,
                disable=not cfg.output.progress or not distributed.is_main_process(), dynamic_ncols=True,
                file=sys.stdout)
+    zero_shot = _zero_shot(run_dir, evaluate, fresh=start == 0) if cfg.eval.get("zero_shot") else None
     pre_eval = None
     names = data.users if n_models == len(data.users) else ["the pooled model"]
     ckpt_dir = ckpts.directory
@@ -198,13 +199,34 @@ def _train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir, layout
             pre_eval = decode_eval(meta["pre_eval"])
             log(f"[{method_name} s{seed}] the run had finished; writing its outputs")
     post_eval = evaluate() if not method.one_round else pre_eval
-    results = metrics.results(cfg, method, seed, data, model_cfg, pre_eval, post_eval, records=writer.read())
+    results = metrics.results(cfg, method, seed, data, model_cfg, pre_eval, post_eval, records=writer.read(),
+                              zero_shot=zero_shot)
     if cfg.output.figures:
         plot.run_figures(run_dir, results, writer.read(), sim, data, cfg.output.routing_tokens,
                          write=distributed.is_main_process())
     if distributed.is_main_process():
         metrics.write_results(run_dir, results)  # last: results.json marks a complete run
     return results
+
+
+def _zero_shot(run_dir: str, evaluate, fresh: bool) -> np.ndarray | None:
+    """Per-user test CE of the base alone: the state before round 1 (every adapter's B is 0, so
+    the model is the frozen base, whatever the method), scored by the run's own evaluation
+    program. Kept in run_dir/zero_shot.json for a resumed run; None when a resumed run has none."""
+    path = os.path.join(run_dir, "zero_shot.json")
+    if not fresh:
+        try:
+            with open(path) as f:
+                return np.asarray(json.load(f)["ce"], np.float64)
+        except (OSError, ValueError, KeyError):
+            return None  # started before eval.zero_shot was set: nothing to recover without the base state
+    ce = np.asarray(evaluate()["ce"], np.float64)
+    if distributed.is_main_process():
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump({"ce": ce.tolist()}, f)
+        os.replace(tmp, path)
+    return ce
 
 
 # ----------------------------------------------------------------------------- every run

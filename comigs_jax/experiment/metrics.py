@@ -133,10 +133,12 @@ def data_identity(data) -> dict:
     return out
 
 
-def results(cfg, method, seed: int, data, model_cfg, pre: dict, post: dict, records: list | None = None) -> dict:
+def results(cfg, method, seed: int, data, model_cfg, pre: dict, post: dict, records: list | None = None,
+            zero_shot=None) -> dict:
     """results.json: per-user test perplexity of the local (pre-aggregation) models at the last
-    round, after aggregation too, the Bayes floor when known, routing shares, the data's identity
-    and (given the metrics records) per-user training speed."""
+    round, after aggregation too, the Bayes floor when known, the base's zero-shot perplexity when
+    given (`zero_shot`: per-user CE [U]), routing shares, the data's identity and (given the
+    metrics records) per-user training speed."""
     g = model_cfg.moe.n_generalists
     ppl, ppl_post = np.exp(pre["ce"]), np.exp(post["ce"])
     bayes = data.info.get("bayes_ppl_test")
@@ -147,6 +149,8 @@ def results(cfg, method, seed: int, data, model_cfg, pre: dict, post: dict, reco
              "generalist_share": float(share[i]), "generalist_selection": float(sel[i])}
         if bayes is not None:
             u["bayes_ppl"] = float(bayes[i])
+        if zero_shot is not None:
+            u["zero_shot_ppl"] = float(np.exp(zero_shot[i]))
         users.append(u)
     out = {
         "method": method.name, "seed": seed, "router_mode": method.router_mode,
@@ -164,6 +168,8 @@ def results(cfg, method, seed: int, data, model_cfg, pre: dict, post: dict, reco
     }
     if bayes is not None:
         out["mean_bayes_ppl"] = float(np.mean(bayes))
+    if zero_shot is not None:
+        out["mean_zero_shot_ppl"] = float(np.exp(zero_shot).mean())
     if records:
         out["speed"] = speed_summary(records)
     return out
@@ -171,15 +177,19 @@ def results(cfg, method, seed: int, data, model_cfg, pre: dict, post: dict, reco
 
 def results_markdown(res: dict) -> str:
     bayes = "bayes_ppl" in res["users"][0]
-    head = "| user | test ppl | after aggregation |" + (" Bayes-optimal ppl |" if bayes else "") + " generalist share |"
+    zero = "zero_shot_ppl" in res["users"][0]
+    head = ("| user | test ppl | after aggregation |" + (" Bayes-optimal ppl |" if bayes else "")
+            + (" base zero-shot ppl |" if zero else "") + " generalist share |")
     lines = [f"### {res['method']} (seed {res['seed']}, router {res['router_mode']}, "
              f"faithful={res['faithful']}, eval {res['eval']['protocol']})", "", head,
              "|" + "---|" * (head.count("|") - 1)]
     for u in res["users"]:
         lines.append(f"| {u['user']} | {u['test_ppl']:.3f} | {u['test_ppl_post_aggregation']:.3f} |"
-                     + (f" {u['bayes_ppl']:.3f} |" if bayes else "") + f" {u['generalist_share']:.3f} |")
+                     + (f" {u['bayes_ppl']:.3f} |" if bayes else "")
+                     + (f" {u['zero_shot_ppl']:.3f} |" if zero else "") + f" {u['generalist_share']:.3f} |")
     lines.append(f"| **mean** | **{res['mean_test_ppl']:.3f}** | {res['mean_test_ppl_post_aggregation']:.3f} |"
-                 + (f" {res['mean_bayes_ppl']:.3f} |" if bayes else "") + " |")
+                 + (f" {res['mean_bayes_ppl']:.3f} |" if bayes else "")
+                 + (f" {res['mean_zero_shot_ppl']:.3f} |" if zero else "") + " |")
     return "\n".join(lines)
 
 
@@ -202,6 +212,9 @@ def comparison(all_results: list[dict]) -> dict:
         entry["user_mean"], entry["user_mean_std"] = float(a.mean(1).mean()), float(a.mean(1).std())
     if "bayes_ppl" in all_results[0]["users"][0]:
         table["bayes_ppl"] = [u["bayes_ppl"] for u in all_results[0]["users"]]
+    zero = [r for r in all_results if "zero_shot_ppl" in r["users"][0]]
+    if zero:  # the same base on the same test windows in every run
+        table["zero_shot_ppl"] = [u["zero_shot_ppl"] for u in zero[0]["users"]]
     return table
 
 
@@ -213,6 +226,9 @@ def comparison_markdown(table: dict) -> str:
     for name, e in table["methods"].items():
         cells = [f"{m:.3f} ± {s:.3f}" for m, s in zip(e["mean"], e["std"])]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | **{e['user_mean']:.3f} ± {e['user_mean_std']:.3f}** |")
+    if "zero_shot_ppl" in table:
+        lines.append("| base, zero-shot | " + " | ".join(f"{z:.3f}" for z in table["zero_shot_ppl"])
+                     + f" | {np.mean(table['zero_shot_ppl']):.3f} |")
     if "bayes_ppl" in table:
         lines.append("| Bayes-optimal | " + " | ".join(f"{b:.3f}" for b in table["bayes_ppl"])
                      + f" | {np.mean(table['bayes_ppl']):.3f} |")
