@@ -128,21 +128,21 @@ class Shapes:
 
 def shapes(cfg: ModelConfig) -> Shapes:
     """The Shapes of a GPT2Config or a LlamaConfig (dispatch on cfg.family)."""
-    d, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
     family = getattr(cfg, "family", None)
+    if family not in ("gpt2", "llama"):
+        raise ValueError(f"model config {type(cfg).__name__} has family={family!r}: allowed gpt2, llama")
+    d, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
     if family == "gpt2":
         f = 4 * d
         return Shapes("gpt2", d, L, V, attn=(("c_attn", d, 3 * d), ("c_proj", d, d)),
                       mlp=(("c_fc", d, f), ("c_proj", f, d)), width=d, n_head=cfg.n_head, hidden=f, bias=True,
                       norm=2 * d, positions=cfg.n_positions, untied_head=False, head="wte_transposed")
-    if family == "llama":
-        q, kv, f = cfg.n_head * cfg.dim_head, cfg.n_kv_head * cfg.dim_head, cfg.intermediate_size
-        untied = not cfg.tie_word_embeddings
-        return Shapes("llama", d, L, V, attn=(("q_proj", d, q), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", q, d)),
-                      mlp=(("gate_proj", d, f), ("up_proj", d, f), ("down_proj", f, d)), width=q, n_head=cfg.n_head,
-                      hidden=f, bias=False, norm=d, positions=0, untied_head=untied,
-                      head="lm_head_transposed" if untied else "embed_transposed")
-    raise ValueError(f"model config {type(cfg).__name__} has family={family!r}: allowed gpt2, llama")
+    q, kv, f = cfg.n_head * cfg.dim_head, cfg.n_kv_head * cfg.dim_head, cfg.intermediate_size
+    untied = not cfg.tie_word_embeddings
+    return Shapes("llama", d, L, V, attn=(("q_proj", d, q), ("k_proj", d, kv), ("v_proj", d, kv), ("o_proj", q, d)),
+                  mlp=(("gate_proj", d, f), ("up_proj", d, f), ("down_proj", f, d)), width=q, n_head=cfg.n_head,
+                  hidden=f, bias=False, norm=d, positions=0, untied_head=untied,
+                  head="lm_head_transposed" if untied else "embed_transposed")
 
 
 def param_counts(cfg: ModelConfig) -> dict:
@@ -293,7 +293,10 @@ def _llama_layer(cfg: LlamaConfig, batch: int, seq_len: int, profile: str, remat
         if cfg.moe is None:  # gate, up, sigmoid(gate), silu(gate), the product
             return t + [("mlp gate, up outputs, silu terms [N,F]", 5 * n * f, a)]
         e, r = cfg.moe.n_experts, cfg.moe.lora.rank
+        # XLA:CPU keeps the frozen gate and up outputs (the checkpointed core's inputs) too: fitted,
+        # with CPU_SWIGLU_TERMS, to the compiled tiny Llama round at seven shapes (docs/scaling.md).
         return t + [*_cpu_gate_tensors(n, cfg.moe),
+                    ("moe frozen gate, up outputs g, u [N,F]", 2 * n * f, a),
                     ("moe weights [N,E]", n * e, a),
                     ("moe h@A (gate, up) [N,2*E*r]", 2 * n * e * r, a),
                     (f"moe expert SwiGLU terms {CPU_SWIGLU_TERMS} x [E,N,F]", CPU_SWIGLU_TERMS * e * n * f, a),

@@ -8,9 +8,10 @@
         --config.users=64 --config.sweep=True      # doubles U until 90% of RAM would be full
 
 Lists are comma-separated strings (so that `--config.users=64` and `--config.users=1,4` both
-parse). Each workload (`tiny`, `mini`, `gpt2`) says what model runs in the keys that comigs_jax.capacity
-(configs/capacity.py) and experiments.run use: `base` (a GPT-2 size, or "pretrain": the small
-base of `pretrain.n_layer / n_embd / n_head`), `vocab_size`, and configs/base.py's `model` and
+parse). Each workload (`tiny`, `mini`, `gpt2`, `smollm2`) says what model runs in the keys that
+comigs_jax.capacity (configs/capacity.py) and experiments.run use: `base` (a GPT-2 size, a Llama size
+such as "smollm2-135m", or "pretrain": the small base of `pretrain.n_layer / n_embd / n_head`),
+`vocab_size` (0: the named base's own), and configs/base.py's `model` and
 `train` groups (their `model.dtype`, `model.remat` and `train.user_chunk` are left out: the
 bench's `dtype`, `remat` and `user_chunk` are every workload's; `dtype` is the peak matmul's too). The defaults run on a 2-core CPU in under 10 minutes; `get_config("gpu")` is the
 accelerator preset (`--config=configs/bench.py:gpu`): GPT-2 124M in bfloat16 up to the largest U
@@ -25,7 +26,7 @@ from configs import base
 from configs.capacity import shape_groups
 
 MODES = "loop_step,loop_round,vmap,vmap_sharded"
-WORKLOADS = ("tiny", "mini", "gpt2")  # the model sizes `models` may list; each is a group of this config
+WORKLOADS = ("tiny", "mini", "gpt2", "smollm2")  # the model sizes `models` may list; each is a group of this config
 
 
 def workload(base_name: str, vocab_size: int, **train) -> ConfigDict:
@@ -91,6 +92,12 @@ def get_config(preset: str = "cpu") -> ConfigDict:
     c.mini = workload("pretrain", 50257, batch_size=8, local_steps=3, router_every=3, router_steps=1)
     c.mini.pretrain.n_layer, c.mini.pretrain.n_embd, c.mini.pretrain.n_head = 4, 256, 4
     c.mini.users = "4"              # U for the mini sweep
+    # SmolLM2-135M (Llama: 30 layers, width 576, 9 heads, 3 key/value heads, SwiGLU 1536, tied
+    # head over 49,152 tokens) with random frozen weights, 1 generalist + 1 specialist (LoRA on
+    # gate, up and down), rank 8 (q/k/v/o LoRA rank 8), batch 4 x 128, 2 expert steps + 1 router
+    # step: a round is ~30 s on 2 cores. Not in the default `models`.
+    c.smollm2 = workload("smollm2-135m", 49152, batch_size=4, local_steps=2, router_every=2, router_steps=1)
+    c.smollm2.users = "2"           # U for the SmolLM2 sweep
 
     if preset == "gpu":
         c.models = "gpt2"
