@@ -109,18 +109,18 @@ def test_gqa_shapes_and_grouping(tied):
     model equals the multi-head one whose k/v kernels repeat each kv head for its group."""
     cfg, params = tied
     hd, group = cfg.dim_head, cfg.n_head // cfg.n_kv_head
-    attn = params["layers_0"]["self_attn"]
-    assert attn["q_proj"]["kernel"].shape == (32, cfg.n_head * hd)
-    assert attn["k_proj"]["kernel"].shape == attn["v_proj"]["kernel"].shape == (32, cfg.n_kv_head * hd)
-    assert attn["o_proj"]["kernel"].shape == (cfg.n_head * hd, 32)
+    attn = params["layers"]["self_attn"]  # scanned: every leaf [L, ...]
+    L = cfg.n_layer
+    assert attn["q_proj"]["kernel"].shape == (L, 32, cfg.n_head * hd)
+    assert attn["k_proj"]["kernel"].shape == attn["v_proj"]["kernel"].shape == (L, 32, cfg.n_kv_head * hd)
+    assert attn["o_proj"]["kernel"].shape == (L, cfg.n_head * hd, 32)
 
-    def repeat(kernel):  # [d, KV*hd] -> [d, H*hd], each kv head repeated `group` times in place
-        return np.repeat(kernel.reshape(-1, cfg.n_kv_head, 1, hd), group, 2).reshape(-1, cfg.n_head * hd)
+    def repeat(kernel):  # [L, d, KV*hd] -> [L, d, H*hd], each kv head repeated `group` times in place
+        return np.repeat(kernel.reshape(L, -1, cfg.n_kv_head, 1, hd), group, 3).reshape(L, -1, cfg.n_head * hd)
 
     mha = jax.tree.map(lambda x: x, params)
-    for i in range(cfg.n_layer):
-        for name in ("k_proj", "v_proj"):
-            mha[f"layers_{i}"]["self_attn"][name] = {"kernel": repeat(params[f"layers_{i}"]["self_attn"][name]["kernel"])}
+    for name in ("k_proj", "v_proj"):
+        mha["layers"]["self_attn"][name] = {"kernel": repeat(params["layers"]["self_attn"][name]["kernel"])}
     tokens = jnp.arange(24).reshape(2, 12) % cfg.vocab_size
     l_gqa, _ = forward(cfg, params, tokens)
     l_mha, _ = forward(dataclasses.replace(cfg, n_kv_head=cfg.n_head), mha, tokens)
@@ -248,10 +248,11 @@ def test_roles_of_every_leaf(moe_cfg, tie):
         if path[-1] in ("lora_A", "lora_B"):
             assert role == "attn" and path[2] in ("q_proj", "k_proj", "v_proj", "o_proj"), name
         elif "generalists" in path or "specialists" in path:
-            assert role == path[2][:-1] and flat[path].shape[0] == (
+            assert role == path[2][:-1] and flat[path].shape[:2] == (2,  # [L, experts of the role, ...]
                 moe_cfg.n_generalists if role == "generalist" else moe_cfg.n_specialists), name
+            assert path[0] == "layers", name
         elif path[1] == "router":
-            assert role == "router" and flat[path].shape == (32, moe_cfg.n_experts), name
+            assert role == "router" and flat[path].shape == (2, 32, moe_cfg.n_experts), name
         else:
             assert role == "base", name
     expect = {"attn"} | ({"router"} if moe_cfg.router == "learned" else set())

@@ -1,7 +1,9 @@
 """Hugging Face Llama checkpoints (LlamaForCausalLM safetensors directories) into comigs_jax's Llama.
 
 HF's nn.Linear weights are [out, in]; ours are x·W kernels [in, out], so every projection (and an
-untied lm_head) is transposed; the embedding [V, d] and the RMSNorm scales are not. Hub ids and
+untied lm_head) is transposed; the embedding [V, d] and the RMSNorm scales are not. HF's
+per-layer tensors (model.layers.{i}.*) are stacked on a leading [L] axis under `layers` (the
+model scans its blocks); they are checked one layer at a time, so errors name the HF tensor. Hub ids and
 errors are comigs_jax.model.hf's (CheckpointError); safetensors are read here, bfloat16 included
 (HF's Llama checkpoints are bfloat16, which safetensors.numpy cannot read), as float32.
 """
@@ -55,6 +57,26 @@ def _path_to_hf(path: tuple) -> str:
     if path[0] in ("norm", "lm_head"):
         return f"{'model.' if path[0] == 'norm' else ''}{path[0]}.weight"
     return "model.layers.{}.{}.weight".format(path[0][len("layers_"):], ".".join(path[1:-1]))
+
+
+def _per_layer(expected: dict) -> dict:
+    """Flat {path: shape} with the scanned `layers` leaves [L, ...] split into layers_{i} leaves."""
+    out = {}
+    for path, s in expected.items():
+        if path[0] == "layers":
+            for i in range(s.shape[0]):
+                out[(f"layers_{i}",) + path[1:]] = tuple(s.shape[1:])
+        else:
+            out[path] = tuple(s.shape)
+    return out
+
+
+def _stack_layers(flat: dict, n_layer: int) -> dict:
+    """layers_{i} leaves -> one `layers` leaf [L, ...] per path (the scanned model's layout)."""
+    out = {p: v for p, v in flat.items() if not p[0].startswith("layers_")}
+    for p in {p[1:] for p in flat if p[0].startswith("layers_")}:
+        out[("layers",) + p] = np.stack([flat[(f"layers_{i}",) + p] for i in range(n_layer)])
+    return out
 
 
 # ----------------------------------------------------------------------------- config
@@ -176,7 +198,7 @@ def load_llama(source: str, **config_overrides) -> tuple[LlamaConfig, dict]:
             raise CheckpointError(f"{cfg_file}: {e}") from None
     tensors = _read_checkpoint(ckpt_dir)
     where = _weights_name(ckpt_dir)
-    expected = _flatten(llama_param_shapes(cfg.base))
+    expected = _per_layer(_flatten(llama_param_shapes(cfg.base)))
     flat = {}
     for name, arr in tensors.items():
         mapped = _hf_to_path(name)
@@ -186,7 +208,7 @@ def load_llama(source: str, **config_overrides) -> tuple[LlamaConfig, dict]:
         if path not in expected:
             raise CheckpointError(f"{where}: tensor {name} has no place in a {cfg.n_layer}-layer Llama "
                                   f"(tie_word_embeddings={cfg.tie_word_embeddings})")
-        want = tuple(expected[path].shape)
+        want = expected[path]
         want_hf = want[::-1] if transpose else want
         if tuple(arr.shape) != want_hf:
             raise CheckpointError(f"{where}: tensor {name} has shape {tuple(arr.shape)}, the config needs {want_hf}")
@@ -195,4 +217,4 @@ def load_llama(source: str, **config_overrides) -> tuple[LlamaConfig, dict]:
     missing = sorted(_path_to_hf(p) for p in expected if p not in flat)
     if missing:
         raise CheckpointError(f"{where}: missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
-    return cfg, _unflatten(flat)
+    return cfg, _unflatten(_stack_layers(flat, cfg.n_layer))

@@ -3,8 +3,12 @@
 Same call signature, outputs, dtypes and adapter seams as comigs_jax.model.gpt2.GPT2: `cfg.attn_lora`
 puts LoRA on q/k/v/o_proj, `cfg.moe` turns the SwiGLU MLP into a mixture of LoRA experts with a
 router (gating, masks and load balancing from comigs_jax.model.moe). Parameter names mirror
-Hugging Face's (`embed_tokens`, `layers_{i}/self_attn/q_proj`, ...; kernels [in, out], no biases),
-so loading a checkpoint (comigs_jax.model.hf_llama) is a rename and a transpose.
+Hugging Face's (`embed_tokens`, `layers/self_attn/q_proj`, ...; kernels [in, out], no biases),
+so loading a checkpoint (comigs_jax.model.hf_llama) is a rename, a transpose and a stack.
+
+The blocks are one `nn.scan` over layers: every leaf under `layers` has a leading [L] axis, and
+the block is traced and compiled once, not L times. SmolLM2-135M's 30 unrolled layers took minutes
+to compile a training round on CPU; scanned, the program does not grow with L.
 
 Architecture: pre-RMSNorm blocks, rotary position embeddings in HF's rotate_half convention (the
 two halves of each head's dimension rotate together), grouped-query attention (query head n reads
@@ -216,8 +220,18 @@ class LlamaBlock(nn.Module):
 
 
 # remat "block": the backward keeps each block's input only. Argument 4 (self is 0) is
-# `deterministic`, a Python bool that must stay static; parameter names stay layers_{i}/... .
+# `deterministic`, a Python bool that must stay static; the lifted module keeps its parameter names.
 RematLlamaBlock = nn.remat(LlamaBlock, static_argnums=(4,))
+
+
+def scanned_blocks(cfg: LlamaConfig):
+    """The cfg.n_layer blocks as one scanned module: (x [B, T, d], rope, expert_mask,
+    deterministic) -> (x, aux stacked over layers). Parameters and sown gates get a leading [L]
+    axis; each layer draws its own initial parameters and dropout masks."""
+    block = RematLlamaBlock if cfg.remat == "block" else LlamaBlock
+    return nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
+                   split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layer)
 
 
 class Llama(nn.Module):
@@ -240,13 +254,8 @@ class Llama(nn.Module):
         embed = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, embedding_init=_INIT, name="embed_tokens")
         x = embed(tokens)
         rope = rope_tables(cfg, tokens.shape[-1])  # once, shared by every layer
-        block = RematLlamaBlock if cfg.remat == "block" else LlamaBlock
-        auxes = []
-        for i in range(cfg.n_layer):
-            x, aux = block(cfg, name=f"layers_{i}")(x, rope, expert_mask, deterministic)
-            auxes.append(aux)
+        x, aux = scanned_blocks(cfg)(cfg, name="layers")(x, rope, expert_mask, deterministic)
         x = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x)
-        aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
         if return_hidden:
             return x, aux
         if cfg.tie_word_embeddings:
@@ -259,8 +268,7 @@ def llama_token_gate_weights(cfg: LlamaConfig, params: dict, tokens: jax.Array,
                              expert_mask: Optional[jax.Array] = None) -> jax.Array:
     """Per-token expert weights [L, B, T, E] of a mixture-of-experts Llama."""
     _, state = Llama(cfg).apply({"params": params}, tokens, expert_mask, mutable=["intermediates"])
-    inter = state["intermediates"]
-    return jnp.stack([inter[f"layers_{i}"]["gate"][0] for i in range(cfg.n_layer)])
+    return state["intermediates"]["layers"]["gate"][0]  # sown once per layer, stacked by the scan
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))
