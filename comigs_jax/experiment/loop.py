@@ -33,6 +33,7 @@ from comigs_jax.experiment.base_model import base_dir, base_tokenizer, load_base
 from comigs_jax.experiment.checkpoint import RunCheckpoints
 from comigs_jax.experiment.signals import StopOnSignal
 from comigs_jax.experiment.simulation import Simulation
+from comigs_jax.federated import communication
 from comigs_jax.federated.layout import Layout, data_users
 from comigs_jax.federated.methods import get_method
 
@@ -199,8 +200,11 @@ def _train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir, layout
             pre_eval = decode_eval(meta["pre_eval"])
             log(f"[{method_name} s{seed}] the run had finished; writing its outputs")
     post_eval = evaluate() if not method.one_round else pre_eval
-    results = metrics.results(cfg, method, seed, data, model_cfg, pre_eval, post_eval, records=writer.read(),
-                              zero_shot=zero_shot)
+    records = writer.read()
+    taken = [sum(1 for r in records if r["expert_tokens_per_s_per_user"][u] > 0) for u in range(n_models)]
+    comm = communication.accounting(sim.model_cfg, method, sim.expert_counts[:n_models], tc.rounds, taken)
+    results = metrics.results(cfg, method, seed, data, model_cfg, pre_eval, post_eval, records=records,
+                              zero_shot=zero_shot, communication=comm)
     if cfg.output.figures:
         plot.run_figures(run_dir, results, writer.read(), sim, data, cfg.output.routing_tokens,
                          write=distributed.is_main_process())

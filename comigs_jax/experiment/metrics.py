@@ -134,11 +134,12 @@ def data_identity(data) -> dict:
 
 
 def results(cfg, method, seed: int, data, model_cfg, pre: dict, post: dict, records: list | None = None,
-            zero_shot=None) -> dict:
+            zero_shot=None, communication: dict | None = None) -> dict:
     """results.json: per-user test perplexity of the local (pre-aggregation) models at the last
     round, after aggregation too, the Bayes floor when known, the base's zero-shot perplexity when
     given (`zero_shot`: per-user CE [U]), routing shares, the data's identity and (given the
-    metrics records) per-user training speed."""
+    metrics records) per-user training speed, and `communication`
+    (comigs_jax.federated.communication.accounting) when given."""
     g = model_cfg.moe.n_generalists
     ppl, ppl_post = np.exp(pre["ce"]), np.exp(post["ce"])
     bayes = data.info.get("bayes_ppl_test")
@@ -172,6 +173,8 @@ def results(cfg, method, seed: int, data, model_cfg, pre: dict, post: dict, reco
         out["mean_zero_shot_ppl"] = float(np.exp(zero_shot).mean())
     if records:
         out["speed"] = speed_summary(records)
+    if communication is not None:
+        out["communication"] = communication
     return out
 
 
@@ -190,6 +193,13 @@ def results_markdown(res: dict) -> str:
     lines.append(f"| **mean** | **{res['mean_test_ppl']:.3f}** | {res['mean_test_ppl_post_aggregation']:.3f} |"
                  + (f" {res['mean_bayes_ppl']:.3f} |" if bayes else "")
                  + (f" {res['mean_zero_shot_ppl']:.3f} |" if zero else "") + " |")
+    comm = res.get("communication")
+    if comm and comm.get("per_round_params") is not None:
+        p = comm["per_round_params"]
+        span = f"{min(p):,}" if min(p) == max(p) else f"{min(p):,}-{max(p):,}"
+        up = max(comm["upload_bytes_float32"]) / 2**20
+        lines += ["", f"Communication per user per aggregation round: {span} parameters each way; the run's "
+                      f"largest upload {up:,.2f} MiB in float32 ({up / 2:,.2f} MiB in bfloat16)."]
     return "\n".join(lines)
 
 
