@@ -721,38 +721,11 @@ def _ints(s) -> list[int]:
     return [int(x) for x in str(s).replace(" ", "").split(",") if x]
 
 
-# The vocabulary of a named base (vocab_size 0): a Llama size's own, else GPT-2's tokenizer (the
-# GPT-2 sizes, and the small "pretrain" base, which experiments.run trains on GPT-2 tokens).
-GPT2_VOCAB = 50257
-
-
-def base_vocab_size(cfg) -> int:
-    """cfg.vocab_size, or with 0 the vocabulary of the base cfg.base names: 49,152 for
-    smollm2-135m, 128,256 for llama-3.2-1b (LLAMA_SIZES), 50,257 (GPT-2's) otherwise."""
-    from comigs_jax.model.config import LLAMA_SIZES
-    if cfg.vocab_size != 0:
-        return cfg.vocab_size
-    return LLAMA_SIZES[cfg.base]["vocab_size"] if cfg.base in LLAMA_SIZES else GPT2_VOCAB
-
-
-def with_base_vocab(cfg):
-    """A copy of a config with `base` and `vocab_size` (configs/capacity.py, a bench workload)
-    whose vocab_size 0 is replaced by the base's own (base_vocab_size); what engine_configs reads."""
-    from comigs_jax.configuration import _fail
-    v = cfg.vocab_size
-    if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v == 1:
-        _fail("vocab_size", cfg.vocab_size, "0 (the base's own vocabulary) or an integer >= 2")
-    out = cfg.copy_and_resolve_references()
-    out.vocab_size = base_vocab_size(cfg)
-    return out
-
-
 def check_config(cfg) -> None:
     """The capacity keys' checks (ConfigError, one line); the model's are engine_configs'."""
     from comigs_jax.configuration import _fail
     if not (isinstance(cfg.users, int) and cfg.users >= 1):
         _fail("users", cfg.users, "a positive integer")
-    with_base_vocab(cfg)
     unknown = [t for t in str(cfg.targets).split(",") if t.strip() and t.strip() not in TARGETS]
     if unknown or not str(cfg.targets).strip():
         _fail("targets", cfg.targets, f"comma-separated, of {', '.join(TARGETS)}")
@@ -779,7 +752,7 @@ def run(cfg) -> dict:
     """The plan of a configs/capacity.py config (and its measurement with cfg.measure), printed."""
     from comigs_jax.configuration import engine_configs
     check_config(cfg)
-    model_cfg, tc, method = engine_configs(with_base_vocab(cfg))
+    model_cfg, tc, method = engine_configs(cfg)
     chunk = cfg.train.get("user_chunk", 0)
     p = plan(model_cfg, tc, method, cfg.users, train_tokens=cfg.train_tokens, valid_tokens=cfg.valid_tokens,
              targets=[t.strip() for t in cfg.targets.split(",") if t.strip()], mfu=cfg.mfu,

@@ -12,6 +12,7 @@ from comigs_jax.errors import ConfigError
 from comigs_jax.federated.methods import METHODS, ROUTER_MODES, Method, configure_model, get_method  # noqa: F401
 from comigs_jax.model.config import (DTYPES, GPT2_SIZES, LB_INPUTS, LLAMA_SIZES, LORA_SCALINGS, REMAT, GPT2Config,
                                      LlamaConfig, LoRAConfig, MoEConfig)
+from comigs_jax.model.hf import GPT2_VOCAB_SIZE
 from comigs_jax.model.lm import ModelConfig
 from comigs_jax.train.evaluation import PROTOCOLS
 from comigs_jax.train.state import TrainConfig
@@ -211,7 +212,9 @@ def base_shape(cfg) -> ModelConfig:
     comigs_jax.capacity): `cfg.base` a GPT-2 hub size (GPT2_SIZES, 1024 positions), a Llama size
     (LLAMA_SIZES: smollm2-135m, llama-3.2-1b), or "pretrain", the small base experiments.run
     trains (cfg.pretrain's n_layer, n_embd, n_head; train.seq_len positions, as
-    comigs_jax.experiment.base_model builds it); vocabulary `cfg.vocab_size`."""
+    comigs_jax.experiment.base_model builds it); vocabulary `cfg.vocab_size`, 0 for the named
+    base's own (a Llama size's; GPT-2's 50,257 for the GPT-2 sizes and "pretrain", which
+    experiments.run trains on GPT-2 tokens)."""
     seq_len = cfg.train.seq_len
     if cfg.base == "pretrain":
         p = cfg.get("pretrain")
@@ -232,10 +235,13 @@ def base_shape(cfg) -> ModelConfig:
         _fail("base", cfg.base, " | ".join(BASE_SHAPES) + " (a base's shape by name; nothing is loaded)")
     if seq_len > positions:
         _fail("train.seq_len", seq_len, f"at most the base's {positions} positions")
-    if not (isinstance(cfg.vocab_size, int) and cfg.vocab_size >= 2):
-        _fail("vocab_size", cfg.vocab_size, "an integer >= 2")
+    vocab = cfg.vocab_size
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 0 or vocab == 1:
+        _fail("vocab_size", vocab, "0 (the base's own vocabulary) or an integer >= 2")
+    if vocab == 0:
+        vocab = LLAMA_SIZES[cfg.base]["vocab_size"] if cfg.base in LLAMA_SIZES else GPT2_VOCAB_SIZE
     family = LlamaConfig if cfg.base in LLAMA_SIZES else GPT2Config
-    return family(vocab_size=cfg.vocab_size, n_positions=positions, **shape)
+    return family(vocab_size=vocab, n_positions=positions, **shape)
 
 
 def engine_configs(cfg, method: str | None = None) -> tuple[ModelConfig, TrainConfig, Method]:

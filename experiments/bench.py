@@ -260,12 +260,12 @@ def workload_configs(name: str, mc: ConfigDict, method_name: str, dtype: str, re
     """(model config, train config, method) of workload `name` of configs/bench.py in `dtype`
     with `remat` (the bench's model.remat), through comigs_jax.configuration.engine_configs (as
     comigs_jax.capacity builds them). ConfigError (one line, the key as `config.<name>.<key>`)
-    for a value that is not allowed. vocab_size 0 is the named base's own (capacity.with_base_vocab)."""
+    for a value that is not allowed. vocab_size 0 is the named base's own (configuration.base_shape)."""
     wc = ConfigDict(mc.to_dict())
     wc.model.dtype = dtype
     wc.model.remat = remat
     try:
-        model_cfg, tc, method = configuration.engine_configs(capacity.with_base_vocab(wc), method_name)
+        model_cfg, tc, method = configuration.engine_configs(wc, method_name)
         if tc.local_steps % tc.router_every:
             raise ConfigError(f"config.train.local_steps={tc.local_steps} is not allowed: a multiple of "
                               f"train.router_every={tc.router_every} (every round the same router phases)")
