@@ -65,7 +65,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 import dataclasses
-import datetime
 import json
 import math
 import platform
@@ -85,6 +84,7 @@ from ml_collections import ConfigDict
 from comigs_jax import capacity, cli, configuration, distributed
 from configs.bench import WORKLOADS
 from comigs_jax.errors import ConfigError
+from comigs_jax.experiment.provenance import provenance
 from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.roles import split_base
 from comigs_jax.federated.sharding import single_device_mesh, users_mesh
@@ -156,21 +156,8 @@ def _device_peak_bytes() -> int | None:
     return None if not stats else stats.get("peak_bytes_in_use")
 
 
-def _git_rev() -> str | None:
-    import subprocess
-    try:
-        rev = subprocess.run(["git", "-C", _REPO, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", _REPO, "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (rev + ("+dirty" if dirty else "")) or None
-
-
 def machine_info(argv=None) -> dict:
     """The machine, the versions and the command (`argv`, default sys.argv)."""
-    dev = jax.devices()[0]
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -181,11 +168,12 @@ def machine_info(argv=None) -> dict:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError):
         mem = float("nan")
-    return {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "host": platform.node(), "cpu": cpu, "cpu_cores": os.cpu_count(), "host_memory_gib": round(mem, 1),
-            "backend": jax.default_backend(), "device_kind": dev.device_kind, "device_count": jax.device_count(),
-            "process_count": jax.process_count(), "local_device_count": jax.local_device_count(),
-            "jax": jax.__version__, "python": platform.python_version(), "git": _git_rev(),
+    prov = provenance()
+    return {"date": prov["date"], "host": platform.node(), "cpu": cpu, "cpu_cores": os.cpu_count(),
+            "host_memory_gib": round(mem, 1), "backend": prov["backend"], "device_kind": prov["device_kind"],
+            "device_count": prov["device_count"], "process_count": prov["process_count"],
+            "local_device_count": prov["local_device_count"], "jax": prov["versions"]["jax"],
+            "python": prov["versions"]["python"], "versions": prov["versions"], "git": prov["git"],
             "command": " ".join(["python -m experiments.bench"] + list(sys.argv if argv is None else argv)[1:])}
 
 

@@ -136,6 +136,7 @@ def test_gguf_base_and_the_data_follow_its_tokenizer(tmp_path):
     res = experiment.run(cfg, wd)[("comigs", 0)]
     with open(os.path.join(wd, "config.json")) as f:
         assert json.load(f)["identity"]["data.tokenizer"] == "base"
+    assert res["provenance"]["versions"]["flax"] and res["provenance"]["device_count"] == jax.device_count()
     comm = res["communication"]  # comigs: attention LoRA + the generalist, every round, both ways
     assert comm["upload_rounds"] == comm["download_rounds"] == [cfg.train.rounds] * 2
     np.testing.assert_array_equal(comm["upload_bytes_float32"], np.multiply(comm["per_round_params"], 4 * cfg.train.rounds))

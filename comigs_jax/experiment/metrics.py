@@ -8,6 +8,7 @@ import os
 import numpy as np
 import optax
 
+from comigs_jax.experiment.provenance import provenance
 from comigs_jax.train.state import TrainConfig
 
 
@@ -138,8 +139,9 @@ def results(cfg, method, seed: int, data, model_cfg, pre: dict, post: dict, reco
     """results.json: per-user test perplexity of the local (pre-aggregation) models at the last
     round, after aggregation too, the Bayes floor when known, the base's zero-shot perplexity when
     given (`zero_shot`: per-user CE [U]), routing shares, the data's identity and (given the
-    metrics records) per-user training speed, and `communication`
-    (comigs_jax.federated.communication.accounting) when given."""
+    metrics records) per-user training speed, `communication`
+    (comigs_jax.federated.communication.accounting) when given, and the provenance (versions, git
+    commit, devices: comigs_jax.experiment.provenance)."""
     g = model_cfg.moe.n_generalists
     ppl, ppl_post = np.exp(pre["ce"]), np.exp(post["ce"])
     bayes = data.info.get("bayes_ppl_test")
@@ -175,6 +177,7 @@ def results(cfg, method, seed: int, data, model_cfg, pre: dict, post: dict, reco
         out["speed"] = speed_summary(records)
     if communication is not None:
         out["communication"] = communication
+    out["provenance"] = provenance()
     return out
 
 
