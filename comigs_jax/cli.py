@@ -95,9 +95,54 @@ def unknown_key(cfg: ConfigDict, key: str, homes: dict) -> str | None:
     return None
 
 
+def key_comments(files) -> dict[str, str]:
+    """{dotted key: comment} of the `x.KEY = value  # comment` lines of config files; `files` is
+    [(key prefix, path)], later files winning (a config file's comment over its base's)."""
+    import io
+    import re
+    import tokenize
+    target = re.compile(r"^\s*[A-Za-z_]\w*\.([A-Za-z_][\w.]*)\s*=(?!=)")
+    out = {}
+    for prefix, path in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                src = f.read()
+        except OSError:
+            continue
+        lines = src.splitlines()
+        for tok in tokenize.generate_tokens(io.StringIO(src).readline):
+            if tok.type != tokenize.COMMENT:
+                continue
+            row, col = tok.start
+            m = target.match(lines[row - 1][:col])
+            if m:
+                out[prefix + m.group(1)] = tok.string.lstrip("#").strip()
+    return out
+
+
+def config_help(cfg: ConfigDict, comments: dict) -> str:
+    """Every leaf key of `cfg` as `key = value  # comment`, in the config's order. A key without a
+    comment of its own takes the comment of its longest suffix that has one (a bench workload's
+    `tiny.train.lr` is configs/base.py's `train.lr`)."""
+    lines = []
+
+    def walk(node, prefix):
+        for k, v in node.items():
+            key = prefix + k
+            if isinstance(v, ConfigDict):
+                walk(v, key + ".")
+                continue
+            parts = key.split(".")
+            note = next((comments[".".join(parts[i:])] for i in range(len(parts)) if ".".join(parts[i:]) in comments), "")
+            lines.append(f"{key} = {v!r}" + (f"  # {note}" if note else ""))
+    walk(cfg, "")
+    return "\n".join(lines)
+
+
 def parse_config(argv, default: str, *, homes: dict, define: Callable | None = None, doc: str = ""):
     """(config, FlagValues) from argv (argv[0] is the program). UsageError (one line) for a missing
-    config file, an unknown key or a value the flag parser refuses; HelpRequested for --help.
+    config file, an unknown key or a value the flag parser refuses; HelpRequested for --help, and
+    for --config_help with every key of the config (overrides applied), its value and its comment.
     `define(flag_values)` adds the command's other flags; `doc` is the command's help text."""
     if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
         fv = flags.FlagValues()
@@ -107,7 +152,10 @@ def parse_config(argv, default: str, *, homes: dict, define: Callable | None = N
         home = ", ".join(f"{g + '.*' if g else 'other keys'}: {f}" for g, f in sorted(homes.items(), reverse=True))
         raise HelpRequested(f"{doc.strip()}\n\nFlags:\n  --config=FILE[:ARG]: the config file (default {os.path.relpath(default, REPO)})\n"
                             f"  --config.KEY=VALUE: override any key of it (defaults, one comment each: {home})\n"
+                            f"  --config_help: list every key of the config with its value and comment\n"
                             f"{others}")
+    show_keys = "--config_help" in argv[1:]
+    argv = [a for a in argv if a != "--config_help"]
     spec = config_spec(argv[1:], default)
     path = spec.partition(":")[0]
     if not os.path.isfile(path):
@@ -132,7 +180,29 @@ def parse_config(argv, default: str, *, homes: dict, define: Callable | None = N
         cfg = fv.config  # loads the file and applies the --config.* overrides
     except (flags.Error, ValueError, TypeError, KeyError, AttributeError, OSError) as e:
         raise UsageError(_first_line(e)) from None
+    if show_keys:  # comments: the data keys' file (rooted at `data`), configs/base.py, the homes, the
+        # config files the config file imports, the config file
+        files = [EXPERIMENT_HOMES["data"], EXPERIMENT_HOMES[""], *homes.values(), *_imported_configs(path)]
+        files = [("data." if f == EXPERIMENT_HOMES["data"] else "", os.path.join(REPO, f)) for f in dict.fromkeys(files)]
+        raise HelpRequested(config_help(cfg, key_comments(files + [("", path)])))
     return cfg, fv
+
+
+def _imported_configs(path: str) -> list[str]:
+    """configs/X.py of every `from configs import X` / `from configs.X import ...` in a config file."""
+    import ast
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+    except (OSError, SyntaxError):
+        return []
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "configs":
+            out += [f"configs/{a.name}.py" for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("configs."):
+            out.append(node.module.replace(".", "/") + ".py")
+    return out
 
 
 def _first_line(e: BaseException) -> str:
