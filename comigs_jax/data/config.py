@@ -49,7 +49,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.tokenizer = "gpt2"  # "gpt2" = bundled GPT-2 BPE; else a tokenizer directory or hub id ("base" in experiment configs: the run's base's own, resolved by comigs_jax.experiment)
     c.dtype = "auto"  # token array dtype: auto (uint16 if the vocabulary fits) | uint16 | uint32 (reference_bins: the files' dtype)
     c.seed = 0  # seeds document shuffling, split assignment, Dirichlet mixtures and the synthetic process
-    c.cache_dir = "~/.cache/comigs_jax/data"  # token caches (one file per user) and the datasets cache
+    c.cache_dir = "~/.cache/comigs_jax/data"  # token caches (one file per user) and bases/ (the demo's pretrained bases, converted GGUF bases); hub downloads stay in HF's own caches
     c.use_cache = True  # read/write token caches; False always rebuilds and writes nothing
     c.shuffle_buffer = 10_000  # streaming sources: shuffle buffer in documents (0 = stream order)
     c.max_documents = 0  # stop reading a source after this many rows (0 = no limit)

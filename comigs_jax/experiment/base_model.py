@@ -113,8 +113,18 @@ def load_base(cfg, vocab_size: int, log=print, directory: str | None = None) -> 
     log(f"pretraining a {p.n_layer}-layer, {p.n_embd}-wide GPT-2 base on {len(stream):,} tokens of the "
         f"general chain ({p.steps} steps) -> {ckpt}")
     t0 = time.time()
+    import jax
+    from tqdm import tqdm
+    bar = tqdm(total=p.steps, desc="pretraining the base", unit="step", dynamic_ncols=True,
+               disable=not cfg.output.progress or jax.process_index() != 0)
+
+    def progress(done, loss):
+        bar.update(done - bar.n)
+        bar.set_postfix(loss=f"{loss:.3f}")
+
     params, hist = pretrain(base_cfg, np.asarray(stream), steps=p.steps, batch_size=p.batch_size,
-                            seq_len=cfg.train.seq_len, lr=p.lr, seed=cfg.data.seed)
+                            seq_len=cfg.train.seq_len, lr=p.lr, seed=cfg.data.seed, progress=progress)
+    bar.close()
     log(f"  pretraining loss {hist[0]:.3f} -> {hist[-1]:.3f} in {time.time() - t0:.1f} s")
     tmp = f"{ckpt}.tmp{os.getpid()}"  # one writer per folder; the rename is atomic
     shutil.rmtree(tmp, ignore_errors=True)
