@@ -1,14 +1,13 @@
 """Communication accounting (comigs_jax.federated.communication) against method.md's counts and
 direct counts of the parameter tree."""
-import dataclasses
-
+import jax
 import numpy as np
 import pytest
-from flax import traverse_util
 
+from comigs_jax.federated.aggregate import aggregate
 from comigs_jax.federated.communication import accounting, shared_params_per_user
 from comigs_jax.federated.methods import configure_model, get_method
-from comigs_jax.federated.roles import role_of
+from comigs_jax.federated.roles import split_base
 from comigs_jax.model.config import GPT2Config, LlamaConfig, LoRAConfig, MoEConfig
 from comigs_jax.model.lm import param_shapes
 
@@ -24,30 +23,24 @@ def test_gpt2_counts_are_the_references():
     assert per("fedavg").tolist() == per("comigs_2g").tolist() == [1_916_928] * 2
 
 
-def test_heterogeneous_users_send_their_present_slots_only():
-    """Llama (scanned leaves [L, slots, ...]), 1 generalist + up to 3 specialists, every expert
-    shared: a user with E_i experts sends the generalist and its E_i - 1 present specialist slots."""
+def test_counts_are_what_aggregate_replaces():
+    """Llama (scanned leaves [L, slots, ...]), 1 generalist + up to 3 specialists, users with 2, 3
+    and 4 experts: a user's count is the number of its parameters that `aggregate` replaces by the
+    mean (random leaves: every averaged entry changes), specialists shared or not."""
     cfg = LlamaConfig(vocab_size=64, n_positions=32, n_embd=16, n_layer=2, n_head=4, n_kv_head=2,
                       intermediate_size=24, attn_lora=LoRAConfig(rank=2),
                       moe=MoEConfig(n_experts=4, n_generalists=1, top_k=2, lora=LoRAConfig(rank=3)))
-    counts = [1, 2, 4]
+    counts = [2, 3, 4]
+    rng = np.random.default_rng(0)
     for name in ("fedavg_moe", "comigs"):
         m = get_method(name)
         mc = configure_model(cfg, m)
-        flat = traverse_util.flatten_dict(param_shapes(mc))
-        want = []
-        for e in counts:  # count the leaves' entries directly, slicing the specialist axis
-            n = 0
-            for path, s in flat.items():
-                role = role_of(path)
-                if role not in m.shared_roles:
-                    continue
-                n += int(np.prod(np.zeros(s.shape, np.int8)[:, :e - 1].shape)) if role == "specialist" \
-                    else int(np.prod(s.shape))
-            want.append(n)
+        trainable = split_base(param_shapes(mc))[1]
+        stacked = jax.tree.map(lambda s: rng.standard_normal((3, *s.shape)).astype(np.float32), trainable)
+        out = aggregate(stacked, np.ones(3, np.float32), m.shared_roles, n_shared_specialists=min(counts) - 1)
+        changed = sum(np.sum(np.asarray(o)[0] != x[0]) for o, x in zip(jax.tree.leaves(out), jax.tree.leaves(stacked)))
         got = shared_params_per_user(mc, m, counts)
-        assert got.tolist() == want, name
-        assert (len(set(want)) == 3) == (name == "fedavg_moe")  # comigs sends no specialist
+        assert got.tolist() == [int(changed)] * 3, name
     with pytest.raises(ValueError, match=r"expert_counts=\[5\]: each in \[max\(1, n_generalists=1\), n_experts=4\]"):
         shared_params_per_user(mc, m, [5])
 

@@ -192,3 +192,21 @@ def test_reference_bins_dtype_follows_the_vocabulary(tmp_path):
     c.dtype = "uint16"
     with pytest.raises(ValueError, match=r"^data.dtype='uint16' cannot hold the 70000 ids of data.tokenizer=.*'uint32' or 'auto'$"):
         load_user_data(c)
+
+
+def test_aggregate_shares_the_common_specialist_slots_of_scanned_leaves():
+    """Scanned leaves are [U, L, slots, ...]: with heterogeneous expert counts only the first
+    n_shared_specialists slots (axis 2, not the layer axis) are averaged; against NumPy."""
+    from comigs_jax.federated.aggregate import aggregate
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 2, 3, 4, 2)).astype(np.float32)  # [U, L, S, d, r]; L != S
+    g = rng.standard_normal((3, 2, 1, 4, 2)).astype(np.float32)
+    params = {"layers": {"mlp": {"specialists": {"up_A": x}, "generalists": {"up_A": g}}}}
+    w = np.array([1.0, 3.0, 0.0], np.float32)
+    out = aggregate(params, w, ("generalist", "specialist"), n_shared_specialists=2)
+    mean = np.einsum("u,u...->...", w / w.sum(), x)
+    want = x.copy()
+    want[:, :, :2] = mean[None, :, :2]
+    np.testing.assert_allclose(out["layers"]["mlp"]["specialists"]["up_A"], want, rtol=1e-6)
+    np.testing.assert_allclose(out["layers"]["mlp"]["generalists"]["up_A"],
+                               np.broadcast_to(np.einsum("u,u...->...", w / w.sum(), g), g.shape), rtol=1e-6)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from comigs_jax.federated.roles import role_of
+from comigs_jax.federated.roles import role_of, slot_axis
 
 
 def _mean_over_users(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -39,8 +39,11 @@ def aggregate(params: dict, weights: jax.Array, shared_roles: tuple[str, ...],
             out[path] = x
             continue
         mean = _mean_over_users(x, w)
-        if role == "specialist" and n_shared_specialists is not None and n_shared_specialists < x.shape[1]:
-            slot = (jnp.arange(x.shape[1]) < n_shared_specialists).reshape((1, -1) + (1,) * (x.ndim - 2))
+        axis = 1 + slot_axis(path)  # after the user axis (and a scanned layer axis)
+        if role == "specialist" and n_shared_specialists is not None and n_shared_specialists < x.shape[axis]:
+            shape = [1] * x.ndim
+            shape[axis] = -1
+            slot = (jnp.arange(x.shape[axis]) < n_shared_specialists).reshape(shape)
             mean = jnp.where(slot, mean, x)
         out[path] = mean
     return traverse_util.unflatten_dict(out)

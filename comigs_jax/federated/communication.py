@@ -4,8 +4,8 @@ A user that takes part in an aggregation round uploads its leaves of the method'
 and every user downloads their mean (`aggregate.py`: users that sat a round out still receive
 it). Counts come from the model's parameter tree (`comigs_jax.model.lm.param_shapes`), so they
 hold for either family and any adapter shape. Expert leaves are padded to the largest expert
-count: a user with E_i experts sends only its present slots (the generalists, and E_i - G
-specialists when specialists are shared).
+count; when specialists are shared, only the slots every user has are averaged (the first
+min(E_i) - G, as `aggregate` does), so every user sends the same count.
 
 Not counted: the round-0 synchronisation of the shared leaves (one broadcast, or none when the
 users share a seed), control messages, and Centralized, which pools the users' data instead of
@@ -26,8 +26,9 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
 def shared_params_per_user(model_cfg: ModelConfig, method: Method, expert_counts) -> np.ndarray:
-    """[U] int64: parameters each user uploads (and downloads) in one aggregation round.
-    `expert_counts` [U]: each user's experts E_i (<= model_cfg.moe.n_experts)."""
+    """[U] int64: parameters each user uploads (and downloads) in one aggregation round: its
+    leaves of the shared roles, of the specialist slots only the min(E_i) - G that `aggregate`
+    averages. `expert_counts` [U]: each user's experts E_i (<= model_cfg.moe.n_experts)."""
     moe = model_cfg.moe
     counts = np.asarray(expert_counts, np.int64)
     if counts.ndim != 1 or (counts > moe.n_experts).any() or (counts < max(moe.n_generalists, 1)).any():
@@ -43,7 +44,8 @@ def shared_params_per_user(model_cfg: ModelConfig, method: Method, expert_counts
         else:
             fixed += int(np.prod(s.shape))
     per_slot = specialist // moe.n_specialists if moe.n_specialists else 0
-    return fixed + per_slot * (counts - moe.n_generalists)
+    shared_slots = max(int(counts.min()) - moe.n_generalists, 0)  # Simulation's n_shared_specialists
+    return np.full(len(counts), fixed + per_slot * shared_slots, np.int64)
 
 
 def accounting(model_cfg: ModelConfig, method: Method, expert_counts, rounds: int, rounds_taken) -> dict:

@@ -10,6 +10,9 @@ Every leaf of the model's parameter tree has exactly one role, decided by its pa
 - ``router``: the per-block router kernel.
 
 A method (comigs_jax.federated.methods) decides collaboration from these labels alone.
+
+Expert leaves hold their slots on one axis: the first, or the second under a scanned stack of
+blocks (Llama's `layers`, whose leaves lead with [L]); `slot_axis` says which.
 """
 from __future__ import annotations
 
@@ -33,6 +36,15 @@ def role_of(path: tuple) -> str:
     if path[-1] in ("lora_A", "lora_B"):
         return "attn"
     return "base"
+
+
+SCANNED_STACKS = ("layers",)  # top-level modules whose leaves lead with a layer axis (comigs_jax.model.llama)
+
+
+def slot_axis(path: tuple) -> int:
+    """The expert-slot axis of an expert leaf at `path` (no user axis): 1 under a scanned stack of
+    blocks ([L, slots, ...]), else 0 ([slots, ...])."""
+    return 1 if path[0] in SCANNED_STACKS else 0
 
 
 def label_params(params: dict) -> dict:
