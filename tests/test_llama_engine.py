@@ -210,3 +210,23 @@ def test_aggregate_shares_the_common_specialist_slots_of_scanned_leaves():
     np.testing.assert_allclose(out["layers"]["mlp"]["specialists"]["up_A"], want, rtol=1e-6)
     np.testing.assert_allclose(out["layers"]["mlp"]["generalists"]["up_A"],
                                np.broadcast_to(np.einsum("u,u...->...", w / w.sum(), g), g.shape), rtol=1e-6)
+
+
+def test_token_gate_weights_are_stacked_in_layer_order():
+    """[L, B, T, E] per-token expert weights of the scanned blocks: rows sum to 1 over the user's
+    experts (0 on absent ones), and layer 0's equal a 1-layer model's on layer 0's parameters."""
+    from comigs_jax.model.lm import token_gate_weights
+    cfg = dataclasses.replace(_cfg(tie=True), n_layer=3)
+    params = _params(cfg)
+    tokens = np.arange(20, dtype=np.int32).reshape(2, 10) % VOCAB
+    mask = np.array([True, True, False])
+    w = np.asarray(jax.jit(token_gate_weights, static_argnums=0)(cfg, params, tokens, mask))
+    assert w.shape == (3, 2, 10, 3)
+    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-5)
+    assert (w[..., 2] == 0).all()
+    one = dataclasses.replace(cfg, n_layer=1)
+    first = jax.tree.map(lambda x: x, params)
+    first["layers"] = jax.tree.map(lambda x: x[:1], params["layers"])
+    w1 = np.asarray(jax.jit(token_gate_weights, static_argnums=0)(one, first, tokens, mask))
+    np.testing.assert_allclose(w1[0], w[0], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(w[0], w[1])  # the layers differ
