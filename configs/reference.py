@@ -67,7 +67,8 @@ SCRIPTS = {s_arg: s for s_arg, s in [
 # Scripts of those tables with no config here (their engines are not implemented).
 NOT_AVAILABLE = {
     "baseline_PCL.sh": "PCL (collab_run_client_level.py: softmax(-ppl) mixing of whole models) is not implemented",
-    "baseline_ffalora_1616.sh": "FFA-LoRA (E = 1, k = 1, pruning regulariser) is not implemented",
+    "baseline_ffalora_1616.sh": "FFA-LoRA itself is the method ffa_lora, but this script's pruning regulariser "
+                                "(-p_lam, method.md §7) is not implemented",
 }
 
 EVAL_EVERY_STEPS = 20  # the reference evaluates every 20 expert steps (method.md §5)

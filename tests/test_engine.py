@@ -138,8 +138,10 @@ def test_expert_and_router_steps_touch_only_their_leaves():
     for k in p2:
         if role_of(k) == "router":
             assert not np.array_equal(p2[k], p1[k])
-        else:
-            np.testing.assert_array_equal(p2[k], q2[k])
+        else:  # two programs, compiled apart: equal to float32 rounding (seen: 4e-9 absolute, varying
+            # from run to run on a loaded machine); a router-phase update of an expert leaf would move
+            # it by ~lr = 2e-3, AdamW's weight decay alone by lr * wd * |x| ~ 4e-6 on the A factors
+            np.testing.assert_allclose(p2[k], q2[k], rtol=1e-5, atol=1e-7, err_msg=str(k))
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -156,7 +158,7 @@ def test_method_records_do_what_they_claim(name):
     has_router = any(role_of(k) == "router" for k in init)
     assert has_router == (method.router_mode != "none")
     for k, v in init.items():  # round 0: shared leaves identical, local ones per user
-        if role_of(k) in method.shared_roles:
+        if method.is_shared(k) or method.is_frozen(k):
             assert all(np.array_equal(v[0], v[u]) for u in range(n)), k
         elif not k[-1].endswith("B") and n > 1:  # B starts at 0 everywhere
             assert not np.array_equal(v[0], v[1]), k
@@ -165,7 +167,7 @@ def test_method_records_do_what_they_claim(name):
     sim.aggregate()
     after = _flat(sim.states.params)
     for k in after:
-        if role_of(k) in method.shared_roles and not method.one_round:
+        if method.is_shared(k) and not method.one_round:
             assert all(np.allclose(after[k][0], after[k][u]) for u in range(n)), k
         else:
             np.testing.assert_array_equal(after[k], trained[k])

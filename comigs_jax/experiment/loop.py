@@ -202,8 +202,8 @@ def _train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir, layout
     post_eval = evaluate() if not method.one_round else pre_eval
     records = writer.read()
     taken = [sum(1 for r in records if r["expert_tokens_per_s_per_user"][u] > 0) for u in range(n_models)]
-    comm = communication.accounting(sim.model_cfg, method, sim.expert_counts[:n_models], tc.rounds, taken)
-    results = metrics.results(cfg, method, seed, data, model_cfg, pre_eval, post_eval, records=records,
+    comm = communication.accounting(sim.model_cfg, sim.method, sim.expert_counts[:n_models], tc.rounds, taken)
+    results = metrics.results(cfg, sim.method, seed, data, model_cfg, pre_eval, post_eval, records=records,
                               zero_shot=zero_shot, communication=comm)
     if cfg.output.figures:
         plot.run_figures(run_dir, results, writer.read(), sim, data, cfg.output.routing_tokens,

@@ -158,6 +158,8 @@ def results(cfg, method, seed: int, data, model_cfg, pre: dict, post: dict, reco
     out = {
         "method": method.name, "seed": seed, "router_mode": method.router_mode,
         "shared_roles": list(method.shared_roles), "faithful": bool(cfg.train.faithful),
+        **({"shared_factors": list(method.shared_factors)} if tuple(method.shared_factors) != ("A", "B") else {}),
+        **({"frozen": list(method.frozen)} if method.frozen else {}),
         "eval": {"protocol": cfg.eval.protocol, "seq_len": cfg.train.seq_len, "batch_size": cfg.eval.batch_size,
                  **({} if cfg.eval.protocol == "full" else {"n_windows": cfg.eval.n_windows}),
                  **({"seed": seed} if cfg.eval.protocol == "reference" else {}),

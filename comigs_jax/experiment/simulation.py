@@ -54,6 +54,7 @@ class Simulation:
                  user_indices: Optional[Sequence[int]] = None):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: allowed {MODES}")
+        method = method.for_mode(tc.faithful)  # FFA-LoRA / FedSA-LoRA as the reference (D4, D5) in faithful mode
         if weighting not in ("uniform", "tokens"):
             raise ValueError(f"weighting={weighting!r}: allowed ('uniform', 'tokens')")
         if not 0.0 < participation <= 1.0:
@@ -249,7 +250,8 @@ def _programs(model_cfg: ModelConfig, tc: TrainConfig, method: Method, steps: in
         round_fn = vmap_round(model_cfg, tc, method, steps, mesh=mesh, user_chunk=chunk)
     else:
         round_fn = loop_round(model_cfg, tc, method, steps)
-    agg = functools.partial(aggregate, shared_roles=method.shared_roles, n_shared_specialists=n_shared_specialists)
+    agg = functools.partial(aggregate, shared_roles=method.shared_roles, n_shared_specialists=n_shared_specialists,
+                            shared_factors=method.shared_factors, frozen=method.frozen)
     # the mean is an all-reduce; the result stays split over users
     return init, round_fn, jax.jit(agg, in_shardings=(users, users), out_shardings=users)
 

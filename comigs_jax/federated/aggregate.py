@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import traverse_util
 
-from comigs_jax.federated.roles import role_of, slot_axis
+from comigs_jax.federated.roles import factor_of, role_of, slot_axis
 
 
 def _mean_over_users(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -19,7 +19,8 @@ def _mean_over_users(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def aggregate(params: dict, weights: jax.Array, shared_roles: tuple[str, ...],
-              n_shared_specialists: int | None = None) -> dict:
+              n_shared_specialists: int | None = None, shared_factors: tuple[str, ...] = ("A", "B"),
+              frozen: tuple[str, ...] = ()) -> dict:
     """Replace every shared leaf of every user by the weighted mean over users.
 
     params: trainable leaves with a leading user axis [U, ...].
@@ -29,13 +30,16 @@ def aggregate(params: dict, weights: jax.Array, shared_roles: tuple[str, ...],
       returned unchanged.
     n_shared_specialists: with heterogeneous expert counts only the specialist slots that every
       user has are shared (the first min(E_i) - n_generalists); None shares them all.
+    shared_factors: the LoRA factors of the shared roles that are averaged (routers have none).
+    frozen: "role.factor" leaves that never change (FFA-LoRA's A): returned as they are.
     """
     w = weights / jnp.sum(weights)
     flat = traverse_util.flatten_dict(params)
     out = {}
     for path, x in flat.items():
-        role = role_of(path)
-        if role not in shared_roles:
+        role, factor = role_of(path), factor_of(path)
+        if role not in shared_roles or (factor is not None and factor not in shared_factors) \
+                or f"{role}.{factor}" in frozen:
             out[path] = x
             continue
         mean = _mean_over_users(x, w)

@@ -37,7 +37,7 @@ def shared_params_per_user(model_cfg: ModelConfig, method: Method, expert_counts
     fixed, specialist = 0, 0  # parameters every user sends; those of all specialist slots
     for path, s in traverse_util.flatten_dict(param_shapes(model_cfg)).items():
         role = role_of(path)
-        if role not in method.shared_roles:
+        if not method.is_shared(path):  # another role, an unshared factor (FedSA's B), a frozen one (FFA's A)
             continue
         if role == "specialist":
             specialist += int(np.prod(s.shape))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from comigs_jax.federated.roles import TRAINABLE_ROLES
+from comigs_jax.federated.roles import TRAINABLE_ROLES, factor_of, role_of
 
 ROUTER_MODES = ("bilevel", "alternating_train", "joint", "none")
 
@@ -28,6 +28,12 @@ class Method:
       rounds (for evaluation, logging and checkpoints) but skips aggregation: the same math,
       since step counters, schedules and optimizer states never reset between rounds.
     pooled_data: train one model on the union of the users' data (Centralized).
+    shared_factors: the LoRA factors ("A", "B") of the shared roles that are averaged; the other
+      factor stays local (FedSA-LoRA shares A only). Routers have no factor.
+    frozen: "role.factor" leaves that never train and keep the shared round-0 initialisation
+      (FFA-LoRA: every A), e.g. ("attn.A", "generalist.A").
+    faithful: the record that reproduces the reference code's behaviour in faithful mode
+      (train.faithful; method.md §8, D4/D5), when it differs; None otherwise.
     """
 
     name: str
@@ -36,6 +42,9 @@ class Method:
     one_round: bool = False
     pooled_data: bool = False
     description: str = ""
+    shared_factors: tuple[str, ...] = ("A", "B")
+    frozen: tuple[str, ...] = ()
+    faithful: "Method | None" = None
 
     def __post_init__(self):
         if self.router_mode not in ROUTER_MODES:
@@ -43,6 +52,26 @@ class Method:
         bad = set(self.shared_roles) - set(TRAINABLE_ROLES)
         if bad:
             raise ValueError(f"method {self.name}: shared_roles {sorted(bad)}: allowed {TRAINABLE_ROLES}")
+        if not set(self.shared_factors) <= {"A", "B"}:
+            raise ValueError(f"method {self.name}: shared_factors {self.shared_factors}: allowed 'A', 'B'")
+        allowed = {f"{r}.{f}" for r in ("attn", "generalist", "specialist") for f in "AB"}
+        if not set(self.frozen) <= allowed:
+            raise ValueError(f"method {self.name}: frozen {sorted(set(self.frozen) - allowed)}: allowed {sorted(allowed)}")
+
+    def is_shared(self, path: tuple) -> bool:
+        """Whether the leaf at `path` is averaged across users every round (and identical at round
+        0); frozen leaves are not (they never change)."""
+        factor = factor_of(path)
+        return (role_of(path) in self.shared_roles and (factor is None or factor in self.shared_factors)
+                and not self.is_frozen(path))
+
+    def is_frozen(self, path: tuple) -> bool:
+        """Whether the leaf at `path` never trains (it keeps the shared round-0 value)."""
+        return f"{role_of(path)}.{factor_of(path)}" in self.frozen
+
+    def for_mode(self, faithful: bool) -> "Method":
+        """The record a run uses: `faithful` (the reference's behaviour) when asked and defined."""
+        return self.faithful if faithful and self.faithful is not None else self
 
     @property
     def has_router(self) -> bool:
@@ -55,6 +84,7 @@ class Method:
 
 _ALL_EXPERTS = ("attn", "generalist", "specialist")
 _GENERALISTS = ("attn", "generalist")
+_ALL_A = ("attn.A", "generalist.A", "specialist.A")
 
 METHODS = {m.name: m for m in [
     Method("local", _ALL_EXPERTS, "none", one_round=True,
@@ -75,6 +105,16 @@ METHODS = {m.name: m for m in [
            description="ablation: all experts shared, router phases on training data"),
     Method("local_moe_train", _ALL_EXPERTS, "alternating_train", one_round=True,
            description="ablation: local, router phases on training data"),
+    # FFA-LoRA: every A frozen at the shared random init, only B trained and averaged. Faithful
+    # (D4, the reference at 2d42464): the experts' A frozen, attention A trained and averaged.
+    Method("ffa_lora", _ALL_EXPERTS, "none", shared_factors=("B",), frozen=_ALL_A, description="FFA-LoRA: A frozen at the shared init, B trained and averaged",
+           faithful=Method("ffa_lora", _ALL_EXPERTS, "none", frozen=("generalist.A", "specialist.A"),
+                           description="FFA-LoRA as the reference (D4): attention A trained and averaged")),
+    # FedSA-LoRA: A averaged, B kept local. Faithful (D5): every factor averaged, i.e. FedAvg.
+    Method("fedsa_lora", _ALL_EXPERTS, "none", shared_factors=("A",),
+           description="FedSA-LoRA: A trained and averaged, B trained and kept local",
+           faithful=Method("fedsa_lora", _ALL_EXPERTS, "none",
+                           description="FedSA-LoRA as the reference (D5): A and B averaged (FedAvg)")),
 ]}
 
 

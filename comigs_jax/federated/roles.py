@@ -47,6 +47,19 @@ def slot_axis(path: tuple) -> int:
     return 1 if path[0] in SCANNED_STACKS else 0
 
 
+def factor_of(path: tuple) -> str | None:
+    """"A" or "B" for a LoRA factor (attention `lora_A` / `lora_B`, expert `<matmul>_A` /
+    `<matmul>_B`), None for any other leaf (routers, the base)."""
+    last = path[-1]
+    return last[-1] if last[-2:] in ("_A", "_B") else None
+
+
+def filter_leaves(params: dict, keep) -> dict:
+    """The sub-tree of the leaves whose path satisfies keep(path) (structure kept, others dropped)."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict({p: v for p, v in flat.items() if keep(p)})
+
+
 def label_params(params: dict) -> dict:
     """A tree of the same structure as `params` holding each leaf's role."""
     flat = traverse_util.flatten_dict(params)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from comigs_jax.federated.methods import Method
-from comigs_jax.federated.roles import EXPERT_ROLES, TRAINABLE_ROLES, filter_roles, merge, split_base
+from comigs_jax.federated.roles import EXPERT_ROLES, TRAINABLE_ROLES, filter_leaves, filter_roles, merge, role_of, split_base
 from comigs_jax.model.lm import ModelConfig, init_params
 
 
@@ -73,6 +73,13 @@ def expert_roles(method: Method) -> tuple[str, ...]:
     return TRAINABLE_ROLES if method.router_mode == "joint" else EXPERT_ROLES
 
 
+def is_expert_leaf(method: Method):
+    """path -> whether the expert optimizer trains that leaf: its role is one of expert_roles
+    and it is not frozen (FFA-LoRA's A)."""
+    roles = expert_roles(method)
+    return lambda path: role_of(path) in roles and not method.is_frozen(path)
+
+
 def expert_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
     lr = optax.cosine_decay_schedule(tc.lr, tc.total_steps, alpha=tc.lr_final_ratio)
     return optax.adamw(lr, tc.b1, tc.b2, tc.eps, weight_decay=tc.weight_decay)
@@ -93,7 +100,7 @@ def init_trainable(model_cfg: ModelConfig, key: jax.Array) -> dict:
 
 def init_user_state(params: dict, key: jax.Array, tc: TrainConfig, method: Method) -> UserState:
     """The state of one user around its trainable params (no user axis)."""
-    exp = filter_roles(params, expert_roles(method))
+    exp = filter_leaves(params, is_expert_leaf(method))
     opt_router = router_optimizer(tc).init(filter_roles(params, ("router",))) if method.alternating else ()
     leak = ()
     if leaks_active(tc, method):
@@ -107,8 +114,9 @@ def init_states_unjitted(model_cfg: ModelConfig, tc: TrainConfig, method: Method
                 n_shared_specialists: int | None = None) -> UserState:
     """Stacked states of n_users users [U, ...], with round 0's synchronisation applied.
 
-    Shared leaves (by the method's roles) come from one "server" initialisation and are identical
-    across users; the other leaves (specialists, routers) are initialised per user.
+    Shared leaves (by the method's roles and factors) and frozen leaves come from one "server"
+    initialisation and are identical across users; the other leaves (specialists, routers, a
+    FedSA-LoRA B) are initialised per user.
     """
     from comigs_jax.federated.aggregate import aggregate
 
@@ -119,9 +127,11 @@ def init_states_unjitted(model_cfg: ModelConfig, tc: TrainConfig, method: Method
     # Round 0: every user starts from the server's shared leaves; a mean over copies of the
     # server is the server, so the aggregation rule also decides which specialist slots count.
     server_stack = jax.tree.map(lambda s, u: jnp.broadcast_to(s, u.shape), server, users)
-    synced = aggregate(server_stack, jnp.ones(n_users), method.shared_roles, n_shared_specialists)
-    params = merge(filter_roles(synced, method.shared_roles),
-                   filter_roles(users, set(TRAINABLE_ROLES) - set(method.shared_roles)))
+    synced = aggregate(server_stack, jnp.ones(n_users), method.shared_roles, n_shared_specialists,
+                       method.shared_factors, method.frozen)
+    params = merge(filter_leaves(synced, method.is_shared),
+                   filter_leaves(server_stack, method.is_frozen),
+                   filter_leaves(users, lambda p: not (method.is_shared(p) or method.is_frozen(p))))
     state_keys = jax.random.split(k_state, n_users)
     return jax.vmap(lambda p, k: init_user_state(p, k, tc, method))(params, state_keys)
 

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import optax
 
 from comigs_jax.federated.methods import Method
-from comigs_jax.federated.roles import TRAINABLE_ROLES, filter_roles, merge
+from comigs_jax.federated.roles import filter_leaves, merge, role_of
 from comigs_jax.model.head import token_cross_entropy
 from comigs_jax.model.lm import ModelConfig, head_matrix, language_model
-from comigs_jax.train.state import (TrainConfig, UserState, expert_optimizer, expert_roles, leaks_active,
+from comigs_jax.train.state import (TrainConfig, UserState, expert_optimizer, is_expert_leaf, leaks_active,
                                     router_optimizer)
 
 
@@ -45,10 +45,19 @@ def lm_loss(trainable: dict, base: dict, windows: jax.Array, mask: jax.Array, mo
                   "router_prob": aux.get("router_prob"), "selection": aux.get("selection")}
 
 
-def _grads(roles, params, base, windows, mask, model_cfg, tc, dropout_key):
-    """Loss and gradients with respect to the leaves of `roles` only (the rest held fixed)."""
-    wrt = filter_roles(params, roles)
-    rest = filter_roles(params, set(TRAINABLE_ROLES) - set(roles))
+def _every_leaf(path) -> bool:
+    return True
+
+
+def _is_router(path) -> bool:
+    return role_of(path) == "router"
+
+
+def _grads(keep, params, base, windows, mask, model_cfg, tc, dropout_key):
+    """Loss and gradients with respect to the leaves whose path satisfies keep(path) only (the rest
+    held fixed)."""
+    wrt = filter_leaves(params, keep)
+    rest = filter_leaves(params, lambda p: not keep(p))
     fn = lambda p: lm_loss(merge(p, rest), base, windows, mask, model_cfg, tc.lb_weight, dropout_key)
     (_, metrics), grads = jax.value_and_grad(fn, has_aux=True)(wrt)
     return metrics, grads
@@ -66,19 +75,18 @@ def expert_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
     key, k_batch, k_drop = jax.random.split(state.key, 3)
     windows = sample_windows(k_batch, data["train"], data["train_len"], tc.batch_size, tc.seq_len)
     leaks = leaks_active(tc, method)
-    roles = expert_roles(method)
-    metrics, grads = _grads(TRAINABLE_ROLES if leaks else roles, state.params, base, windows, mask,
+    trains = is_expert_leaf(method)
+    metrics, grads = _grads(_every_leaf if leaks else trains, state.params, base, windows, mask,
                             model_cfg, tc, k_drop if _needs_dropout_key(model_cfg) else None)
-    g = filter_roles(grads, roles)
+    g = filter_leaves(grads, trains)
     leak = state.leak
     if leaks:
         g = jax.tree.map(jnp.add, g, leak["expert"])
         leak = {"expert": jax.tree.map(jnp.zeros_like, leak["expert"]),
-                "router": jax.tree.map(jnp.add, leak["router"], filter_roles(grads, ("router",)))}
-    p = filter_roles(state.params, roles)
+                "router": jax.tree.map(jnp.add, leak["router"], filter_leaves(grads, _is_router))}
+    p = filter_leaves(state.params, trains)
     updates, opt = expert_optimizer(tc).update(g, state.opt_expert, p)
-    params = merge(optax.apply_updates(p, updates),
-                   filter_roles(state.params, set(TRAINABLE_ROLES) - set(roles)))
+    params = merge(optax.apply_updates(p, updates), filter_leaves(state.params, lambda q: not trains(q)))
     return state.replace(params=params, opt_expert=opt, step=state.step + 1, key=key, leak=leak), metrics
 
 
@@ -91,17 +99,17 @@ def router_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
     key, k_batch, k_drop = jax.random.split(state.key, 3)
     windows = sample_windows(k_batch, data[split], data[f"{split}_len"], tc.batch_size, tc.seq_len)
     leaks = leaks_active(tc, method)
-    metrics, grads = _grads(TRAINABLE_ROLES if leaks else ("router",), state.params, base, windows, mask,
+    metrics, grads = _grads(_every_leaf if leaks else _is_router, state.params, base, windows, mask,
                             model_cfg, tc, k_drop if _needs_dropout_key(model_cfg) else None)
-    g = filter_roles(grads, ("router",))
+    g = filter_leaves(grads, _is_router)
     leak = state.leak
     if leaks:
         g = jax.tree.map(jnp.add, g, leak["router"])
-        leak = {"expert": jax.tree.map(jnp.add, leak["expert"], filter_roles(grads, expert_roles(method))),
+        leak = {"expert": jax.tree.map(jnp.add, leak["expert"], filter_leaves(grads, is_expert_leaf(method))),
                 "router": jax.tree.map(jnp.zeros_like, leak["router"])}
-    p = filter_roles(state.params, ("router",))
+    p = filter_leaves(state.params, _is_router)
     updates, opt = router_optimizer(tc).update(g, state.opt_router, p)
-    params = merge(optax.apply_updates(p, updates), filter_roles(state.params, expert_roles(method)))
+    params = merge(optax.apply_updates(p, updates), filter_leaves(state.params, lambda q: not _is_router(q)))
     return state.replace(params=params, opt_router=opt, key=key, leak=leak), metrics
 
 
