@@ -14,10 +14,11 @@ from comigs_jax.experiment.signals import StopOnSignal
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# A 4-layer, 256-wide base and 100k test tokens per user: the first evaluation takes ~15 s on an
-# idle 2-core machine (many times that under load), so the signals land inside it.
+# A 1-layer, 512-wide base (the FLOPs per token of 4 layers x 256, a quarter of the layers to
+# compile) and 100k test tokens per user: the first evaluation takes ~15 s on an idle 2-core machine
+# (many times that under load), so the signals land inside it.
 LONG_EVAL = ["--config=configs/tiny.py", "--config.train.rounds=2", "--config.eval.every_rounds=1",
-             "--config.data.test_tokens=100000", "--config.pretrain.n_layer=4", "--config.pretrain.n_embd=256",
+             "--config.data.test_tokens=100000", "--config.pretrain.n_layer=1", "--config.pretrain.n_embd=512",
              "--config.pretrain.n_head=4", "--config.pretrain.steps=2", "--config.output.figures=False"]
 
 
