@@ -31,6 +31,23 @@ ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 import pytest  # noqa: E402
 
 
+# pytest-xdist hands out whole files (--dist loadfile), by default those with the most tests first:
+# the few-test files that run whole experiments in subprocesses (minutes each) came last and left
+# one worker running them alone. setup.cfg turns that order off (--no-loadscope-reorder) and the
+# files run in this order instead, the longest first (their durations on 2 cores); the rest after
+# them, in pytest's order. A file missing here only runs later; its tests are the same.
+LONGEST_FIRST = ("test_reliability.py", "test_engine.py", "test_chunks.py", "test_moe.py",
+                 "test_multihost_run.py", "test_llama_engine.py", "test_bench.py", "test_head_loss.py",
+                 "test_remat.py", "test_capacity_llama.py", "test_multihost.py", "test_capacity.py",
+                 "test_gguf.py", "test_llama.py", "test_reproduce.py", "test_signals.py", "test_api.py",
+                 "test_data_synthetic.py", "test_bench_multihost.py", "test_bench_llama.py", "test_hf_io.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     """One data cache (token caches and the pretrained base of configs/tiny.py) for every run of
