@@ -48,19 +48,45 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
 
 
+def _shared_dir(tmp_path_factory, name):
+    """A folder for the whole session: under pytest-xdist, the same one for every worker (the
+    parent of the workers' own base folders), else this process's own."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        d = tmp_path_factory.getbasetemp().parent / name
+        d.mkdir(exist_ok=True)
+        return d
+    return tmp_path_factory.mktemp(name)
+
+
 @pytest.fixture(scope="session")
 def tiny_cache(tmp_path_factory):
     """One data cache (token caches and the pretrained base of configs/tiny.py) for every run of
-    the tiny config in the session, in-process or subprocess: the base is pretrained once."""
-    return str(tmp_path_factory.mktemp("tiny_cache"))
+    the tiny config in the session, in-process or subprocess, on every xdist worker: the base is
+    pretrained once (the cache writes by atomic renames, so two workers may fill it at once)."""
+    return str(_shared_dir(tmp_path_factory, "tiny_cache"))
 
 
 @pytest.fixture(scope="session")
 def tiny_reference(tmp_path_factory, tiny_cache):
     """One uninterrupted `experiments.run --config=configs/tiny.py` (in-process, one device: bit for
-    bit a subprocess's run): (workdir, CompletedProcess). Tests that change it work on a copy."""
+    bit a subprocess's run): (workdir, CompletedProcess). Run once for the whole session: the first
+    xdist worker to need it runs it (the others wait on the lock) and the others read its result.
+    Tests that change it work on a copy."""
+    import fcntl
+    import json
+    import shutil
+    import subprocess
+
     from entrypoint import main
-    wd = str(tmp_path_factory.mktemp("tiny_reference") / "tiny")
-    p = main(["--config=configs/tiny.py", f"--workdir={wd}"], tiny_cache)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    root = _shared_dir(tmp_path_factory, "tiny_reference")
+    wd, done = str(root / "tiny"), root / "process.json"
+    with open(str(root) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if done.exists():
+            return wd, subprocess.CompletedProcess(**json.loads(done.read_text()))
+        shutil.rmtree(wd, ignore_errors=True)  # what a failed attempt of another worker left
+        p = main(["--config=configs/tiny.py", f"--workdir={wd}"], tiny_cache)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        done.write_text(json.dumps({"args": p.args, "returncode": p.returncode, "stdout": p.stdout,
+                                    "stderr": p.stderr}))
     return wd, p
