@@ -27,7 +27,7 @@ def rounds_logged(wd):
     return [json.loads(l)["round"] for l in open(os.path.join(wd, "metrics.jsonl")) if l.strip()]
 
 
-TIMING_KEYS = ("speed",)  # wall-clock measurements: the only part of results.json that may differ
+TIMING_KEYS = ("speed", "provenance")  # wall-clock timings, and when and where it ran: all of results.json that may differ
 
 
 def results_bytes(wd):
