@@ -51,15 +51,15 @@ import dataclasses
 import math
 import os
 import sys
-from typing import Optional, Union
+from typing import Optional
 
 from comigs_jax.federated.methods import Method, configure_model
 from comigs_jax.federated.users import device_chunk, padded_user_count
 from comigs_jax.model.config import REMAT, GPT2Config, LlamaConfig
+from comigs_jax.model.lm import ModelConfig, family_of
 from comigs_jax.train.state import TrainConfig
 
 GiB = 2**30
-ModelConfig = Union[GPT2Config, LlamaConfig]  # comigs_jax.model.lm's (without importing the models)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,9 +128,7 @@ class Shapes:
 
 def shapes(cfg: ModelConfig) -> Shapes:
     """The Shapes of a GPT2Config or a LlamaConfig (dispatch on cfg.family)."""
-    family = getattr(cfg, "family", None)
-    if family not in ("gpt2", "llama"):
-        raise ValueError(f"model config {type(cfg).__name__} has family={family!r}: allowed gpt2, llama")
+    family = family_of(cfg)
     d, L, V = cfg.n_embd, cfg.n_layer, cfg.vocab_size
     if family == "gpt2":
         f = 4 * d

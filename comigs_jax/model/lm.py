@@ -21,7 +21,8 @@ ModelConfig = Union[GPT2Config, LlamaConfig]
 FAMILIES = ("gpt2", "llama")
 
 
-def _family(cfg: ModelConfig) -> str:
+def family_of(cfg: ModelConfig) -> str:
+    """cfg.family ("gpt2" | "llama"); a one-line ValueError for any other config."""
     family = getattr(cfg, "family", None)
     if family not in FAMILIES:
         raise ValueError(f"model config {type(cfg).__name__} has family={family!r}: allowed {FAMILIES}")
@@ -30,25 +31,25 @@ def _family(cfg: ModelConfig) -> str:
 
 def language_model(cfg: ModelConfig) -> nn.Module:
     """The Flax module: tokens [B, T] -> (logits [B, T, V] | hidden [B, T, d], aux)."""
-    return gpt2.GPT2(cfg) if _family(cfg) == "gpt2" else llama.Llama(cfg)
+    return gpt2.GPT2(cfg) if family_of(cfg) == "gpt2" else llama.Llama(cfg)
 
 
 def init_params(cfg: ModelConfig, key: jax.Array, seq_len: int = 8) -> dict:
     """Random parameters of the whole model (base and adapters), jitted."""
-    if _family(cfg) == "gpt2":
+    if family_of(cfg) == "gpt2":
         return gpt2.init_params(cfg, key, seq_len)
     return llama.init_llama_params(cfg, key, seq_len)
 
 
 def param_shapes(cfg: ModelConfig) -> dict:
     """The parameter tree as ShapeDtypeStructs, nothing allocated."""
-    return gpt2.param_shapes(cfg) if _family(cfg) == "gpt2" else llama.llama_param_shapes(cfg)
+    return gpt2.param_shapes(cfg) if family_of(cfg) == "gpt2" else llama.llama_param_shapes(cfg)
 
 
 def token_gate_weights(cfg: ModelConfig, params: dict, tokens: jax.Array,
                        expert_mask: Optional[jax.Array] = None) -> jax.Array:
     """Per-token expert weights [L, B, T, E] of a mixture-of-experts model."""
-    if _family(cfg) == "gpt2":
+    if family_of(cfg) == "gpt2":
         return gpt2.token_gate_weights(cfg, params, tokens, expert_mask)
     return llama.llama_token_gate_weights(cfg, params, tokens, expert_mask)
 
@@ -56,7 +57,7 @@ def token_gate_weights(cfg: ModelConfig, params: dict, tokens: jax.Array,
 def head_matrix(params: dict, cfg: ModelConfig) -> jax.Array:
     """The LM head as [V, d] (logits = hidden @ head.T): the tied token embedding (GPT-2's `wte`,
     a tied Llama's `embed_tokens`), or an untied Llama's `lm_head` kernel [d, V] transposed."""
-    if _family(cfg) == "gpt2":
+    if family_of(cfg) == "gpt2":
         return params["wte"]["embedding"]
     if cfg.tie_word_embeddings:
         return params["embed_tokens"]["embedding"]
