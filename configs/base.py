@@ -84,6 +84,7 @@ def get_config(arg=None):
     c.output.figures = True  # write PNG figures
     c.output.progress = True  # tqdm progress bar over rounds
     c.output.routing_tokens = 48  # tokens in the routing picture of a sample test text
+    c.output.tensorboard = False  # also write the per-round metrics as TensorBoard events in <run>/tensorboard/ (tensorboardX; rewritten from metrics.jsonl on resume)
 
     c.data = default_data_config()
     c.data.tokenizer = "base"  # the base's own tokenizer (GPT-2 sizes and "pretrain": the bundled GPT-2 BPE); or a tokenizer directory / hub id

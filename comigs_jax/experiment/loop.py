@@ -111,7 +111,8 @@ def _train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir, layout
                      expert_counts=configuration.expert_counts_of(cfg), seed=seed, mode=cfg.federation.mode,
                      weighting=cfg.federation.weighting, participation=cfg.federation.participation,
                      user_indices=data.indices)
-    writer = metrics.MetricsWriter(os.path.join(run_dir, "metrics.jsonl") if distributed.is_main_process() else None)
+    writer = metrics.MetricsWriter(os.path.join(run_dir, "metrics.jsonl") if distributed.is_main_process() else None,
+                                   tensorboard=cfg.output.get("tensorboard", False), users=data.users)
     start, meta = None, {}
     if resume:
         found = ckpts.restore_latest(sim.states, identity, log=log)

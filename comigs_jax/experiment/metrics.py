@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import weakref
 
 import numpy as np
 import optax
@@ -24,11 +26,22 @@ class MetricsWriter:
 
     path=None (the other processes of a multi-process run): the records stay in memory and no
     file is touched (never a stand-in path such as os.devnull: an atomic rewrite would replace
-    the device file itself)."""
+    the device file itself).
 
-    def __init__(self, path: str | None):
+    tensorboard=True (and a path): every record is also written as TensorBoard scalars
+    (`tensorboard_scalars`, step = round) to the folder `tensorboard/` beside the file. The events
+    are a view of metrics.jsonl: `truncate` (every start, fresh or resumed) deletes the folder's
+    event files and writes the kept records again into one new file, so a resumed run shows each
+    round once, with the values metrics.jsonl holds (a round rerun after a kill replaces its
+    first attempt instead of appearing twice). `users`: the names in the tags (else indices)."""
+
+    def __init__(self, path: str | None, tensorboard: bool = False, users=None):
         self.path = path
         self._memory: list[dict] = []
+        self.users = list(users) if users is not None else None
+        self.tensorboard_dir = os.path.join(os.path.dirname(path) or ".", "tensorboard") if (
+            tensorboard and path is not None) else None
+        self._tb = None
 
     def read(self) -> list[dict]:
         """The records; a last line cut short by a kill mid-append is dropped (that round is rerun)."""
@@ -53,6 +66,8 @@ class MetricsWriter:
             self._memory = keep
             return
         _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+        if self.tensorboard_dir is not None:
+            self._rewrite_tensorboard(keep)
 
     def write(self, record: dict) -> None:
         if self.path is None:
@@ -60,6 +75,76 @@ class MetricsWriter:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tensorboard_dir is not None:
+            if self._tb is None:  # written without a truncate first: start from what the file holds
+                self._rewrite_tensorboard(self.read()[:-1])
+            self._tensorboard_record(record)
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard file (also done when the writer is collected or at exit)."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def _rewrite_tensorboard(self, records: list[dict]) -> None:
+        from tensorboardX import SummaryWriter  # only runs that ask for TensorBoard import it
+        self.close()
+        os.makedirs(self.tensorboard_dir, exist_ok=True)
+        for name in os.listdir(self.tensorboard_dir):
+            if name.startswith("events.out.tfevents."):
+                os.remove(os.path.join(self.tensorboard_dir, name))
+        self._tb = SummaryWriter(self.tensorboard_dir, flush_secs=10)
+        weakref.finalize(self, self._tb.close)
+        for r in records:
+            self._tensorboard_record(r, flush=False)
+        self._tb.flush()
+
+    def _tensorboard_record(self, record: dict, flush: bool = True) -> None:
+        for tag, value in tensorboard_scalars(record, self.users):
+            self._tb.add_scalar(tag, value, global_step=record["round"])
+        if flush:
+            self._tb.flush()
+
+
+def _tag(name) -> str:
+    return re.sub(r"[^\w.\-]", "_", str(name))
+
+
+def tensorboard_scalars(record: dict, users=None) -> list[tuple[str, float]]:
+    """The TensorBoard scalars of one metrics.jsonl record, as (tag, value): the run-level numbers
+    under their own key (`lr`, `tokens_per_s`, `seconds`), each per-user list as `<key>/<user>`
+    (train_loss, train_ce, train_lb, router_val_ce, generalist_share, test_ppl, expert and router
+    tokens/s, router_steps; a user without a value that round, e.g. no router phase, is skipped) and
+    its mean over the users that have one as `<key>/mean_of_users`, and the routing shares per expert
+    (averaged over layers) as `routing/<user>/expert<e>`. `users`: names for the tags (indices when
+    None or when a list has another length, e.g. Centralized's one pooled model)."""
+    out = []
+    for key, value in record.items():
+        if key in ("round", "step", "includes_compile"):
+            continue
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, (int, float)):
+            out.append((key, float(value)))
+            continue
+        if not isinstance(value, list) or not value:
+            continue
+        names = [_tag(u) for u in users] if users is not None and len(users) == len(value) else \
+            [f"user{i}" for i in range(len(value))]
+        if key == "routing":  # [U, L, E]
+            for name, per_layer in zip(names, value):
+                for e, share in enumerate(np.asarray(per_layer, np.float64).mean(0)):
+                    out.append((f"routing/{name}/expert{e}", float(share)))
+            continue
+        seen = [float(v) for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        if len(seen) != sum(v is not None for v in value):
+            continue  # not a per-user list of numbers
+        for name, v in zip(names, value):
+            if v is not None:
+                out.append((f"{key}/{name}", float(v)))
+        if seen:
+            out.append((f"{key}/mean_of_users", float(np.mean(seen))))
+    return out
 
 
 def generalist_share(router_prob: np.ndarray, n_generalists: int) -> np.ndarray:
