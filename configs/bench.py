@@ -95,7 +95,7 @@ def get_config(preset: str = "cpu") -> ConfigDict:
     # SmolLM2-135M (Llama: 30 layers, width 576, 9 heads, 3 key/value heads, SwiGLU 1536, tied
     # head over 49,152 tokens) with random frozen weights, 1 generalist + 1 specialist (LoRA on
     # gate, up and down), rank 8 (q/k/v/o LoRA rank 8), batch 4 x 128, 2 expert steps + 1 router
-    # step: a round is ~30 s on 2 cores. Not in the default `models`.
+    # step: a round is ~12 s on 2 quiet cores (docs/benchmarks.md). Not in the default `models`.
     c.smollm2 = workload("smollm2-135m", 49152, batch_size=4, local_steps=2, router_every=2, router_steps=1)
     c.smollm2.users = "2"           # U for the SmolLM2 sweep
 
