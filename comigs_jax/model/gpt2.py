@@ -25,19 +25,48 @@ def _proj_init(cfg: GPT2Config):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention with a fused QKV projection. x [B, T, d] -> [B, T, d]."""
+    """Multi-head causal self-attention with a fused QKV projection. x [B, T, d] -> [B, T, d].
+
+    cache=(k, v) [B, S, heads, hd] (decoding): x holds positions index..index+T-1; their keys and
+    values are written into the cache at `index` and the queries attend to cache positions
+    <= their own. Returns (y, new cache) then."""
 
     cfg: GPT2Config
 
     @nn.compact
-    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+    def __call__(self, x: jax.Array, deterministic: bool = True, cache=None, index=None):
         cfg = self.cfg
         b, t, d = x.shape
         dtype = jnp.dtype(cfg.dtype)
         qkv = LoRADense(3 * d, cfg.attn_lora, dtype, name="c_attn")(x, deterministic)
         q, k, v = (a.reshape(b, t, cfg.n_head, d // cfg.n_head) for a in jnp.split(qkv, 3, -1))
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, d)
-        return LoRADense(d, cfg.attn_lora, dtype, _proj_init(cfg), name="c_proj")(y, deterministic)
+        if cache is None:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, d)
+            return LoRADense(d, cfg.attn_lora, dtype, _proj_init(cfg), name="c_proj")(y, deterministic)
+        (k, v), mask = kv_cache_update(cache, k, v, index)
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(b, t, d)
+        return LoRADense(d, cfg.attn_lora, dtype, _proj_init(cfg), name="c_proj")(y, deterministic), (k, v)
+
+
+def kv_cache_update(cache, k: jax.Array, v: jax.Array, index):
+    """((k, v) cache [B, S, heads, hd] with k, v [B, T, heads, hd] written at position `index`,
+    the attention mask [1, 1, T, S]: query index + i sees cache positions <= index + i)."""
+    ck, cv = cache
+    at = (0, index, 0, 0)
+    ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), at)
+    cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), at)
+    t, s = k.shape[1], ck.shape[1]
+    mask = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]
+    return (ck, cv), mask[None, None]
+
+
+def init_cache(cfg, batch: int, length: int) -> dict:
+    """An empty KV cache of either family for `length` positions: {"k", "v"} [L, B, S, kv heads,
+    head dim] in the activation dtype (GPT-2: heads = n_head; Llama: n_kv_head)."""
+    heads = getattr(cfg, "n_kv_head", cfg.n_head)
+    hd = getattr(cfg, "dim_head", cfg.n_embd // cfg.n_head)
+    z = jnp.zeros((cfg.n_layer, batch, length, heads, hd), jnp.dtype(cfg.dtype))
+    return {"k": z, "v": z}
 
 
 class MLP(nn.Module):
@@ -63,14 +92,19 @@ class Block(nn.Module):
     cfg: GPT2Config
 
     @nn.compact
-    def __call__(self, x, expert_mask: Optional[jax.Array], deterministic: bool = True):
+    def __call__(self, x, expert_mask: Optional[jax.Array], deterministic: bool = True, cache=None, index=None):
         cfg, eps = self.cfg, self.cfg.layer_norm_epsilon
         dtype = jnp.dtype(cfg.dtype)
         h = nn.LayerNorm(eps, dtype=dtype, name="ln_1")(x)
-        x = x + CausalSelfAttention(cfg, name="attn")(h, deterministic)
+        if cache is None:
+            x = x + CausalSelfAttention(cfg, name="attn")(h, deterministic)
+        else:  # decoding: the layer's KV cache in, the updated one out (aux["cache"])
+            a, cache = CausalSelfAttention(cfg, name="attn")(h, deterministic, cache, index)
+            x = x + a
         h = nn.LayerNorm(eps, dtype=dtype, name="ln_2")(x)
         if cfg.moe is None:
-            return x + MLP(cfg, name="mlp")(h), {}
+            x, aux = x + MLP(cfg, name="mlp")(h), {}
+            return (x, aux) if cache is None else (x, {"cache": cache})
 
         weights, mask, route = moe_lib.mixture_weights(h, expert_mask, cfg.moe)
         # Per-token expert weights [B, T, E], collected only when "intermediates" is mutable
@@ -78,7 +112,7 @@ class Block(nn.Module):
         self.sow("intermediates", "gate", weights)
         x = x + moe_lib.MoEMLP(cfg.moe, cfg.n_embd, cfg.n_layer, dtype, remat=cfg.remat, name="mlp")(h, weights, deterministic)
         aux = moe_lib.mixture_aux(route, x, mask, cfg.moe)
-        return x, aux
+        return (x, aux) if cache is None else (x, {**aux, "cache": cache})
 
 
 # Block with remat "block": the backward keeps only each block's input and recomputes the rest.
@@ -95,26 +129,38 @@ class GPT2(nn.Module):
     expert_mask [E] bool marks the experts this user has (default: all).
     return_hidden: return the final hidden state (after ln_f) [B, T, d] in the activation dtype
     instead of the logits, for a loss that applies the head itself (comigs_jax.model.head).
+    cache (decoding, init_cache's {"k", "v"} [L, B, S, heads, hd]) and index (int scalar): the
+    tokens are positions index..index+T-1 of a sequence whose earlier keys and values the cache
+    holds; aux["cache"] is then the cache with these tokens' written in (the same logits as a
+    full forward of the sequence; comigs_jax.model.decode).
     """
 
     cfg: GPT2Config
 
     @nn.compact
     def __call__(self, tokens: jax.Array, expert_mask: Optional[jax.Array] = None,
-                 deterministic: bool = True, return_hidden: bool = False):
+                 deterministic: bool = True, return_hidden: bool = False, cache=None, index=None):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         init = nn.initializers.normal(0.02)
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, embedding_init=init, name="wte")
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=dtype, embedding_init=init, name="wpe")
-        x = wte(tokens) + wpe(jnp.arange(tokens.shape[-1]))
+        positions = jnp.arange(tokens.shape[-1])
+        x = wte(tokens) + wpe(positions if cache is None else index + positions)
         block = RematBlock if cfg.remat == "block" else Block
         auxes = []
         for i in range(cfg.n_layer):
-            x, aux = block(cfg, name=f"h_{i}")(x, expert_mask, deterministic)
+            if cache is None:
+                x, aux = block(cfg, name=f"h_{i}")(x, expert_mask, deterministic)
+            else:
+                x, aux = block(cfg, name=f"h_{i}")(x, expert_mask, deterministic,
+                                                   (cache["k"][i], cache["v"][i]), index)
             auxes.append(aux)
         x = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name="ln_f")(x)
         aux = jax.tree.map(lambda *a: jnp.stack(a), *auxes)
+        if cache is not None:
+            k, v = aux.pop("cache")
+            aux["cache"] = {"k": k, "v": v}
         if return_hidden:
             return x, aux
         return wte.attend(x).astype(jnp.float32), aux

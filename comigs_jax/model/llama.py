@@ -28,6 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from comigs_jax.model import moe as moe_lib
 from comigs_jax.model.config import LlamaConfig, MoEConfig
+from comigs_jax.model.gpt2 import kv_cache_update
 from comigs_jax.model.lora import LoRADense
 
 _INIT = nn.initializers.normal(0.02)  # HF Llama's initializer_range, for every matrix
@@ -53,10 +54,13 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_tables(cfg: LlamaConfig, t: int) -> tuple[jax.Array, jax.Array]:
-    """(cos, sin) [T, head_dim] float32 for positions 0..T-1; each frequency appears twice (the
-    first and second half of the head dimension), HF's layout."""
-    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * jnp.asarray(rope_inv_freq(cfg))[None]
+def rope_tables(cfg: LlamaConfig, t: int, start=0) -> tuple[jax.Array, jax.Array]:
+    """(cos, sin) [T, head_dim] float32 for positions start..start+T-1 (start may be traced:
+    decoding); each frequency appears twice (the first and second half of the head dimension), HF's layout."""
+    positions = jnp.arange(t, dtype=jnp.float32)
+    if not (isinstance(start, int) and start == 0):  # the full forward's program stays as it was
+        positions = positions + jnp.asarray(start, jnp.float32)
+    angles = positions[:, None] * jnp.asarray(rope_inv_freq(cfg))[None]
     angles = jnp.concatenate([angles, angles], -1)                                 # [T, hd]
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -88,12 +92,15 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    """Causal grouped-query self-attention with RoPE. x [B, T, d], cos/sin [T, hd] -> [B, T, d]."""
+    """Causal grouped-query self-attention with RoPE. x [B, T, d], cos/sin [T, hd] -> [B, T, d].
+    cache=(k, v) [B, S, kv heads, hd] and index: decoding, as gpt2.CausalSelfAttention (returns
+    (y, new cache))."""
 
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, deterministic: bool = True):
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, deterministic: bool = True,
+                 cache=None, index=None):
         cfg = self.cfg
         b, t, _ = x.shape
         hd, dtype = cfg.dim_head, jnp.dtype(cfg.dtype)
@@ -103,8 +110,12 @@ class LlamaAttention(nn.Module):
         v = proj(cfg.n_kv_head * hd, name="v_proj")(x, deterministic).reshape(b, t, cfg.n_kv_head, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # K < N heads is grouped-query attention: head n reads kv head n // (N / K).
-        y = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, cfg.n_head * hd)
-        return proj(cfg.n_embd, name="o_proj")(y, deterministic)
+        if cache is None:
+            y = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, cfg.n_head * hd)
+            return proj(cfg.n_embd, name="o_proj")(y, deterministic)
+        (k, v), mask = kv_cache_update(cache, k, v, index)
+        y = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(b, t, cfg.n_head * hd)
+        return proj(cfg.n_embd, name="o_proj")(y, deterministic), (k, v)
 
 
 class LlamaMLP(nn.Module):
@@ -202,21 +213,27 @@ class LlamaBlock(nn.Module):
     cfg: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, rope, expert_mask: Optional[jax.Array], deterministic: bool = True):
+    def __call__(self, x, rope, expert_mask: Optional[jax.Array], deterministic: bool = True,
+                 cache=None, index=None):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         h = RMSNorm(cfg.rms_norm_eps, dtype, name="input_layernorm")(x)
-        x = x + LlamaAttention(cfg, name="self_attn")(h, *rope, deterministic)
+        if cache is None:
+            x = x + LlamaAttention(cfg, name="self_attn")(h, *rope, deterministic)
+        else:  # decoding: this layer's KV cache in, the updated one out (aux["cache"])
+            a, cache = LlamaAttention(cfg, name="self_attn")(h, *rope, deterministic, cache, index)
+            x = x + a
         h = RMSNorm(cfg.rms_norm_eps, dtype, name="post_attention_layernorm")(x)
         if cfg.moe is None:
-            return x + LlamaMLP(cfg, name="mlp")(h), {}
+            x = x + LlamaMLP(cfg, name="mlp")(h)
+            return (x, {}) if cache is None else (x, {"cache": cache})
 
         weights, mask, route = moe_lib.mixture_weights(h, expert_mask, cfg.moe)
         self.sow("intermediates", "gate", weights)  # [B, T, E], only when "intermediates" is mutable
         x = x + LlamaMoEMLP(cfg.moe, cfg.n_embd, cfg.intermediate_size, dtype, remat=cfg.remat,
                             name="mlp")(h, weights, deterministic)
         aux = moe_lib.mixture_aux(route, x, mask, cfg.moe)
-        return x, aux
+        return (x, aux) if cache is None else (x, {**aux, "cache": cache})
 
 
 # remat "block": the backward keeps each block's input only. Argument 4 (self is 0) is
@@ -224,14 +241,16 @@ class LlamaBlock(nn.Module):
 RematLlamaBlock = nn.remat(LlamaBlock, static_argnums=(4,))
 
 
-def scanned_blocks(cfg: LlamaConfig):
+def scanned_blocks(cfg: LlamaConfig, cached: bool = False):
     """The cfg.n_layer blocks as one scanned module: (x [B, T, d], rope, expert_mask,
     deterministic) -> (x, aux stacked over layers). Parameters and sown gates get a leading [L]
-    axis; each layer draws its own initial parameters and dropout masks."""
-    block = RematLlamaBlock if cfg.remat == "block" else LlamaBlock
+    axis; each layer draws its own initial parameters and dropout masks. cached: decoding, two
+    more arguments, the layers' KV caches (scanned over, [L, ...]) and the index (broadcast)."""
+    block = RematLlamaBlock if cfg.remat == "block" and not cached else LlamaBlock
+    extra = (0, nn.broadcast) if cached else ()
     return nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
                    split_rngs={"params": True, "dropout": True},
-                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layer)
+                   in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, *extra), length=cfg.n_layer)
 
 
 class Llama(nn.Module):
@@ -242,19 +261,27 @@ class Llama(nn.Module):
     expert_mask [E] bool marks the experts this user has (default: all).
     return_hidden: return the final normed hidden state [B, T, d] in the activation dtype instead
     of the logits. The head is the token embedding when cfg.tie_word_embeddings, else lm_head.
+    cache and index: decoding, as GPT2 (aux["cache"] the updated cache).
     """
 
     cfg: LlamaConfig
 
     @nn.compact
     def __call__(self, tokens: jax.Array, expert_mask: Optional[jax.Array] = None,
-                 deterministic: bool = True, return_hidden: bool = False):
+                 deterministic: bool = True, return_hidden: bool = False, cache=None, index=None):
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
         embed = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, embedding_init=_INIT, name="embed_tokens")
         x = embed(tokens)
-        rope = rope_tables(cfg, tokens.shape[-1])  # once, shared by every layer
-        x, aux = scanned_blocks(cfg)(cfg, name="layers")(x, rope, expert_mask, deterministic)
+        if cache is None:
+            rope = rope_tables(cfg, tokens.shape[-1])  # once, shared by every layer
+            x, aux = scanned_blocks(cfg)(cfg, name="layers")(x, rope, expert_mask, deterministic)
+        else:
+            rope = rope_tables(cfg, tokens.shape[-1], index)
+            x, aux = scanned_blocks(cfg, cached=True)(cfg, name="layers")(
+                x, rope, expert_mask, deterministic, (cache["k"], cache["v"]), index)
+            k, v = aux.pop("cache")
+            aux["cache"] = {"k": k, "v": v}
         x = RMSNorm(cfg.rms_norm_eps, dtype, name="norm")(x)
         if return_hidden:
             return x, aux
