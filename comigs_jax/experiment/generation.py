@@ -76,7 +76,7 @@ class UserModel:
     model_cfg: object
     params: dict  # base and the user's adapters, merged (host arrays)
     expert_mask: np.ndarray  # [E] bool
-    context: int  # the longest sequence: the base's positions (GPT-2) or the run's seq_len (Llama)
+    context: int  # the longest sequence, prompt and new tokens: the base's n_positions
     synthetic: bool
     tokenizer: Optional[object]
     n_generalists: int
@@ -170,7 +170,7 @@ def load_user_model(workdir: str, user: str) -> UserModel:
     if not synthetic:
         from comigs_jax.model.hf import load_tokenizer
         tokenizer = load_tokenizer(base_tokenizer(cfg, directory))
-    context = min(base_cfg.n_positions, int(cfg.train.seq_len)) if base_cfg.family == "llama" else base_cfg.n_positions
+    context = base_cfg.n_positions  # GPT-2's position table; a Llama's configured maximum (RoPE)
     merged = jax.tree.map(np.asarray, merge(base, params))
     return UserModel(user, run_dir, model_cfg, merged, np.asarray(mask), int(context), synthetic, tokenizer,
                      model_cfg.moe.n_generalists)
