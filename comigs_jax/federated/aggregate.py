@@ -18,9 +18,16 @@ def _mean_over_users(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.broadcast_to(mean, x.shape)
 
 
+def _mean_within_groups(x: jax.Array, w: jax.Array, groups: jax.Array) -> jax.Array:
+    """x [U, ...], w [G, U] (each row sums to 1 over its group's users, 0 elsewhere), groups [U]
+    -> each user's own group's weighted mean [U, ...] (a gather of the [G, ...] means)."""
+    means = jnp.einsum("gu,u...->g...", w, x.astype(jnp.float32)).astype(x.dtype)
+    return jnp.take(means, groups, axis=0)
+
+
 def aggregate(params: dict, weights: jax.Array, shared_roles: tuple[str, ...],
               n_shared_specialists: int | None = None, shared_factors: tuple[str, ...] = ("A", "B"),
-              frozen: tuple[str, ...] = ()) -> dict:
+              frozen: tuple[str, ...] = (), groups: jax.Array | None = None, n_groups: int = 1) -> dict:
     """Replace every shared leaf of every user by the weighted mean over users.
 
     params: trainable leaves with a leading user axis [U, ...].
@@ -32,8 +39,17 @@ def aggregate(params: dict, weights: jax.Array, shared_roles: tuple[str, ...],
       user has are shared (the first min(E_i) - n_generalists); None shares them all.
     shared_factors: the LoRA factors of the shared roles that are averaged (routers have none).
     frozen: "role.factor" leaves that never change (FFA-LoRA's A): returned as they are.
+    groups [U] int (with n_groups, static): the federation of each row when several federations
+      share the user axis; weights are normalised within each group and every row gets its own
+      group's mean. None: one federation (the plain mean above).
     """
-    w = weights / jnp.sum(weights)
+    if groups is None:
+        w = weights / jnp.sum(weights)
+        mean_of = lambda x: _mean_over_users(x, w)
+    else:
+        wg = (groups[None, :] == jnp.arange(n_groups)[:, None]) * weights.astype(jnp.float32)[None, :]
+        wg = wg / jnp.sum(wg, axis=1, keepdims=True)
+        mean_of = lambda x: _mean_within_groups(x, wg, groups)
     flat = traverse_util.flatten_dict(params)
     out = {}
     for path, x in flat.items():
@@ -42,7 +58,7 @@ def aggregate(params: dict, weights: jax.Array, shared_roles: tuple[str, ...],
                 or f"{role}.{factor}" in frozen:
             out[path] = x
             continue
-        mean = _mean_over_users(x, w)
+        mean = mean_of(x)
         axis = 1 + slot_axis(path)  # after the user axis (and a scanned layer axis)
         if role == "specialist" and n_shared_specialists is not None and n_shared_specialists < x.shape[axis]:
             shape = [1] * x.ndim

@@ -19,6 +19,11 @@ of at least a device's rows, means all of them at once. A chunk that does not di
 rows pads the axis further, to a multiple of devices x chunk: the padding rows are masked like
 the device padding (no aggregation weight, not counted, dropped from every output).
 Centralized's one pooled model is never chunked on the model axis.
+
+`n_federations` F > 1 (independent federations of one config, e.g. seeds, in one program): both
+axes hold the federations one after the other, rows f * M + u for federation f's model (or user)
+u, padded at the end only; `federation_of_rows` says which federation each row belongs to
+(padding rows: the last one), and aggregation averages within it.
 """
 from __future__ import annotations
 
@@ -52,20 +57,23 @@ class Layout:
     mesh: Mesh
     pooled: bool = False
     chunk: int = 0
+    n_federations: int = 1
 
     def __post_init__(self):
         if self.n_users < 1:
             raise ValueError(f"n_users={self.n_users}: at least one user is needed")
+        if not isinstance(self.n_federations, (int, np.integer)) or self.n_federations < 1:
+            raise ValueError(f"n_federations={self.n_federations!r}: must be an integer >= 1")
         if not isinstance(self.chunk, (int, np.integer)) or self.chunk < 0:
             raise ValueError(f"user_chunk={self.chunk!r}: must be an integer >= 0 (0 = all of a device's users at once)")
 
     @classmethod
     def build(cls, n_users: int, *, pooled: bool = False, mesh: Mesh | None = None, shard: bool = True,
-              mode: str = "vmap", chunk: int = 0) -> "Layout":
+              mode: str = "vmap", chunk: int = 0, n_federations: int = 1) -> "Layout":
         """The layout on `mesh`, or on the mesh a run would choose (`run_mesh`)."""
-        n_models = 1 if pooled else n_users
+        n_models = (1 if pooled else n_users) * n_federations
         return cls(n_users, mesh if mesh is not None else run_mesh(n_models, shard=shard, mode=mode), pooled,
-                   chunk)
+                   chunk, n_federations)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -73,9 +81,19 @@ class Layout:
         return int(self.mesh.devices.size)
 
     @property
-    def n_models(self) -> int:
-        """Models trained: one per user, or one pooled model."""
+    def models_per_federation(self) -> int:
+        """Models one federation trains: one per user, or one pooled model."""
         return 1 if self.pooled else self.n_users
+
+    @property
+    def n_models(self) -> int:
+        """Models trained, every federation's."""
+        return self.models_per_federation * self.n_federations
+
+    @property
+    def n_user_total(self) -> int:
+        """Real rows of the user axis: every federation's users."""
+        return self.n_users * self.n_federations
 
     @property
     def model_chunk(self) -> int:
@@ -85,7 +103,7 @@ class Layout:
     @property
     def user_chunk(self) -> int:
         """User rows per chunk on each device, for evaluation (0: all at once)."""
-        return device_chunk(self.n_users, self.n_devices, self.chunk)
+        return device_chunk(self.n_user_total, self.n_devices, self.chunk)
 
     @property
     def n_rows(self) -> int:
@@ -95,7 +113,21 @@ class Layout:
     @property
     def n_user_rows(self) -> int:
         """Rows of the user axis (users padded to a multiple of devices x chunk)."""
-        return padded_user_count(self.n_users, self.n_devices * max(self.user_chunk, 1))
+        return padded_user_count(self.n_user_total, self.n_devices * max(self.user_chunk, 1))
+
+    def federation_of_rows(self, user_axis: bool = False) -> np.ndarray:
+        """[rows] int32: the federation of each row of the model axis (or the user axis); padding
+        rows count as the last federation's (they weigh nothing)."""
+        per = self.n_users if user_axis else self.models_per_federation
+        n = self.n_user_rows if user_axis else self.n_rows
+        return np.minimum(np.arange(n) // per, self.n_federations - 1).astype(np.int32)
+
+    def index_of_rows(self, user_axis: bool = False) -> np.ndarray:
+        """[rows] int: each row's model (or user) index within its federation (padding rows:
+        past the last one)."""
+        per = self.n_users if user_axis else self.models_per_federation
+        n = self.n_user_rows if user_axis else self.n_rows
+        return np.arange(n) - self.federation_of_rows(user_axis) * per
 
     @property
     def n_padding(self) -> int:
@@ -132,12 +164,12 @@ class Layout:
         """The real users whose data this process loads: those of its model rows (every user, for
         the pooled model's row) and of its user rows (each process scores its own users' test
         splits). May be empty: a process whose devices hold only padding rows."""
-        mine = {r for r in self.local_user_rows if r < self.n_users}
+        mine = {r % self.n_users for r in self.local_user_rows if r < self.n_user_total}
         if self.pooled:
-            if 0 in self.local_rows:
+            if any(r < self.n_models for r in self.local_rows):
                 mine |= set(range(self.n_users))
         else:
-            mine |= {r for r in self.local_rows if r < self.n_users}
+            mine |= {r % self.n_users for r in self.local_rows if r < self.n_models}
         return sorted(mine)
 
     # ------------------------------------------------------------------ shardings

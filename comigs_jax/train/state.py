@@ -80,13 +80,25 @@ def is_expert_leaf(method: Method):
     return lambda path: role_of(path) in roles and not method.is_frozen(path)
 
 
-def expert_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    lr = optax.cosine_decay_schedule(tc.lr, tc.total_steps, alpha=tc.lr_final_ratio)
-    return optax.adamw(lr, tc.b1, tc.b2, tc.eps, weight_decay=tc.weight_decay)
+# The scalar hyper-parameters that may differ between federations run as one program (traced
+# per-row values, comigs_jax.train.steps); they change neither shapes nor the optimizer states.
+ROW_HPARAMS = ("lr", "router_lr", "lb_weight", "weight_decay")
 
 
-def router_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    return optax.adamw(tc.router_lr, tc.b1, tc.b2, tc.eps, weight_decay=tc.weight_decay)
+def hparam(tc: TrainConfig, hp: dict | None, name: str):
+    """tc's value of `name`, or the per-row override hp[name] (a traced scalar) when given."""
+    return (hp or {}).get(name, getattr(tc, name))
+
+
+def expert_optimizer(tc: TrainConfig, hp: dict | None = None) -> optax.GradientTransformation:
+    """adamw on a cosine schedule from lr; hp: per-row overrides of ROW_HPARAMS (None: tc's)."""
+    lr = optax.cosine_decay_schedule(hparam(tc, hp, "lr"), tc.total_steps, alpha=tc.lr_final_ratio)
+    return optax.adamw(lr, tc.b1, tc.b2, tc.eps, weight_decay=hparam(tc, hp, "weight_decay"))
+
+
+def router_optimizer(tc: TrainConfig, hp: dict | None = None) -> optax.GradientTransformation:
+    return optax.adamw(hparam(tc, hp, "router_lr"), tc.b1, tc.b2, tc.eps,
+                       weight_decay=hparam(tc, hp, "weight_decay"))
 
 
 def leaks_active(tc: TrainConfig, method: Method) -> bool:

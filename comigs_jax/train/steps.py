@@ -2,6 +2,10 @@
 
 Every function here sees ONE user (no user axis); comigs_jax.train.rounds vmaps them over users
 or calls them in a Python loop. Shapes: tokens [N] (padded), length scalar, mask [E].
+
+`data` is the row's inputs: tokens and lengths of its splits and, when federations with different
+hyper-parameters share one program, data["hparams"]: {name: scalar} overriding the static
+TrainConfig's lr / router_lr / lb_weight / weight_decay (state.ROW_HPARAMS) for this row.
 """
 from __future__ import annotations
 
@@ -15,8 +19,8 @@ from comigs_jax.federated.methods import Method
 from comigs_jax.federated.roles import filter_leaves, merge, role_of
 from comigs_jax.model.head import token_cross_entropy
 from comigs_jax.model.lm import ModelConfig, head_matrix, language_model
-from comigs_jax.train.state import (TrainConfig, UserState, expert_optimizer, is_expert_leaf, leaks_active,
-                                    router_optimizer)
+from comigs_jax.train.state import (TrainConfig, UserState, expert_optimizer, hparam, is_expert_leaf,
+                                    leaks_active, router_optimizer)
 
 
 def sample_windows(key: jax.Array, tokens: jax.Array, length: jax.Array, batch: int, seq_len: int) -> jax.Array:
@@ -53,12 +57,12 @@ def _is_router(path) -> bool:
     return role_of(path) == "router"
 
 
-def _grads(keep, params, base, windows, mask, model_cfg, tc, dropout_key):
+def _grads(keep, params, base, windows, mask, model_cfg, lb_weight, dropout_key):
     """Loss and gradients with respect to the leaves whose path satisfies keep(path) only (the rest
     held fixed)."""
     wrt = filter_leaves(params, keep)
     rest = filter_leaves(params, lambda p: not keep(p))
-    fn = lambda p: lm_loss(merge(p, rest), base, windows, mask, model_cfg, tc.lb_weight, dropout_key)
+    fn = lambda p: lm_loss(merge(p, rest), base, windows, mask, model_cfg, lb_weight, dropout_key)
     (_, metrics), grads = jax.value_and_grad(fn, has_aux=True)(wrt)
     return metrics, grads
 
@@ -72,12 +76,13 @@ def expert_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
     """One expert step on a TRAINING batch: updates attention and expert LoRA (and, in joint
     mode, the router); increments the step counter. In faithful mode it also adds the LoRA
     gradients leaked by the last router phase (D1) and banks its router gradient (D2)."""
+    hp = data.get("hparams")
     key, k_batch, k_drop = jax.random.split(state.key, 3)
     windows = sample_windows(k_batch, data["train"], data["train_len"], tc.batch_size, tc.seq_len)
     leaks = leaks_active(tc, method)
     trains = is_expert_leaf(method)
     metrics, grads = _grads(_every_leaf if leaks else trains, state.params, base, windows, mask,
-                            model_cfg, tc, k_drop if _needs_dropout_key(model_cfg) else None)
+                            model_cfg, hparam(tc, hp, "lb_weight"), k_drop if _needs_dropout_key(model_cfg) else None)
     g = filter_leaves(grads, trains)
     leak = state.leak
     if leaks:
@@ -85,7 +90,7 @@ def expert_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
         leak = {"expert": jax.tree.map(jnp.zeros_like, leak["expert"]),
                 "router": jax.tree.map(jnp.add, leak["router"], filter_leaves(grads, _is_router))}
     p = filter_leaves(state.params, trains)
-    updates, opt = expert_optimizer(tc).update(g, state.opt_expert, p)
+    updates, opt = expert_optimizer(tc, hp).update(g, state.opt_expert, p)
     params = merge(optax.apply_updates(p, updates), filter_leaves(state.params, lambda q: not trains(q)))
     return state.replace(params=params, opt_expert=opt, step=state.step + 1, key=key, leak=leak), metrics
 
@@ -96,11 +101,12 @@ def router_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
     the routers only. In faithful mode, the router gradient banked by the expert steps is added
     (D2, then cleared) and this step's LoRA gradient is banked for the next expert step (D1)."""
     split = "valid" if method.router_mode == "bilevel" else "train"
+    hp = data.get("hparams")
     key, k_batch, k_drop = jax.random.split(state.key, 3)
     windows = sample_windows(k_batch, data[split], data[f"{split}_len"], tc.batch_size, tc.seq_len)
     leaks = leaks_active(tc, method)
     metrics, grads = _grads(_every_leaf if leaks else _is_router, state.params, base, windows, mask,
-                            model_cfg, tc, k_drop if _needs_dropout_key(model_cfg) else None)
+                            model_cfg, hparam(tc, hp, "lb_weight"), k_drop if _needs_dropout_key(model_cfg) else None)
     g = filter_leaves(grads, _is_router)
     leak = state.leak
     if leaks:
@@ -108,7 +114,7 @@ def router_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
         leak = {"expert": jax.tree.map(jnp.add, leak["expert"], filter_leaves(grads, is_expert_leaf(method))),
                 "router": jax.tree.map(jnp.zeros_like, leak["router"])}
     p = filter_leaves(state.params, _is_router)
-    updates, opt = router_optimizer(tc).update(g, state.opt_router, p)
+    updates, opt = router_optimizer(tc, hp).update(g, state.opt_router, p)
     params = merge(optax.apply_updates(p, updates), filter_leaves(state.params, lambda q: not _is_router(q)))
     return state.replace(params=params, opt_router=opt, key=key, leak=leak), metrics
 

@@ -1,0 +1,113 @@
+"""Federations as an array axis: F federations (seeds, lr, ...) of one config in ONE Simulation
+equal F separate Simulations, each federation on its own (f32 CPU, <= 1e-6)."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from comigs_jax.experiment.simulation import Simulation, check_federations
+from comigs_jax.federated.aggregate import aggregate
+from comigs_jax.federated.layout import Layout
+from comigs_jax.federated.methods import get_method
+from comigs_jax.federated.sharding import single_device_mesh, users_mesh
+from comigs_jax.train.state import TrainConfig
+from tiny import markov_users, tiny_base, tiny_cfg
+
+TC = TrainConfig(rounds=2, local_steps=3, batch_size=4, seq_len=8, router_every=2, router_steps=2)
+# every scalar that may differ between federations differs (comigs); Centralized: seeds only
+FEDS = {"comigs": [{"seed": 0}, {"seed": 1, "lr": 1e-3, "lb_weight": 0.05, "router_lr": 5e-3, "weight_decay": 0.1}],
+        "centralized": [{"seed": 0}, {"seed": 3}]}
+TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+def _flat(tree):
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def _train(sim, seeds):
+    """Two rounds; per round: metrics and the pre-aggregation evaluation; then the final params."""
+    out = []
+    for _ in range(sim.n_rounds):
+        m = sim.run_round()
+        ev = sim.evaluate(TEST, n_windows=4, batch=2, protocol="reference", seed=seeds)
+        sim.aggregate()
+        out.append((m, ev))
+    return out
+
+
+TRAIN, VALID, TEST = markov_users(3, 300, 0), markov_users(3, 150, 100), markov_users(3, 150, 200)
+
+
+@pytest.mark.parametrize("method_name", ["comigs", "centralized"])
+def test_federations_in_one_program_equal_separate_runs(method_name):
+    """2 federations of 3 users (CoMiGS: different seeds, lr, lb_weight, router_lr, weight_decay;
+    2 of 3 users sampled per round), heterogeneous expert counts: one Simulation sharded over 4
+    devices in chunks of 1 (6 rows padded to 8; Centralized: 2 pooled models, 4 rows) against 2
+    one-device Simulations."""
+    cfg = tiny_cfg(n_experts=3)
+    base = tiny_base(cfg)
+    method, feds = get_method(method_name), FEDS[method_name]
+    kw = dict(expert_counts=[2, 3, 3], participation=0.67 if method_name == "comigs" else 1.0)
+    layout = Layout(3, users_mesh(jax.devices()[:4]), method.pooled_data, chunk=1, n_federations=2)
+    sim = Simulation(cfg, TC, method, base, TRAIN, VALID, layout=layout, federations=feds, **kw)
+    if method_name == "comigs":
+        assert sim.n_padded == 8 and layout.model_chunk == 1
+        assert set(sim.row_hparams) == {"lr", "router_lr", "lb_weight", "weight_decay"}
+    stacked = _train(sim, [f["seed"] for f in feds])
+    params = _flat(sim.states.params)
+    per = sim.layout.models_per_federation
+    for f, fed in enumerate(feds):
+        tc = dataclasses.replace(TC, **{k: v for k, v in fed.items() if k != "seed"})
+        one = Simulation(cfg, tc, method, base, TRAIN, VALID, seed=fed["seed"], **kw)
+        ref = _train(one, fed["seed"])
+        for r, ((m, ev), (m1, ev1)) in enumerate(zip(stacked, ref)):
+            for k in m1:
+                np.testing.assert_allclose(m[k][f], m1[k], **TOL, err_msg=f"federation {f} round {r} {k}")
+            for k in ev1:
+                np.testing.assert_allclose(ev[k][f], ev1[k], **TOL, err_msg=f"federation {f} round {r} eval {k}")
+        for k, x in _flat(one.states.params).items():
+            np.testing.assert_allclose(params[k][f * per:(f + 1) * per], x[:per], **TOL, err_msg=f"{f} {k}")
+
+
+def test_one_federation_is_todays_program():
+    """federations=[{"seed": s}] is seed=s: the same program, bit for bit (the programs of the
+    separate runs above: no new compile in the same process)."""
+    cfg = tiny_cfg(n_experts=3)
+    base = tiny_base(cfg)
+    kw = dict(expert_counts=[2, 3, 3])
+    a = Simulation(cfg, TC, get_method("comigs"), base, TRAIN, VALID, seed=5, **kw)
+    b = Simulation(cfg, TC, get_method("comigs"), base, TRAIN, VALID, federations=[{"seed": 5}], **kw)
+    assert a._round is b._round and a._aggregate is b._aggregate
+    for sim in (a, b):
+        sim.run_round()
+        sim.aggregate()
+    for k, x in _flat(a.states.params).items():
+        np.testing.assert_array_equal(_flat(b.states.params)[k], x)
+
+
+def test_grouped_aggregation_matches_numpy():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(7, 4, 2)).astype(np.float32)
+    params = {"h_0": {"attn": {"c_attn": {"lora_A": x}}, "router": {"kernel": x}}}
+    w = np.array([0.5, 0.0, 2.0, 1.0, 1.0, 3.0, 0.0], np.float32)
+    groups = np.array([0, 0, 0, 1, 1, 2, 2])
+    out = _flat(aggregate(jax.tree.map(jnp.asarray, params), jnp.asarray(w), ("attn",), groups=jnp.asarray(groups),
+                          n_groups=3))
+    for g in range(3):
+        sel = groups == g
+        mean = np.tensordot(w[sel] / w[sel].sum(), x[sel], axes=1)
+        np.testing.assert_allclose(out["h_0", "attn", "c_attn", "lora_A"][sel], np.broadcast_to(mean, x[sel].shape),
+                                   rtol=1e-6)
+    np.testing.assert_array_equal(out["h_0", "router", "kernel"], x)
+
+
+def test_a_key_that_changes_shapes_is_refused():
+    with pytest.raises(ValueError, match=r"^federation 1: 'seq_len' cannot differ .* allowed: seed, lr, router_lr, "
+                                         r"lb_weight, weight_decay"):
+        check_federations([{"seed": 0}, {"seed": 1, "seq_len": 16}])
+    with pytest.raises(ValueError, match="layout.n_federations=1 for 2 federations"):
+        Simulation(tiny_cfg(), TC, get_method("comigs"), tiny_base(tiny_cfg()), TRAIN, VALID,
+                   layout=Layout(3, single_device_mesh()), federations=[{"seed": 0}, {"seed": 1}])
