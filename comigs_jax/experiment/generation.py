@@ -8,51 +8,23 @@ The user's model is its state in the run's last checkpoint: the base, and its ad
 final aggregation (the generalists averaged over the federation, its specialists and router its
 own), which is the model the user keeps after the run. Its tokens are the run's: the base's
 tokenizer for text data, and for synthetic data the token ids themselves (a prompt of
-space-separated integers). Every bad input (a workdir with no finished run, an unknown user, a
-prompt longer than the context) is a `GenerationError` with one line, raised before anything is
-compiled.
+space-separated integers). Every bad input is one line raised before anything is compiled: a
+workdir with no finished run or an unknown user (a `RestoreError`, comigs_jax.experiment.restore,
+which restores the model), a prompt longer than the context (a `GenerationError`).
 """
 from __future__ import annotations
 
 import dataclasses
 import html
-import json
-import os
 from typing import Optional
 
 import numpy as np
 
-from comigs_jax.errors import ExperimentError
+from comigs_jax.experiment.restore import RestoreError, find_run, open_run, restore_rows  # noqa: F401 (find_run: re-exported)
 
 
-class GenerationError(ExperimentError):
+class GenerationError(RestoreError):
     """Generation cannot start (one line: what, and what is allowed)."""
-
-
-def find_run(workdir: str) -> str:
-    """The folder of the workdir's finished run (its results.json); GenerationError otherwise."""
-    if not os.path.isdir(workdir):
-        raise GenerationError(f"workdir {workdir} does not exist")
-    if os.path.exists(os.path.join(workdir, "results.json")):
-        return workdir
-    runs = sorted(d for d in os.listdir(workdir) if os.path.exists(os.path.join(workdir, d, "results.json")))
-    if len(runs) == 1:
-        return os.path.join(workdir, runs[0])
-    if runs:
-        raise GenerationError(f"workdir {workdir} holds {len(runs)} runs; pass one of them as --workdir: "
-                              + ", ".join(os.path.join(workdir, d) for d in runs))
-    raise GenerationError(f"workdir {workdir} holds no finished run (no results.json): finish it with "
-                          "python -m experiments.run first")
-
-
-def _run_config(run_dir: str):
-    import ml_collections
-    path = os.path.join(run_dir, "config.json")
-    try:
-        with open(path) as f:
-            return ml_collections.ConfigDict(json.load(f)["config"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise GenerationError(f"{path} cannot be read ({type(e).__name__}); the run's config is unknown") from None
 
 
 @dataclasses.dataclass
@@ -133,82 +105,14 @@ class UserModel:
 
 
 def load_user_model(workdir: str, user: str) -> UserModel:
-    """The user's model of the workdir's finished run. GenerationError (one line) for a workdir
-    with no finished run or an unknown user (the message lists the run's users); nothing is
-    compiled before these checks."""
-    run_dir = find_run(workdir)
-    with open(os.path.join(run_dir, "results.json")) as f:
-        res = json.load(f)
-    users = [u["user"] for u in res["users"]]
-    if user not in users:
-        raise GenerationError(f"unknown user {user!r}: this run's users are {', '.join(users)}")
-    cfg = _run_config(run_dir)
-    import jax
-
-    from comigs_jax import configuration
-    from comigs_jax.experiment.base_model import base_dir, base_tokenizer, load_base, pretrained_base_dir
-    from comigs_jax.federated.methods import configure_model, get_method
-    from comigs_jax.federated.roles import merge
-    from comigs_jax.federated.users import expert_masks
-
-    if cfg.base == "pretrain" and not os.path.isdir(pretrained_base_dir(cfg)):
-        raise GenerationError(f"the run's pretrained base is not in its cache ({pretrained_base_dir(cfg)}); "
-                              "rerun python -m experiments.run on this workdir to rebuild it")
-    method = get_method(res["method"])
-    row = 0 if method.pooled_data else users.index(user)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    directory = base_dir(cfg, log=lambda m: None)
-    vocab = cfg.data.get("synthetic", {}).get("vocab_size", 0)  # used only to pretrain, which the check above rules out
-    base_cfg, base = load_base(cfg, vocab, log=lambda m: None, directory=directory)
-    model_cfg = configure_model(configuration.model_config(cfg, base_cfg), method.for_mode(cfg.train.faithful))
-    model_cfg = dataclasses.replace(model_cfg, remat="none", dtype="float32")
-    params = _restore_row(ckpt_dir, row)
-    counts = configuration.expert_counts_of(cfg)
-    mask = expert_masks([max(counts)] if method.pooled_data else counts, model_cfg.moe.n_experts)[row]
-    synthetic = cfg.data.source == "synthetic"
-    tokenizer = None
-    if not synthetic:
-        from comigs_jax.model.hf import load_tokenizer
-        tokenizer = load_tokenizer(base_tokenizer(cfg, directory))
-    context = base_cfg.n_positions  # GPT-2's position table; a Llama's configured maximum (RoPE)
-    merged = jax.tree.map(np.asarray, merge(base, params))
-    return UserModel(user, run_dir, model_cfg, merged, np.asarray(mask), int(context), synthetic, tokenizer,
-                     model_cfg.moe.n_generalists)
-
-
-def _restore_row(ckpt_dir: str, row: int) -> dict:
-    """Row `row` of the trainable params of the latest checkpoint (host arrays), as a nested dict
-    (the checkpoint's flat keys are keystr paths of the state: ".params['h_0']['attn']...")."""
-    import ast
-
-    import orbax.checkpoint as ocp
-    from jax.sharding import SingleDeviceSharding
-    import jax
-
-    if not os.path.isdir(ckpt_dir):
-        raise GenerationError(f"{ckpt_dir} is missing: the run's models cannot be restored")
-    mgr = ocp.CheckpointManager(os.path.abspath(ckpt_dir), item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
-    try:
-        step = mgr.latest_step()
-        if step is None:
-            raise GenerationError(f"{ckpt_dir} holds no checkpoint: the run's models cannot be restored")
-        meta = mgr.item_metadata(step)["state"]
-        meta = dict(getattr(meta, "tree", meta))
-        dev = SingleDeviceSharding(jax.local_devices()[0])
-        abstract = {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=dev) for k, v in meta.items()}
-        flat = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
-    finally:
-        mgr.close()
-    out: dict = {}
-    for key, value in flat.items():
-        if not key.startswith(".params"):
-            continue
-        path = [ast.literal_eval(part.rstrip("]")) for part in key[len(".params["):].split("][")]
-        node = out
-        for p in path[:-1]:
-            node = node.setdefault(p, {})
-        node[path[-1]] = np.asarray(value)[row]
-    return out
+    """The user's model of the workdir's finished run (comigs_jax.experiment.restore). RestoreError
+    (one line) for a workdir with no finished run or an unknown user (the message lists the run's
+    users); nothing is compiled before these checks."""
+    run = open_run(workdir, [user])
+    params, mask = run.user_params(user, restore_rows(run))
+    context = run.base_cfg.n_positions  # GPT-2's position table; a Llama's configured maximum (RoPE)
+    return UserModel(user, run.run_dir, run.model_cfg, params, mask, int(context), run.synthetic, run.tokenizer(),
+                     run.model_cfg.moe.n_generalists)
 
 
 # ----------------------------------------------------------------------------- rendering
