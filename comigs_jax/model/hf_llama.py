@@ -218,3 +218,60 @@ def load_llama(source: str, **config_overrides) -> tuple[LlamaConfig, dict]:
     if missing:
         raise CheckpointError(f"{where}: missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}")
     return cfg, _unflatten(_stack_layers(flat, cfg.n_layer))
+
+
+# ----------------------------------------------------------------------------- save
+def llama_config_to_hf(cfg: LlamaConfig) -> dict:
+    """The HF config.json dict of our LlamaConfig (adapters are not part of it); reads back
+    with llama_config_from_hf to the same config."""
+    rope = {"rope_type": "default", "rope_theta": float(cfg.rope_theta)}
+    if cfg.rope_scaling is not None:
+        sc = cfg.rope_scaling
+        rope = {**rope, "rope_type": sc.rope_type, "factor": sc.factor, "low_freq_factor": sc.low_freq_factor,
+                "high_freq_factor": sc.high_freq_factor,
+                "original_max_position_embeddings": sc.original_max_position_embeddings}
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        **{theirs: getattr(cfg, ours) for ours, theirs in _HF_CONFIG_FIELDS.items()},
+        "num_key_value_heads": cfg.n_kv_head, "head_dim": cfg.dim_head,
+        # rope_theta / rope_scaling for transformers 4; transformers 5 reads rope_parameters
+        "rope_theta": float(cfg.rope_theta), "rope_parameters": rope,
+        "rope_scaling": None if cfg.rope_scaling is None else {k: v for k, v in rope.items() if k != "rope_theta"},
+        "tie_word_embeddings": cfg.tie_word_embeddings, "hidden_act": "silu", "attention_bias": False,
+        "mlp_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "torch_dtype": "float32",
+    }
+
+
+def save_llama(params: dict, cfg: LlamaConfig, out_dir: str, tokenizer=None) -> None:
+    """Write the base of `params` as an HF Llama directory (config.json + model.safetensors,
+    float32): the scanned `layers` leaves unstacked into model.layers.{i}.*, kernels transposed to
+    nn.Linear's [out, in]. Adapter leaves (LoRA, experts, routers) are left out. The directory
+    loads with `load_llama` and with `transformers.LlamaForCausalLM.from_pretrained`."""
+    from safetensors.numpy import save_file
+
+    from comigs_jax.model.llama import llama_param_shapes
+
+    expected = _per_layer(_flatten(llama_param_shapes(cfg.base)))
+    flat = {}
+    for path, v in _flatten(dict(params)).items():
+        if path[0] == "layers":
+            for i in range(np.shape(v)[0]):
+                flat[(f"layers_{i}",) + path[1:]] = np.asarray(v)[i]
+        else:
+            flat[path] = v
+    tensors = {}
+    for path, shape in expected.items():
+        if path not in flat:
+            raise CheckpointError(f"save_llama: parameter {'/'.join(path)} is missing")
+        arr = np.asarray(flat[path], np.float32)
+        if arr.shape != shape:
+            raise CheckpointError(f"save_llama: {'/'.join(path)} has shape {arr.shape}, expected {shape}")
+        tensors[_path_to_hf(path)] = np.ascontiguousarray(arr.T if path[-1] == "kernel" else arr)
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, "model.safetensors.tmp")
+    save_file(tensors, tmp, metadata={"format": "pt"})
+    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # never a half-written file
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(llama_config_to_hf(cfg), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
