@@ -118,9 +118,31 @@ def _lora_dict(lora) -> Optional[dict]:
     return None if lora is None else dataclasses.asdict(lora)
 
 
-def write_user_folder(out_dir: str, model_cfg, params: dict, expert_mask, tokenizer=None, info: Optional[dict] = None) -> None:
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _fix_token_ids(base: str, vocab_size: int, source: Optional[str]) -> None:
+    """base/config.json's special token ids: the original base's (its config.json), else only
+    those inside the vocabulary (a small synthetic vocabulary has no GPT-2 <|endoftext|>)."""
+    path = os.path.join(base, "config.json")
+    with open(path) as f:
+        hf = json.load(f)
+    original = {}
+    if source and os.path.exists(os.path.join(source, "config.json")):
+        with open(os.path.join(source, "config.json")) as f:
+            original = json.load(f)
+    for key in _TOKEN_IDS:
+        value = original.get(key, hf.get(key))
+        hf[key] = value if isinstance(value, int) and 0 <= value < vocab_size else None
+    with open(path, "w") as f:
+        json.dump(hf, f, indent=2)
+
+
+def write_user_folder(out_dir: str, model_cfg, params: dict, expert_mask, tokenizer=None, info: Optional[dict] = None,
+                      base_source: Optional[str] = None) -> None:
     """Write one user's model (params: base and adapters, as the Flax model holds them) as the
-    folder this module's docstring describes. `info` (user, run, method) goes into comigs.json."""
+    folder this module's docstring describes. `info` (user, run, method) goes into comigs.json;
+    base_source: the base's original HF directory, whose special token ids base/config.json keeps."""
     from safetensors.numpy import save_file
 
     from comigs_jax.model.hf import save_gpt2
@@ -129,6 +151,7 @@ def write_user_folder(out_dir: str, model_cfg, params: dict, expert_mask, tokeni
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, BASE)
     (save_gpt2 if model_cfg.family == "gpt2" else save_llama)(params, model_cfg.base, base, tokenizer)
+    _fix_token_ids(base, model_cfg.vocab_size, base_source)
     if model_cfg.attn_lora is not None:
         config, tensors = _adapter_tensors(params, model_cfg)
         os.makedirs(os.path.join(out_dir, ADAPTER), exist_ok=True)
@@ -236,7 +259,8 @@ def export_run(workdir: str, out: str, users: Optional[Iterable[str]] = None, lo
         for user in names:
             params, mask = run.user_params(user, rows)
             write_user_folder(os.path.join(tmp, user), run.model_cfg, params, mask, tokenizer,
-                              {"user": user, "run": os.path.abspath(run.run_dir), "method": run.method.name})
+                              {"user": user, "run": os.path.abspath(run.run_dir), "method": run.method.name},
+                              base_source=run.base_directory)
             written.append(os.path.join(out, user))
             log(f"exported {user} -> {os.path.join(out, user)}")
         check_out(out)  # still new or empty: then the whole export appears at once
