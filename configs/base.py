@@ -53,6 +53,7 @@ def get_config(arg=None):
     c.federation.shard = True  # split users over all devices (mesh axis `users`); padding users are masked
     c.federation.weighting = "uniform"  # aggregation weights: uniform (reference) | tokens (by training-set size)
     c.federation.participation = 1.0  # fraction of users that train in a round
+    c.federation.stack_seeds = False  # True: a method's seeds (config seeds) train as independent federations of ONE program (one compile); the same per-seed folders and results as separate runs
 
     c.eval = ml_collections.ConfigDict()
     c.eval.protocol = "full"  # full: every non-overlapping window of the split (exact, seed-free) | fixed: n_windows evenly spaced | reference: n_windows random (docs/reproducing.md)

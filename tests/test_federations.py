@@ -111,3 +111,53 @@ def test_a_key_that_changes_shapes_is_refused():
     with pytest.raises(ValueError, match="layout.n_federations=1 for 2 federations"):
         Simulation(tiny_cfg(), TC, get_method("comigs"), tiny_base(tiny_cfg()), TRAIN, VALID,
                    layout=Layout(3, single_device_mesh()), federations=[{"seed": 0}, {"seed": 1}])
+
+
+def test_stack_seeds_writes_the_separate_runs_folders(tiny_reference, tiny_cache, tmp_path):
+    """experiments.run --config.seeds=0,7 --config.federation.stack_seeds=True: one program for
+    both seeds, each seed's folder as its separate run writes it (seed 0's results are the
+    session's one-seed tiny run's; its checkpoints resume as a separate run's)."""
+    import json
+    import os
+    import shutil
+
+    from entrypoint import main as run
+    ref_wd, _ = tiny_reference
+    wd = str(tmp_path / "stacked")
+    args = ["--config=configs/tiny.py", f"--workdir={wd}", "--config.seeds=0,7", "--config.federation.stack_seeds=True"]
+    p = run(args, tiny_cache)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "2 seeds as one program" in p.stdout
+    clean = lambda r: {k: v for k, v in r.items() if k not in ("speed", "provenance", "config")}
+    load = lambda d: json.load(open(os.path.join(d, "results.json")))
+    a, b = load(ref_wd), load(os.path.join(wd, "comigs_s0"))
+    _close(clean(a), clean(b))
+    for d in ("comigs_s0", "comigs_s7"):
+        assert sorted(os.listdir(os.path.join(wd, d, "checkpoints"))) == ["2", "4"]
+        rounds = [json.loads(l) for l in open(os.path.join(wd, d, "metrics.jsonl"))]
+        assert [r["round"] for r in rounds] == [1, 2, 3, 4] and rounds[0]["stacked_seeds"] == [0, 7]
+    # killed after round 2 (seed 0): the same command resumes the seeds separately, from their checkpoints
+    s0 = os.path.join(wd, "comigs_s0")
+    shutil.rmtree(os.path.join(s0, "checkpoints", "4"))
+    for f in ("results.json", "results.md"):
+        os.remove(os.path.join(s0, f))
+    p = run(args, tiny_cache)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "running the seeds separately" in p.stdout and "resumed from round 2" in p.stdout
+    _close(clean(a), clean(load(s0)))
+
+
+def _close(a, b, path="results"):
+    """Equal JSON trees, floats to 1e-6 relative (one program for two seeds vs one seed's)."""
+    if isinstance(a, dict):
+        assert sorted(a) == sorted(b), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-6, abs=1e-7), path
+    else:
+        assert a == b, path

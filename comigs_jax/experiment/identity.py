@@ -10,6 +10,7 @@ from comigs_jax.errors import WorkdirError
 # model.remat and model.head_block change what is recomputed and how the loss is blocked, not the math
 # or the saved state; train.user_chunk changes the saved state's padding, so it is not among them.
 RESUMABLE_KEYS = ("resume", "output", "checkpoint", "methods", "seeds", "federation.mode", "federation.shard",
+                  "federation.stack_seeds",
                   "distributed", "data.cache_dir", "data.use_cache", "data.progress", "model.remat", "eval.zero_shot",
                   "model.head_block")
 

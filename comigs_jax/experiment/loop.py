@@ -54,12 +54,13 @@ def decode_eval(blob: dict) -> dict:
     return {k: np.asarray(v["data"], dtype=v["dtype"]).reshape(v["shape"]) for k, v in blob.items()}
 
 
-def layouts_of(cfg, methods) -> dict[str, Layout]:
+def layouts_of(cfg, methods, n_federations: int = 1) -> dict[str, Layout]:
     """One layout per method (Centralized's one model lays out differently), on the run's mesh;
-    users in chunks of train.user_chunk in the vmapped mode (the loop runs one user at a time)."""
+    users in chunks of train.user_chunk in the vmapped mode (the loop runs one user at a time);
+    n_federations > 1: the seeds stacked as federations of one program (federation.stack_seeds)."""
     chunk = cfg.train.user_chunk if cfg.federation.mode == "vmap" else 0
     return {m: Layout.build(cfg.data.n_users, pooled=get_method(m).pooled_data, shard=cfg.federation.shard,
-                            mode=cfg.federation.mode, chunk=chunk) for m in methods}
+                            mode=cfg.federation.mode, chunk=chunk, n_federations=n_federations) for m in methods}
 
 
 def run_dir_of(workdir: str, method: str, seed: int, n_runs: int) -> str:
@@ -214,6 +215,155 @@ def _train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir, layout
     return results
 
 
+def train_and_evaluate_stacked(cfg, method_name: str, seeds: list[int], data, base_cfg, base, run_dirs: list[str],
+                               layout: Layout, run_layout: Layout) -> list[dict] | None:
+    """One method, every seed as a federation of ONE program (federation.stack_seeds): the same
+    per-seed folders (config.json, metrics.jsonl, checkpoints/ in the separate run's layout
+    `run_layout`, results, figures) as separate runs, which can resume them and vice versa.
+    Returns None, and trains nothing, when any seed's run has checkpoints to resume from (the
+    seeds then run separately, each from its own)."""
+    method = get_method(method_name)
+    n_feds, n_models = len(seeds), run_layout.n_models
+    identities = [identity_lib.run_identity(cfg, method_name, s) for s in seeds]
+    for d, i in zip(run_dirs, identities):  # another config's run in a folder: WorkdirError
+        identity_lib.check_workdir(d, i, cfg.resume)
+    for d in run_dirs:
+        make_workdir(d)
+    ckpts = [RunCheckpoints(os.path.join(d, "checkpoints"), cfg.checkpoint.max_to_keep) for d in run_dirs]
+    try:
+        if cfg.resume and any(c.all_rounds() for c in ckpts):
+            log(f"[{method_name}] seeds {seeds}: checkpoints to resume from; running the seeds separately")
+            return None
+        for d, i, c in zip(run_dirs, identities, ckpts):
+            c.delete_all()
+            if distributed.is_main_process():
+                identity_lib.write_config_json(d, i, cfg)
+        return _train_and_evaluate_stacked(cfg, method, seeds, data, base_cfg, base, run_dirs, layout, run_layout,
+                                           identities, ckpts)
+    finally:
+        for c in ckpts:
+            c.close()
+
+
+def _train_and_evaluate_stacked(cfg, method, seeds, data, base_cfg, base, run_dirs, layout, run_layout, identities,
+                                ckpts) -> list[dict]:
+    n_feds, n_models = len(seeds), run_layout.n_models
+    model_cfg, tc = configuration.model_config(cfg, base_cfg), configuration.train_config(cfg)
+    sim = Simulation(model_cfg, tc, method, base, data.train, data.valid, layout=layout,
+                     expert_counts=configuration.expert_counts_of(cfg), mode=cfg.federation.mode,
+                     weighting=cfg.federation.weighting, participation=cfg.federation.participation,
+                     user_indices=data.indices, federations=[{"seed": s} for s in seeds])
+    writers = [metrics.MetricsWriter(os.path.join(d, "metrics.jsonl") if distributed.is_main_process() else None,
+                                     tensorboard=cfg.output.get("tensorboard", False), users=data.users)
+               for d in run_dirs]
+    for w in writers:
+        w.truncate(0)
+    evaluate = lambda: sim.evaluate(data.test, cfg.eval.n_windows, cfg.eval.batch_size, cfg.eval.protocol, seeds)
+    pick = lambda ev, f: {k: v[f] for k, v in ev.items()}
+    name = f"{method.name} s{','.join(map(str, seeds))}"
+    bar = tqdm(range(tc.rounds), desc=name, total=tc.rounds, file=sys.stdout, dynamic_ncols=True,
+               disable=not cfg.output.progress or not distributed.is_main_process())
+    zero_shot = [None] * n_feds
+    if cfg.eval.get("zero_shot"):
+        ev0 = evaluate()
+        zero_shot = [_zero_shot(d, lambda f=f: pick(ev0, f), fresh=True) for f, d in enumerate(run_dirs)]
+    names = data.users if n_models == len(data.users) else ["the pooled model"]
+    saved, pre_eval = 0, None
+
+    def fault(what, r, f, user=None, step=None):
+        return numerics.fault(f"seed {seeds[f]}: {what}", r, names, user, step, tc.local_steps, cfg.train.lr, saved,
+                              ckpts[f].directory)
+
+    def second_signal(signum):
+        kept = f"the last complete checkpoints are round {saved}" if saved else "no checkpoint was written"
+        return (f"stopped at once by a second {signal.Signals(signum).name} ({kept}); running the same command "
+                "resumes from them")
+
+    with StopOnSignal(second_signal) as stop:
+        log(f"[{name}] {n_feds} seeds as one program, rounds 1..{tc.rounds} in {', '.join(run_dirs)} "
+            "(SIGINT/SIGTERM: stop after the current round with a checkpoint; a second one: at once)")
+        for r in bar:
+            t0 = time.perf_counter()
+            m = sim.run_round()  # [F, U, steps, ...]
+            dt = time.perf_counter() - t0
+            active = np.asarray(sim.active)[np.asarray(sim.real)].reshape(n_feds, -1)
+            for f in range(n_feds):
+                bad = numerics.first_nonfinite(pick(m, f), active[f])
+                if bad is not None:
+                    st, u, k, x = bad
+                    raise fault(f"non-finite training metric {k} ({x})", r + 1, f, u, st + 1)
+            bad_rows = [u for u in numerics.nonfinite_users(sim.states) if u < n_feds * n_models]
+            if bad_rows:
+                raise fault("non-finite parameters or optimizer state (finite losses, overflowing update)",
+                            r + 1, bad_rows[0] // n_models, bad_rows[0] % n_models)
+            records = [metrics.round_record(r + 1, pick(m, f), sim.tc, model_cfg, dt, n_models, active=active[f])
+                       for f in range(n_feds)]
+            last = r + 1 == tc.rounds
+            for rec in records:
+                rec["stacked_seeds"] = list(seeds)  # dt is the round of every seed at once
+                if r == 0:
+                    rec["includes_compile"] = True
+            if (r + 1) % cfg.eval.every_rounds == 0 or last:
+                pre_eval = evaluate()
+                ce = np.asarray(pre_eval["ce"])
+                if not np.isfinite(ce).all():
+                    f, u = map(int, np.argwhere(~np.isfinite(ce))[0])
+                    raise fault(f"non-finite test loss ({ce[f, u]})", r + 1, f, u)
+                for f, rec in enumerate(records):
+                    rec["test_ppl"] = np.exp(pre_eval["ce"][f]).tolist()
+            sim.aggregate()
+            for w, rec in zip(writers, records):
+                w.write(rec)
+            bar.set_postfix(loss=f"{np.mean(records[0]['train_ce']):.3f}")
+            stopping = not last and stop.requested()
+            if (r + 1) % cfg.checkpoint.every_rounds == 0 or last or stopping:
+                host = sim.host_state()
+                for f in range(n_feds):  # each seed's checkpoint as its separate run would write it
+                    meta = {"host": {"round_index": host["round_index"], "rng": host["rng"][f]}, "round": r + 1,
+                            "identity": identities[f]}
+                    if last:
+                        meta["pre_eval"] = encode_eval(pick(pre_eval, f))
+                    ckpts[f].save(r + 1, sim.federation_states(f, run_layout), meta)
+                saved = r + 1
+            if stopping:
+                bar.close()
+                sig = signal.Signals(stop.signum).name if stop.signum else "a signal on another process"
+                raise Stopped(f"stopped by {sig} at the end of round {r + 1} of {tc.rounds}; checkpoints of "
+                              f"round {r + 1} written to {', '.join(c.directory for c in ckpts)}", stop.signum,
+                              r + 1, tc.rounds, ckpts[0].directory)
+    bar.close()
+    post_eval = evaluate() if not method.one_round else pre_eval
+    out = []
+    for f, (seed, d, w) in enumerate(zip(seeds, run_dirs, writers)):
+        records = w.read()
+        taken = [sum(1 for rec in records if rec["expert_tokens_per_s_per_user"][u] > 0) for u in range(n_models)]
+        comm = communication.accounting(sim.model_cfg, sim.method, sim.expert_counts[:n_models], tc.rounds, taken)
+        results = metrics.results(cfg, sim.method, seed, data, model_cfg, pick(pre_eval, f), pick(post_eval, f),
+                                  records=records, zero_shot=zero_shot[f], communication=comm)
+        if cfg.output.figures:
+            plot.run_figures(d, results, records, _FederationView(sim, f), data, cfg.output.routing_tokens,
+                             write=distributed.is_main_process())
+        if distributed.is_main_process():
+            metrics.write_results(d, results)
+        out.append(results)
+    return out
+
+
+class _FederationView:
+    """One federation of a stacked Simulation, as plot.run_figures reads a Simulation."""
+
+    def __init__(self, sim, f: int):
+        self._sim, self._f = sim, f
+        per = sim.layout.models_per_federation
+        self.masks = sim.masks[f * per:(f + 1) * per]
+
+    def user_params(self, user: int):
+        return self._sim.user_params(user, self._f)
+
+    def __getattr__(self, name):
+        return getattr(self._sim, name)
+
+
 def _zero_shot(run_dir: str, evaluate, fresh: bool) -> np.ndarray | None:
     """Per-user test CE of the base alone: the state before round 1 (every adapter's B is 0, so
     the model is the frozen base, whatever the method), scored by the run's own evaluation
@@ -274,8 +424,19 @@ def run(config, workdir: str) -> dict:
         with open(os.path.join(workdir, "hosts.json"), "w") as f:
             json.dump(hosts, f, indent=1)
     n_runs = len(methods) * len(seeds)
+    stacked_layouts = layouts_of(cfg, methods, len(seeds)) if cfg.federation.get("stack_seeds") and len(seeds) > 1 \
+        else None
     out = {}
     for method in methods:
+        if stacked_layouts is not None:
+            dirs = [run_dir_of(workdir, method, seed, n_runs) for seed in seeds]
+            res = train_and_evaluate_stacked(cfg, method, seeds, data, base_cfg, base, dirs, stacked_layouts[method],
+                                             layouts[method])
+            if res is not None:
+                for seed, r in zip(seeds, res):
+                    out[method, seed] = r
+                    log(metrics.results_markdown(r))
+                continue
         for seed in seeds:
             res = train_and_evaluate(cfg, method, seed, data, base_cfg, base,
                                      run_dir_of(workdir, method, seed, n_runs), layouts[method])

@@ -249,6 +249,17 @@ class Simulation:
         for rng, st in zip(self._rngs, states, strict=True):
             rng.bit_generator.state = st
 
+    def federation_states(self, federation: int, layout: Layout):
+        """Federation `federation`'s states laid out as its own Simulation on `layout` (one
+        federation) would hold them: its rows, padding rows copying its first (they weigh nothing).
+        A collective: every process calls it."""
+        per = self.layout.models_per_federation
+        if layout.n_federations != 1 or layout.models_per_federation != per:
+            raise ValueError(f"federation_states: a layout of one federation of {per} models is needed")
+        idx = federation * per + np.where(np.arange(layout.n_rows) < per, np.arange(layout.n_rows), 0)
+        take = lambda st: jax.tree.map(lambda x: jnp.take(x, jnp.asarray(idx), axis=0), st)
+        return jax.jit(take, out_shardings=layout.users)(self.states)
+
     # ------------------------------------------------------------------ evaluation
     def _params_per_user(self, n_rows: int) -> dict:
         """[n_rows, ...] trainable params on the users axis (Centralized: its one model, repeated)."""
