@@ -223,8 +223,9 @@ def test_remat_and_dropout():
     v, g = loss_grad(cfg, params, True)
     v_b, g_b = loss_grad(dataclasses.replace(cfg, remat="block"), params, True)
     np.testing.assert_allclose(float(v_b), float(v), rtol=1e-6)
+    # rtol as GPT-2's remat test: recomputation reorders float sums (4.6e-6 relative on one machine)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_b)):
-        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-6)
     v_d, _ = loss_grad(cfg, params, False)
     assert abs(float(v_d) - float(v)) > 1e-6
 
