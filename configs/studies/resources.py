@@ -1,0 +1,17 @@
+"""Study c, resources (the paper's system-heterogeneity table): specialist counts per user against
+each user's data size. High-resource users (more training tokens) get more specialists,
+low-resource users fewer; compared with the same counts reversed and with equal counts.
+
+    python -m experiments.study --config=configs/studies/resources.py
+"""
+from configs.studies import _small
+
+
+def get_config(arg=None):
+    c = _small.get_config(arg, "resources")
+    c.study.description = ("Per-user expert counts (1 generalist + specialists) against per-user data size "
+                           "(users 0, 1 low-resource, users 2, 3 high-resource).")
+    c.methods = "comigs"
+    c.model.n_experts = 4
+    c.study.grid = "model.expert_counts=2,2,2,2|2,2,4,4|4,4,2,2"
+    return c

@@ -1,0 +1,47 @@
+"""Run a study: a grid of configs (methods x seeds in every cell), resumable, summarised.
+
+    python -m experiments.study --config=configs/studies/generalists.py
+    python -m experiments.study --config=configs/studies/where_comigs_wins.py --workdir=runs/studies/g
+    python -m experiments.study --config=configs/studies/granularity.py --config.data.source=agnews \\
+        --config.base=gpt2 --config.seeds=0,1,2
+
+A study config is an experiment config plus a `study` group (comigs_jax/experiment/study.py):
+`--config.KEY=VALUE` overrides any key, `--config.study.grid=...` the grid. Each cell runs in
+WORKDIR/cells/<key=value__...>/; running the command again skips finished cells and resumes the
+others. Writes WORKDIR/study.json, study.md and study.png. Bad input (an unknown grid key, a value
+the config rejects, another study's folder): one line on stderr before any run, exit code 1.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags, logging
+
+from comigs_jax import cli
+
+DEFAULT = os.path.join(cli.REPO, "configs", "studies", "where_comigs_wins.py")
+HOMES = dict(cli.EXPERIMENT_HOMES, study="comigs_jax/experiment/study.py")
+
+
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("workdir", None, "Output directory (default: runs/studies/<study.name>).", flag_values=fv)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv if argv is None else argv)
+
+    def body():
+        cfg, fv = cli.parse_config(argv, DEFAULT, homes=HOMES, define=_define, doc=__doc__)
+        from comigs_jax.experiment import study
+        workdir = fv.workdir or os.path.join("runs", "studies", cfg.study.name)
+        logging.set_verbosity(logging.WARNING)
+        resume = cli.resume_command("experiments.study", argv)
+        cli.as_exit(lambda: study.run_study(cfg, workdir), resume)
+
+    return cli.main_guard(body)
+
+
+if __name__ == "__main__":
+    cli.install_process_hooks()
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""experiments.study: a tiny grid run in-process (study.json / .md against the cells' results.json,
+mean and std by NumPy), resume without rerunning finished cells, every bad input as one line before
+any run, another study's folder refused, and every configs/studies/*.py config valid."""
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+
+from comigs_jax import cli
+from comigs_jax.errors import WorkdirError
+from comigs_jax.experiment import study
+from comigs_jax.experiment.study import StudyError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_study(cache_dir, name="tiny_study", grid="train.lr=0.002|0.01", **over):
+    c = cli.load_config_file(os.path.join(REPO, "configs", "tiny.py"))
+    c.methods = "local"
+    c.seeds = "0,1"
+    c.federation.stack_seeds = True
+    c.train.rounds = 2
+    c.eval.every_rounds = 1
+    c.output.figures = False
+    c.data.cache_dir = cache_dir
+    c.study = study.default_study_group(name)
+    c.study.grid = grid
+    for k, v in over.items():
+        node = c
+        *path, last = k.split(".")
+        for p in path:
+            node = node[p]
+        node[last] = v
+    return c
+
+
+def never(cfg, workdir):
+    raise AssertionError("a run started")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_cache):
+    from comigs_jax.experiment.loop import run
+    wd = str(tmp_path_factory.mktemp("study") / "s")
+    calls = []
+
+    def runner(cfg, d):
+        calls.append(d)
+        return run(cfg, d)
+
+    summary = study.run_study(tiny_study(tiny_cache), wd, runner=runner)
+    return wd, summary, calls, tiny_cache
+
+
+def test_study_outputs_match_the_cells_results(finished):
+    wd, summary, calls, _ = finished
+    assert len(calls) == 2
+    for f in ("study.json", "study.md", "study.png", study.IDENTITY_FILE):
+        assert os.path.getsize(os.path.join(wd, f)) > 0, f
+    on_disk = json.load(open(os.path.join(wd, "study.json")))
+    assert on_disk["cells"][0]["name"] == "lr=0.002" and on_disk["cells"][1]["name"] == "lr=0.01"
+    md = open(os.path.join(wd, "study.md")).read()
+    for cell in on_disk["cells"]:
+        per_seed = np.array([[u["test_ppl"] for u in json.load(open(
+            os.path.join(wd, "cells", cell["name"], f"local_s{s}", "results.json")))["users"]] for s in (0, 1)])
+        row = cell["methods"]["local"]
+        np.testing.assert_allclose(row["per_seed"], per_seed, rtol=1e-12)
+        np.testing.assert_allclose(row["mean"], per_seed.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(row["std"], per_seed.std(0), rtol=1e-12)
+        assert row["user_mean"] == pytest.approx(per_seed.mean(1).mean(), rel=1e-12)
+        assert row["user_mean_std"] == pytest.approx(per_seed.mean(1).std(), rel=1e-12)
+        bayes = np.array(row["bayes_ppl"])
+        assert row["over_bayes"] == pytest.approx((per_seed / bayes).mean(), rel=1e-12)
+        assert row["communication_bytes_per_user"] > 0
+        assert f"{row['user_mean']:.3f} ± {row['user_mean_std']:.3f}" in md
+        assert f"user0: {per_seed[:, 0].mean():.3f} ± {per_seed[:, 0].std():.3f}" in md
+    assert on_disk["cells"][0]["values"] == {"train.lr": 0.002}
+
+
+def test_resume_does_not_rerun_finished_cells(finished):
+    wd, _, _, cache = finished
+    mtimes = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(wd, "cells", "*", "*", "results.json"))}
+    assert len(mtimes) == 4
+    again = study.run_study(tiny_study(cache), wd, runner=never)  # finished: no run at all
+    assert [c["name"] for c in again["cells"]] == ["lr=0.002", "lr=0.01"]
+    assert {p: os.path.getmtime(p) for p in mtimes} == mtimes
+    # a grown grid runs only the new cell
+    calls = []
+    grown = study.run_study(tiny_study(cache, grid="train.lr=0.002|0.01|0.02"), wd,
+                            runner=lambda cfg, d: calls.append(d) or __import__(
+                                "comigs_jax.experiment.loop", fromlist=["run"]).run(cfg, d))
+    assert [os.path.basename(d) for d in calls] == ["lr=0.02"]
+    assert len(grown["cells"]) == 3
+
+
+def test_another_study_folder_is_refused(finished, tmp_path):
+    wd, _, _, cache = finished
+    before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(wd, "**"), recursive=True)}
+    with pytest.raises(WorkdirError, match="holds the cells of another study .'tiny_study'"):
+        study.run_study(tiny_study(cache, name="other"), wd, runner=never)
+    with pytest.raises(WorkdirError, match=r"another config \(train.rounds: 2 there, 3 now"):
+        study.run_study(tiny_study(cache, **{"train.rounds": 3}), wd, runner=never)
+    assert {p: os.path.getmtime(p) for p in glob.glob(os.path.join(wd, "**"), recursive=True)} == before
+    (tmp_path / "x.txt").write_text("not a study")
+    with pytest.raises(WorkdirError, match="holds no study"):
+        study.run_study(tiny_study(cache), str(tmp_path), runner=never)
+
+
+@pytest.mark.parametrize("over, message", [
+    ({"study.grid": "train.lrr=0.1|0.2"}, "study.grid: unknown config key 'train.lrr' (did you mean 'train.lr'?"),
+    ({"study.grid": "train.rounds=3|many"}, "study.grid train.rounds='many' is not allowed: an integer"),
+    ({"study.grid": "model.n_generalists=0|2"},
+     "study.grid cell n_generalists=2: config.model.n_generalists=2 is not allowed: in [0, 1]"),
+    ({"study.grid": "model.rank=2|4", "study.one_program": True},
+     "study.grid key 'model.rank' changes the program (shapes or static settings) but study.one_program=True; "
+     "one program allows only seed, seeds, train.lr"),
+    ({"study.grid": "train=1|2"}, "study.grid key 'train' is a group, not a value"),
+    ({"study.grid": "train.lr"}, "study.grid axis 'train.lr' is not allowed: KEY=V1|V2"),
+    ({"study.grid": "model.n_experts&model.top_k=2&1|3"}, "value '3' is not allowed: 2 non-empty value(s)"),
+])
+def test_bad_input_is_one_line_before_any_run(tmp_path, over, message):
+    cfg = tiny_study(str(tmp_path / "cache"), **over)
+    wd = tmp_path / "wd"
+    with pytest.raises(StudyError) as e:
+        study.run_study(cfg, str(wd), runner=never)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not wd.exists() and not (tmp_path / "cache").exists()
+
+
+def test_cli_bad_grid_key_one_line(tmp_path, capsys):
+    from experiments.study import main
+    code = main(["prog", "--config=configs/studies/generalists.py", "--config.study.grid=model.n_generalist=0|1",
+                 f"--workdir={tmp_path / 'wd'}"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1
+    assert err.startswith("error: study.grid: unknown config key 'model.n_generalist' (did you mean "
+                          "'model.n_generalists'?")
+    assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "studies", "[!_]*.py"))),
+                         ids=os.path.basename)
+def test_every_study_config_loads_and_validates(path):
+    cfg = cli.load_config_file(path)
+    cells = study.expand(cfg)  # validates every cell's config; runs nothing
+    assert len(cells) >= 2 and cfg.study.name == os.path.splitext(os.path.basename(path))[0]
+    assert study.study_identity(cfg)["study"] == cfg.study.name
