@@ -97,6 +97,8 @@ METHODS = {m.name: m for m in [
     Method("comigs_2g", _ALL_EXPERTS, "bilevel", description="CoMiGS with every expert shared, router local"),
     Method("comigs_2s", _GENERALISTS, "bilevel", one_round=True,
            description="CoMiGS with one round: the generalist is synced at round 0 only"),
+    Method("comigs_uniform", _GENERALISTS, "none",
+           description="ablation: CoMiGS's sharing (generalists averaged, specialists local) with uniform mixing, no router"),
     Method("comigs_train", _GENERALISTS, "alternating_train",
            description="ablation: CoMiGS with router phases on training data"),
     Method("fedavg_moe", _ALL_EXPERTS, "joint", description="ablation: all experts shared, router joint"),
