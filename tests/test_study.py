@@ -4,6 +4,7 @@ any run, another study's folder refused, and every configs/studies/*.py config v
 import glob
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -147,3 +148,24 @@ def test_every_study_config_loads_and_validates(path):
     cells = study.expand(cfg)  # validates every cell's config; runs nothing
     assert len(cells) >= 2 and cfg.study.name == os.path.splitext(os.path.basename(path))[0]
     assert study.study_identity(cfg)["study"] == cfg.study.name
+
+
+def test_train_shares_cut_each_users_training_split():
+    from comigs_jax.data import load_user_data
+    from comigs_jax.data.config import default_data_config
+    c = default_data_config()
+    c.train_tokens, c.valid_tokens, c.test_tokens, c.use_cache = 4000, 1000, 1000, False
+    c.synthetic.vocab_size = 64
+    full = load_user_data(c)
+    c.train_shares = "0.25,0.5,1,1"
+    cut = load_user_data(c)
+    assert [len(a) for a in cut.train] == [1000, 2000, 4000, 4000]
+    for a, b in zip(cut.train, full.train):
+        np.testing.assert_array_equal(a, b[:len(a)])
+    for s in ("valid", "test"):
+        for a, b in zip(cut.split(s), full.split(s)):
+            np.testing.assert_array_equal(a, b)
+    for bad, why in (("0.5,1", "4 shares (data.n_users)"), ("0,1,1,1", "shares in (0, 1]"), ("a,1,1,1", "comma")):
+        c.train_shares = bad
+        with pytest.raises(ValueError, match="^" + re.escape(f"data.train_shares='{bad}' is not allowed: ") + ".*" + re.escape(why)):
+            load_user_data(c)

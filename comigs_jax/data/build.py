@@ -32,7 +32,7 @@ import numpy as np
 from comigs_jax.data import partition as partition_lib
 from comigs_jax.data import presplit as presplit_lib
 from comigs_jax.data import reference_bins, sources, synthetic, tokens
-from comigs_jax.data.config import SPLITS, resolve_categories, validate_data_config
+from comigs_jax.data.config import train_shares_of, SPLITS, resolve_categories, validate_data_config
 
 
 class InsufficientDataError(ValueError):
@@ -80,7 +80,18 @@ def _check_min_tokens(data_cfg, idx, names, arrays):
 
 
 def load_user_data(data_cfg, user_indices: Optional[Sequence[int]] = None) -> UserData:
-    """Train / valid / test token arrays of the requested users (all users by default)."""
+    """Train / valid / test token arrays of the requested users (all users by default); with
+    data.train_shares, each user's training split cut to its share (its first tokens)."""
+    data = _load_user_data(data_cfg, user_indices)
+    shares = train_shares_of(data_cfg)
+    if shares is not None:
+        m = int(data_cfg.min_tokens)
+        data.train = [a[:max(m, int(len(a) * shares[i]))] for i, a in zip(data.indices, data.train)]
+        data.info["train_shares"] = [shares[i] for i in data.indices]
+    return data
+
+
+def _load_user_data(data_cfg, user_indices: Optional[Sequence[int]] = None) -> UserData:
     validate_data_config(data_cfg)
     idx = _check_indices(data_cfg, user_indices)
     if data_cfg.source == "synthetic":

@@ -44,6 +44,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.train_tokens = 1_000_000  # tokens per user in the training split (experts)
     c.valid_tokens = 200_000  # tokens per user in the validation split (routers)
     c.test_tokens = 200_000  # tokens per user in the test split (evaluation)
+    c.train_shares = ""  # per-user share of the training split kept (its first tokens), comma-separated, e.g. "0.25,0.25,1,1" for low- and high-resource users ("" = all)
     c.min_tokens = 129  # every user split must hold at least this many tokens (one window: seq_len + 1)
     c.allow_fewer_tokens = False  # if the source runs dry, keep what there is (>= min_tokens) instead of failing
     c.tokenizer = "gpt2"  # "gpt2" = bundled GPT-2 BPE; else a tokenizer directory or hub id ("base" in experiment configs: the run's base's own, resolved by comigs_jax.experiment)
@@ -107,6 +108,22 @@ def split_list(value) -> list[str]:
     return [str(v).strip() for v in value if str(v).strip()]
 
 
+def train_shares_of(data_cfg) -> list[float] | None:
+    """The per-user shares of data.train_shares (validated), or None when unset."""
+    text = data_cfg.get("train_shares", "")
+    if not text:
+        return None
+    try:
+        shares = [float(v) for v in split_list(text)]
+    except ValueError:
+        _fail("train_shares", text, "comma-separated shares in (0, 1], one per user")
+    if len(shares) != data_cfg.n_users:
+        _fail("train_shares", text, f"{data_cfg.n_users} shares (data.n_users), one per user")
+    if not all(0.0 < v <= 1.0 for v in shares):
+        _fail("train_shares", text, "shares in (0, 1] (the part of each user's training split kept)")
+    return shares
+
+
 def _fail(key: str, value, allowed: str):
     raise ValueError(f"data.{key}={value!r} is not allowed: {allowed}")
 
@@ -158,6 +175,7 @@ def validate_data_config(data_cfg) -> None:
     for s in SPLITS:
         if d[f"{s}_tokens"] < d.min_tokens:
             _fail(f"{s}_tokens", d[f"{s}_tokens"], f"at least min_tokens={d.min_tokens} (one window: seq_len + 1)")
+    train_shares_of(d)
     if d.dtype not in ("auto", "uint16", "uint32"):
         _fail("dtype", d.dtype, "one of auto, uint16, uint32")
     if not 0.0 < d.mixed_share < 1.0:

@@ -1,6 +1,7 @@
 """Study c, resources (the paper's system-heterogeneity table): specialist counts per user against
 each user's data size. High-resource users (more training tokens) get more specialists,
-low-resource users fewer; compared with the same counts reversed and with equal counts.
+low-resource users fewer; compared with the same counts reversed and with equal counts. The data
+sizes are data.train_shares (each user's share of its training split): users 0, 1 keep 10 %.
 
     python -m experiments.study --config=configs/studies/resources.py
 """
@@ -13,5 +14,7 @@ def get_config(arg=None):
                            "(users 0, 1 low-resource, users 2, 3 high-resource).")
     c.methods = "comigs"
     c.model.n_experts = 4
+    c.data.train_tokens = 40_000
+    c.data.train_shares = "0.1,0.1,1,1"  # users 0, 1: 4,000 training tokens; users 2, 3: 40,000
     c.study.grid = "model.expert_counts=2,2,2,2|2,2,4,4|4,4,2,2"
     return c
