@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from comigs_jax import distributed
-from comigs_jax.federated import sharding
+from comigs_jax.federated import pcl, sharding
 from comigs_jax.federated.aggregate import aggregate, aggregation_weights
 from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.methods import Method, configure_model
@@ -92,6 +92,9 @@ class Simulation:
             raise ValueError(f"weighting={weighting!r}: allowed ('uniform', 'tokens')")
         if not 0.0 < participation <= 1.0:
             raise ValueError(f"participation={participation}: must be in (0, 1]")
+        if method.pcl is not None and participation < 1.0:
+            raise ValueError(f"participation={participation}: method {method.name} (PCL) mixes every user's model; "
+                             "only participation=1 is supported")
         feds = check_federations(federations) if federations is not None else [{"seed": int(seed)}]
         n_feds = len(feds)
         if layout is None:
@@ -166,6 +169,7 @@ class Simulation:
             self.groups_dev = jax.device_put(jnp.asarray(fed_rows), layout.users)
         self.masks_dev = jax.device_put(jnp.asarray(self.masks), layout.users)
         self.active = np.ones(self.n_padded, bool)
+        self.last_mixing = None
 
     # ------------------------------------------------------------------ data placement
     def _model_rows(self, split: Sequence[np.ndarray]) -> dict:
@@ -228,7 +232,14 @@ class Simulation:
     def aggregate(self) -> None:
         """Average the method's shared leaves over the real users that trained this round.
 
-        A no-op for one-round methods (synchronised at round 0 only)."""
+        A no-op for one-round methods (synchronised at round 0 only). PCL methods instead mix
+        whole models by validation perplexity after their mixing rounds (federated.pcl); then
+        `last_mixing` holds that round's {"round", "ppl", "weights"} (None after other rounds)."""
+        self.last_mixing = None
+        if self.method.pcl is not None:  # PCL: no server; softmax(-ppl) mixing after some rounds
+            if pcl.mixes_after(self.method.pcl, self.round_index - 1):
+                self.last_mixing = pcl.mix(self, self.round_index - 1)
+            return
         if self.method.one_round:
             return
         real, active = jax.device_put((jnp.asarray(self.real), jnp.asarray(self.active)), self.layout.users)

@@ -6,7 +6,7 @@ router modes:
 - ``bilevel``: router phases on the VALIDATION split, alternating with expert steps (CoMiGS).
 - ``alternating_train``: the same schedule on the TRAINING split (Table 4 ablation).
 - ``joint``: router and experts in one optimizer on the training loss (pFedMoE, "MoE").
-- ``none``: no router; the uniform mean of the experts (Local, FedAvg, Centralized).
+- ``none``: no router; the uniform mean of the experts (Local, FedAvg, Centralized, PCL).
 """
 from __future__ import annotations
 
@@ -15,6 +15,18 @@ import dataclasses
 from comigs_jax.federated.roles import TRAINABLE_ROLES, factor_of, role_of
 
 ROUTER_MODES = ("bilevel", "alternating_train", "joint", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class PCL:
+    """PCL's serverless mixing (comigs_jax.federated.pcl): after every 0-indexed round r with
+    r >= start and r % every == 0, W_ij = softmax_j(-ppl of user j's model on `batches` random
+    batches of user i's valid split) and every trainable leaf theta_i <- sum_j W_ij theta_j.
+    The defaults are 77efb25's (rounds 4, 6, ..., 18 of 20); 2d42464 mixes every round."""
+
+    start: int = 4
+    every: int = 2
+    batches: int = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +44,8 @@ class Method:
       factor stays local (FedSA-LoRA shares A only). Routers have no factor.
     frozen: "role.factor" leaves that never train and keep the shared round-0 initialisation
       (FFA-LoRA: every A), e.g. ("attn.A", "generalist.A").
+    pcl: PCL's perplexity-weighted mixing of whole models instead of server aggregation (with
+      shared_roles=(): no round-0 sync, every user starts from its own initialisation); None: none.
     faithful: the record that reproduces the reference code's behaviour in faithful mode
       (train.faithful; method.md §8, D4/D5), when it differs; None otherwise.
     """
@@ -45,6 +59,7 @@ class Method:
     shared_factors: tuple[str, ...] = ("A", "B")
     frozen: tuple[str, ...] = ()
     faithful: "Method | None" = None
+    pcl: PCL | None = None
 
     def __post_init__(self):
         if self.router_mode not in ROUTER_MODES:
@@ -57,6 +72,8 @@ class Method:
         allowed = {f"{r}.{f}" for r in ("attn", "generalist", "specialist") for f in "AB"}
         if not set(self.frozen) <= allowed:
             raise ValueError(f"method {self.name}: frozen {sorted(set(self.frozen) - allowed)}: allowed {sorted(allowed)}")
+        if self.pcl is not None and (self.shared_roles or self.one_round or self.pooled_data):
+            raise ValueError(f"method {self.name}: PCL mixing has no server (shared_roles=(), not one_round or pooled)")
 
     def is_shared(self, path: tuple) -> bool:
         """Whether the leaf at `path` is averaged across users every round (and identical at round
@@ -117,6 +134,11 @@ METHODS = {m.name: m for m in [
            description="FedSA-LoRA: A trained and averaged, B trained and kept local",
            faithful=Method("fedsa_lora", _ALL_EXPERTS, "none",
                            description="FedSA-LoRA as the reference (D5): A and B averaged (FedAvg)")),
+    # PCL (collab_run_client_level.py): no server, no round-0 sync; softmax(-ppl) mixing of whole models
+    Method("pcl", (), "none", pcl=PCL(), description="PCL: no server; after rounds 4, 6, ..., 18 every user "
+           "becomes a softmax(-valid ppl)-weighted mix of all users' models (77efb25)"),
+    Method("pcl_every_round", (), "none", pcl=PCL(start=0, every=1),
+           description="PCL mixing after every round (2d42464)"),
 ]}
 
 

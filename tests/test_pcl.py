@@ -1,0 +1,117 @@
+"""PCL (method.md §7): softmax(-ppl) collaboration weights, mixing of whole models, the (model, data)
+pair evaluation as one vmapped program, and the mixing through the engine."""
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from comigs_jax.experiment.simulation import Simulation
+from comigs_jax.federated import pcl
+from comigs_jax.federated.layout import Layout
+from comigs_jax.federated.methods import PCL, get_method
+from comigs_jax.train.state import TrainConfig
+from comigs_jax.train.steps import evaluate_user
+from tiny import markov_users, tiny_base, tiny_cfg
+
+TC = TrainConfig(rounds=4, local_steps=3, batch_size=4, seq_len=8)
+EVERY_ROUND = dataclasses.replace(get_method("pcl"), pcl=PCL(start=0, every=1, batches=3))
+
+
+def _flat(tree):
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def test_schedule_is_the_references():
+    # 77efb25: `if epoch > 3 and epoch % 2 == 0` after each 0-indexed round of 20; 2d42464: every round
+    assert [r for r in range(20) if pcl.mixes_after(get_method("pcl").pcl, r)] == [4, 6, 8, 10, 12, 14, 16, 18]
+    assert [r for r in range(20) if pcl.mixes_after(get_method("pcl_every_round").pcl, r)] == list(range(20))
+    m = get_method("pcl")
+    assert m.shared_roles == () and not m.has_router and not m.one_round  # no server, no sync, no router
+
+
+def test_weights_and_mixing_match_numpy():
+    rng = np.random.default_rng(0)
+    ppl = rng.uniform(1.0, 6.0, (4, 4))
+    w = pcl.collaboration_weights(ppl)
+    ref = np.exp(-ppl) / np.exp(-ppl).sum(1, keepdims=True)  # W_ij = softmax_j(-ppl_ij), no temperature
+    np.testing.assert_allclose(w, ref, rtol=1e-12)
+    # two federations of 2 users and a padding row: softmax within each federation, padding keeps itself
+    allowed = np.zeros((5, 5), bool)
+    allowed[:2, :2] = allowed[2:4, 2:4] = True
+    p5 = rng.uniform(1.0, 6.0, (5, 5))
+    w5 = pcl.collaboration_weights(p5, allowed)
+    for blk in (slice(0, 2), slice(2, 4)):
+        e = np.exp(-p5[blk, blk])
+        np.testing.assert_allclose(w5[blk, blk], e / e.sum(1, keepdims=True), rtol=1e-12)
+    np.testing.assert_array_equal(w5[4], [0, 0, 0, 0, 1])
+    assert w5[:2, 2:].sum() == 0 and w5[2:4, :2].sum() == 0
+    params = {"a": {"A": rng.standard_normal((4, 3, 2)).astype(np.float32)},
+              "b": rng.standard_normal((4, 5)).astype(np.float32)}
+    mixed = pcl.mix_params(params, jax.numpy.asarray(w, jax.numpy.float32))
+    np.testing.assert_allclose(mixed["a"]["A"], np.einsum("ij,jkl->ikl", w, params["a"]["A"]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mixed["b"], w @ params["b"], rtol=1e-5, atol=1e-6)
+
+
+def _sim(n_users=3, layout=None, expert_counts=None, method=EVERY_ROUND, **kw):
+    cfg = tiny_cfg()
+    train, valid = markov_users(n_users, 300, 0), markov_users(n_users, 120, 100)
+    base = tiny_base(cfg)
+    base["wte"]["embedding"] = base["wte"]["embedding"] / 10  # ppl near VOCAB: W far from one-hot
+    return Simulation(cfg, TC, method, base, train, valid, seed=3, layout=layout,
+                      expert_counts=expert_counts, **kw), valid
+
+
+def test_pair_evaluation_equals_a_double_loop():
+    """The vmapped (model, data) program, sharded over the devices in chunks of 1 user, =
+    evaluate_user for every pair i, j separately; expert masks are the model's (E = 2, 1, 2).
+    (The unsharded, unchunked program is test_round_mixes_every_trainable_leaf's.)"""
+    layout = Layout.build(3, pooled=False, shard=True, mode="vmap", chunk=1)
+    sim, valid = _sim(layout=layout, expert_counts=[2, 1, 2])
+    sim.run_round()  # B leaves the zero init: the users' models differ
+    ppl, allowed = pcl.pair_perplexities(sim, 0)
+    n = 3
+    assert allowed[:n, :n].all() and not allowed[n:].any() and not allowed[:, n:].any()
+    starts = pcl.pair_windows([len(v) for v in valid], TC.seq_len, 3 * TC.batch_size, [3] * n, 0, range(n))
+    one = jax.jit(lambda p, t, s, m: evaluate_user(p, sim.base, t, s, np.ones(s.shape, np.float32), m,
+                                                   model_cfg=sim.model_cfg, seq_len=TC.seq_len, batch=TC.batch_size))
+    for i in range(n):
+        for j in range(n):
+            out = one(sim.user_params(j), valid[i], starts[i], sim.masks[j])
+            ce = np.asarray(out["ce_sum"], np.float64).sum() / (np.asarray(out["weight"]).sum() * TC.seq_len)
+            np.testing.assert_allclose(ppl[i, j], np.exp(ce), rtol=2e-5, err_msg=f"model {j} on user {i}")
+    assert len({round(x, 4) for x in ppl[:n, :n].ravel()}) > 3  # the pairs differ
+
+
+def test_round_mixes_every_trainable_leaf():
+    """Through the engine: no round-0 sync (different inits), W @ params after a mixing round, the
+    parameters untouched after a round that does not mix, the optimizer states untouched."""
+    method = dataclasses.replace(EVERY_ROUND, pcl=PCL(start=1, every=1, batches=3))
+    sim, _ = _sim(method=method)
+    init = _flat(sim.states.params)
+    assert all(not np.array_equal(x[0], x[1]) for k, x in init.items() if k[-1] == "A")  # own initialisations
+    sim.run_round()
+    before = _flat(sim.states.params)
+    sim.aggregate()  # round 0: no mixing (start=1)
+    assert sim.last_mixing is None
+    for k, x in _flat(sim.states.params).items():
+        np.testing.assert_array_equal(x, before[k])
+    sim.run_round()
+    before, opt_before = _flat(sim.states.params), jax.tree.map(np.asarray, sim.states.opt_expert)
+    sim.aggregate()
+    mixing = sim.last_mixing
+    assert mixing["round"] == 2
+    w, ppl = np.asarray(mixing["weights"][0]), np.asarray(mixing["ppl"][0])
+    e = np.exp(-(ppl - ppl.min(1, keepdims=True)))  # softmax_j(-ppl_ij), stably
+    np.testing.assert_allclose(w, e / e.sum(1, keepdims=True), rtol=1e-6, atol=1e-12)
+    after = _flat(sim.states.params)
+    for k, x in before.items():
+        np.testing.assert_allclose(after[k][:3], np.einsum("ij,j...->i...", w, x[:3]), rtol=1e-5, atol=1e-6,
+                                   err_msg="/".join(k))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, sim.states.opt_expert), opt_before)
+
+
+def test_partial_participation_is_refused():
+    with pytest.raises(ValueError, match="PCL.*participation=1"):
+        _sim(participation=0.5)
