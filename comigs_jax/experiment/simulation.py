@@ -35,6 +35,7 @@ from comigs_jax.federated.aggregate import aggregate, aggregation_weights
 from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.methods import Method, configure_model
 from comigs_jax.federated.users import expert_masks
+from comigs_jax.experiment.ranked import Ranks
 from comigs_jax.model.lm import ModelConfig
 from comigs_jax.train.chunks import chunked
 from comigs_jax.train.rounds import loop_round, vmap_round
@@ -77,14 +78,17 @@ class Simulation:
     size). participation: fraction of users that train in a round (sampled per round with the
     run's seed; 1.0 = all). federations: None (one federation: `seed`, tc's hyper-parameters) or
     F dicts {"seed": int, and optionally lr / router_lr / lb_weight / weight_decay} run as one
-    program (the layout's n_federations must be F); `seed` is then ignored.
+    program (the layout's n_federations must be F); `seed` is then ignored. ranks: each user's
+    expert LoRA rank, at most model_cfg.moe.lora.rank (the padded rank every row holds; None: that
+    rank for all); the rank masks and the method's server rule are comigs_jax.experiment.ranked's.
     """
 
     def __init__(self, model_cfg: ModelConfig, tc: TrainConfig, method: Method, base: dict,
                  train: Sequence[np.ndarray], valid: Sequence[np.ndarray], *,
                  layout: Optional[Layout] = None, expert_counts: Optional[Sequence[int]] = None, seed: int = 0,
                  mode: str = "vmap", weighting: str = "uniform", participation: float = 1.0,
-                 user_indices: Optional[Sequence[int]] = None, federations: Optional[Sequence[dict]] = None):
+                 user_indices: Optional[Sequence[int]] = None, federations: Optional[Sequence[dict]] = None,
+                 ranks: Optional[Sequence[int]] = None):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: allowed {MODES}")
         method = method.for_mode(tc.faithful)  # FFA-LoRA / FedSA-LoRA as the reference (D4, D5) in faithful mode
@@ -169,6 +173,8 @@ class Simulation:
             self.groups_dev = jax.device_put(jnp.asarray(fed_rows), layout.users)
         self.masks_dev = jax.device_put(jnp.asarray(self.masks), layout.users)
         self.active = np.ones(self.n_padded, bool)
+        # per-user LoRA ranks of the experts (comigs_jax.experiment.ranked): with `ranks` or a rank-aware server
+        self.ranks = Ranks(self, ranks) if ranks is not None or method.server != "mean" else None
         self.last_mixing = None
 
     # ------------------------------------------------------------------ data placement
@@ -242,6 +248,8 @@ class Simulation:
             return
         if self.method.one_round:
             return
+        if self.ranks is not None:  # the expert LoRA by the rank-aware rule (HetLoRA, FlexLoRA, masked mean)
+            return self.ranks.aggregate(self)
         real, active = jax.device_put((jnp.asarray(self.real), jnp.asarray(self.active)), self.layout.users)
         w = aggregation_weights(real, active, self.data["train_len"] if self.weighting == "tokens" else None)
         params = self._aggregate(self.states.params, w) if self.n_federations == 1 else \
@@ -250,12 +258,15 @@ class Simulation:
 
     def host_state(self) -> dict:
         """What lives on the host besides the device state (JSON-able, for checkpoints)."""
+        ranks = self.ranks.host_state() if self.ranks is not None else {}
         if self.n_federations == 1:
-            return {"round_index": self.round_index, "rng": self._rng.bit_generator.state}
-        return {"round_index": self.round_index, "rng": [r.bit_generator.state for r in self._rngs]}
+            return {"round_index": self.round_index, "rng": self._rng.bit_generator.state, **ranks}
+        return {"round_index": self.round_index, "rng": [r.bit_generator.state for r in self._rngs], **ranks}
 
     def restore_host_state(self, host: dict) -> None:
         self.round_index = host["round_index"]
+        if self.ranks is not None:
+            self.ranks.restore(self, host)
         states = host["rng"] if self.n_federations > 1 else [host["rng"]]
         for rng, st in zip(self._rngs, states, strict=True):
             rng.bit_generator.state = st
@@ -275,7 +286,7 @@ class Simulation:
     def _params_per_user(self, n_rows: int) -> dict:
         """[n_rows, ...] trainable params on the users axis (Centralized: its one model, repeated)."""
         if not self.method.pooled_data:
-            return self.states.params
+            return self.states.params if self.ranks is None else self.ranks.model_view(self, self.states.params)
         if self.n_federations > 1:  # user row -> its federation's pooled model
             idx = jnp.asarray(self.layout.federation_of_rows(user_axis=True))
             take = lambda p: jax.tree.map(lambda x: jnp.take(x, idx, axis=0), p)
@@ -287,8 +298,8 @@ class Simulation:
         """One user's trainable params (no user axis), on every process: a collective, so every
         process must call it (Centralized: its one model)."""
         row = federation * self.layout.models_per_federation + (0 if self.method.pooled_data else user)
-        return jax.jit(lambda p: jax.tree.map(lambda x: x[row], p),
-                       out_shardings=self.layout.replicated)(self.states.params)
+        params = self.states.params if self.ranks is None else self.ranks.model_view(self, self.states.params)
+        return jax.jit(lambda p: jax.tree.map(lambda x: x[row], p), out_shardings=self.layout.replicated)(params)
 
     def evaluate(self, splits: Sequence[np.ndarray], n_windows: int, batch: int, protocol: str = "full",
                  seed=0) -> dict:

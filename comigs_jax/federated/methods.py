@@ -15,6 +15,10 @@ import dataclasses
 from comigs_jax.federated.roles import TRAINABLE_ROLES, factor_of, role_of
 
 ROUTER_MODES = ("bilevel", "alternating_train", "joint", "none")
+# Server rules of the expert LoRA leaves (comigs_jax.federated.ranks): the (rank-masked) mean,
+# HetLoRA's norm-weighted zero-padded mean with self-pruning, FlexLoRA's SVD of the averaged
+# products (flexlora_reference_scale: the reference's scales, D3b).
+SERVERS = ("mean", "hetlora", "flexlora", "flexlora_reference_scale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +51,9 @@ class Method:
     pcl: PCL's perplexity-weighted mixing of whole models instead of server aggregation (with
       shared_roles=(): no round-0 sync, every user starts from its own initialisation); None: none.
     faithful: the record that reproduces the reference code's behaviour in faithful mode
-      (train.faithful; method.md §8, D4/D5), when it differs; None otherwise.
+      (train.faithful; method.md §8, D3b/D4/D5), when it differs; None otherwise.
+    server: how the shared expert LoRA leaves are aggregated, one of SERVERS (attention LoRA
+      and routers: always the mean).
     """
 
     name: str
@@ -60,6 +66,7 @@ class Method:
     frozen: tuple[str, ...] = ()
     faithful: "Method | None" = None
     pcl: PCL | None = None
+    server: str = "mean"
 
     def __post_init__(self):
         if self.router_mode not in ROUTER_MODES:
@@ -72,6 +79,10 @@ class Method:
         allowed = {f"{r}.{f}" for r in ("attn", "generalist", "specialist") for f in "AB"}
         if not set(self.frozen) <= allowed:
             raise ValueError(f"method {self.name}: frozen {sorted(set(self.frozen) - allowed)}: allowed {sorted(allowed)}")
+        if self.server not in SERVERS:
+            raise ValueError(f"method {self.name}: server={self.server!r}: allowed {SERVERS}")
+        if self.server.startswith("flexlora") and (self.frozen or set(self.shared_factors) != {"A", "B"}):
+            raise ValueError(f"method {self.name}: FlexLoRA needs both factors shared and none frozen")
         if self.pcl is not None and (self.shared_roles or self.one_round or self.pooled_data):
             raise ValueError(f"method {self.name}: PCL mixing has no server (shared_roles=(), not one_round or pooled)")
 
@@ -134,6 +145,16 @@ METHODS = {m.name: m for m in [
            description="FedSA-LoRA: A trained and averaged, B trained and kept local",
            faithful=Method("fedsa_lora", _ALL_EXPERTS, "none",
                            description="FedSA-LoRA as the reference (D5): A and B averaged (FedAvg)")),
+    # HetLoRA / FlexLoRA (Table 2): one expert per user at its own rank (model.ranks), method.md §7.
+    Method("hetlora", _ALL_EXPERTS, "none", server="hetlora",
+           description="HetLoRA: zero-padded mean of the expert LoRA weighted by each user's norm share, "
+                       "rank self-pruning (q = floor(0.99 r)); attention LoRA averaged"),
+    Method("flexlora", _ALL_EXPERTS, "none", server="flexlora",
+           description="FlexLoRA: SVD of the token-weighted mean of the users' A B s(r_i); each user takes its "
+                       "leading r_i components; attention LoRA averaged",
+           faithful=Method("flexlora", _ALL_EXPERTS, "none", server="flexlora_reference_scale",
+                           description="FlexLoRA as the reference (D3b): products formed with alpha/r_i and "
+                                       "split with alpha/r_max")),
     # PCL (collab_run_client_level.py): no server, no round-0 sync; softmax(-ppl) mixing of whole models
     Method("pcl", (), "none", pcl=PCL(), description="PCL: no server; after rounds 4, 6, ..., 18 every user "
            "becomes a softmax(-valid ppl)-weighted mix of all users' models (77efb25)"),

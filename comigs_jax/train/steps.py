@@ -5,7 +5,10 @@ or calls them in a Python loop. Shapes: tokens [N] (padded), length scalar, mask
 
 `data` is the row's inputs: tokens and lengths of its splits and, when federations with different
 hyper-parameters share one program, data["hparams"]: {name: scalar} overriding the static
-TrainConfig's lr / router_lr / lb_weight / weight_decay (state.ROW_HPARAMS) for this row.
+TrainConfig's lr / router_lr / lb_weight / weight_decay / prune_lambda (state.ROW_HPARAMS) for this row.
+With per-user LoRA ranks (comigs_jax.federated.ranks), data["rank_scale"] [r_max] is the row's rank
+scale (the model sees A * scale, B masked; masked components are zeroed after every expert
+step) and data["rank_full"] its configured rank (the pruning regulariser's tail).
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from comigs_jax.federated.methods import Method
+from comigs_jax.federated.ranks import apply_rank_scale, mask_ranks, prune_rank, pruning_penalty
 from comigs_jax.federated.roles import filter_leaves, merge, role_of
 from comigs_jax.model.head import token_cross_entropy
 from comigs_jax.model.lm import ModelConfig, head_matrix, language_model
@@ -57,14 +61,33 @@ def _is_router(path) -> bool:
     return role_of(path) == "router"
 
 
-def _grads(keep, params, base, windows, mask, model_cfg, lb_weight, dropout_key):
+def _grads(keep, params, base, windows, mask, model_cfg, lb_weight, dropout_key, data=None, prune=None):
     """Loss and gradients with respect to the leaves whose path satisfies keep(path) only (the rest
-    held fixed)."""
+    held fixed). data["rank_scale"] (when given): the row's rank scale, applied to the model's
+    view of the params. prune: the pruning regulariser's weight (None: off)."""
     wrt = filter_leaves(params, keep)
     rest = filter_leaves(params, lambda p: not keep(p))
-    fn = lambda p: lm_loss(merge(p, rest), base, windows, mask, model_cfg, lb_weight, dropout_key)
+    scale = (data or {}).get("rank_scale")
+
+    def fn(p):
+        full = merge(p, rest)
+        loss, metrics = lm_loss(full if scale is None else apply_rank_scale(full, scale), base, windows, mask,
+                                model_cfg, lb_weight, dropout_key)
+        if prune is not None:
+            r_full = data.get("rank_full", model_cfg.moe.lora.rank)
+            penalty = pruning_penalty(full, prune_rank(r_full), r_full, mask)
+            loss = loss + prune * penalty
+            metrics = {**metrics, "prune": penalty}
+        return loss, metrics
+
     (_, metrics), grads = jax.value_and_grad(fn, has_aux=True)(wrt)
     return metrics, grads
+
+
+def _prune_weight(tc: TrainConfig, hp):
+    """The pruning regulariser's weight (a per-row value when federations differ in it), or None
+    when it is off."""
+    return hparam(tc, hp, "prune_lambda") if (hp and "prune_lambda" in hp) or tc.prune_lambda > 0 else None
 
 
 def _needs_dropout_key(model_cfg: ModelConfig) -> bool:
@@ -82,7 +105,8 @@ def expert_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
     leaks = leaks_active(tc, method)
     trains = is_expert_leaf(method)
     metrics, grads = _grads(_every_leaf if leaks else trains, state.params, base, windows, mask,
-                            model_cfg, hparam(tc, hp, "lb_weight"), k_drop if _needs_dropout_key(model_cfg) else None)
+                            model_cfg, hparam(tc, hp, "lb_weight"), k_drop if _needs_dropout_key(model_cfg) else None,
+                            data, _prune_weight(tc, hp))
     g = filter_leaves(grads, trains)
     leak = state.leak
     if leaks:
@@ -92,6 +116,8 @@ def expert_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
     p = filter_leaves(state.params, trains)
     updates, opt = expert_optimizer(tc, hp).update(g, state.opt_expert, p)
     params = merge(optax.apply_updates(p, updates), filter_leaves(state.params, lambda q: not trains(q)))
+    if "rank_scale" in data:  # components beyond the row's rank stay 0 (Adam's momentum would move them)
+        params = mask_ranks(params, data["rank_scale"])
     return state.replace(params=params, opt_expert=opt, step=state.step + 1, key=key, leak=leak), metrics
 
 
@@ -106,7 +132,8 @@ def router_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
     windows = sample_windows(k_batch, data[split], data[f"{split}_len"], tc.batch_size, tc.seq_len)
     leaks = leaks_active(tc, method)
     metrics, grads = _grads(_every_leaf if leaks else _is_router, state.params, base, windows, mask,
-                            model_cfg, hparam(tc, hp, "lb_weight"), k_drop if _needs_dropout_key(model_cfg) else None)
+                            model_cfg, hparam(tc, hp, "lb_weight"), k_drop if _needs_dropout_key(model_cfg) else None,
+                            data)
     g = filter_leaves(grads, _is_router)
     leak = state.leak
     if leaks:

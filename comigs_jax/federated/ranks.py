@@ -1,0 +1,236 @@
+"""Users with different LoRA ranks in one program, and the rank-aware servers (method.md §7).
+
+Every expert LoRA leaf is held at the padded rank r_max (model.rank): A [..., in, r_max],
+B [..., r_max, out]. User i of rank r_i <= r_max carries a rank scale [r_max]:
+
+    rank_scale_i[c] = s(r_i) / s(r_max) for c < rank_i (its current rank), 0 beyond,
+
+with s(r) the model's LoRA scale (alpha / sqrt(r) for rslora). The model sees A * rank_scale and
+B * (rank_scale > 0), so its expert correction is s(r_max) (x A') B' = s(r_i) (x A[:, :rank_i]) B[:rank_i]:
+exactly a rank-r_i program's. Masked components get no gradient (the product with 0), are zeroed
+after every optimiser step (mask_ranks: Adam's momentum would move them) and weigh nothing in the
+plain mean (masked_mean). HetLoRA's self-pruning lowers rank_i below r_i (never raises it); the
+scale keeps s(r_i), as the reference keeps its full-size tensors and scale.
+
+Only the MLP experts' LoRA leaves are ranked (roles generalist and specialist); the attention
+LoRA keeps model.attn_rank for every user, as the reference (method.md §1.2).
+
+Server rules (stacked rows [U, ...], pure and jittable, `groups` [U] the federation of each row):
+
+- masked_mean: the weighted mean of each rank component over the users that have it.
+- hetlora: zero-padded mean, each user's leaf weighted by its Frobenius-norm share, then each user
+  compares its rank tail product T_i = sum over modules of |A_i[:, q_i:r_i]|_F |B_i[q_i:r_i, :]|_F
+  (q_i = floor(0.99 rank_i)) with the server's over the same components, and is cut to rank q_i
+  when its own is smaller. Every user then takes the server's leaves truncated to its rank.
+- flexlora: per user dW_i = c_i A_i B_i, averaged by training tokens; the server's SVD
+  dW = U S V^T; user i takes its leading rank_i components: A_i = U[:, :r_i],
+  B_i = S V^T[:r_i] / c'_i. Clean: c_i = c'_i = s(r_i), the model's scale. Reference (D3b):
+  c_i = alpha / r_i and c'_i = alpha / r_max (`merge_rate`, `Server._svd`).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from comigs_jax.federated.roles import factor_of, role_of, slot_axis
+
+RANKED_ROLES = ("generalist", "specialist")
+
+
+def is_ranked(path: tuple) -> bool:
+    """Whether the leaf at `path` is an expert LoRA factor (held at the padded rank)."""
+    return role_of(path) in RANKED_ROLES and factor_of(path) is not None
+
+
+def prune_rank(r):
+    """q = floor(0.99 r): the rank a HetLoRA cut leaves, and where the pruning tail starts. In
+    integers, (99 r) // 100 (exact; Python ints, NumPy or JAX integer arrays)."""
+    return (99 * r) // 100
+
+
+def lora_scale(lora, r) -> float:
+    """The model's LoRA scale at rank r for a LoRAConfig's alpha and scaling."""
+    return lora.alpha / (r ** 0.5 if lora.scaling == "rslora" else r)
+
+
+def rank_scales(ranks, full_ranks, lora, r_max: int) -> np.ndarray:
+    """[U, r_max] float32: s(full_i) / s(r_max) on the components < ranks[i], 0 beyond."""
+    ranks, full = np.asarray(ranks), np.asarray(full_ranks)
+    ratio = np.array([lora_scale(lora, int(r)) / lora_scale(lora, r_max) for r in full], np.float64)
+    on = np.arange(r_max)[None, :] < ranks[:, None]
+    return (on * ratio[:, None]).astype(np.float32)
+
+
+def _pair(path: tuple) -> tuple:
+    """The path of the other factor of a LoRA leaf (fc_A <-> fc_B)."""
+    last = path[-1]
+    return path[:-1] + (last[:-1] + ("B" if last[-1] == "A" else "A"),)
+
+
+def _rank_vec(scale: jax.Array, factor: str, ndim: int) -> jax.Array:
+    """A per-component vector [..., r] reshaped to broadcast over a factor of `ndim` dims whose
+    leading axes match scale's leading axes (none for one user, [U] for stacked rows)."""
+    lead = scale.ndim - 1
+    shape = list(scale.shape[:lead]) + [1] * (ndim - lead)
+    shape[-1 if factor == "A" else -2] = scale.shape[-1]
+    return scale.reshape(shape)
+
+
+def apply_rank_scale(params: dict, scale: jax.Array) -> dict:
+    """The model's view of one user's (scale [r]) or stacked users' (scale [U, r]) params: each
+    expert A times the rank scale, each expert B masked to the rank."""
+    flat = traverse_util.flatten_dict(params)
+    out = {}
+    for p, x in flat.items():
+        if is_ranked(p):
+            f = factor_of(p)
+            v = scale if f == "A" else (scale > 0).astype(x.dtype)
+            x = x * _rank_vec(v, f, x.ndim).astype(x.dtype)
+        out[p] = x
+    return traverse_util.unflatten_dict(out)
+
+
+def mask_ranks(params: dict, scale: jax.Array) -> dict:
+    """Expert LoRA components beyond each user's rank set to 0 (scale [r] or [U, r])."""
+    flat = traverse_util.flatten_dict(params)
+    return traverse_util.unflatten_dict(
+        {p: x * _rank_vec((scale > 0).astype(x.dtype), factor_of(p), x.ndim) if is_ranked(p) else x
+         for p, x in flat.items()})
+
+
+def safe_norm(x: jax.Array, axes) -> jax.Array:
+    """Frobenius norm over `axes` whose gradient is 0 (not NaN) at 0 (method.md §7)."""
+    sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes)
+    return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
+
+
+def _tail_product(a: jax.Array, b: jax.Array, lo, hi) -> jax.Array:
+    """|A[..., :, lo:hi]|_F |B[..., lo:hi, :]|_F per module [...]; lo, hi scalars or [U] (then a, b
+    lead with [U])."""
+    r = a.shape[-1]
+    lo, hi = jnp.asarray(lo), jnp.asarray(hi)
+    tail = (jnp.arange(r) >= lo[..., None]) & (jnp.arange(r) < hi[..., None])   # [..., r]
+    t = tail.astype(a.dtype)
+    return safe_norm(a * _rank_vec(t, "A", a.ndim), (-2, -1)) * safe_norm(b * _rank_vec(t, "B", b.ndim), (-2, -1))
+
+
+def pruning_penalty(params: dict, q, r_full, expert_mask: jax.Array | None = None) -> jax.Array:
+    """One user's P = sum over layers, experts and matmuls of |A[:, q:r]|_F |B[q:r, :]|_F with
+    q = floor(0.99 r_full) (method.md §7); absent experts (expert_mask [E] False) count 0."""
+    flat = traverse_util.flatten_dict(params)
+    total = jnp.zeros((), jnp.float32)
+    for p, a in flat.items():
+        if not (is_ranked(p) and factor_of(p) == "A"):
+            continue
+        t = _tail_product(a, flat[_pair(p)], q, r_full)                          # [(L,) slots]
+        if expert_mask is not None:
+            n = t.shape[-1]  # generalists: the first slots of the mask; specialists: the last
+            m = expert_mask[:n] if role_of(p) == "generalist" else expert_mask[expert_mask.shape[0] - n:]
+            t = t * m.astype(t.dtype)
+        total = total + t.sum()
+    return total
+
+
+# ----------------------------------------------------------------------------- server rules
+def _group_mean(x: jax.Array, w: jax.Array, groups: jax.Array, n_groups: int) -> jax.Array:
+    """Per row, its group's sum_i w_i x_i / sum_i w_i over rows, [U, ...]; w broadcasts to x.
+    A group (and component) with no weight gets 0."""
+    w = jnp.broadcast_to(w.astype(jnp.float32), jnp.broadcast_shapes(w.shape, x.shape))
+    num = jax.ops.segment_sum(w * x.astype(jnp.float32), groups, n_groups)
+    den = jax.ops.segment_sum(w, groups, n_groups)
+    return jnp.take(num / jnp.where(den > 0, den, 1.0), groups, axis=0).astype(x.dtype)
+
+
+def _lead(v: jax.Array, ndim: int) -> jax.Array:
+    """[U] -> [U, 1, ..., 1] with ndim dims."""
+    return v.reshape(v.shape + (1,) * (ndim - 1))
+
+
+def masked_mean(x: jax.Array, factor: str, weights: jax.Array, scale: jax.Array, groups, n_groups) -> jax.Array:
+    """Each rank component averaged over the users that have it (weights [U] times their mask),
+    returned masked to each row's rank. x [U, ..., in, r] (A) or [U, ..., r, out] (B)."""
+    m = _rank_vec((scale > 0).astype(jnp.float32), factor, x.ndim)
+    return _group_mean(x, _lead(weights, x.ndim) * m, groups, n_groups) * m.astype(x.dtype)
+
+
+def hetlora_mean(x: jax.Array, weights: jax.Array, groups, n_groups) -> jax.Array:
+    """Zero-padded mean, each user's module weighted by weights_i |x_i|_F (its norm share); a
+    group whose norms are all 0 falls back to weights alone. x [U, ..., d1, d2] -> [U, ...]."""
+    wn = _lead(weights, x.ndim - 2) * safe_norm(x, (-2, -1))                   # [U, ...modules]
+    has = jnp.take(jax.ops.segment_sum(wn, groups, n_groups), groups, axis=0) > 0
+    w = jnp.where(has, wn, jnp.broadcast_to(_lead(weights, wn.ndim), wn.shape))
+    return _group_mean(x, w[..., None, None], groups, n_groups)
+
+
+def hetlora_prune(users: dict, server: dict, ranks: jax.Array, weights: jax.Array) -> jax.Array:
+    """New ranks [U]: user i (weight > 0) is cut to q_i = floor(0.99 rank_i) when its tail product
+    over the components [q_i, rank_i) of all its ranked leaf pairs is below the server's (its
+    row of `server`, the mean) over the same components; otherwise it keeps rank_i."""
+    q = prune_rank(ranks)
+    own = jnp.zeros(ranks.shape, jnp.float32)
+    srv = jnp.zeros(ranks.shape, jnp.float32)
+    for p, a in users.items():
+        if factor_of(p) != "A":
+            continue
+        b = users[_pair(p)]
+        own += _tail_product(a, b, q, ranks).reshape(ranks.shape[0], -1).sum(1)
+        srv += _tail_product(server[p], server[_pair(p)], q, ranks).reshape(ranks.shape[0], -1).sum(1)
+    return jnp.where((weights > 0) & (own < srv), q, ranks)
+
+
+def flexlora_factors(a: jax.Array, b: jax.Array, weights: jax.Array, ranks: jax.Array, form: jax.Array,
+                     back: jax.Array, groups, n_groups) -> tuple[jax.Array, jax.Array]:
+    """FlexLoRA for one leaf pair. a [U, ..., in, r], b [U, ..., r, out] (masked to each rank),
+    weights [U] (training tokens; 0 for users that sit out), ranks [U], form / back [U] the scales
+    c_i, c'_i -> (A, B) [U, ...]: A_i = U[:, :r_i], B_i = S V^T[:r_i] / c'_i, zero beyond r_i."""
+    r = a.shape[-1]
+    dw = jnp.einsum("u...ir,u...ro->u...io", a.astype(jnp.float32), b.astype(jnp.float32)) * _lead(form, a.ndim)
+    wsum = jax.ops.segment_sum(weights.astype(jnp.float32), groups, n_groups)
+    mean = jax.ops.segment_sum(_lead(weights.astype(jnp.float32), dw.ndim) * dw, groups, n_groups)
+    mean = mean / _lead(jnp.where(wsum > 0, wsum, 1.0), dw.ndim)                  # [G, ..., in, out]
+    u, s, vt = jnp.linalg.svd(mean, full_matrices=False)
+    u, bs = u[..., :, :r], s[..., :r, None] * vt[..., :r, :]
+    m = (jnp.arange(r)[None, :] < ranks[:, None]).astype(jnp.float32)            # [U, r]
+    new_a = jnp.take(u, groups, axis=0) * _rank_vec(m, "A", a.ndim)
+    new_b = jnp.take(bs, groups, axis=0) * _rank_vec(m, "B", b.ndim) / _lead(back, b.ndim)
+    return new_a.astype(a.dtype), new_b.astype(b.dtype)
+
+
+def aggregate_ranked(params: dict, weights: jax.Array, n_tokens: jax.Array, ranks: jax.Array,
+                     scale: jax.Array, form: jax.Array, back: jax.Array, *, rule: str, is_shared,
+                     n_shared_specialists: int | None, groups: jax.Array, n_groups: int) -> tuple[dict, jax.Array]:
+    """The ranked (expert LoRA) shared leaves of stacked params [U, ...] by `rule` ("mean":
+    masked_mean, "hetlora", "flexlora"); other leaves returned as given (the caller averages
+    them with comigs_jax.federated.aggregate). weights [U]: participation (x tokens) weights;
+    n_tokens [U]: FlexLoRA's weights; ranks [U] current ranks; scale [U, r] rank scales;
+    form / back [U]: FlexLoRA's scales. Returns (params, new ranks [U])."""
+    flat = traverse_util.flatten_dict(params)
+    ranked = {p: x for p, x in flat.items() if is_ranked(p) and is_shared(p)}
+    new = {}
+    new_ranks = ranks
+    if rule == "mean":
+        new = {p: masked_mean(x, factor_of(p), weights, scale, groups, n_groups) for p, x in ranked.items()}
+    elif rule == "hetlora":
+        server = {p: hetlora_mean(x, weights, groups, n_groups) for p, x in ranked.items()}
+        new_ranks = hetlora_prune(ranked, server, ranks, weights)
+        m = (jnp.arange(scale.shape[-1])[None, :] < new_ranks[:, None]).astype(jnp.float32)
+        new = {p: x * _rank_vec(m, factor_of(p), x.ndim).astype(x.dtype) for p, x in server.items()}
+    elif rule == "flexlora":
+        for p, a in ranked.items():
+            if factor_of(p) == "A":
+                new[p], new[_pair(p)] = flexlora_factors(a, ranked[_pair(p)], n_tokens, ranks, form, back,
+                                                         groups, n_groups)
+    else:
+        raise ValueError(f"rank rule {rule!r}: allowed mean, hetlora, flexlora")
+    out = dict(flat)
+    for p, x in new.items():
+        old = flat[p]
+        axis = 1 + slot_axis(p)
+        if role_of(p) == "specialist" and n_shared_specialists is not None and n_shared_specialists < old.shape[axis]:
+            shape = [1] * old.ndim
+            shape[axis] = -1
+            x = jnp.where((jnp.arange(old.shape[axis]) < n_shared_specialists).reshape(shape), x, old)
+        out[p] = x
+    return traverse_util.unflatten_dict(out), new_ranks
