@@ -147,6 +147,10 @@ def validate(cfg) -> None:
         _fail("federation.weighting", fe.weighting, "uniform | tokens")
     if not 0 < fe.participation <= 1:
         _fail("federation.participation", fe.participation, "in (0, 1]")
+    for m in methods_of(cfg):
+        if METHODS[m].pcl is not None and fe.participation < 1:
+            _fail("federation.participation", fe.participation, f"1 for method {m} (PCL mixes every user's model "
+                  "every mixing round; partial participation is not supported)")
     if cfg.eval.protocol not in PROTOCOLS:
         _fail("eval.protocol", cfg.eval.protocol, f"one of {PROTOCOLS}")
     for key in ("n_windows", "batch_size", "every_rounds"):

@@ -115,3 +115,36 @@ def test_round_mixes_every_trainable_leaf():
 def test_partial_participation_is_refused():
     with pytest.raises(ValueError, match="PCL.*participation=1"):
         _sim(participation=0.5)
+
+
+def test_config_refuses_partial_participation_before_compile():
+    from comigs_jax import configuration
+    from comigs_jax.errors import ConfigError
+    from configs import tiny
+    c = tiny.get_config("pcl")
+    c.federation.participation = 0.5
+    with pytest.raises(ConfigError, match=r"^config.federation.participation=0.5 is not allowed: 1 for method pcl"):
+        configuration.validate(c)
+
+
+def test_experiment_run_mixes_and_logs_the_weights(tmp_path):
+    """configs/tiny.py (2 rounds) with PCL mixing after every round (2d42464): every round's record
+    holds the 3 x 3 validation perplexities and the softmax(-ppl) weights; the run finishes, its
+    post-aggregation evaluation (after the last mixing) differing from the pre-aggregation one."""
+    import json
+    from comigs_jax import experiment
+    from configs import tiny
+    c = tiny.get_config("pcl_every_round")
+    c.output.figures = False
+    c.train.rounds, c.pretrain.steps = 2, 5
+    res = experiment.run(c, str(tmp_path))[("pcl_every_round", c.seed)]
+    records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["pcl"]["round"] for r in records] == [1, 2]
+    for r in records:
+        ppl, w = np.asarray(r["pcl"]["ppl"]), np.asarray(r["pcl"]["weights"])
+        assert ppl.shape == w.shape == (3, 3) and np.isfinite(ppl).all()
+        e = np.exp(-(ppl - ppl.min(1, keepdims=True)))
+        np.testing.assert_allclose(w, e / e.sum(1, keepdims=True), rtol=1e-6, atol=1e-12)
+    pre = [u["test_ppl"] for u in res["users"]]
+    post = [u["test_ppl_post_aggregation"] for u in res["users"]]
+    assert np.isfinite(pre).all() and np.isfinite(post).all() and pre != post

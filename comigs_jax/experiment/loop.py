@@ -175,6 +175,8 @@ def _train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir, layout
                     raise fault(f"non-finite test loss ({ce[u]})", r + 1, u)
                 record["test_ppl"] = np.exp(pre_eval["ce"]).tolist()
             sim.aggregate()
+            if sim.last_mixing is not None:  # PCL: this round's validation perplexities and mixing weights
+                record["pcl"] = {k: v if k == "round" else v[0] for k, v in sim.last_mixing.items()}
             writer.write(record)
             bar.set_postfix(loss=f"{np.mean(record['train_ce']):.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
             stopping = not last and stop.requested()
@@ -312,7 +314,9 @@ def _train_and_evaluate_stacked(cfg, method, seeds, data, base_cfg, base, run_di
                 for f, rec in enumerate(records):
                     rec["test_ppl"] = np.exp(pre_eval["ce"][f]).tolist()
             sim.aggregate()
-            for w, rec in zip(writers, records):
+            for f, (w, rec) in enumerate(zip(writers, records)):
+                if sim.last_mixing is not None:  # PCL: each seed's own perplexities and mixing weights
+                    rec["pcl"] = {k: v if k == "round" else v[f] for k, v in sim.last_mixing.items()}
                 w.write(rec)
             bar.set_postfix(loss=f"{np.mean(records[0]['train_ce']):.3f}")
             stopping = not last and stop.requested()
