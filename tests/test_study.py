@@ -74,7 +74,9 @@ def test_study_outputs_match_the_cells_results(finished):
         assert row["user_mean_std"] == pytest.approx(per_seed.mean(1).std(), rel=1e-12)
         bayes = np.array(row["bayes_ppl"])
         assert row["over_bayes"] == pytest.approx((per_seed / bayes).mean(), rel=1e-12)
-        assert row["communication_bytes_per_user"] > 0
+        comm = json.load(open(os.path.join(wd, "cells", cell["name"], "local_s0", "results.json")))["communication"]
+        assert row["communication_bytes_per_user"] == np.mean(np.add(comm["upload_bytes_float32"],
+                                                                     comm["download_bytes_float32"]))
         assert f"{row['user_mean']:.3f} ± {row['user_mean_std']:.3f}" in md
         assert f"user0: {per_seed[:, 0].mean():.3f} ± {per_seed[:, 0].std():.3f}" in md
     assert on_disk["cells"][0]["values"] == {"train.lr": 0.002}
