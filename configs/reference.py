@@ -31,6 +31,7 @@ class Script:
     local_steps: int  # S
     clients: int = 4  # -nc (Centralized: 1 pooled client)
     batch: int = 64  # sequences per step (Centralized: 256)
+    lb_weight: float = 0.01  # -lb_lam (baseline_PCL.sh: 0.0)
 
 
 # Values every script passes: 4 users, -el [8,8,8,8] -en [2,2,2,2] -k 2, lr 2e-3, imp 0.5,
@@ -54,6 +55,8 @@ SCRIPTS = {s_arg: s for s_arg, s in [
     ("local", Script(_T1 + "baseline_local.sh", "1", "local", "all", "none", 1, 200)),
     ("centralized", Script(_T1 + "baseline_centralized.sh", "1", "centralized", "all", "none", 1, 200,
                            clients=1, batch=256)),
+    # collab_run_client_level.py: no server, no -as (its default `all` names what PCL mixes: everything)
+    ("pcl", Script(_T1 + "baseline_PCL.sh", "1", "pcl", "all", "none", 20, 10, lb_weight=0.0)),
     ("comigs_train", Script(_T4 + "baseline_comigs_train.sh", "4", "comigs_train", "expert_0",
                             "alternating_train", 20, 10)),
     ("fedavg_moe", Script(_T4 + "baseline_fedavg_moe.sh", "4", "fedavg_moe", "experts", "joint", 20, 10)),
@@ -66,7 +69,6 @@ SCRIPTS = {s_arg: s for s_arg, s in [
 
 # Scripts of those tables with no config here (their engines are not implemented).
 NOT_AVAILABLE = {
-    "baseline_PCL.sh": "PCL (collab_run_client_level.py: softmax(-ppl) mixing of whole models) is not implemented",
     "baseline_ffalora_1616.sh": "FFA-LoRA itself is the method ffa_lora, but this script's pruning regulariser "
                                 "(-p_lam, method.md §7) is not implemented",
 }
@@ -83,6 +85,7 @@ def get_config(arg=None):
     for key, value in COMMON.items():
         group, name = key.split(".")
         c[group][name] = value
+    c.train.lb_weight = s.lb_weight
     c.base = "gpt2"  # --config.base=DIR for a local GPT-2 directory
     c.seed = 42  # the scripts' seeds: 42, 45, 47 (--config.seeds=42,45,47 runs all three)
     # R = 1 x S = 200 scripts run as 20 rounds x 10 steps without aggregation (one_round methods):

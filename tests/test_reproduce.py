@@ -181,7 +181,8 @@ def test_reference_configs_match_their_scripts_and_the_docs_table():
         c.data.dir = "/nonexistent"
         assert f"`{os.path.basename(s.script)}` ({s.table}) | `:{arg}` | `{s.method}` |" in table
         m = get_method(c.method)
-        assert c.method == s.method and m.router_mode == s.router and set(m.shared_roles) == roles[s.strategy]
+        assert c.method == s.method and m.router_mode == s.router
+        assert set(m.shared_roles) == (set() if m.pcl is not None else roles[s.strategy])  # PCL: no server
         assert m.one_round == (s.rounds == 1) and m.pooled_data == (s.clients == 1)
         assert c.train.rounds * c.train.local_steps == s.rounds * s.local_steps == 200
         if s.rounds > 1:
@@ -190,12 +191,14 @@ def test_reference_configs_match_their_scripts_and_the_docs_table():
         assert c.eval.every_rounds * c.train.local_steps == 20
         for key, value in reference.COMMON.items():
             group, name = key.split(".")
-            assert c[group][name] == value, (arg, key)
+            assert c[group][name] == (s.lb_weight if key == "train.lb_weight" else value), (arg, key)
         assert (c.data.source, c.base, c.seed, c.train.faithful) == ("reference_bins", "gpt2", 42, True)
         assert (c.eval.n_windows, c.eval.batch_size) == (6400, 64)
         assert configuration.train_config(c).total_steps == 200
-    with pytest.raises(ValueError, match="not available: PCL"):
-        reference.get_config("pcl")
+    assert reference.get_config("pcl").train.lb_weight == 0.0  # baseline_PCL.sh: -lb_lam 0.0
+    assert "baseline_PCL.sh" not in reference.NOT_AVAILABLE
+    with pytest.raises(ValueError, match="allowed"):
+        reference.get_config("no_such_script")
 
 
 # ----------------------------------------------------------------------------- pre-split text folders
