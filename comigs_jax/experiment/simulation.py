@@ -35,7 +35,7 @@ from comigs_jax.federated.aggregate import aggregate, aggregation_weights
 from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.methods import Method, configure_model
 from comigs_jax.federated.users import expert_masks
-from comigs_jax.experiment.ranked import Ranks
+from comigs_jax.experiment.ranked import Ranks, check_ranks
 from comigs_jax.model.lm import ModelConfig
 from comigs_jax.train.chunks import chunked
 from comigs_jax.train.rounds import loop_round, vmap_round
@@ -132,6 +132,8 @@ class Simulation:
                 raise ValueError(f"expert count {c}: must be in [max(n_generalists, 1)={max(moe.n_generalists, 1)}, "
                                  f"n_experts={moe.n_experts}]")
         self.expert_counts = counts
+        if ranks is not None:  # before any compile: a rank list of the wrong length, a rank over the padded rank
+            check_ranks(ranks, self.n_users, moe.lora.rank)
         self.method, self.mode, self.mesh = method, mode, layout.mesh
         self.participation, self.weighting = participation, weighting
         self.n_rounds, self.steps_per_round = tc.rounds, tc.local_steps
