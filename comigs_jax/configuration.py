@@ -46,6 +46,23 @@ def expert_counts_of(cfg) -> list[int]:
     return counts
 
 
+def ranks_of(cfg) -> list[int] | None:
+    """Per-user expert LoRA ranks (model.ranks), None when unset; one line for a wrong length or a
+    rank that does not fit the padded rank model.rank."""
+    if not cfg.model.get("ranks", ""):
+        return None
+    try:
+        ranks = [int(r) for r in split_list(cfg.model.ranks)]
+    except ValueError:
+        _fail("model.ranks", cfg.model.ranks, "comma-separated integers, one per user")
+    if len(ranks) != cfg.data.n_users:
+        _fail("model.ranks", cfg.model.ranks, f"{cfg.data.n_users} entries (data.n_users)")
+    for r in ranks:
+        if not 1 <= r <= cfg.model.rank:
+            _fail("model.ranks", cfg.model.ranks, f"every rank in [1, model.rank={cfg.model.rank}] (the padded rank)")
+    return ranks
+
+
 def base_positions(cfg) -> int | None:
     """n_positions of the configured base, read cheaply (None when unknown before download)."""
     if cfg.base == "pretrain":
@@ -115,8 +132,8 @@ def validate_train(tr, group: str = "train") -> None:
             _fail(k(key), tr[key], "a positive finite number")
     if not 0 <= tr.lr_final_ratio <= 1:
         _fail(k("lr_final_ratio"), tr.lr_final_ratio, "in [0, 1]")
-    for key in ("weight_decay", "lb_weight"):
-        if not (tr[key] >= 0 and math.isfinite(tr[key])):
+    for key in ("weight_decay", "lb_weight", "prune_lambda"):
+        if key in tr and not (tr[key] >= 0 and math.isfinite(tr[key])):
             _fail(k(key), tr[key], "a non-negative finite number")
     chunk = tr.get("user_chunk", 0)
     if not isinstance(chunk, int) or chunk < 0:
@@ -133,6 +150,7 @@ def validate(cfg) -> None:
         _fail("data.n_users", cfg.data.n_users, "at least 1 user")
     validate_model(cfg.model, expert_counts_of(cfg))
     validate_train(cfg.train)
+    ranks_of(cfg)
     tr = cfg.train
     for s in ("train", "valid", "test"):  # every split must hold one window of seq_len + 1 tokens
         if cfg.data[f"{s}_tokens"] < tr.seq_len + 1:
@@ -203,7 +221,7 @@ def train_config(cfg) -> TrainConfig:
     return TrainConfig(rounds=tr.rounds, local_steps=tr.local_steps, batch_size=tr.batch_size, seq_len=tr.seq_len,
                        lr=tr.lr, lr_final_ratio=tr.lr_final_ratio, router_lr=tr.router_lr,
                        weight_decay=tr.weight_decay, router_every=tr.router_every, router_steps=tr.router_steps,
-                       lb_weight=tr.lb_weight, faithful=tr.faithful)
+                       lb_weight=tr.lb_weight, faithful=tr.faithful, prune_lambda=tr.get("prune_lambda", 0.0))
 
 
 # ----------------------------------------------------------------------------- without a base

@@ -10,7 +10,7 @@ from comigs_jax.data.config import default_data_config
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
-    c.method = arg or "comigs"  # local | fedavg | centralized | pfedmoe | comigs | comigs_2g | comigs_2s | comigs_train | comigs_uniform | fedavg_moe | local_moe | fedavg_moe_train | local_moe_train | ffa_lora | fedsa_lora | pcl | pcl_every_round
+    c.method = arg or "comigs"  # local | fedavg | centralized | pfedmoe | comigs | comigs_2g | comigs_2s | comigs_train | comigs_uniform | fedavg_moe | local_moe | fedavg_moe_train | local_moe_train | ffa_lora | fedsa_lora | pcl | pcl_every_round | hetlora | flexlora
     c.methods = ""  # comparison: comma-separated methods run on the same data, seeds and base ("" = just `method`)
     c.seed = 42  # seeds initialisation, batch sampling and participation
     c.seeds = ""  # comparison: comma-separated seeds ("" = just `seed`)
@@ -23,7 +23,8 @@ def get_config(arg=None):
     c.model.expert_counts = ""  # per-user expert counts, comma-separated, e.g. "2,4,4,4" ("" = n_experts for all)
     c.model.n_generalists = 1  # expert slots [0, n_generalists) are generalists
     c.model.top_k = 2  # experts per token (k_i = min(top_k, E_i))
-    c.model.rank = 8  # LoRA rank of each expert
+    c.model.rank = 8  # LoRA rank of each expert (the padded rank when model.ranks is set)
+    c.model.ranks = ""  # per-user expert LoRA ranks, comma-separated, each <= model.rank, e.g. "16,32,32,32" (HetLoRA/FlexLoRA; "" = model.rank for all)
     c.model.attn_rank = 8  # LoRA rank on attention c_attn / c_proj (the reference fixes 8); 0 = no attention LoRA
     c.model.alpha = 16.0  # LoRA alpha
     c.model.lora_scaling = "rslora"  # rslora: s = alpha/sqrt(r) (reference) | lora: s = alpha/r (peft)
@@ -47,6 +48,7 @@ def get_config(arg=None):
     c.train.lb_weight = 0.01  # weight of the load-balancing loss
     c.train.user_chunk = 0  # vmap mode: each device trains and scores its users this many at a time (0 = all at once); live activations are a chunk's, not every user's
     c.train.faithful = False  # reproduce the reference's gradient leaks D1, D2 (method.md §8)
+    c.train.prune_lambda = 0.0  # weight of the rank-tail pruning regulariser sum |A[:, q:]| |B[q:, :]|, q = floor(0.99 r) (HetLoRA/FlexLoRA/FFA-LoRA scripts; 0 = off)
 
     c.federation = ml_collections.ConfigDict()
     c.federation.mode = "vmap"  # vmap: all users in one program | loop: a Python loop over users (same math)

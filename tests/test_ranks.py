@@ -204,3 +204,20 @@ def test_bad_ranks_fail_in_one_line_before_compile():
         with pytest.raises(ValueError, match=words) as e:
             Simulation(_cfg(4), tc, get_method("hetlora"), tiny_base(_cfg(4)), train, train, ranks=ranks)
         assert "\n" not in str(e.value)
+
+
+def test_config_ranks_wrong_length_or_too_large_fail_in_one_line():
+    from comigs_jax import configuration
+    from comigs_jax.errors import ConfigError
+    from configs import base
+
+    c = base.get_config("hetlora")
+    c.model.rank, c.data.n_users = 32, 4
+    c.model.ranks = "16,32,32,32"
+    configuration.validate(c)
+    assert configuration.ranks_of(c) == [16, 32, 32, 32]
+    for ranks, words in (("16,32", "4 entries"), ("16,64,32,32", "padded rank"), ("16,x,32,32", "integers")):
+        c.model.ranks = ranks
+        with pytest.raises(ConfigError, match=words) as e:
+            configuration.validate(c)
+        assert "\n" not in str(e.value) and "model.ranks" in str(e.value)

@@ -108,7 +108,7 @@ def _train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir, layout
     model_cfg = configuration.model_config(cfg, base_cfg)
     tc = configuration.train_config(cfg)
     n_models = layout.n_models
-    sim = Simulation(model_cfg, tc, method, base, data.train, data.valid, layout=layout,
+    sim = Simulation(model_cfg, tc, method, base, data.train, data.valid, layout=layout, ranks=configuration.ranks_of(cfg),
                      expert_counts=configuration.expert_counts_of(cfg), seed=seed, mode=cfg.federation.mode,
                      weighting=cfg.federation.weighting, participation=cfg.federation.participation,
                      user_indices=data.indices)
@@ -251,7 +251,7 @@ def _train_and_evaluate_stacked(cfg, method, seeds, data, base_cfg, base, run_di
                                 ckpts) -> list[dict]:
     n_feds, n_models = len(seeds), run_layout.n_models
     model_cfg, tc = configuration.model_config(cfg, base_cfg), configuration.train_config(cfg)
-    sim = Simulation(model_cfg, tc, method, base, data.train, data.valid, layout=layout,
+    sim = Simulation(model_cfg, tc, method, base, data.train, data.valid, layout=layout, ranks=configuration.ranks_of(cfg),
                      expert_counts=configuration.expert_counts_of(cfg), mode=cfg.federation.mode,
                      weighting=cfg.federation.weighting, participation=cfg.federation.participation,
                      user_indices=data.indices, federations=[{"seed": s} for s in seeds])
