@@ -13,7 +13,7 @@ from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.methods import PCL, get_method
 from comigs_jax.train.state import TrainConfig
 from comigs_jax.train.steps import evaluate_user
-from tiny import markov_users, tiny_base, tiny_cfg
+from tiny import markov_users, random_like, tiny_base, tiny_cfg
 
 TC = TrainConfig(rounds=4, local_steps=3, batch_size=4, seq_len=8)
 EVERY_ROUND = dataclasses.replace(get_method("pcl"), pcl=PCL(start=0, every=1, batches=3))
@@ -63,13 +63,18 @@ def _sim(n_users=3, layout=None, expert_counts=None, method=EVERY_ROUND, **kw):
                       expert_counts=expert_counts, **kw), valid
 
 
+def _perturb(sim, seed=0):
+    """Every user's trainable leaves replaced by small random values (the models differ)."""
+    sim.states = sim.states.replace(params=jax.device_put(random_like(sim.states.params, 0.3, seed), sim.layout.users))
+
+
 def test_pair_evaluation_equals_a_double_loop():
     """The vmapped (model, data) program, sharded over the devices in chunks of 1 user, =
     evaluate_user for every pair i, j separately; expert masks are the model's (E = 2, 1, 2).
     (The unsharded, unchunked program is test_round_mixes_every_trainable_leaf's.)"""
     layout = Layout.build(3, pooled=False, shard=True, mode="vmap", chunk=1)
     sim, valid = _sim(layout=layout, expert_counts=[2, 1, 2])
-    sim.run_round()  # B leaves the zero init: the users' models differ
+    _perturb(sim)
     ppl, allowed = pcl.pair_perplexities(sim, 0)
     n = 3
     assert allowed[:n, :n].all() and not allowed[n:].any() and not allowed[:, n:].any()
@@ -91,13 +96,15 @@ def test_round_mixes_every_trainable_leaf():
     sim, _ = _sim(method=method)
     init = _flat(sim.states.params)
     assert all(not np.array_equal(x[0], x[1]) for k, x in init.items() if k[-1] == "A")  # own initialisations
-    sim.run_round()
+    _perturb(sim, seed=1)  # as trained (B leaves 0); the engine's own rounds: the experiment.run test
+    sim.round_index = 1  # after round 0: no mixing (start=1)
     before = _flat(sim.states.params)
-    sim.aggregate()  # round 0: no mixing (start=1)
+    sim.aggregate()
     assert sim.last_mixing is None
     for k, x in _flat(sim.states.params).items():
         np.testing.assert_array_equal(x, before[k])
-    sim.run_round()
+    _perturb(sim, seed=2)
+    sim.round_index = 2
     before, opt_before = _flat(sim.states.params), jax.tree.map(np.asarray, sim.states.opt_expert)
     sim.aggregate()
     mixing = sim.last_mixing
@@ -105,6 +112,7 @@ def test_round_mixes_every_trainable_leaf():
     w, ppl = np.asarray(mixing["weights"][0]), np.asarray(mixing["ppl"][0])
     e = np.exp(-(ppl - ppl.min(1, keepdims=True)))  # softmax_j(-ppl_ij), stably
     np.testing.assert_allclose(w, e / e.sum(1, keepdims=True), rtol=1e-6, atol=1e-12)
+    assert w.max() < 0.99  # a real mix, not a copy of one model
     after = _flat(sim.states.params)
     for k, x in before.items():
         np.testing.assert_allclose(after[k][:3], np.einsum("ij,j...->i...", w, x[:3]), rtol=1e-5, atol=1e-6,
@@ -148,3 +156,17 @@ def test_experiment_run_mixes_and_logs_the_weights(tmp_path):
     pre = [u["test_ppl"] for u in res["users"]]
     post = [u["test_ppl_post_aggregation"] for u in res["users"]]
     assert np.isfinite(pre).all() and np.isfinite(post).all() and pre != post
+    assert res["pcl"] == {"start": 0, "every": 1, "batches": 20} and res["shared_roles"] == []
+    assert res["communication"]["upload_rounds"] == [2, 2, 2]
+
+
+def test_communication_counts_whole_models_per_mixing_round():
+    from comigs_jax.federated.communication import accounting
+    from comigs_jax.federated.methods import configure_model
+    from comigs_jax.model.lm import param_shapes
+    cfg = configure_model(tiny_cfg(), get_method("pcl"))
+    n = sum(int(np.prod(s.shape)) for k, s in traverse_util.flatten_dict(param_shapes(cfg)).items()
+            if "lora_A" in k or "lora_B" in k or "generalists" in k or "specialists" in k)
+    out = accounting(cfg, get_method("pcl"), [2] * 4, 20, [20] * 4)
+    assert out["per_round_params"] == [n] * 4 and out["upload_rounds"] == [8] * 4  # rounds 4, 6, ..., 18
+    assert out["download_bytes_float32"] == [n * 8 * 3 * 4] * 4 and out["upload_bytes_float32"] == [n * 8 * 4] * 4

@@ -2,6 +2,7 @@
 paper-style comparison table across methods and seeds."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -245,6 +246,7 @@ def results(cfg, method, seed: int, data, model_cfg, pre: dict, post: dict, reco
         "shared_roles": list(method.shared_roles), "faithful": bool(cfg.train.faithful),
         **({"shared_factors": list(method.shared_factors)} if tuple(method.shared_factors) != ("A", "B") else {}),
         **({"frozen": list(method.frozen)} if method.frozen else {}),
+        **({"pcl": dataclasses.asdict(method.pcl)} if method.pcl is not None else {}),
         "eval": {"protocol": cfg.eval.protocol, "seq_len": cfg.train.seq_len, "batch_size": cfg.eval.batch_size,
                  **({} if cfg.eval.protocol == "full" else {"n_windows": cfg.eval.n_windows}),
                  **({"seed": seed} if cfg.eval.protocol == "reference" else {}),

@@ -56,6 +56,8 @@ def accounting(model_cfg: ModelConfig, method: Method, expert_counts, rounds: in
     n_users = len(expert_counts)
     if method.pooled_data:
         return {"per_round_params": None, "note": "Centralized pools the users' data; no parameters are exchanged"}
+    if method.pcl is not None:
+        return pcl_accounting(model_cfg, method, n_users, rounds)
     per_round = shared_params_per_user(model_cfg, method, expert_counts)
     taken = np.asarray(rounds_taken, np.int64)
     aggregations = 0 if method.one_round else int(rounds)
@@ -65,4 +67,23 @@ def accounting(model_cfg: ModelConfig, method: Method, expert_counts, rounds: in
     for dtype, b in DTYPE_BYTES.items():
         out[f"upload_bytes_{dtype}"] = (per_round * up_rounds * b).tolist()
         out[f"download_bytes_{dtype}"] = (per_round * aggregations * b).tolist()
+    return out
+
+
+def pcl_accounting(model_cfg: ModelConfig, method: Method, n_users: int, rounds: int) -> dict:
+    """PCL (no server): in each mixing round every user sends its whole trainable model to the
+    U - 1 others (who score it on their validation data and mix it in) and receives theirs.
+    Counted per user as one upload (a broadcast) and U - 1 downloads of its trainable parameters
+    (padded to the largest expert count)."""
+    from comigs_jax.federated.pcl import mixes_after
+    per_user = sum(int(np.prod(s.shape)) for path, s in traverse_util.flatten_dict(param_shapes(model_cfg)).items()
+                   if role_of(path) != "base")
+    mixing = sum(mixes_after(method.pcl, r) for r in range(rounds))
+    out = {"per_round_params": [per_user] * n_users, "upload_rounds": [mixing] * n_users,
+           "download_rounds": [mixing] * n_users, "downloads_per_round": n_users - 1,
+           "note": "PCL: no server; each mixing round every user broadcasts its whole trainable model and "
+                   "receives the other users' models"}
+    for dtype, b in DTYPE_BYTES.items():
+        out[f"upload_bytes_{dtype}"] = [per_user * mixing * b] * n_users
+        out[f"download_bytes_{dtype}"] = [per_user * mixing * (n_users - 1) * b] * n_users
     return out
