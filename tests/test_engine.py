@@ -169,6 +169,10 @@ def test_method_records_do_what_they_claim(name):
     for k in after:
         if method.is_shared(k) and not method.one_round:
             assert all(np.allclose(after[k][0], after[k][u]) for u in range(n)), k
+        elif sim.last_mixing is not None:  # PCL after a mixing round: W @ trained (tests/test_pcl.py)
+            w = np.asarray(sim.last_mixing["weights"][0])
+            np.testing.assert_allclose(after[k][:3], np.einsum("ij,j...->i...", w, trained[k][:3]), rtol=1e-5,
+                                       atol=1e-6, err_msg=str(k))
         else:
             np.testing.assert_array_equal(after[k], trained[k])
             if n > 1 and not np.array_equal(init[k], trained[k]):
