@@ -170,3 +170,27 @@ def test_communication_counts_whole_models_per_mixing_round():
     out = accounting(cfg, get_method("pcl"), [2] * 4, 20, [20] * 4)
     assert out["per_round_params"] == [n] * 4 and out["upload_rounds"] == [8] * 4  # rounds 4, 6, ..., 18
     assert out["download_bytes_float32"] == [n * 8 * 3 * 4] * 4 and out["upload_bytes_float32"] == [n * 8 * 4] * 4
+
+
+def test_stacked_federations_mix_within_their_own():
+    """Two federations (seeds) on one user axis: each federation's W is the softmax over its own
+    users only, and its models mix with its own (the other federation's weights are 0)."""
+    cfg = tiny_cfg()
+    train, valid = markov_users(3, 300, 0), markov_users(3, 120, 100)
+    base = tiny_base(cfg)
+    base["wte"]["embedding"] = base["wte"]["embedding"] / 10
+    sim = Simulation(cfg, TC, EVERY_ROUND, base, train, valid, federations=[{"seed": 3}, {"seed": 4}])
+    _perturb(sim, seed=5)
+    sim.round_index = 1
+    before = _flat(sim.states.params)
+    sim.aggregate()
+    mixing = sim.last_mixing
+    after = _flat(sim.states.params)
+    for f in range(2):
+        w, ppl = np.asarray(mixing["weights"][f]), np.asarray(mixing["ppl"][f])
+        e = np.exp(-(ppl - ppl.min(1, keepdims=True)))
+        np.testing.assert_allclose(w, e / e.sum(1, keepdims=True), rtol=1e-6, atol=1e-12)
+        rows = slice(3 * f, 3 * f + 3)
+        for k, x in before.items():
+            np.testing.assert_allclose(after[k][rows], np.einsum("ij,j...->i...", w, x[rows]), rtol=1e-5,
+                                       atol=1e-6, err_msg=f"federation {f} {'/'.join(k)}")
