@@ -32,6 +32,10 @@ class Script:
     clients: int = 4  # -nc (Centralized: 1 pooled client)
     batch: int = 64  # sequences per step (Centralized: 256)
     lb_weight: float = 0.01  # -lb_lam (baseline_PCL.sh: 0.0)
+    experts: int = 2  # -en per user (Tables 2 and 4's LoRA baselines: 1 expert, k = 1)
+    rank: int = 8  # -el: the expert LoRA rank (the padded rank when `ranks` differ)
+    ranks: str = ""  # per-user ranks named by the script, e.g. "16,32,32,32" ("" = rank for all)
+    prune_lambda: float = 0.0  # -p_lam of the pruning regulariser (0 = off)
 
 
 # Values every script passes: 4 users, -el [8,8,8,8] -en [2,2,2,2] -k 2, lr 2e-3, imp 0.5,
@@ -45,7 +49,22 @@ COMMON = {
     "data.n_users": 4,
 }
 
-_T1, _T4 = "collab_runscripts/table1/", "collab_runscripts/table4/"
+_T1, _T2, _T4 = "collab_runscripts/table1/", "collab_runscripts/table2/", "collab_runscripts/table4/"
+# Table 2: one rank-r_i expert per user (E = 1, k = 1), `all`. A script named by four ranks gives
+# users 0..3 those ranks; FlexLoRA's two-rank names give user 0 the first and users 1..3 the second
+# (the reading under which D3b's factors hold, method.md §8). HetLoRA sweeps λ_p in {5e-2, 5e-3,
+# 5e-4} (--config.train.prune_lambda; 5e-3 here); FlexLoRA runs the default -p_lam 0.01.
+_LORA = dict(experts=1)
+
+
+def _table2(kind: str, ranks: str, prune_lambda: float):
+    name = f"baseline_hetlora_lambda_sweep_{ranks}.sh" if kind == "hetlora" else f"baseline_flexlora_{ranks}.sh"
+    per_user = [ranks[i:i + 2] for i in range(0, len(ranks), 2)]
+    per_user = per_user if len(per_user) == 4 else per_user[:1] + per_user[1:] * 3
+    return (f"{kind}_{ranks}", Script(_T2 + name, "2", kind, "all", "none", 20, 10, **_LORA, rank=max(map(int, per_user)),
+                                      ranks=",".join(per_user), prune_lambda=prune_lambda))
+
+
 SCRIPTS = {s_arg: s for s_arg, s in [
     ("comigs_1g1s", Script(_T1 + "comigs_1g1s.sh", "1", "comigs", "expert_0", "bilevel", 20, 10)),
     ("comigs_2g", Script(_T1 + "comigs_2g.sh", "1", "comigs_2g", "experts", "bilevel", 20, 10)),
@@ -57,6 +76,8 @@ SCRIPTS = {s_arg: s for s_arg, s in [
                            clients=1, batch=256)),
     # collab_run_client_level.py: no server, no -as (its default `all` names what PCL mixes: everything)
     ("pcl", Script(_T1 + "baseline_PCL.sh", "1", "pcl", "all", "none", 20, 10, lb_weight=0.0)),
+    *[_table2("hetlora", r, 5e-3) for r in ("16161616", "16323232", "32161616")],
+    *[_table2("flexlora", r, 0.01) for r in ("1616", "1632", "3216")],
     ("comigs_train", Script(_T4 + "baseline_comigs_train.sh", "4", "comigs_train", "expert_0",
                             "alternating_train", 20, 10)),
     ("fedavg_moe", Script(_T4 + "baseline_fedavg_moe.sh", "4", "fedavg_moe", "experts", "joint", 20, 10)),
@@ -65,13 +86,13 @@ SCRIPTS = {s_arg: s for s_arg, s in [
     ("local_moe", Script(_T4 + "baseline_local_moe.sh", "4", "local_moe", "all", "joint", 1, 200)),
     ("local_moe_train", Script(_T4 + "baseline_local_moe_train.sh", "4", "local_moe_train", "all",
                                "alternating_train", 1, 200)),
+    # -as ffalora -is_alter -gating_update_iters 0 with one expert: no router step; -p_lam default 0.01
+    ("ffalora_1616", Script(_T4 + "baseline_ffalora_1616.sh", "4", "ffa_lora", "ffalora", "none", 20, 10, **_LORA,
+                            rank=16, prune_lambda=0.01)),
 ]}
 
 # Scripts of those tables with no config here (their engines are not implemented).
-NOT_AVAILABLE = {
-    "baseline_ffalora_1616.sh": "FFA-LoRA itself is the method ffa_lora, but this script's pruning regulariser "
-                                "(-p_lam, method.md §7) is not implemented",
-}
+NOT_AVAILABLE: dict[str, str] = {}
 
 EVAL_EVERY_STEPS = 20  # the reference evaluates every 20 expert steps (method.md §5)
 
@@ -86,6 +107,10 @@ def get_config(arg=None):
         group, name = key.split(".")
         c[group][name] = value
     c.train.lb_weight = s.lb_weight
+    c.model.n_experts, c.model.rank, c.model.ranks = s.experts, s.rank, s.ranks
+    if s.experts == 1:  # one expert: no generalist slot, k = 1 (the reference's one-expert bypass)
+        c.model.n_generalists, c.model.top_k = 0, 1
+    c.train.prune_lambda = s.prune_lambda
     c.base = "gpt2"  # --config.base=DIR for a local GPT-2 directory
     c.seed = 42  # the scripts' seeds: 42, 45, 47 (--config.seeds=42,45,47 runs all three)
     # R = 1 x S = 200 scripts run as 20 rounds x 10 steps without aggregation (one_round methods):
@@ -95,7 +120,7 @@ def get_config(arg=None):
     c.train.rounds = total // c.train.local_steps
     # Centralized: the engine trains one model on the pooled users with batch x n_users.
     c.train.batch_size = s.batch // (c.data.n_users if s.clients == 1 else 1)
-    c.train.faithful = True  # the reference's gradient leaks D1, D2 (--config.train.faithful=False: clean)
+    c.train.faithful = True  # the reference's defects: gradient leaks D1, D2; FlexLoRA's scales D3b (--config.train.faithful=False: clean)
     c.eval.n_windows = 6400  # protocol `reference`: 100 random batches x 64 windows
     c.eval.batch_size = 64
     c.eval.every_rounds = EVAL_EVERY_STEPS // c.train.local_steps
@@ -118,7 +143,7 @@ def markdown_table() -> str:
     """The script -> command table of docs/reproducing.md, from the configs themselves."""
     head = ("| Reference script (Table) | Command: `--config=configs/reference.py:ARG` | method | strategy (`-as`) "
             "| router | R × S (reference) | rounds × steps here | batch | E, k, rank | lr (experts, router) "
-            "| router phase | λ_lb, imp | faithful |")
+            "| router phase | λ_lb, imp (, λ_p) | faithful |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for arg, s in SCRIPTS.items():
         c = get_config(arg)
@@ -129,9 +154,9 @@ def markdown_table() -> str:
         lines.append(
             f"| `{os.path.basename(s.script)}` ({s.table}) | `:{arg}` | `{c.method}` | `{s.strategy}` "
             f"| {_ROUTER_WORDS[s.router]} | {s.rounds} × {s.local_steps} | {t.rounds} × {t.local_steps}{sync} "
-            f"| {batch} | {m.n_experts}, {m.top_k}, {m.rank} | {t.lr:g}, {t.router_lr:g} "
+            f"| {batch} | {m.n_experts}, {m.top_k}, {m.ranks.replace(',', '/') or m.rank} | {t.lr:g}, {t.router_lr:g} "
             f"| {f'{t.router_steps} every {t.router_every}' if s.router in ('bilevel', 'alternating_train') else '–'} "
-            f"| {t.lb_weight:g}, {m.importance:g} | {t.faithful} |")
+            f"| {t.lb_weight:g}, {m.importance:g}{f', {t.prune_lambda:g}' if t.prune_lambda else ''} | {t.faithful} |")
     return "\n".join(lines)
 
 

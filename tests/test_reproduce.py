@@ -175,7 +175,8 @@ def test_reference_configs_match_their_scripts_and_the_docs_table():
     assert reference.doc_block() in doc, "docs/reproducing.md is stale: run `python -m configs.reference`"
     table = doc[doc.index(reference.BEGIN):doc.index(reference.END)]
     roles = {"expert_0": {"attn", "generalist"}, "experts": {"attn", "generalist", "specialist"},
-             "all": {"attn", "generalist", "specialist"}}  # `all` also averages routers (docs: a difference)
+             "all": {"attn", "generalist", "specialist"},  # `all` also averages routers (docs: a difference)
+             "ffalora": {"attn", "generalist", "specialist"}}
     for arg, s in reference.SCRIPTS.items():
         c = reference.get_config(arg)
         c.data.dir = "/nonexistent"
@@ -189,9 +190,15 @@ def test_reference_configs_match_their_scripts_and_the_docs_table():
             assert (c.train.rounds, c.train.local_steps) == (s.rounds, s.local_steps)
         assert c.train.batch_size * (c.data.n_users if m.pooled_data else 1) == s.batch
         assert c.eval.every_rounds * c.train.local_steps == 20
+        own = {"train.lb_weight": s.lb_weight, "model.n_experts": s.experts, "model.rank": s.rank}
+        if s.experts == 1:  # Tables 2 / 4's one-expert LoRA baselines: no generalist slot, k = 1
+            own.update({"model.n_generalists": 0, "model.top_k": 1})
         for key, value in reference.COMMON.items():
             group, name = key.split(".")
-            assert c[group][name] == (s.lb_weight if key == "train.lb_weight" else value), (arg, key)
+            assert c[group][name] == own.get(key, value), (arg, key)
+        assert (c.model.ranks, c.train.prune_lambda) == (s.ranks, s.prune_lambda)
+        ranks = configuration.ranks_of(c)
+        assert ranks is None or (len(ranks) == 4 and max(ranks) == c.model.rank), arg
         assert (c.data.source, c.base, c.seed, c.train.faithful) == ("reference_bins", "gpt2", 42, True)
         assert (c.eval.n_windows, c.eval.batch_size) == (6400, 64)
         assert configuration.train_config(c).total_steps == 200
