@@ -8,6 +8,7 @@ import pytest
 from flax import traverse_util
 
 from comigs_jax.experiment.simulation import Simulation
+from comigs_jax.experiment import pcl_mixing
 from comigs_jax.federated import pcl
 from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.methods import PCL, get_method
@@ -75,7 +76,7 @@ def test_pair_evaluation_equals_a_double_loop():
     layout = Layout.build(3, pooled=False, shard=True, mode="vmap", chunk=1)
     sim, valid = _sim(layout=layout, expert_counts=[2, 1, 2])
     _perturb(sim)
-    ppl, allowed = pcl.pair_perplexities(sim, 0)
+    ppl, allowed = pcl_mixing.pair_perplexities(sim, 0)
     n = 3
     assert allowed[:n, :n].all() and not allowed[n:].any() and not allowed[:, n:].any()
     starts = pcl.pair_windows([len(v) for v in valid], TC.seq_len, 3 * TC.batch_size, [3] * n, 0, range(n))

@@ -30,11 +30,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from comigs_jax import distributed
-from comigs_jax.federated import pcl, sharding
+from comigs_jax.federated import sharding
 from comigs_jax.federated.aggregate import aggregate, aggregation_weights
 from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.methods import Method, configure_model
+from comigs_jax.federated.pcl import mixes_after
 from comigs_jax.federated.users import expert_masks
+from comigs_jax.experiment import pcl_mixing
 from comigs_jax.experiment.ranked import Ranks, check_ranks
 from comigs_jax.model.lm import ModelConfig
 from comigs_jax.train.chunks import chunked
@@ -245,8 +247,8 @@ class Simulation:
         `last_mixing` holds that round's {"round", "ppl", "weights"} (None after other rounds)."""
         self.last_mixing = None
         if self.method.pcl is not None:  # PCL: no server; softmax(-ppl) mixing after some rounds
-            if pcl.mixes_after(self.method.pcl, self.round_index - 1):
-                self.last_mixing = pcl.mix(self, self.round_index - 1)
+            if mixes_after(self.method.pcl, self.round_index - 1):
+                self.last_mixing = pcl_mixing.mix(self, self.round_index - 1)
             return
         if self.method.one_round:
             return
