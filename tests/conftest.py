@@ -90,3 +90,37 @@ def tiny_reference(tmp_path_factory, tiny_cache):
         done.write_text(json.dumps({"args": p.args, "returncode": p.returncode, "stdout": p.stdout,
                                     "stderr": p.stderr}))
     return wd, p
+
+
+# COMIGS_COMPILE_REPORT=FILE: one JSON line per test with its in-process XLA compile count and
+# seconds, tracing and lowering seconds and compilation-cache hits (subprocesses not counted). The
+# suite is bound by compiles, and their count does not depend on the machine's load as wall time does.
+_COMPILE_REPORT = os.environ.get("COMIGS_COMPILE_REPORT")
+if _COMPILE_REPORT:
+    import collections
+    import json as _json
+    import time as _time
+
+    import jax.monitoring as _monitoring
+
+    _events = collections.Counter()
+
+    def _on_duration(event, duration, **kwargs):
+        if event.startswith(("/jax/core/compile", "/jax/compilation_cache")):
+            _events[event + ":s"] += duration
+            _events[event + ":n"] += 1
+
+    def _on_event(event, **kwargs):
+        if event.startswith("/jax/compilation_cache"):
+            _events[event + ":n"] += 1
+
+    _monitoring.register_event_duration_secs_listener(_on_duration)
+    _monitoring.register_event_listener(_on_event)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        before, t0 = collections.Counter(_events), _time.perf_counter()
+        yield
+        delta = {k.replace("/jax/", ""): round(v - before[k], 3) for k, v in _events.items() if v != before[k]}
+        with open(_COMPILE_REPORT, "a") as f:
+            f.write(_json.dumps({"test": item.nodeid, "wall_s": round(_time.perf_counter() - t0, 2), **delta}) + "\n")
