@@ -78,3 +78,17 @@ def test_bad_flags_fail_with_one_clear_line(args, message, cache):
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], p.stderr
+
+
+def test_a_key_added_since_the_run_was_written_matches_only_its_old_value(tmp_path):
+    """A workdir written before model.ranks existed resumes while the config keeps the value those
+    runs had (""); any other value is another config, named in one line."""
+    from comigs_jax.errors import WorkdirError
+    from comigs_jax.experiment.identity import check_workdir
+    old = {"method": "comigs", "seed": 0, "train.lr": 0.002}
+    (tmp_path / "config.json").write_text(json.dumps({"identity": old}))
+    assert check_workdir(str(tmp_path), {**old, "model.ranks": "", "train.prune_lambda": 0.0}, True) is True
+    with pytest.raises(WorkdirError, match=r"another config \(model.ranks: '' there, '4,8' now\)"):
+        check_workdir(str(tmp_path), {**old, "model.ranks": "4,8"}, True)
+    with pytest.raises(WorkdirError, match=r"another config \(model.new_key: None there"):
+        check_workdir(str(tmp_path), {**old, "model.new_key": 1}, True)  # not a known addition

@@ -14,6 +14,10 @@ RESUMABLE_KEYS = ("resume", "output", "checkpoint", "methods", "seeds", "federat
                   "distributed", "data.cache_dir", "data.use_cache", "data.progress", "model.remat", "eval.zero_shot",
                   "model.head_block")
 
+# Keys added after runs were already written, with the value those runs implicitly had: a stored
+# identity without such a key matches a config that keeps that value (older workdirs still resume).
+ADDED_KEYS = {"data.train_shares": "", "model.ranks": "", "train.prune_lambda": 0.0}
+
 
 def flat_config(cfg) -> dict:
     """{"a.b.c": value} of a ConfigDict."""
@@ -49,6 +53,7 @@ def check_workdir(run_dir: str, identity: dict, resume: bool) -> bool:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise WorkdirError(f"{path} cannot be read ({type(e).__name__}), so this workdir's run is unknown; "
                            "use another --workdir") from None
+    old = {**{k: v for k, v in ADDED_KEYS.items() if k in identity}, **old}
     diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
     if diff:
         k = diff[0]
