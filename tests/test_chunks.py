@@ -47,13 +47,20 @@ def _train(method, layout, tc=TC, participation=1.0, counts=None, evaluate=True)
     return losses, params, ev, sim
 
 
+# Parameters after training agree to a twentieth of one Adam step: Adam's normalised update turns a
+# last-bit difference of a near-zero gradient (another summation order in another program: the
+# suite compiles without XLA's fusion emitters, tests/procenv.py) into up to a whole step (lr); a
+# chunking bug (another user's rows or data) moves them by O(1). Losses and evaluations: tol.
+PARAM_ATOL = 0.05 * TC.lr
+
+
 def _assert_same(a, b, tol=1e-6):
     (la, pa, ea, _), (lb, pb, eb, _) = a, b
     for ra, rb in zip(la, lb):
         for k in ra:
             np.testing.assert_allclose(rb[k], ra[k], rtol=tol, atol=tol, err_msg=k)
     for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(pa)[0], jax.tree.leaves(pb)):
-        np.testing.assert_allclose(y, x, rtol=tol, atol=tol, err_msg=jax.tree_util.keystr(path))
+        np.testing.assert_allclose(y, x, rtol=tol, atol=max(tol, PARAM_ATOL), err_msg=jax.tree_util.keystr(path))
     for k in ("ce", "lb", "router_prob", "selection"):
         if k in ea:
             np.testing.assert_allclose(eb[k], ea[k], rtol=tol, atol=tol, err_msg=k)

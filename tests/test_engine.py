@@ -216,6 +216,13 @@ def test_training_lowers_every_users_validation_loss():
     assert np.all(after < before - 0.2), (before, after)
 
 
+def _close(a, b, rtol=1e-5):
+    """a == b to rtol of b's largest magnitude: the same gradient from two compiled programs (the
+    step and a plain jax.grad) differs in float32 rounding, which is absolute, not per element."""
+    b = np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * float(np.abs(b).max()))
+
+
 def test_faithful_mode_reproduces_the_reference_gradient_leaks():
     """D2: an expert step banks its router gradient; D1: a router step banks its LoRA gradient,
     and each bank is added to the other optimizer's next step (method.md §8)."""
@@ -247,11 +254,11 @@ def test_faithful_mode_reproduces_the_reference_gradient_leaks():
     s1, _ = expert_step(s0)
     g = grads_on(s0, "train")
     for a, b in zip(jax.tree.leaves(s1.leak["router"]), jax.tree.leaves(filter_roles(g, ("router",)))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+        _close(a, b)
     s2, _ = router_step(s1)
     g = grads_on(s1, "valid")
     for a, b in zip(jax.tree.leaves(s2.leak["expert"]), jax.tree.leaves(filter_roles(g, EXPERT_ROLES))):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8)
+        _close(a, b)
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(s2.leak["router"]))
     # What reaches the optimizers is gradient + bank: Adam's first moment records it exactly.
     import optax
@@ -259,7 +266,7 @@ def test_faithful_mode_reproduces_the_reference_gradient_leaks():
     g_router = filter_roles(grads_on(s1, "valid"), ("router",))
     fed = jax.tree.map(jnp.add, g_router, s1.leak["router"])
     for a, b in zip(jax.tree.leaves(mu(s2.opt_router)), jax.tree.leaves(fed)):
-        np.testing.assert_allclose(a, (1 - tc.b1) * b, rtol=1e-5, atol=1e-9)
+        _close(a, (1 - tc.b1) * b)
     assert max(float(jnp.abs(x).max()) for x in jax.tree.leaves(s1.leak["router"])) > 1e-4
     s3, _ = expert_step(s2)
     assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(s3.leak["expert"]))
@@ -267,4 +274,4 @@ def test_faithful_mode_reproduces_the_reference_gradient_leaks():
     fed = jax.tree.map(jnp.add, g_exp, s2.leak["expert"])
     expect = jax.tree.map(lambda m, g: tc.b1 * m + (1 - tc.b1) * g, mu(s2.opt_expert), fed)
     for a, b in zip(jax.tree.leaves(mu(s3.opt_expert)), jax.tree.leaves(expect)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
+        _close(a, b, 1e-4)
