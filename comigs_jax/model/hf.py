@@ -199,8 +199,6 @@ def save_gpt2(params: dict, cfg: GPT2Config, out_dir: str, tokenizer=None) -> No
     Adapter leaves (LoRA, experts, routers) are not part of GPT-2 and are left out. The
     directory loads with `load_gpt2` and with `transformers.GPT2LMHeadModel.from_pretrained`.
     """
-    from safetensors.numpy import save_file
-
     from comigs_jax.model.gpt2 import param_shapes
 
     expected = _flatten(param_shapes(cfg.base))
@@ -213,12 +211,20 @@ def save_gpt2(params: dict, cfg: GPT2Config, out_dir: str, tokenizer=None) -> No
         if arr.shape != tuple(spec.shape):
             raise CheckpointError(f"save_gpt2: {'/'.join(path)} has shape {arr.shape}, expected {tuple(spec.shape)}")
         tensors[_path_to_hf(path)] = np.ascontiguousarray(arr)
+    write_hf_dir(out_dir, tensors, config_to_hf(cfg), tokenizer)
+
+
+def write_hf_dir(out_dir: str, tensors: dict, hf_config: dict, tokenizer=None) -> None:
+    """An HF model directory: model.safetensors (written aside, then renamed: never half-written),
+    config.json and, when given, the tokenizer's files."""
+    from safetensors.numpy import save_file
+
     os.makedirs(out_dir, exist_ok=True)
     tmp = os.path.join(out_dir, "model.safetensors.tmp")
     save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # never a half-written file
+    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config_to_hf(cfg), f, indent=2)
+        json.dump(hf_config, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
 

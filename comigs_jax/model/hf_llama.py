@@ -18,7 +18,8 @@ import ml_dtypes
 import numpy as np
 
 from comigs_jax.model.config import LlamaConfig, RopeScaling
-from comigs_jax.model.hf import CheckpointError, _flatten, _read_tensors, _unflatten, resolve_checkpoint_dir
+from comigs_jax.model.hf import (CheckpointError, _flatten, _read_tensors, _unflatten, resolve_checkpoint_dir,
+                                 write_hf_dir)
 
 _HF_CONFIG_FIELDS = {  # ours -> HF config.json
     "vocab_size": "vocab_size", "n_positions": "max_position_embeddings", "n_embd": "hidden_size",
@@ -247,8 +248,6 @@ def save_llama(params: dict, cfg: LlamaConfig, out_dir: str, tokenizer=None) -> 
     float32): the scanned `layers` leaves unstacked into model.layers.{i}.*, kernels transposed to
     nn.Linear's [out, in]. Adapter leaves (LoRA, experts, routers) are left out. The directory
     loads with `load_llama` and with `transformers.LlamaForCausalLM.from_pretrained`."""
-    from safetensors.numpy import save_file
-
     from comigs_jax.model.llama import llama_param_shapes
 
     expected = _per_layer(_flatten(llama_param_shapes(cfg.base)))
@@ -267,11 +266,4 @@ def save_llama(params: dict, cfg: LlamaConfig, out_dir: str, tokenizer=None) -> 
         if arr.shape != shape:
             raise CheckpointError(f"save_llama: {'/'.join(path)} has shape {arr.shape}, expected {shape}")
         tensors[_path_to_hf(path)] = np.ascontiguousarray(arr.T if path[-1] == "kernel" else arr)
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, "model.safetensors.tmp")
-    save_file(tensors, tmp, metadata={"format": "pt"})
-    os.replace(tmp, os.path.join(out_dir, "model.safetensors"))  # never a half-written file
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(llama_config_to_hf(cfg), f, indent=2)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    write_hf_dir(out_dir, tensors, llama_config_to_hf(cfg), tokenizer)
