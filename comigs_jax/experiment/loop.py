@@ -168,6 +168,7 @@ def _train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir, layout
                 record["includes_compile"] = True
             last = r + 1 == tc.rounds
             if (r + 1) % cfg.eval.every_rounds == 0 or last:
+                bar.set_postfix_str("evaluating the test splits")  # one device call: no finer progress
                 pre_eval = evaluate()  # local models before aggregation, as the reference
                 ce = np.asarray(pre_eval["ce"])
                 if not np.isfinite(ce).all():
@@ -306,6 +307,7 @@ def _train_and_evaluate_stacked(cfg, method, seeds, data, base_cfg, base, run_di
                 if r == 0:
                     rec["includes_compile"] = True
             if (r + 1) % cfg.eval.every_rounds == 0 or last:
+                bar.set_postfix_str("evaluating the test splits")
                 pre_eval = evaluate()
                 ce = np.asarray(pre_eval["ce"])
                 if not np.isfinite(ce).all():
