@@ -162,7 +162,7 @@ def param_counts(cfg: ModelConfig) -> dict:
         out["expert_each"] = L * each
         out["generalist"] = L * each * moe.n_generalists
         out["specialist"] = L * each * moe.n_specialists
-        out["router"] = L * d * moe.n_experts if moe.router == "learned" else 0
+        out["router"] = {"learned": L * d * moe.n_experts, "user": L * moe.n_experts}.get(moe.router, 0)
     out["trainable"] = out["attn"] + out["generalist"] + out["specialist"] + out["router"]
     return out
 

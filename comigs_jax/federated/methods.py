@@ -19,6 +19,7 @@ ROUTER_MODES = ("bilevel", "alternating_train", "joint", "none")
 # HetLoRA's norm-weighted zero-padded mean with self-pruning, FlexLoRA's SVD of the averaged
 # products (flexlora_reference_scale: the reference's scales, D3b).
 SERVERS = ("mean", "hetlora", "flexlora", "flexlora_reference_scale")
+ROUTERS = ("learned", "user")  # the router kinds of methods with a router (comigs_jax.model.config.ROUTER_KINDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +55,9 @@ class Method:
       (train.faithful; method.md §8, D3b/D4/D5), when it differs; None otherwise.
     server: how the shared expert LoRA leaves are aggregated, one of SERVERS (attention LoRA
       and routers: always the mean).
+    router: the model's router kind when the method has one (router_mode != "none"), one of
+      ROUTERS: "learned" (token-level, a linear map of each token's hidden state) or "user" (one
+      learned logit vector per block: every token of the user mixes its experts alike).
     """
 
     name: str
@@ -67,6 +71,7 @@ class Method:
     faithful: "Method | None" = None
     pcl: PCL | None = None
     server: str = "mean"
+    router: str = "learned"
 
     def __post_init__(self):
         if self.router_mode not in ROUTER_MODES:
@@ -79,6 +84,8 @@ class Method:
         allowed = {f"{r}.{f}" for r in ("attn", "generalist", "specialist") for f in "AB"}
         if not set(self.frozen) <= allowed:
             raise ValueError(f"method {self.name}: frozen {sorted(set(self.frozen) - allowed)}: allowed {sorted(allowed)}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"method {self.name}: router={self.router!r}: allowed {ROUTERS}")
         if self.server not in SERVERS:
             raise ValueError(f"method {self.name}: server={self.server!r}: allowed {SERVERS}")
         if self.server.startswith("flexlora") and (self.frozen or set(self.shared_factors) != {"A", "B"}):
@@ -127,6 +134,9 @@ METHODS = {m.name: m for m in [
            description="CoMiGS with one round: the generalist is synced at round 0 only"),
     Method("comigs_uniform", _GENERALISTS, "none",
            description="ablation: CoMiGS's sharing (generalists averaged, specialists local) with uniform mixing, no router"),
+    Method("comigs_user_router", _GENERALISTS, "bilevel", router="user",
+           description="ablation: CoMiGS with one learned expert weighting per user and layer (no token input), "
+                       "trained on the validation loss"),
     Method("comigs_train", _GENERALISTS, "alternating_train",
            description="ablation: CoMiGS with router phases on training data"),
     Method("fedavg_moe", _ALL_EXPERTS, "joint", description="ablation: all experts shared, router joint"),
@@ -170,8 +180,9 @@ def get_method(name: str) -> Method:
 
 
 def configure_model(model_cfg, method: Method):
-    """The model config a method needs: no router parameters when the method has no router."""
+    """The model config a method needs: no router parameters when the method has no router, else
+    the method's router kind."""
     if model_cfg.moe is None:
         raise ValueError("the federated methods need a mixture-of-experts model (model_cfg.moe)")
-    router = "learned" if method.has_router else "uniform"
+    router = method.router if method.has_router else "uniform"
     return dataclasses.replace(model_cfg, moe=dataclasses.replace(model_cfg.moe, router=router))

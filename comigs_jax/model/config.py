@@ -8,7 +8,7 @@ import dataclasses
 from typing import Optional
 
 LORA_SCALINGS = ("rslora", "lora")
-ROUTER_KINDS = ("learned", "uniform")
+ROUTER_KINDS = ("learned", "uniform", "user")
 LB_INPUTS = ("block_output", "router_input")
 DTYPES = ("float32", "bfloat16")
 # What the backward recomputes instead of keeping: "none"; "block": every transformer block
@@ -50,8 +50,9 @@ class MoEConfig:
 
     n_experts is E_max, the largest expert count of any user; users with fewer experts mask
     the rest. Slots [0, n_generalists) are generalists, the others specialists.
-    router: "learned" (a bias-free linear router per block) or "uniform" (no router: the
-    uniform mean of the present experts, as the reference's Local/FedAvg baselines).
+    router: "learned" (a bias-free linear router per block), "uniform" (no router: the
+    uniform mean of the present experts, as the reference's Local/FedAvg baselines) or "user"
+    (one learned logit vector [E] per block, no token input: the same weights for every token).
     lb_input: what the load-balancing loss routes: "block_output" (the reference, quirk Q1)
     or "router_input" (the ln_2 output, the router's own input).
     importance: `expert0_importance` of the reference; 0 disables the expert factors.

@@ -103,17 +103,34 @@ def routing_stats(logits: jax.Array, mask: jax.Array, top_k: int) -> dict:
     }
 
 
+class UserRouter(nn.Module):
+    """A router without token input: one learned float32 logit vector [E] (`logits`, N(0, 0.02)
+    at init like the token router's kernel: near-uniform) broadcast to every token of h [..., d]
+    -> [..., E]."""
+
+    n_experts: int
+
+    @nn.compact
+    def __call__(self, h: jax.Array) -> jax.Array:
+        logits = self.param("logits", nn.initializers.normal(0.02), (self.n_experts,), jnp.float32)
+        return jnp.broadcast_to(logits, (*h.shape[:-1], self.n_experts))
+
+
 def mixture_weights(h: jax.Array, expert_mask, moe: MoEConfig):
     """A block's expert weights: (weights [..., E] over h's [..., d] leading axes, mask [E], route).
 
     Call it inside a block's compact method: the learned router becomes that block's submodule
-    "router" (parameters `<block>/router/kernel`), with float32 logits whatever the activation
-    dtype (top-k is sensitive). route = (router, logits) for mixture_aux; None for "uniform"."""
+    "router" (parameters `<block>/router/kernel`; with moe.router == "user" `<block>/router/logits`
+    [E], the same weights for every token), with float32 logits whatever the activation dtype
+    (top-k is sensitive). route = (router, logits) for mixture_aux; None for "uniform"."""
     mask = jnp.ones((moe.n_experts,), bool) if expert_mask is None else expert_mask
     if moe.router == "uniform":
         return uniform_weights(mask, h.shape[:-1]), mask, None
-    router = nn.Dense(moe.n_experts, use_bias=False, dtype=jnp.float32,
-                      kernel_init=nn.initializers.normal(0.02), name="router")
+    if moe.router == "user":
+        router = UserRouter(moe.n_experts, name="router")
+    else:
+        router = nn.Dense(moe.n_experts, use_bias=False, dtype=jnp.float32,
+                          kernel_init=nn.initializers.normal(0.02), name="router")
     logits = router(h.astype(jnp.float32))
     return gate(logits, mask, moe.top_k), mask, (router, logits)
 
