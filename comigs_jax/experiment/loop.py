@@ -111,6 +111,7 @@ def _train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir, layout
     sim = Simulation(model_cfg, tc, method, base, data.train, data.valid, layout=layout, ranks=configuration.ranks_of(cfg),
                      expert_counts=configuration.expert_counts_of(cfg), seed=seed, mode=cfg.federation.mode,
                      weighting=cfg.federation.weighting, participation=cfg.federation.participation,
+                     dropout=cfg.federation.get("dropout", 0.0),
                      user_indices=data.indices)
     writer = metrics.MetricsWriter(os.path.join(run_dir, "metrics.jsonl") if distributed.is_main_process() else None,
                                    tensorboard=cfg.output.get("tensorboard", False), users=data.users)
@@ -248,6 +249,16 @@ def train_and_evaluate_stacked(cfg, method_name: str, seeds: list[int], data, ba
             c.close()
 
 
+def _federation_ranks(host: dict, federation: int, layout, run_layout) -> dict:
+    """Federation `federation`'s current expert LoRA ranks (host state "ranks") in the row order of
+    its own run (Simulation.federation_states' rows), for its checkpoint; {} without ranks."""
+    if "ranks" not in host:
+        return {}
+    per = layout.models_per_federation
+    idx = federation * per + np.where(np.arange(run_layout.n_rows) < per, np.arange(run_layout.n_rows), 0)
+    return {"ranks": [int(host["ranks"][i]) for i in idx]}
+
+
 def _train_and_evaluate_stacked(cfg, method, seeds, data, base_cfg, base, run_dirs, layout, run_layout, identities,
                                 ckpts) -> list[dict]:
     n_feds, n_models = len(seeds), run_layout.n_models
@@ -255,6 +266,7 @@ def _train_and_evaluate_stacked(cfg, method, seeds, data, base_cfg, base, run_di
     sim = Simulation(model_cfg, tc, method, base, data.train, data.valid, layout=layout, ranks=configuration.ranks_of(cfg),
                      expert_counts=configuration.expert_counts_of(cfg), mode=cfg.federation.mode,
                      weighting=cfg.federation.weighting, participation=cfg.federation.participation,
+                     dropout=cfg.federation.get("dropout", 0.0),
                      user_indices=data.indices, federations=[{"seed": s} for s in seeds])
     writers = [metrics.MetricsWriter(os.path.join(d, "metrics.jsonl") if distributed.is_main_process() else None,
                                      tensorboard=cfg.output.get("tensorboard", False), users=data.users)
@@ -325,7 +337,8 @@ def _train_and_evaluate_stacked(cfg, method, seeds, data, base_cfg, base, run_di
             if (r + 1) % cfg.checkpoint.every_rounds == 0 or last or stopping:
                 host = sim.host_state()
                 for f in range(n_feds):  # each seed's checkpoint as its separate run would write it
-                    meta = {"host": {"round_index": host["round_index"], "rng": host["rng"][f]}, "round": r + 1,
+                    meta = {"host": {"round_index": host["round_index"], "rng": host["rng"][f],
+                                     **_federation_ranks(host, f, sim.layout, run_layout)}, "round": r + 1,
                             "identity": identities[f]}
                     if last:
                         meta["pre_eval"] = encode_eval(pick(pre_eval, f))

@@ -148,10 +148,17 @@ def open_run(workdir: str, users: Optional[Iterable[str]] = None) -> FinishedRun
                        list(configuration.expert_counts_of(cfg)))
 
 
-def restore_rows(run: FinishedRun) -> dict:
+def restore_rows(run: FinishedRun, model_view: bool = True) -> dict:
     """The trainable params of the run's latest checkpoint (host arrays, every leaf [U, ...] with
     U the checkpoint's user axis), as a nested dict (the checkpoint's flat keys are keystr paths of
-    the state: ".params['h_0']['attn']...")."""
+    the state: ".params['h_0']['attn']...").
+
+    model_view (the default): as the trained model sees them. With per-user expert LoRA ranks
+    (model.ranks, HetLoRA, FlexLoRA) every row is held at the padded rank and the model applies
+    each user's rank scale (comigs_jax.federated.ranks.apply_rank_scale: A times s(r_i) / s(r_max)
+    on its current rank's components, B masked), with the current (HetLoRA-pruned) ranks of the
+    checkpoint's host state: applied here, so the rows run at the padded rank and its scale give
+    each user's trained model. False: the raw checkpoint rows."""
     import ast
 
     import jax
@@ -169,7 +176,9 @@ def restore_rows(run: FinishedRun) -> dict:
         meta = dict(getattr(meta, "tree", meta))
         dev = SingleDeviceSharding(jax.local_devices()[0])
         abstract = {k: jax.ShapeDtypeStruct(tuple(v.shape), v.dtype, sharding=dev) for k, v in meta.items()}
-        flat = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                             meta=ocp.args.JsonRestore()))
+        flat, meta = restored.state, restored.meta or {}
     finally:
         mgr.close()
     out: dict = {}
@@ -181,4 +190,40 @@ def restore_rows(run: FinishedRun) -> dict:
         for p in path[:-1]:
             node = node.setdefault(p, {})
         node[path[-1]] = np.asarray(value)
+    if model_view:
+        scale = rank_scale_rows(run, (meta.get("host") or {}).get("ranks"), _n_rows(out))
+        if scale is not None:
+            from comigs_jax.federated.ranks import apply_rank_scale
+            out = jax.tree.map(np.asarray, apply_rank_scale(out, scale))
     return out
+
+
+def _n_rows(tree: dict) -> int:
+    import jax
+    return int(jax.tree.leaves(tree)[0].shape[0])
+
+
+def rank_scale_rows(run: FinishedRun, current, n_rows: int) -> Optional[np.ndarray]:
+    """[n_rows, r_max] the rows' rank scales (comigs_jax.experiment.ranked.Ranks' rank_scale):
+    the configured ranks (model.ranks; the padded rank for rows beyond the users and for a
+    pooled-data method), cut to `current` (the checkpoint's host state "ranks": HetLoRA's pruned
+    ranks; None: never cut). None when the run had no per-user ranks (every scale 1)."""
+    from comigs_jax import configuration
+    from comigs_jax.federated.ranks import rank_scales
+    moe = run.model_cfg.moe
+    if moe is None:
+        return None
+    r_max = moe.lora.rank
+    configured = configuration.ranks_of(run.cfg) if run.cfg.model.get("ranks", "") else None
+    full = np.full(n_rows, r_max, np.int64)
+    if configured is not None and not run.method.pooled_data:
+        k = min(n_rows, len(configured))
+        full[:k] = configured[:k]
+    cur = full.copy()
+    if current is not None:
+        current = np.asarray(current, np.int64)
+        k = min(n_rows, len(current))
+        cur[:k] = np.minimum(current[:k], full[:k])
+    if np.all(full == r_max) and np.all(cur == r_max):
+        return None
+    return rank_scales(cur, full, moe.lora, r_max)
