@@ -165,7 +165,13 @@ def validate(cfg) -> None:
         _fail("federation.weighting", fe.weighting, "uniform | tokens")
     if not 0 < fe.participation <= 1:
         _fail("federation.participation", fe.participation, "in (0, 1]")
+    dropout = fe.get("dropout", 0.0)
+    if not 0 <= dropout < 1:
+        _fail("federation.dropout", dropout, "in [0, 1)")
     for m in methods_of(cfg):
+        if METHODS[m].pcl is not None and dropout > 0:
+            _fail("federation.dropout", dropout, f"0 for method {m} (PCL mixes every user's model every mixing "
+                  "round; drop-outs are not supported)")
         if METHODS[m].pcl is not None and fe.participation < 1:
             _fail("federation.participation", fe.participation, f"1 for method {m} (PCL mixes every user's model "
                   "every mixing round; partial participation is not supported)")

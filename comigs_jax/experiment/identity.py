@@ -16,7 +16,7 @@ RESUMABLE_KEYS = ("resume", "output", "checkpoint", "methods", "seeds", "federat
 
 # Keys added after runs were already written, with the value those runs implicitly had: a stored
 # identity without such a key matches a config that keeps that value (older workdirs still resume).
-ADDED_KEYS = {"data.train_shares": "", "model.ranks": "", "train.prune_lambda": 0.0}
+ADDED_KEYS = {"data.train_shares": "", "model.ranks": "", "train.prune_lambda": 0.0, "federation.dropout": 0.0}
 
 
 def flat_config(cfg) -> dict:

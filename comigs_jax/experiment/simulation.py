@@ -78,7 +78,10 @@ class Simulation:
     (one program for all users, sharded over the layout's mesh) or "loop" (the same round per
     user in a Python loop). weighting: "uniform" (the reference) or "tokens" (by training-set
     size). participation: fraction of users that train in a round (sampled per round with the
-    run's seed; 1.0 = all). federations: None (one federation: `seed`, tc's hyper-parameters) or
+    run's seed; 1.0 = all). dropout: the probability that a participating user drops out of a
+    round at a uniformly random local step s in [0, steps): it keeps its first s steps and does not
+    upload (aggregation weight 0 that round); drawn per round after the participants, from the
+    same generator (0 draws nothing: the run without drop-outs). federations: None (one federation: `seed`, tc's hyper-parameters) or
     F dicts {"seed": int, and optionally lr / router_lr / lb_weight / weight_decay} run as one
     program (the layout's n_federations must be F); `seed` is then ignored. ranks: each user's
     expert LoRA rank, at most model_cfg.moe.lora.rank (the padded rank every row holds; None: that
@@ -89,7 +92,7 @@ class Simulation:
                  train: Sequence[np.ndarray], valid: Sequence[np.ndarray], *,
                  layout: Optional[Layout] = None, expert_counts: Optional[Sequence[int]] = None, seed: int = 0,
                  mode: str = "vmap", weighting: str = "uniform", participation: float = 1.0,
-                 user_indices: Optional[Sequence[int]] = None, federations: Optional[Sequence[dict]] = None,
+                 dropout: float = 0.0, user_indices: Optional[Sequence[int]] = None, federations: Optional[Sequence[dict]] = None,
                  ranks: Optional[Sequence[int]] = None):
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}: allowed {MODES}")
@@ -98,6 +101,11 @@ class Simulation:
             raise ValueError(f"weighting={weighting!r}: allowed ('uniform', 'tokens')")
         if not 0.0 < participation <= 1.0:
             raise ValueError(f"participation={participation}: must be in (0, 1]")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout={dropout}: must be in [0, 1)")
+        if method.pcl is not None and dropout > 0:
+            raise ValueError(f"dropout={dropout}: method {method.name} (PCL) mixes every user's model; "
+                             "only dropout=0 is supported")
         if method.pcl is not None and participation < 1.0:
             raise ValueError(f"participation={participation}: method {method.name} (PCL) mixes every user's model; "
                              "only participation=1 is supported")
@@ -137,7 +145,7 @@ class Simulation:
         if ranks is not None:  # before any compile: a rank list of the wrong length, a rank over the padded rank
             check_ranks(ranks, self.n_users, moe.lora.rank)
         self.method, self.mode, self.mesh = method, mode, layout.mesh
-        self.participation, self.weighting = participation, weighting
+        self.participation, self.weighting, self.dropout = participation, weighting, float(dropout)
         self.n_rounds, self.steps_per_round = tc.rounds, tc.local_steps
         self.tc = tc
         for name, split in (("train", train), ("valid", valid)):
@@ -176,7 +184,8 @@ class Simulation:
             self.states = init(jnp.stack([jax.random.PRNGKey(s) for s in self.seeds]))
             self.groups_dev = jax.device_put(jnp.asarray(fed_rows), layout.users)
         self.masks_dev = jax.device_put(jnp.asarray(self.masks), layout.users)
-        self.active = np.ones(self.n_padded, bool)
+        self.active = np.ones(self.n_padded, bool)  # the users that uploaded in the last round
+        self.steps_made = np.full(self.n_padded, self.steps_per_round, np.int32)  # ... and their local steps
         # per-user LoRA ranks of the experts (comigs_jax.experiment.ranked): with `ranks` or a rank-aware server
         self.ranks = Ranks(self, ranks) if ranks is not None or method.server != "mean" else None
         self.last_mixing = None
@@ -226,6 +235,19 @@ class Simulation:
         active[~self.real] = True  # padding users compute anyway; they weigh nothing
         return active
 
+    def sample_dropouts(self, participants: np.ndarray) -> np.ndarray:
+        """[U_pad] int32: the local steps each user makes this round: all for a participant that
+        stays, a uniform s in [0, steps) for one that drops out (probability `dropout`), 0 for a
+        user that sits out; padding rows make all. Each federation draws from its own generator,
+        the same number of draws every round (one uniform and one step per real user)."""
+        n_real, steps = self.layout.models_per_federation, self.steps_per_round
+        made = np.where(participants, steps, 0).astype(np.int32)
+        for f, rng in enumerate(self._rngs):
+            drop, stop = rng.random(n_real) < self.dropout, rng.integers(0, steps, n_real)
+            rows = f * n_real + np.arange(n_real)
+            made[rows] = np.where(participants[rows] & drop, stop, made[rows])
+        return made
+
     def _per_federation(self, x: np.ndarray) -> np.ndarray:
         """[F * n, ...] -> [F, n, ...] with several federations (unchanged with one)."""
         return x if self.n_federations == 1 else x.reshape(self.n_federations, -1, *x.shape[1:])
@@ -233,14 +255,22 @@ class Simulation:
     def run_round(self) -> dict:
         """All users' local steps of one round; returns per-user, per-step metrics (real users only:
         [U, steps, ...], or [F, U, steps, ...] with several federations)."""
-        self.active = self.sample_participants()
-        active = jax.device_put(jnp.asarray(self.active), self.layout.users)
+        participants = self.sample_participants()
+        if self.dropout > 0:  # the program with a per-row step count (comigs_jax.train.rounds.user_round)
+            self.steps_made = self.sample_dropouts(participants)
+            self.active = self.steps_made == self.steps_per_round  # drop-outs do not upload
+            active = jax.device_put(jnp.asarray(self.steps_made), self.layout.users)
+        else:
+            self.active = participants
+            self.steps_made = np.where(participants, self.steps_per_round, 0).astype(np.int32)
+            active = jax.device_put(jnp.asarray(self.active), self.layout.users)
         self.states, metrics = self._round(self.base, self.states, self.data, self.masks_dev, active)
         self.round_index += 1
         return jax.tree.map(lambda x: self._per_federation(distributed.to_host(x)[self.real]), metrics)
 
     def aggregate(self) -> None:
-        """Average the method's shared leaves over the real users that trained this round.
+        """Average the method's shared leaves over the real users that trained this round and
+        uploaded (`active`: drop-outs do not).
 
         A no-op for one-round methods (synchronised at round 0 only). PCL methods instead mix
         whole models by validation perplexity after their mixing rounds (federated.pcl); then

@@ -41,13 +41,20 @@ def user_round(base: dict, state: UserState, data: dict, mask: jax.Array, active
     """`steps` expert steps of one user, with router phases where the global step counter is a
     multiple of tc.router_every (alternating methods). An inactive user's state is unchanged.
 
+    active: a bool (the user trains the whole round, or not at all) or an integer, the number of
+    local steps the user makes (a user that drops out of the round, federation.dropout): steps at
+    or after it leave the state unchanged, router phase included (0 = inactive, `steps` = all).
+    The bool program is the one without drop-outs; the integer one selects after every step.
     With axis_name (inside vmap), the phase runs when any user is due, so that lax.cond keeps
     an unbatched predicate; users not due keep their state. Metrics: per step [steps, ...].
     """
     kw = dict(base=base, data=data, mask=mask, model_cfg=model_cfg, tc=tc, method=method)
     run_router = method.alternating and tc.router_steps > 0
 
-    def body(state, _):
+    per_step = jnp.issubdtype(jnp.asarray(active).dtype, jnp.integer)
+
+    def body(state, i):
+        before = state
         state, m = expert_step(state, **kw)
         m = {k: v for k, v in m.items() if v is not None}
         if run_router:
@@ -60,10 +67,12 @@ def user_round(base: dict, state: UserState, data: dict, mask: jax.Array, active
 
             state, router_ce = lax.cond(any_due, phase, lambda s: (s, jnp.zeros((), jnp.float32)), state)
             m["router_ce"], m["router_phase"] = router_ce, due
+        if per_step:  # a user that dropped out at step `active` keeps the state it had then
+            state = _tree_where(i < active, state, before)
         return state, m
 
-    new_state, metrics = lax.scan(body, state, None, length=steps)
-    return _tree_where(active, new_state, state), metrics
+    new_state, metrics = lax.scan(body, state, jnp.arange(steps))
+    return (new_state, metrics) if per_step else (_tree_where(active, new_state, state), metrics)
 
 
 def vmap_round(model_cfg: ModelConfig, tc: TrainConfig, method: Method, steps: int, *, mesh: Mesh,
@@ -126,17 +135,20 @@ def loop_step_round(model_cfg: ModelConfig, tc: TrainConfig, method: Method, ste
     run_router = method.alternating and tc.router_steps > 0
     zero = jnp.zeros((), jnp.float32)
 
-    def one_user(base, state, data, mask, active, step0):
+    def one_user(base, state, data, mask, active, stop, step0):
         new, metrics = state, []
         for i in range(steps):
+            kept = new
             new, m = e_step(new, base, data, mask)
             m = {k: v for k, v in m.items() if v is not None}
             if run_router:
-                due = (step0 + i + 1) % tc.router_every == 0
+                due = (step0 + min(i, stop) + 1) % tc.router_every == 0  # a dropped user's counter stops
                 router_ce = zero
                 if due:
                     new, router_ce = r_phase(new, base, data, mask)
                 m["router_ce"], m["router_phase"] = router_ce, jnp.asarray(due)
+            if i >= stop:  # dropped out before this step: computed (for the metrics), not kept
+                new = kept
             metrics.append(m)
         metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
         return (new if active else state), metrics
@@ -144,7 +156,9 @@ def loop_step_round(model_cfg: ModelConfig, tc: TrainConfig, method: Method, ste
     def run(base, states, data, masks, active):
         n = masks.shape[0]
         step0, act = np.asarray(states.step), np.asarray(active)  # one host sync per round
-        outs = [one_user(base, *_user_slice((states, data, masks), u), bool(act[u]), int(step0[u]))
+        # a bool per user (all steps kept or none), or the steps each user makes (drop-outs)
+        keep, stops = (act, np.full(n, steps)) if act.dtype == bool else (np.ones(n, bool), act)
+        outs = [one_user(base, *_user_slice((states, data, masks), u), bool(keep[u]), int(stops[u]), int(step0[u]))
                 for u in range(n)]
         return _stack_users(outs)
 

@@ -1,6 +1,7 @@
 """Study f, unreliable users: participation 1.0 / 0.5 / 0.2 (the share of users that train and
-upload in a round, sampled per round). Users that drop out in the middle of a round are not
-available yet.
+upload in a round, sampled per round), and drop-outs 0 / 0.3 (federation.dropout: the probability
+that a participating user stops at a uniformly random local step of the round; it keeps the steps
+it made and does not take part in that round's aggregation).
 
     python -m experiments.study --config=configs/studies/participation.py
 """
@@ -9,9 +10,8 @@ from configs.studies import _small
 
 def get_config(arg=None):
     c = _small.get_config(arg, "participation")
-    c.study.description = "Participation per round 1.0 / 0.5 / 0.2 for fedavg and comigs."
+    c.study.description = ("Participation per round 1.0 / 0.5 / 0.2 x mid-round drop-outs 0 / 0.3, "
+                           "for fedavg and comigs.")
     c.methods = "fedavg,comigs"
-    c.study.grid = "federation.participation=1.0|0.5|0.2"
-    c.study.unavailable = ("drop-outs: users that start a round and drop out before uploading need a "
-                           "federation.dropout the engine does not have yet (participation samples who trains)")
+    c.study.grid = "federation.participation=1.0|0.5|0.2;federation.dropout=0.0|0.3"
     return c

@@ -1,0 +1,98 @@
+"""Study f's drop-outs (federation.dropout): a participating user that stops at a random local step
+keeps the steps it made and does not take part in that round's aggregation."""
+import dataclasses
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from comigs_jax.experiment.simulation import Simulation
+from comigs_jax.federated.methods import get_method
+from comigs_jax.federated.roles import role_of
+from comigs_jax.train.state import TrainConfig
+from tiny import markov_users, tiny_base, tiny_cfg
+
+TC = TrainConfig(rounds=2, local_steps=3, batch_size=4, seq_len=8, router_every=2, router_steps=1)
+N = 3
+
+
+def _flat(tree):
+    return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def _seed_with_one_dropout(p, steps=TC.local_steps):
+    """A seed whose first round (participation 1: the only draws are the drop-outs') drops exactly
+    user 0, after 1 <= s < steps steps: the draws of Simulation.sample_dropouts."""
+    for seed in range(1000):
+        rng = np.random.default_rng(seed + 1)
+        drop, stop = rng.random(N) < p, rng.integers(0, steps, N)
+        if list(drop) == [True, False, False] and 1 <= stop[0] < steps:
+            return seed, int(stop[0])
+    raise AssertionError("no seed")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = tiny_cfg()
+    return cfg, tiny_base(cfg), markov_users(N, 400, 0), markov_users(N, 200, 100)
+
+
+def test_dropped_user_keeps_its_first_steps_and_weighs_nothing(setup):
+    cfg, base, train, valid = setup
+    method = get_method("comigs")
+    seed, s = _seed_with_one_dropout(0.5)
+    sim = Simulation(cfg, TC, method, base, train, valid, seed=seed, dropout=0.5)
+    sim.run_round()
+    np.testing.assert_array_equal(sim.steps_made, [s, 3, 3])
+    np.testing.assert_array_equal(sim.active, [False, True, True])
+    np.testing.assert_array_equal(np.asarray(sim.states.step), [s, 3, 3])
+    trained = _flat(sim.states.params)
+    # The same run one step per round (the same schedule over rounds x steps, the same batches and
+    # router phases, both keyed by the step counter): user 0 after s rounds, the others after 3.
+    ref = Simulation(cfg, dataclasses.replace(TC, rounds=TC.rounds * 3, local_steps=1), method, base, train,
+                     valid, seed=seed)
+    for r in range(3):
+        ref.run_round()
+        if r + 1 == s:
+            at_s = _flat(ref.states.params)
+    full = _flat(ref.states.params)
+    for k in trained:  # two programs compiled apart: equal to float32 rounding
+        np.testing.assert_allclose(trained[k][0], at_s[k][0], rtol=1e-5, atol=1e-6, err_msg=str(k))
+        np.testing.assert_allclose(trained[k][1:], full[k][1:], rtol=1e-5, atol=1e-6, err_msg=str(k))
+    sim.aggregate()  # the shared leaves: the mean of users 1 and 2 only, received by all
+    after = _flat(sim.states.params)
+    gen = [k for k in after if method.is_shared(k)]
+    assert any(role_of(k) == "generalist" for k in gen)
+    for k in gen:
+        mean = trained[k][1:].mean(0)
+        for u in range(N):
+            np.testing.assert_allclose(after[k][u], mean, rtol=1e-6, atol=1e-7, err_msg=str(k))
+
+
+def test_dropout_zero_is_the_program_without_dropouts(setup):
+    cfg, base, train, valid = setup
+    a = Simulation(cfg, TC, get_method("comigs"), base, train, valid, seed=0)
+    b = Simulation(cfg, TC, get_method("comigs"), base, train, valid, seed=0, dropout=0.0)
+    assert a._round is b._round
+    rng_before = b._rng.bit_generator.state
+    a.run_round(); b.run_round()
+    assert b._rng.bit_generator.state == rng_before  # dropout 0 draws nothing
+    np.testing.assert_array_equal(b.steps_made, [3, 3, 3])
+    for (k, x), y in zip(_flat(a.states.params).items(), _flat(b.states.params).values()):
+        np.testing.assert_array_equal(x, y, err_msg=str(k))
+
+
+def test_dropout_is_validated():
+    from comigs_jax import configuration
+    from comigs_jax.errors import ConfigError
+    from configs import tiny
+    c = tiny.get_config("comigs")
+    c.federation.dropout = 1.0
+    with pytest.raises(ConfigError, match=r"^config.federation.dropout=1.0 is not allowed: in \[0, 1\)"):
+        configuration.validate(c)
+    c = tiny.get_config("pcl")
+    c.federation.dropout = 0.2
+    with pytest.raises(ConfigError, match=r"^config.federation.dropout=0.2 is not allowed: 0 for method pcl"):
+        configuration.validate(c)
+    with pytest.raises(ValueError, match="dropout=-0.1"):
+        Simulation(tiny_cfg(), TC, get_method("comigs"), None, [np.zeros(20)], [np.zeros(20)], dropout=-0.1)
