@@ -1,6 +1,7 @@
 """Per-user LoRA ranks after a run (issue 18): restore (what `experiments.generate` and
 `experiments.export` use) gives each user the model it trained, rank scale and HetLoRA's pruned
 ranks applied, and an export round trip reproduces it."""
+import json
 import os
 
 import jax
@@ -12,6 +13,7 @@ from comigs_jax import configuration
 from comigs_jax.experiment import export, restore
 from comigs_jax.experiment.loop import layouts_of
 from comigs_jax.experiment.simulation import Simulation
+from comigs_jax.federated.communication import shared_params_per_user
 from comigs_jax.federated.ranks import apply_rank_scale, is_ranked, lora_scale
 from comigs_jax.model import lm
 from tiny import markov_users
@@ -36,6 +38,11 @@ def test_restored_and_exported_ranked_users_are_the_trained_models(tiny_cache, t
     wd = str(tmp_path / "wd")
     experiment.run(c, wd)
     run = restore.open_run(wd)
+    res = json.load(open(os.path.join(run.run_dir, "results.json")))
+    records = [json.loads(line) for line in open(os.path.join(run.run_dir, "metrics.jsonl"))]
+    assert [r["expert_ranks"] for r in records] == [res["communication"]["final_ranks"]]
+    per = shared_params_per_user(run.model_cfg, run.method.for_mode(False), [2, 2, 2], [2, 4, 3])
+    assert res["communication"]["per_round_params"] == per.tolist() and len(set(per.tolist())) == 3
     rows, raw = restore.restore_rows(run), restore.restore_rows(run, model_view=False)
     host = _host_state(run)
     ranks = np.asarray(host["ranks"])
@@ -98,3 +105,57 @@ def _host_state(run):
         return mgr.restore(mgr.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta["host"]
     finally:
         mgr.close()
+
+
+def _np_count(model_cfg, method, ranks, n_shared_slots):
+    """Shared parameters per user by slicing: each shared leaf, of a ranked (expert LoRA) factor
+    only its first r_i components, of the specialist slots only the first n_shared_slots."""
+    from comigs_jax.federated.roles import factor_of, role_of, slot_axis
+    from comigs_jax.model.lm import param_shapes
+    out = []
+    for r in ranks:
+        n = 0
+        for p, s in traverse_util.flatten_dict(param_shapes(model_cfg)).items():
+            if not method.is_shared(p):
+                continue
+            x = np.zeros(s.shape, np.int8)
+            if role_of(p) == "specialist":
+                x = np.take(x, np.arange(n_shared_slots), axis=slot_axis(p))
+            if is_ranked(p):
+                x = x[..., :r] if factor_of(p) == "A" else x[..., :r, :]
+            n += x.size
+        out.append(n)
+    return np.array(out)
+
+
+def test_communication_counts_each_users_rank():
+    """Per-user ranks 2, 4, 3 (padded 4), users with 3, 3, 2 experts (1 generalist): each user's
+    per-round count is a NumPy count of the components it has; HetLoRA's cuts over 3 rounds (user
+    1 sits out round 1) count each upload at the rank it trained at and each download at the rank
+    after the round's cut."""
+    from comigs_jax.federated.communication import accounting
+    from comigs_jax.federated.methods import configure_model, get_method
+    from comigs_jax.model.config import GPT2Config, LoRAConfig, MoEConfig
+    cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=2, n_head=2, attn_lora=LoRAConfig(rank=2),
+                     moe=MoEConfig(n_experts=3, n_generalists=1, top_k=2, lora=LoRAConfig(rank=4)))
+    ranks, counts = [2, 4, 3], [3, 3, 2]
+    for name in ("hetlora", "flexlora", "comigs"):
+        m = get_method(name)
+        mc = configure_model(cfg, m)
+        got = shared_params_per_user(mc, m, counts, ranks)
+        np.testing.assert_array_equal(got, _np_count(mc, m, ranks, 1), err_msg=name)
+        np.testing.assert_array_equal(shared_params_per_user(mc, m, counts), _np_count(mc, m, [4] * 3, 1))
+        assert len(set(got.tolist())) == 3, name  # the shared generalist is ranked: three ranks, three counts
+    m = get_method("hetlora")
+    mc = configure_model(cfg, m)
+    after = [[2, 3, 3], [2, 3, 2], [1, 3, 2]]
+    took = [[True, True, True], [True, False, True], [True, True, True]]
+    a = accounting(mc, m, counts, 3, [3, 2, 3], ranks=ranks, round_ranks=after, round_taken=took)
+    before = [ranks] + after[:-1]
+    c = lambda rk: _np_count(mc, m, rk, 1)
+    up = sum(c(b) * np.array(t) for b, t in zip(before, took))
+    down = sum(c(x) for x in after)
+    assert a["per_round_params"] == c(ranks).tolist() and a["final_ranks"] == after[-1]
+    assert a["upload_params"] == up.tolist() and a["download_params"] == down.tolist()
+    assert a["upload_rounds"] == [3, 2, 3] and a["download_rounds"] == [3] * 3
+    assert a["upload_bytes_float32"] == (4 * up).tolist() and a["download_bytes_bfloat16"] == (2 * down).tolist()

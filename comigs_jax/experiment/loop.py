@@ -177,6 +177,8 @@ def _train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir, layout
                     raise fault(f"non-finite test loss ({ce[u]})", r + 1, u)
                 record["test_ppl"] = np.exp(pre_eval["ce"]).tolist()
             sim.aggregate()
+            if sim.ranks is not None:  # each user's expert LoRA rank after the round (HetLoRA's cuts)
+                record["expert_ranks"] = [int(x) for x in sim.ranks.current[:n_models]]
             if sim.last_mixing is not None:  # PCL: this round's validation perplexities and mixing weights
                 record["pcl"] = {k: v if k == "round" else v[0] for k, v in sim.last_mixing.items()}
             writer.write(record)
@@ -208,7 +210,8 @@ def _train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir, layout
     post_eval = evaluate() if not method.one_round else pre_eval
     records = writer.read()
     taken = [sum(1 for r in records if r["expert_tokens_per_s_per_user"][u] > 0) for u in range(n_models)]
-    comm = communication.accounting(sim.model_cfg, sim.method, sim.expert_counts[:n_models], tc.rounds, taken)
+    comm = communication.accounting(sim.model_cfg, sim.method, sim.expert_counts[:n_models], tc.rounds, taken,
+                                    **_rank_accounting(cfg, records, n_models))
     results = metrics.results(cfg, sim.method, seed, data, model_cfg, pre_eval, post_eval, records=records,
                               zero_shot=zero_shot, communication=comm)
     if cfg.output.figures:
@@ -247,6 +250,17 @@ def train_and_evaluate_stacked(cfg, method_name: str, seeds: list[int], data, ba
     finally:
         for c in ckpts:
             c.close()
+
+
+def _rank_accounting(cfg, records: list, n_models: int) -> dict:
+    """communication.accounting's rank arguments: the configured ranks (model.ranks) and, when the
+    run logged them (`expert_ranks`, a ranked run), each round's ranks and who uploaded."""
+    ranks = configuration.ranks_of(cfg)
+    out = {"ranks": ranks[:n_models] if ranks is not None and len(ranks) >= n_models else None}
+    if records and all("expert_ranks" in r for r in records):
+        out["round_ranks"] = [r["expert_ranks"] for r in records]
+        out["round_taken"] = [[x > 0 for x in r["expert_tokens_per_s_per_user"][:n_models]] for r in records]
+    return out
 
 
 def _federation_ranks(host: dict, federation: int, layout, run_layout) -> dict:
@@ -329,6 +343,9 @@ def _train_and_evaluate_stacked(cfg, method, seeds, data, base_cfg, base, run_di
                     rec["test_ppl"] = np.exp(pre_eval["ce"][f]).tolist()
             sim.aggregate()
             for f, (w, rec) in enumerate(zip(writers, records)):
+                if sim.ranks is not None:  # this seed's users' expert LoRA ranks after the round
+                    per = sim.layout.models_per_federation
+                    rec["expert_ranks"] = [int(x) for x in sim.ranks.current[f * per:f * per + n_models]]
                 if sim.last_mixing is not None:  # PCL: each seed's own perplexities and mixing weights
                     rec["pcl"] = {k: v if k == "round" else v[f] for k, v in sim.last_mixing.items()}
                 w.write(rec)
@@ -356,7 +373,8 @@ def _train_and_evaluate_stacked(cfg, method, seeds, data, base_cfg, base, run_di
     for f, (seed, d, w) in enumerate(zip(seeds, run_dirs, writers)):
         records = w.read()
         taken = [sum(1 for rec in records if rec["expert_tokens_per_s_per_user"][u] > 0) for u in range(n_models)]
-        comm = communication.accounting(sim.model_cfg, sim.method, sim.expert_counts[:n_models], tc.rounds, taken)
+        comm = communication.accounting(sim.model_cfg, sim.method, sim.expert_counts[:n_models], tc.rounds, taken,
+                                        **_rank_accounting(cfg, records, n_models))
         results = metrics.results(cfg, sim.method, seed, data, model_cfg, pick(pre_eval, f), pick(post_eval, f),
                                   records=records, zero_shot=zero_shot[f], communication=comm)
         if cfg.output.figures:

@@ -7,6 +7,16 @@ hold for either family and any adapter shape. Expert leaves are padded to the la
 count; when specialists are shared, only the slots every user has are averaged (the first
 min(E_i) - G, as `aggregate` does), so every user sends the same count.
 
+Per-user LoRA ranks (model.ranks, HetLoRA, FlexLoRA; method.md §7): every expert LoRA leaf is
+held at the padded rank r_max, but a user of rank r_i exchanges only its r_i components of each
+shared expert factor (A [.., in, r_i], B [.., r_i, out]): the masked mean and HetLoRA send the
+components below its rank and receive the server's truncated to it, FlexLoRA sends its rank-r_i
+factors and receives the server's SVD factors at r_i. HetLoRA's self-pruning lowers a user's rank
+during the run: in round t it uploads at the rank it trained at (its rank after round t - 1's cut)
+and downloads at its rank after round t's cut (the server's leaves truncated to it), from the
+per-round ranks the run logs (metrics.jsonl `expert_ranks`, after each aggregation). The attention
+LoRA is not ranked (every user model.attn_rank).
+
 Not counted: the round-0 synchronisation of the shared leaves (one broadcast, or none when the
 users share a seed), control messages, and Centralized, which pools the users' data instead of
 communicating parameters (its counts are None). The reference's Local and FedAvg hold a router
@@ -19,54 +29,91 @@ import numpy as np
 from flax import traverse_util
 
 from comigs_jax.federated.methods import Method
+from comigs_jax.federated.ranks import is_ranked
 from comigs_jax.federated.roles import role_of
 from comigs_jax.model.lm import ModelConfig, param_shapes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
-def shared_params_per_user(model_cfg: ModelConfig, method: Method, expert_counts) -> np.ndarray:
+def shared_params_per_user(model_cfg: ModelConfig, method: Method, expert_counts, ranks=None) -> np.ndarray:
     """[U] int64: parameters each user uploads (and downloads) in one aggregation round: its
     leaves of the shared roles, of the specialist slots only the min(E_i) - G that `aggregate`
-    averages. `expert_counts` [U]: each user's experts E_i (<= model_cfg.moe.n_experts)."""
+    averages. `expert_counts` [U]: each user's experts E_i (<= model_cfg.moe.n_experts). `ranks`
+    [U]: each user's expert LoRA rank r_i (<= moe.lora.rank, the padded rank; None: that rank for
+    all): of each shared expert LoRA factor only its r_i components count."""
     moe = model_cfg.moe
     counts = np.asarray(expert_counts, np.int64)
     if counts.ndim != 1 or (counts > moe.n_experts).any() or (counts < max(moe.n_generalists, 1)).any():
         raise ValueError(f"expert_counts={counts.tolist()}: each in [max(1, n_generalists={moe.n_generalists}), "
                          f"n_experts={moe.n_experts}]")
-    fixed, specialist = 0, 0  # parameters every user sends; those of all specialist slots
+    r_max = moe.lora.rank
+    r = np.full(len(counts), r_max, np.int64) if ranks is None else np.asarray(ranks, np.int64)
+    if r.shape != counts.shape or (r < 1).any() or (r > r_max).any():
+        raise ValueError(f"ranks={r.tolist()}: one per user, each in [1, the padded rank {r_max}]")
+    # parameters every user sends, and those of all specialist slots: [U] each (ranked leaves scale with r_i)
+    fixed, specialist = np.zeros(len(counts), np.int64), np.zeros(len(counts), np.int64)
     for path, s in traverse_util.flatten_dict(param_shapes(model_cfg)).items():
         role = role_of(path)
         if not method.is_shared(path):  # another role, an unshared factor (FedSA's B), a frozen one (FFA's A)
             continue
+        size = int(np.prod(s.shape))
+        n = size // r_max * r if is_ranked(path) else np.full(len(counts), size, np.int64)
         if role == "specialist":
-            specialist += int(np.prod(s.shape))
+            specialist += n
         else:
-            fixed += int(np.prod(s.shape))
+            fixed += n
     per_slot = specialist // moe.n_specialists if moe.n_specialists else 0
     shared_slots = max(int(counts.min()) - moe.n_generalists, 0)  # Simulation's n_shared_specialists
-    return np.full(len(counts), fixed + per_slot * shared_slots, np.int64)
+    return (fixed + per_slot * shared_slots).astype(np.int64)
 
 
-def accounting(model_cfg: ModelConfig, method: Method, expert_counts, rounds: int, rounds_taken) -> dict:
+def accounting(model_cfg: ModelConfig, method: Method, expert_counts, rounds: int, rounds_taken, ranks=None,
+               round_ranks=None, round_taken=None) -> dict:
     """results.json's `communication`: per user, the parameters of one aggregation round, the
     rounds it uploaded in (`rounds_taken` [U]: the rounds it trained in) and downloaded in (every
     one of the run's `rounds` aggregations), and the run's bytes up and down in float32 and
-    bfloat16. Methods that synchronise only at round 0 (`one_round`) communicate nothing per round."""
+    bfloat16. Methods that synchronise only at round 0 (`one_round`) communicate nothing per round.
+
+    Per-user ranks: `ranks` [U] the configured expert LoRA ranks (per_round_params counts them);
+    `round_ranks` [rounds, U] each round's ranks after its aggregation (HetLoRA's cuts) with
+    `round_taken` [rounds, U] bool, whether the user trained (uploaded) in that round: round t's
+    upload counts at the ranks after round t - 1 (round 0: `ranks`), its download at round t's.
+    The totals are then `upload_params` / `download_params`, and the bytes follow them."""
     n_users = len(expert_counts)
     if method.pooled_data:
         return {"per_round_params": None, "note": "Centralized pools the users' data; no parameters are exchanged"}
     if method.pcl is not None:
         return pcl_accounting(model_cfg, method, n_users, rounds)
-    per_round = shared_params_per_user(model_cfg, method, expert_counts)
+    per_round = shared_params_per_user(model_cfg, method, expert_counts, ranks)
     taken = np.asarray(rounds_taken, np.int64)
     aggregations = 0 if method.one_round else int(rounds)
     up_rounds = np.zeros(n_users, np.int64) if method.one_round else taken
     out = {"per_round_params": per_round.tolist(), "upload_rounds": up_rounds.tolist(),
            "download_rounds": [aggregations] * n_users}
+    up, down = per_round * up_rounds, per_round * aggregations
+    if ranks is not None:
+        out["ranks"] = [int(r) for r in ranks]
+    if round_ranks is not None and not method.one_round:
+        after = np.asarray(round_ranks, np.int64).reshape(-1, n_users)
+        took = np.asarray(round_taken, bool).reshape(after.shape)
+        before = np.concatenate([np.asarray(ranks if ranks is not None else after[0], np.int64)[None], after[:-1]])
+        count = {}  # per distinct rank vector, the per-user counts (few: ranks only fall)
+
+        def params(rk):
+            key = tuple(int(x) for x in rk)
+            if key not in count:
+                count[key] = shared_params_per_user(model_cfg, method, expert_counts, rk)
+            return count[key]
+
+        up = sum((params(b) * t for b, t in zip(before, took)), np.zeros(n_users, np.int64))
+        down = sum((params(a) for a in after), np.zeros(n_users, np.int64))
+        out["upload_rounds"] = took.sum(0).astype(np.int64).tolist()
+        out["final_ranks"] = after[-1].tolist() if len(after) else out.get("ranks")
+        out["upload_params"], out["download_params"] = up.tolist(), down.tolist()
     for dtype, b in DTYPE_BYTES.items():
-        out[f"upload_bytes_{dtype}"] = (per_round * up_rounds * b).tolist()
-        out[f"download_bytes_{dtype}"] = (per_round * aggregations * b).tolist()
+        out[f"upload_bytes_{dtype}"] = (up * b).tolist()
+        out[f"download_bytes_{dtype}"] = (down * b).tolist()
     return out
 
 
