@@ -55,10 +55,13 @@ def test_round_trip_equals_the_trained_models(tiny_reference, tmp_path):
 
 
 def test_llama_round_trip(tmp_path):
+    """A Llama with a per-user router (comigs_user_router: P.router.logits; the token router's
+    P.router.weight is the GPT-2 run's test above)."""
     from comigs_jax.model.config import LlamaConfig, LoRAConfig, MoEConfig
     cfg = LlamaConfig(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, n_kv_head=2, intermediate_size=48,
                       tie_word_embeddings=False, attn_lora=LoRAConfig(rank=2, alpha=4.0),
-                      moe=MoEConfig(n_experts=3, n_generalists=2, lora=LoRAConfig(rank=2, alpha=4.0, scaling="lora")))
+                      moe=MoEConfig(n_experts=3, n_generalists=2, lora=LoRAConfig(rank=2, alpha=4.0, scaling="lora"),
+                                    router="user"))
     params = jax.tree.map(lambda x: np.asarray(x) + 0.05, lm.init_params(cfg, jax.random.key(0)))  # B != 0
     mask = np.array([True, True, True])
     export.write_user_folder(str(tmp_path / "u"), cfg, params, mask)

@@ -99,7 +99,8 @@ def _expert_tensors(params: dict, cfg) -> dict:
     """experts.safetensors: per layer i, with P the HF prefix of the layer and E every expert slot
     (generalists first), in nn.Linear's orientation:
     P.mlp.experts.<m>.lora_A [E, r, in], P.mlp.experts.<m>.lora_B [E, out, r] for each MLP
-    matmul m, and P.router.weight [E, d] (absent with a uniform router)."""
+    matmul m, and P.router.weight [E, d] (a token router) or P.router.logits [E] (a per-user router,
+    the same logits for every token); neither with a uniform router."""
     prefix, _, _, matmuls, _ = _FAMILY[cfg.family]
     out = {}
     for i in range(_n_layer(cfg)):
@@ -109,8 +110,11 @@ def _expert_tensors(params: dict, cfg) -> dict:
             for ab, perm in (("A", (0, 2, 1)), ("B", (0, 2, 1))):
                 stacked = np.concatenate([np.asarray(g[f"{m}_{ab}"], np.float32) for g in groups], 0)
                 out[f"{prefix.format(i)}.mlp.experts.{m}.lora_{ab}"] = np.ascontiguousarray(stacked.transpose(perm))
-        if "router" in layer:
-            out[f"{prefix.format(i)}.router.weight"] = np.ascontiguousarray(np.asarray(layer["router"]["kernel"], np.float32).T)
+        router = layer.get("router", {})
+        if "kernel" in router:
+            out[f"{prefix.format(i)}.router.weight"] = np.ascontiguousarray(np.asarray(router["kernel"], np.float32).T)
+        if "logits" in router:
+            out[f"{prefix.format(i)}.router.logits"] = np.ascontiguousarray(np.asarray(router["logits"], np.float32))
     return out
 
 
@@ -223,6 +227,8 @@ def load_exported(folder: str, mixture: bool = True):
                             mlp.setdefault(group, {})[f"{m}_{ab}"] = part
             if moe.router == "learned":
                 layer["router"] = {"kernel": t[f"{prefix.format(i)}.router.weight"].T}
+            elif moe.router == "user":
+                layer["router"] = {"logits": t[f"{prefix.format(i)}.router.logits"]}
     _set_layers(params, cfg, layers)
     want = {p: tuple(s.shape) for p, s in _flatten(param_shapes(cfg)).items()}
     got = {p: tuple(np.shape(v)) for p, v in _flatten(params).items()}
