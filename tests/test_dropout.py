@@ -125,3 +125,26 @@ def test_dropouts_agree_across_vmap_chunks_loop_and_loop_step(setup):
     for name in ("chunks", "loop", "loop_step"):
         for k in out["vmap"]:
             np.testing.assert_allclose(out[name][k], out["vmap"][k], rtol=1e-5, atol=1e-6, err_msg=f"{name} {k}")
+
+
+def test_a_federation_whose_users_all_dropped_out_keeps_its_leaves(setup):
+    """Nobody uploaded (every participant dropped out): no mean over no one (0 / 0 made the run's
+    parameters NaN); with two federations, only the one that had uploads averages."""
+    cfg, base, train, valid = setup
+    sim = Simulation(cfg, TC, get_method("fedavg"), base, train, valid, seed=0,
+                     federations=[{"seed": 0}, {"seed": 1}])
+    sim.run_round()
+    before = _flat(sim.states.params)
+    sim.active[:] = False
+    sim.aggregate()
+    after = _flat(sim.states.params)
+    assert all(np.array_equal(after[k], before[k]) for k in before)
+    sim.active[:N] = True  # federation 0 uploads, federation 1 (rows N..2N-1) does not
+    sim.aggregate()
+    after = _flat(sim.states.params)
+    for k, x in after.items():
+        assert np.isfinite(x).all(), k
+        np.testing.assert_array_equal(x[N:2 * N], before[k][N:2 * N], err_msg=str(k))
+        if role_of(k) == "attn":  # fedavg's shared leaves: federation 0's mean on each of its rows
+            np.testing.assert_allclose(x[:N], np.broadcast_to(before[k][:N].mean(0), x[:N].shape), rtol=1e-6,
+                                       atol=1e-7)

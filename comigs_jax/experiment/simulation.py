@@ -282,13 +282,24 @@ class Simulation:
             return
         if self.method.one_round:
             return
+        # A federation none of whose users uploaded (every participant dropped out) has nothing to
+        # average: its rows keep their leaves (a mean over no one would be 0 / 0).
+        fed = self.layout.federation_of_rows()
+        uploaded = np.bincount(fed[np.asarray(self.real) & np.asarray(self.active)], minlength=self.n_federations) > 0
+        if not uploaded.any():
+            return
+        before = self.states.params
         if self.ranks is not None:  # the expert LoRA by the rank-aware rule (HetLoRA, FlexLoRA, masked mean)
-            return self.ranks.aggregate(self)
-        real, active = jax.device_put((jnp.asarray(self.real), jnp.asarray(self.active)), self.layout.users)
-        w = aggregation_weights(real, active, self.data["train_len"] if self.weighting == "tokens" else None)
-        params = self._aggregate(self.states.params, w) if self.n_federations == 1 else \
-            self._aggregate(self.states.params, w, self.groups_dev)
-        self.states = self.states.replace(params=params)
+            self.ranks.aggregate(self)
+        else:
+            real, active = jax.device_put((jnp.asarray(self.real), jnp.asarray(self.active)), self.layout.users)
+            w = aggregation_weights(real, active, self.data["train_len"] if self.weighting == "tokens" else None)
+            params = self._aggregate(self.states.params, w) if self.n_federations == 1 else \
+                self._aggregate(self.states.params, w, self.groups_dev)
+            self.states = self.states.replace(params=params)
+        if not uploaded.all():
+            keep = jax.device_put(jnp.asarray(~uploaded[fed]), self.layout.users)
+            self.states = self.states.replace(params=_keep_rows(keep, before, self.states.params))
 
     def host_state(self) -> dict:
         """What lives on the host besides the device state (JSON-able, for checkpoints)."""
@@ -428,6 +439,12 @@ def _eval_program(model_cfg: ModelConfig, seq_len: int, batch: int, mesh, chunk:
         return jax.jit(vfn)
     run = chunked(lambda base, carry, xs: (carry, vfn(xs[0], base, *xs[1:])), mesh, chunk)
     return jax.jit(lambda params, base, *xs: run(base, (), (params, *xs))[1])
+
+
+@jax.jit
+def _keep_rows(keep, old, new):
+    """Per row of the user axis: old's leaves where keep [rows], else new's."""
+    return jax.tree.map(lambda o, n: jnp.where(keep.reshape((-1,) + (1,) * (o.ndim - 1)), o, n), old, new)
 
 
 def _replace(tc: TrainConfig, **kw) -> TrainConfig:
