@@ -108,11 +108,7 @@ def _train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir, layout
     model_cfg = configuration.model_config(cfg, base_cfg)
     tc = configuration.train_config(cfg)
     n_models = layout.n_models
-    sim = Simulation(model_cfg, tc, method, base, data.train, data.valid, layout=layout, ranks=configuration.ranks_of(cfg),
-                     expert_counts=configuration.expert_counts_of(cfg), seed=seed, mode=cfg.federation.mode,
-                     weighting=cfg.federation.weighting, participation=cfg.federation.participation,
-                     dropout=cfg.federation.get("dropout", 0.0),
-                     user_indices=data.indices)
+    sim = _simulation(cfg, model_cfg, tc, method, base, data, layout, seed=seed)
     writer = metrics.MetricsWriter(os.path.join(run_dir, "metrics.jsonl") if distributed.is_main_process() else None,
                                    tensorboard=cfg.output.get("tensorboard", False), users=data.users)
     start, meta = None, {}
@@ -209,9 +205,7 @@ def _train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir, layout
             log(f"[{method_name} s{seed}] the run had finished; writing its outputs")
     post_eval = evaluate() if not method.one_round else pre_eval
     records = writer.read()
-    taken = [sum(1 for r in records if r["expert_tokens_per_s_per_user"][u] > 0) for u in range(n_models)]
-    comm = communication.accounting(sim.model_cfg, sim.method, sim.expert_counts[:n_models], tc.rounds, taken,
-                                    **_rank_accounting(cfg, records, n_models))
+    comm = _communication(cfg, sim, records, n_models)
     results = metrics.results(cfg, sim.method, seed, data, model_cfg, pre_eval, post_eval, records=records,
                               zero_shot=zero_shot, communication=comm)
     if cfg.output.figures:
@@ -230,7 +224,6 @@ def train_and_evaluate_stacked(cfg, method_name: str, seeds: list[int], data, ba
     Returns None, and trains nothing, when any seed's run has checkpoints to resume from (the
     seeds then run separately, each from its own)."""
     method = get_method(method_name)
-    n_feds, n_models = len(seeds), run_layout.n_models
     identities = [identity_lib.run_identity(cfg, method_name, s) for s in seeds]
     for d, i in zip(run_dirs, identities):  # another config's run in a folder: WorkdirError
         identity_lib.check_workdir(d, i, cfg.resume)
@@ -252,36 +245,42 @@ def train_and_evaluate_stacked(cfg, method_name: str, seeds: list[int], data, ba
             c.close()
 
 
-def _rank_accounting(cfg, records: list, n_models: int) -> dict:
-    """communication.accounting's rank arguments: the configured ranks (model.ranks) and, when the
-    run logged them (`expert_ranks`, a ranked run), each round's ranks and who uploaded."""
+def _simulation(cfg, model_cfg, tc, method, base, data, layout, **kw) -> Simulation:
+    """The run's Simulation (kw: its seed, or the stacked seeds' federations)."""
+    return Simulation(model_cfg, tc, method, base, data.train, data.valid, layout=layout,
+                      ranks=configuration.ranks_of(cfg), expert_counts=configuration.expert_counts_of(cfg),
+                      mode=cfg.federation.mode, weighting=cfg.federation.weighting,
+                      participation=cfg.federation.participation, dropout=cfg.federation.get("dropout", 0.0),
+                      user_indices=data.indices, **kw)
+
+
+def _communication(cfg, sim, records: list, n_models: int) -> dict:
+    """results.json's `communication` of one run from its metrics records: the rounds each user
+    trained (and so uploaded), the configured ranks (model.ranks) and, when the run logged them
+    (`expert_ranks`, a ranked run), each round's ranks and who uploaded."""
+    taken = [sum(1 for r in records if r["expert_tokens_per_s_per_user"][u] > 0) for u in range(n_models)]
     ranks = configuration.ranks_of(cfg)
-    out = {"ranks": ranks[:n_models] if ranks is not None and len(ranks) >= n_models else None}
+    kw = {"ranks": ranks[:n_models] if ranks is not None and len(ranks) >= n_models else None}
     if records and all("expert_ranks" in r for r in records):
-        out["round_ranks"] = [r["expert_ranks"] for r in records]
-        out["round_taken"] = [[x > 0 for x in r["expert_tokens_per_s_per_user"][:n_models]] for r in records]
-    return out
+        kw["round_ranks"] = [r["expert_ranks"] for r in records]
+        kw["round_taken"] = [[x > 0 for x in r["expert_tokens_per_s_per_user"][:n_models]] for r in records]
+    return communication.accounting(sim.model_cfg, sim.method, sim.expert_counts[:n_models], sim.tc.rounds, taken,
+                                    **kw)
 
 
-def _federation_ranks(host: dict, federation: int, layout, run_layout) -> dict:
+def _federation_ranks(sim, host: dict, federation: int, run_layout) -> dict:
     """Federation `federation`'s current expert LoRA ranks (host state "ranks") in the row order of
     its own run (Simulation.federation_states' rows), for its checkpoint; {} without ranks."""
     if "ranks" not in host:
         return {}
-    per = layout.models_per_federation
-    idx = federation * per + np.where(np.arange(run_layout.n_rows) < per, np.arange(run_layout.n_rows), 0)
-    return {"ranks": [int(host["ranks"][i]) for i in idx]}
+    return {"ranks": [int(host["ranks"][i]) for i in sim.federation_rows(federation, run_layout)]}
 
 
 def _train_and_evaluate_stacked(cfg, method, seeds, data, base_cfg, base, run_dirs, layout, run_layout, identities,
                                 ckpts) -> list[dict]:
     n_feds, n_models = len(seeds), run_layout.n_models
     model_cfg, tc = configuration.model_config(cfg, base_cfg), configuration.train_config(cfg)
-    sim = Simulation(model_cfg, tc, method, base, data.train, data.valid, layout=layout, ranks=configuration.ranks_of(cfg),
-                     expert_counts=configuration.expert_counts_of(cfg), mode=cfg.federation.mode,
-                     weighting=cfg.federation.weighting, participation=cfg.federation.participation,
-                     dropout=cfg.federation.get("dropout", 0.0),
-                     user_indices=data.indices, federations=[{"seed": s} for s in seeds])
+    sim = _simulation(cfg, model_cfg, tc, method, base, data, layout, federations=[{"seed": s} for s in seeds])
     writers = [metrics.MetricsWriter(os.path.join(d, "metrics.jsonl") if distributed.is_main_process() else None,
                                      tensorboard=cfg.output.get("tensorboard", False), users=data.users)
                for d in run_dirs]
@@ -355,7 +354,7 @@ def _train_and_evaluate_stacked(cfg, method, seeds, data, base_cfg, base, run_di
                 host = sim.host_state()
                 for f in range(n_feds):  # each seed's checkpoint as its separate run would write it
                     meta = {"host": {"round_index": host["round_index"], "rng": host["rng"][f],
-                                     **_federation_ranks(host, f, sim.layout, run_layout)}, "round": r + 1,
+                                     **_federation_ranks(sim, host, f, run_layout)}, "round": r + 1,
                             "identity": identities[f]}
                     if last:
                         meta["pre_eval"] = encode_eval(pick(pre_eval, f))
@@ -372,9 +371,7 @@ def _train_and_evaluate_stacked(cfg, method, seeds, data, base_cfg, base, run_di
     out = []
     for f, (seed, d, w) in enumerate(zip(seeds, run_dirs, writers)):
         records = w.read()
-        taken = [sum(1 for rec in records if rec["expert_tokens_per_s_per_user"][u] > 0) for u in range(n_models)]
-        comm = communication.accounting(sim.model_cfg, sim.method, sim.expert_counts[:n_models], tc.rounds, taken,
-                                        **_rank_accounting(cfg, records, n_models))
+        comm = _communication(cfg, sim, records, n_models)
         results = metrics.results(cfg, sim.method, seed, data, model_cfg, pick(pre_eval, f), pick(post_eval, f),
                                   records=records, zero_shot=zero_shot[f], communication=comm)
         if cfg.output.figures:

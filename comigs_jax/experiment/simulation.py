@@ -320,12 +320,17 @@ class Simulation:
         """Federation `federation`'s states laid out as its own Simulation on `layout` (one
         federation) would hold them: its rows, padding rows copying its first (they weigh nothing).
         A collective: every process calls it."""
+        idx = self.federation_rows(federation, layout)
+        take = lambda st: jax.tree.map(lambda x: jnp.take(x, jnp.asarray(idx), axis=0), st)
+        return jax.jit(take, out_shardings=layout.users)(self.states)
+
+    def federation_rows(self, federation: int, layout: Layout) -> np.ndarray:
+        """[layout.n_rows]: the rows of this Simulation that federation `federation`'s own run on
+        `layout` (one federation) holds, in its order; its padding rows copy its first."""
         per = self.layout.models_per_federation
         if layout.n_federations != 1 or layout.models_per_federation != per:
             raise ValueError(f"federation_states: a layout of one federation of {per} models is needed")
-        idx = federation * per + np.where(np.arange(layout.n_rows) < per, np.arange(layout.n_rows), 0)
-        take = lambda st: jax.tree.map(lambda x: jnp.take(x, jnp.asarray(idx), axis=0), st)
-        return jax.jit(take, out_shardings=layout.users)(self.states)
+        return federation * per + np.where(np.arange(layout.n_rows) < per, np.arange(layout.n_rows), 0)
 
     # ------------------------------------------------------------------ evaluation
     def _params_per_user(self, n_rows: int) -> dict:
