@@ -45,10 +45,6 @@ class ExportError(RestoreError):
 
 
 # ----------------------------------------------------------------------------- layers
-def _n_layer(cfg) -> int:
-    return cfg.n_layer
-
-
 def _layer(params: dict, cfg, i: int) -> dict:
     """Layer i's parameter subtree (a Llama's scanned [L, ...] leaves indexed)."""
     import jax
@@ -78,7 +74,7 @@ def _adapter_tensors(params: dict, cfg) -> tuple[dict, dict]:
     prefix, attn, projs, _, conv1d = _FAMILY[cfg.family]
     lora = cfg.attn_lora
     tensors = {}
-    for i in range(_n_layer(cfg)):
+    for i in range(cfg.n_layer):
         layer = _layer(params, cfg, i)
         for p in projs:
             name = f"base_model.model.{prefix.format(i)}.{attn}.{p}"
@@ -103,7 +99,7 @@ def _expert_tensors(params: dict, cfg) -> dict:
     the same logits for every token); neither with a uniform router."""
     prefix, _, _, matmuls, _ = _FAMILY[cfg.family]
     out = {}
-    for i in range(_n_layer(cfg)):
+    for i in range(cfg.n_layer):
         layer = _layer(params, cfg, i)
         groups = [layer["mlp"][g] for g in ("generalists", "specialists") if g in layer["mlp"]]
         for m in matmuls:

@@ -20,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from comigs_jax.experiment.restore import RestoreError, find_run, open_run, restore_rows  # noqa: F401 (find_run: re-exported)
+from comigs_jax.experiment.restore import RestoreError, open_run, restore_rows
 
 
 class GenerationError(RestoreError):

@@ -399,7 +399,6 @@ def markdown(summary: dict) -> str:
                          + (f"{r['over_bayes']:.3f} ± {r['over_bayes_std']:.3f} | " if bayes else "")
                          + f"{r['communication_bytes_per_user'] / 2 ** 20:.3f} | {users} |")
     if bayes:
-        c0 = summary["cells"][0]
         lines += ["", "Bayes floor (exact, per user) is listed per cell in study.json (`bayes_ppl`)."]
     if summary["unavailable"]:
         lines += ["", "Not available (not run):", ""]
