@@ -19,7 +19,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from comigs_jax.model.gpt2 import init_cache
+from comigs_jax.model.kv_cache import init_cache
 from comigs_jax.model.lm import ModelConfig, family_of, language_model
 
 __all__ = ["init_cache", "forward_cached", "generate"]

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from comigs_jax.model import moe as moe_lib
 from comigs_jax.model.config import GPT2Config
+from comigs_jax.model.kv_cache import kv_cache_update
 from comigs_jax.model.lora import LoRADense
 
 
@@ -46,27 +47,6 @@ class CausalSelfAttention(nn.Module):
         (k, v), mask = kv_cache_update(cache, k, v, index)
         y = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(b, t, d)
         return LoRADense(d, cfg.attn_lora, dtype, _proj_init(cfg), name="c_proj")(y, deterministic), (k, v)
-
-
-def kv_cache_update(cache, k: jax.Array, v: jax.Array, index):
-    """((k, v) cache [B, S, heads, hd] with k, v [B, T, heads, hd] written at position `index`,
-    the attention mask [1, 1, T, S]: query index + i sees cache positions <= index + i)."""
-    ck, cv = cache
-    at = (0, index, 0, 0)
-    ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), at)
-    cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), at)
-    t, s = k.shape[1], ck.shape[1]
-    mask = jnp.arange(s)[None, :] <= (index + jnp.arange(t))[:, None]
-    return (ck, cv), mask[None, None]
-
-
-def init_cache(cfg, batch: int, length: int) -> dict:
-    """An empty KV cache of either family for `length` positions: {"k", "v"} [L, B, S, kv heads,
-    head dim] in the activation dtype (GPT-2: heads = n_head; Llama: n_kv_head)."""
-    heads = getattr(cfg, "n_kv_head", cfg.n_head)
-    hd = getattr(cfg, "dim_head", cfg.n_embd // cfg.n_head)
-    z = jnp.zeros((cfg.n_layer, batch, length, heads, hd), jnp.dtype(cfg.dtype))
-    return {"k": z, "v": z}
 
 
 class MLP(nn.Module):

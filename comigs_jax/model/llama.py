@@ -28,7 +28,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from comigs_jax.model import moe as moe_lib
 from comigs_jax.model.config import LlamaConfig, MoEConfig
-from comigs_jax.model.gpt2 import kv_cache_update
+from comigs_jax.model.kv_cache import kv_cache_update
 from comigs_jax.model.lora import LoRADense
 
 _INIT = nn.initializers.normal(0.02)  # HF Llama's initializer_range, for every matrix
