@@ -210,6 +210,16 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
+def parse_flags(fv: flags.FlagValues, argv) -> flags.FlagValues:
+    """argv parsed into absl flags `fv` (the commands without a config: export, generate); a bad
+    flag is SystemExit with one `error:` line."""
+    try:
+        fv(argv)
+    except flags.Error as e:
+        raise SystemExit(f"error: {_first_line(e)}") from None
+    return fv
+
+
 def resume_command(module: str, argv) -> str:
     """The command line that resumes a run (without a --config.resume=False)."""
     args = [a for a in argv[1:] if not a.startswith("--config.resume")]

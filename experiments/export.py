@@ -33,11 +33,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
 
     def body():
-        fv = _flags()
-        try:
-            fv(argv)
-        except flags.Error as e:
-            raise SystemExit(f"error: {str(e).splitlines()[0]}") from None
+        fv = cli.parse_flags(_flags(), argv)
         if not fv.workdir or not fv.out or bool(fv.user) == bool(fv.all):
             raise SystemExit("error: --workdir, --out and one of --user=NAME or --all are required")
         from absl import logging

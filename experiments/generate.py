@@ -44,11 +44,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
 
     def body():
-        fv = _flags()
-        try:
-            fv(argv)
-        except flags.Error as e:
-            raise SystemExit(f"error: {str(e).splitlines()[0]}") from None
+        fv = cli.parse_flags(_flags(), argv)
         if not fv.workdir or not fv.user:
             raise SystemExit("error: --workdir and --user are required (a finished run's folder and one of its users)")
         from absl import logging
