@@ -105,12 +105,7 @@ def _run_cfg(workdir_base, **over):
     c.eval.n_windows, c.eval.batch_size = 4, 4
     c.output.figures = False
     c.output.progress = False
-    for k, v in over.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(over)
     return c
 
 

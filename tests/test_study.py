@@ -28,12 +28,7 @@ def tiny_study(cache_dir, name="tiny_study", grid="train.lr=0.002|0.01", **over)
     c.data.cache_dir = cache_dir
     c.study = study.default_study_group(name)
     c.study.grid = grid
-    for k, v in over.items():
-        node = c
-        *path, last = k.split(".")
-        for p in path:
-            node = node[p]
-        node[last] = v
+    c.update_from_flattened_dict(over)
     return c
 
 
