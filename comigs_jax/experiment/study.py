@@ -103,14 +103,6 @@ def _lookup(cfg: ConfigDict, key: str):
     return node
 
 
-def _assign(cfg: ConfigDict, key: str, value) -> None:
-    *path, last = key.split(".")
-    node = cfg
-    for p in path:
-        node = node[p]
-    node[last] = value
-
-
 def coerce(cfg: ConfigDict, key: str, text: str):
     """The grid value `text` as the type of cfg's field `key`; StudyError naming what is allowed."""
     old = _lookup(cfg, key)
@@ -208,7 +200,7 @@ def expand(cfg: ConfigDict) -> list[dict]:
             for k, text in zip(keys, vals):
                 v = coerce(base, k, text)
                 try:
-                    _assign(cell, k, v)
+                    cell.update_from_flattened_dict({k: v})
                 except (TypeError, ValueError, KeyError, AttributeError) as e:
                     raise StudyError(f"study.grid {k}={text!r} is not allowed: {cli._first_line(e)}") from None
                 typed[k], shown[k] = v, text
