@@ -15,7 +15,11 @@ from comigs_jax.model.config import (DTYPES, GPT2_SIZES, LB_INPUTS, LLAMA_SIZES,
 from comigs_jax.model.hf import GPT2_VOCAB_SIZE
 from comigs_jax.model.lm import ModelConfig
 from comigs_jax.train.evaluation import PROTOCOLS
-from comigs_jax.train.state import TrainConfig
+from comigs_jax.train.state import ROW_HPARAMS, TrainConfig
+
+# Config keys whose values may differ between the federations of one program: the seeds, and the
+# train hyper-parameters that are per-row values of the round program (train.state.ROW_HPARAMS).
+FEDERATION_KEYS = ("seed", "seeds") + tuple(f"train.{k}" for k in ROW_HPARAMS)
 
 
 def _fail(key, value, allowed):
@@ -228,6 +232,12 @@ def train_config(cfg) -> TrainConfig:
                        lr=tr.lr, lr_final_ratio=tr.lr_final_ratio, router_lr=tr.router_lr,
                        weight_decay=tr.weight_decay, router_every=tr.router_every, router_steps=tr.router_steps,
                        lb_weight=tr.lb_weight, faithful=tr.faithful, prune_lambda=tr.get("prune_lambda", 0.0))
+
+
+def federation_of(cfg, seed: int) -> dict:
+    """The run (cfg, seed) as a federation of a Simulation: its seed and row hyper-parameters."""
+    tc = train_config(cfg)
+    return {"seed": int(seed), **{k: getattr(tc, k) for k in ROW_HPARAMS}}
 
 
 # ----------------------------------------------------------------------------- without a base

@@ -136,15 +136,18 @@ def test_stack_seeds_writes_the_separate_runs_folders(tiny_reference, tiny_cache
         assert sorted(os.listdir(os.path.join(wd, d, "checkpoints"))) == ["2", "4"]
         rounds = [json.loads(l) for l in open(os.path.join(wd, d, "metrics.jsonl"))]
         assert [r["round"] for r in rounds] == [1, 2, 3, 4] and rounds[0]["stacked_seeds"] == [0, 7]
-    # killed after round 2 (seed 0): the same command resumes the seeds separately, from their checkpoints
-    s0 = os.path.join(wd, "comigs_s0")
-    shutil.rmtree(os.path.join(s0, "checkpoints", "4"))
-    for f in ("results.json", "results.md"):
-        os.remove(os.path.join(s0, f))
+    # killed after round 2 of both seeds: the same command resumes both as one program from their
+    # checkpoints, and ends where the uninterrupted run ended
+    first = {d: load(os.path.join(wd, d)) for d in ("comigs_s0", "comigs_s7")}
+    for d in first:
+        shutil.rmtree(os.path.join(wd, d, "checkpoints", "4"))
+        for f in ("results.json", "results.md"):
+            os.remove(os.path.join(wd, d, f))
     p = run(args, tiny_cache)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert "running the seeds separately" in p.stdout and "resumed from round 2" in p.stdout
-    _close(clean(a), clean(load(s0)))
+    assert "[comigs s0,7] resumed from round 2" in p.stdout and "2 seeds as one program, rounds 3..4" in p.stdout
+    for d, res in first.items():
+        _close(clean(res), clean(load(os.path.join(wd, d))))
 
 
 def _close(a, b, path="results"):

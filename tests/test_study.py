@@ -93,6 +93,39 @@ def test_resume_does_not_rerun_finished_cells(finished):
     assert len(grown["cells"]) == 3
 
 
+def test_one_program_equals_the_separate_cells(finished, tmp_path):
+    """study.one_program=True: both lr cells x 2 seeds as 4 federations of ONE program (lr a
+    per-row value); every run's results equal the separately run cells' to 1e-6, in the same
+    folders, and a second call reruns nothing."""
+    from comigs_jax.experiment.loop import run_cells
+    wd, summary, _, cache = finished
+    calls = []
+    one = str(tmp_path / "one")
+    got = study.run_study(tiny_study(cache, **{"study.one_program": True}), one, runner=never,
+                          cells_runner=lambda cells: calls.append(len(cells)) or run_cells(cells))
+    assert calls == [2] and got["one_program_wall_s"] > 0
+    for a, b in zip(summary["cells"], got["cells"]):
+        assert a["name"] == b["name"]
+        np.testing.assert_allclose(b["methods"]["local"]["per_seed"], a["methods"]["local"]["per_seed"], rtol=1e-6)
+    rounds = [json.loads(line) for line in open(os.path.join(one, "cells", "lr=0.01", "local_s1", "metrics.jsonl"))]
+    assert rounds[0]["stacked_seeds"] == [0, 1, 0, 1] and rounds[0]["lr"] != pytest.approx(
+        [json.loads(line) for line in open(os.path.join(one, "cells", "lr=0.002", "local_s1", "metrics.jsonl"))][0]["lr"])
+    study.run_study(tiny_study(cache, **{"study.one_program": True}), one, runner=never,
+                    cells_runner=lambda cells: never(cells, one))
+
+
+def test_cells_of_one_program_differ_only_in_federation_keys(tmp_path):
+    from comigs_jax.errors import ConfigError
+    from comigs_jax.experiment.loop import run_cells
+    a = study.strip_study(tiny_study(str(tmp_path / "cache")))
+    b = a.copy_and_resolve_references()
+    b.train.rounds = 3
+    with pytest.raises(ConfigError, match=r"^cell .*b: config.train.rounds differs from the first cell's \(2, 3\); "
+                                          r"cells of one program may differ only in seed, seeds, train.lr"):
+        run_cells([(a, str(tmp_path / "a")), (b, str(tmp_path / "b"))])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "cache").exists()
+
+
 def test_another_study_folder_is_refused(finished, tmp_path):
     wd, _, _, cache = finished
     before = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(wd, "**"), recursive=True)}
@@ -113,7 +146,8 @@ def test_another_study_folder_is_refused(finished, tmp_path):
      "study.grid cell n_generalists=2: config.model.n_generalists=2 is not allowed: in [0, 1]"),
     ({"study.grid": "model.rank=2|4", "study.one_program": True},
      "study.grid key 'model.rank' changes the program (shapes or static settings) but study.one_program=True; "
-     "one program allows only seed, seeds, train.lr"),
+     "one program allows only seed, seeds, train.lr, train.router_lr, train.lb_weight, train.weight_decay, "
+     "train.prune_lambda"),
     ({"study.grid": "train=1|2"}, "study.grid key 'train' is a group, not a value"),
     ({"study.grid": "train.lr"}, "study.grid axis 'train.lr' is not allowed: KEY=V1|V2"),
     ({"study.grid": "model.n_experts&model.top_k=2&1|3"}, "value '3' is not allowed: 2 non-empty value(s)"),

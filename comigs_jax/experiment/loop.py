@@ -12,6 +12,7 @@ same workdir resumes every run from its latest checkpoint. Failures are typed ex
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -21,12 +22,13 @@ import time
 
 import jax
 import numpy as np
+from ml_collections import ConfigDict
 from tqdm import tqdm
 
 from comigs_jax import configuration, distributed
 from comigs_jax.data import DataSourceError, InsufficientDataError, load_user_data
 from comigs_jax.data.reference_bins import check_token_ids
-from comigs_jax.errors import DataError, Stopped, WorkdirError
+from comigs_jax.errors import ConfigError, DataError, Stopped, WorkdirError
 from comigs_jax.experiment import identity as identity_lib
 from comigs_jax.experiment import metrics, numerics, plot
 from comigs_jax.experiment.base_model import base_dir, base_tokenizer, load_base
@@ -86,167 +88,79 @@ def workdir_error(path: str, e: OSError) -> WorkdirError:
     return WorkdirError(f"workdir {path} cannot be used: {why} ({e.filename or path}); use another --workdir")
 
 
-# ----------------------------------------------------------------------------- one run
+# ----------------------------------------------------------------------------- runs
+@dataclasses.dataclass
+class _Run:
+    """One (config, method, seed) run: its folder and checkpoints; a federation of its program."""
+    cfg: ConfigDict  # the run's own config (runs of one program differ only in FEDERATION_KEYS)
+    seed: int
+    run_dir: str
+    label: str  # names the run in a program of several ("seed 7", "cell lr=0.01 seed 7")
+    identity: dict | None = None
+    ckpts: RunCheckpoints | None = None
+    resume: bool = False
+
+
 def train_and_evaluate(cfg, method_name: str, seed: int, data, base_cfg, base, run_dir: str, layout: Layout) -> dict:
     """One method, one seed: train, evaluate, checkpoint, write outputs. Returns its results."""
+    run = _Run(cfg, seed, run_dir, f"seed {seed}")
+    return train_runs(method_name, [run], data, base_cfg, base, lambda n_feds: layout, stack=False)[0]
+
+
+def train_runs(method_name: str, runs: list[_Run], data, base_cfg, base, layout_of, stack: bool) -> list[dict]:
+    """Train and evaluate `runs` of one method, each in its folder (config.json, metrics.jsonl,
+    checkpoints/, results, figures: the same whether it trains alone or with others).
+
+    stack=False: each run as its own program. stack=True: the runs that resume from the same
+    round (every fresh run: round 0) train as federations of ONE program; each run's checkpoints
+    are laid out as its own program's, so either way resumes the other's. layout_of(F): the
+    method's Layout for F federations."""
     method = get_method(method_name)
-    identity = identity_lib.run_identity(cfg, method_name, seed)
-    resume = identity_lib.check_workdir(run_dir, identity, cfg.resume)
-    make_workdir(run_dir)
-    with RunCheckpoints(os.path.join(run_dir, "checkpoints"), cfg.checkpoint.max_to_keep) as ckpts:
-        if not resume and cfg.resume and ckpts.all_rounds():
-            resume = True  # checkpoints without a config.json: never wiped unasked (restore checks their identity)
-        if not resume:
-            ckpts.delete_all()
-        if distributed.is_main_process():
-            identity_lib.write_config_json(run_dir, identity, cfg)
-        return _train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir, layout, identity, resume, ckpts)
-
-
-def _train_and_evaluate(cfg, method, seed, data, base_cfg, base, run_dir, layout, identity, resume, ckpts) -> dict:
-    method_name = method.name
-    model_cfg = configuration.model_config(cfg, base_cfg)
-    tc = configuration.train_config(cfg)
-    n_models = layout.n_models
-    sim = _simulation(cfg, model_cfg, tc, method, base, data, layout, seed=seed)
-    writer = metrics.MetricsWriter(os.path.join(run_dir, "metrics.jsonl") if distributed.is_main_process() else None,
-                                   tensorboard=cfg.output.get("tensorboard", False), users=data.users)
-    start, meta = None, {}
-    if resume:
-        found = ckpts.restore_latest(sim.states, identity, log=log)
-        if found is not None:
-            start, sim.states, meta = found
-    if start is not None:
-        sim.restore_host_state(meta["host"])
-        writer.truncate(start)
-        log(f"[{method_name} s{seed}] resumed from round {start} ({run_dir})")
-    else:
-        writer.truncate(0)
-        start = 0
-
-    evaluate = lambda: sim.evaluate(data.test, cfg.eval.n_windows, cfg.eval.batch_size, cfg.eval.protocol, seed)
-    bar = tqdm(range(start, tc.rounds), desc=f"{method_name} s{seed}", initial=start, total=tc.rounds,
-               disable=not cfg.output.progress or not distributed.is_main_process(), dynamic_ncols=True,
-               file=sys.stdout)
-    zero_shot = _zero_shot(run_dir, evaluate, fresh=start == 0) if cfg.eval.get("zero_shot") else None
-    pre_eval = None
-    names = data.users if n_models == len(data.users) else ["the pooled model"]
-    ckpt_dir = ckpts.directory
-    saved = start
-
-    def fault(what, r, user=None, step=None):
-        return numerics.fault(what, r, names, user, step, tc.local_steps, cfg.train.lr, saved, ckpt_dir)
-
-    def second_signal(signum):
-        kept = f"the last complete checkpoint is round {saved} in {ckpt_dir}" if saved else "no checkpoint was written"
-        return (f"stopped at once by a second {signal.Signals(signum).name} ({kept}); running the same command "
-                "resumes from it")
-
-    with StopOnSignal(second_signal) as stop:
-        if start < tc.rounds:
-            log(f"[{method_name} s{seed}] rounds {start + 1}..{tc.rounds} in {run_dir} (SIGINT/SIGTERM: stop "
-                "after the current round with a checkpoint; a second one: at once)")
-        for r in bar:
-            t0 = time.perf_counter()
-            m = sim.run_round()
-            dt = time.perf_counter() - t0
-            # numerical faults: stop before the poisoned state is aggregated or checkpointed
-            active = np.asarray(sim.active)[np.asarray(sim.real)][:n_models]
-            bad = numerics.first_nonfinite(m, active)
-            if bad is not None:
-                st, u, k, x = bad
-                raise fault(f"non-finite training metric {k} ({x})", r + 1, u, st + 1)
-            bad_users = [u for u in numerics.nonfinite_users(sim.states) if u < n_models]
-            if bad_users:
-                raise fault("non-finite parameters or optimizer state (finite losses, overflowing update)",
-                            r + 1, bad_users[0])
-            record = metrics.round_record(r + 1, m, sim.tc, model_cfg, dt, n_models, active=active)
-            if r == start:
-                record["includes_compile"] = True
-            last = r + 1 == tc.rounds
-            if (r + 1) % cfg.eval.every_rounds == 0 or last:
-                bar.set_postfix_str("evaluating the test splits")  # one device call: no finer progress
-                pre_eval = evaluate()  # local models before aggregation, as the reference
-                ce = np.asarray(pre_eval["ce"])
-                if not np.isfinite(ce).all():
-                    u = int(np.flatnonzero(~np.isfinite(ce))[0])
-                    raise fault(f"non-finite test loss ({ce[u]})", r + 1, u)
-                record["test_ppl"] = np.exp(pre_eval["ce"]).tolist()
-            sim.aggregate()
-            if sim.ranks is not None:  # each user's expert LoRA rank after the round (HetLoRA's cuts)
-                record["expert_ranks"] = [int(x) for x in sim.ranks.current[:n_models]]
-            if sim.last_mixing is not None:  # PCL: this round's validation perplexities and mixing weights
-                record["pcl"] = {k: v if k == "round" else v[0] for k, v in sim.last_mixing.items()}
-            writer.write(record)
-            bar.set_postfix(loss=f"{np.mean(record['train_ce']):.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
-            stopping = not last and stop.requested()
-            if (r + 1) % cfg.checkpoint.every_rounds == 0 or last or stopping:
-                meta = {"host": sim.host_state(), "round": r + 1, "identity": identity}
-                if last:  # the results need the pre-aggregation evaluation, which the state cannot give back
-                    meta["pre_eval"] = encode_eval(pre_eval)
-                ckpts.save(r + 1, sim.states, meta)
-                saved = r + 1
-            if stopping:
-                bar.close()
-                name = signal.Signals(stop.signum).name if stop.signum else "a signal on another process"
-                raise Stopped(f"stopped by {name} at the end of round {r + 1} of {tc.rounds}; checkpoint of "
-                              f"round {r + 1} written to {ckpt_dir}", stop.signum, r + 1, tc.rounds, ckpt_dir)
-    bar.close()
-    results_path = os.path.join(run_dir, "results.json")
-    if pre_eval is None:  # resumed a finished run: its last checkpoint is post-aggregation
-        try:
-            with open(results_path) as f:
-                return json.load(f)
-        except (OSError, ValueError):  # killed before results.json was written: finish the outputs
-            if "pre_eval" not in meta:
-                raise WorkdirError(f"{run_dir} holds a finished run without results.json whose last checkpoint "
-                                   "predates the saved evaluation; rerun with --config.resume=False") from None
-            pre_eval = decode_eval(meta["pre_eval"])
-            log(f"[{method_name} s{seed}] the run had finished; writing its outputs")
-    post_eval = evaluate() if not method.one_round else pre_eval
-    records = writer.read()
-    comm = _communication(cfg, sim, records, n_models)
-    results = metrics.results(cfg, sim.method, seed, data, model_cfg, pre_eval, post_eval, records=records,
-                              zero_shot=zero_shot, communication=comm)
-    if cfg.output.figures:
-        plot.run_figures(run_dir, results, writer.read(), sim, data, cfg.output.routing_tokens,
-                         write=distributed.is_main_process())
-    if distributed.is_main_process():
-        metrics.write_results(run_dir, results)  # last: results.json marks a complete run
-    return results
-
-
-def train_and_evaluate_stacked(cfg, method_name: str, seeds: list[int], data, base_cfg, base, run_dirs: list[str],
-                               layout: Layout, run_layout: Layout) -> list[dict] | None:
-    """One method, every seed as a federation of ONE program (federation.stack_seeds): the same
-    per-seed folders (config.json, metrics.jsonl, checkpoints/ in the separate run's layout
-    `run_layout`, results, figures) as separate runs, which can resume them and vice versa.
-    Returns None, and trains nothing, when any seed's run has checkpoints to resume from (the
-    seeds then run separately, each from its own)."""
-    method = get_method(method_name)
-    identities = [identity_lib.run_identity(cfg, method_name, s) for s in seeds]
-    for d, i in zip(run_dirs, identities):  # another config's run in a folder: WorkdirError
-        identity_lib.check_workdir(d, i, cfg.resume)
-    for d in run_dirs:
-        make_workdir(d)
-    ckpts = [RunCheckpoints(os.path.join(d, "checkpoints"), cfg.checkpoint.max_to_keep) for d in run_dirs]
+    for run in runs:  # every folder checked before any is touched: another config's run is WorkdirError
+        run.identity = identity_lib.run_identity(run.cfg, method_name, run.seed)
+        run.resume = identity_lib.check_workdir(run.run_dir, run.identity, run.cfg.resume)
     try:
-        if cfg.resume and any(c.all_rounds() for c in ckpts):
-            log(f"[{method_name}] seeds {seeds}: checkpoints to resume from; running the seeds separately")
-            return None
-        for d, i, c in zip(run_dirs, identities, ckpts):
-            c.delete_all()
+        for run in runs:
+            make_workdir(run.run_dir)
+            run.ckpts = RunCheckpoints(os.path.join(run.run_dir, "checkpoints"), run.cfg.checkpoint.max_to_keep)
+            if not run.resume and run.cfg.resume and run.ckpts.all_rounds():
+                run.resume = True  # checkpoints without a config.json: never wiped unasked (restore checks their identity)
+            if not run.resume:
+                run.ckpts.delete_all()
             if distributed.is_main_process():
-                identity_lib.write_config_json(d, i, cfg)
-        return _train_and_evaluate_stacked(cfg, method, seeds, data, base_cfg, base, run_dirs, layout, run_layout,
-                                           identities, ckpts)
+                identity_lib.write_config_json(run.run_dir, run.identity, run.cfg)
+        done = {}
+        while len(done) < len(runs):
+            for group in _groups([r for r in runs if r.run_dir not in done], stack):
+                try:
+                    results = _train_program(method, group, data, base_cfg, base, layout_of(len(group)),
+                                             layout_of(1))
+                except _Regroup:  # a corrupt checkpoint set aside: a run resumes from an earlier round
+                    break
+                done.update({r.run_dir: res for r, res in zip(group, results)})
+        return [done[r.run_dir] for r in runs]
     finally:
-        for c in ckpts:
-            c.close()
+        for run in runs:
+            if run.ckpts is not None:
+                run.ckpts.close()
+
+
+def _groups(runs: list[_Run], stack: bool) -> list[list[_Run]]:
+    """The programs to train: each run alone, or (stack) the runs by the round they resume from."""
+    if not stack:
+        return [[r] for r in runs]
+    by_round = {}
+    for r in runs:
+        by_round.setdefault((r.ckpts.latest() or 0) if r.resume else 0, []).append(r)
+    return list(by_round.values())
+
+
+class _Regroup(Exception):
+    """The runs of a program restored different rounds (a corrupt checkpoint fell back)."""
 
 
 def _simulation(cfg, model_cfg, tc, method, base, data, layout, **kw) -> Simulation:
-    """The run's Simulation (kw: its seed, or the stacked seeds' federations)."""
+    """The run's Simulation (kw: its seed, or its runs' federations)."""
     return Simulation(model_cfg, tc, method, base, data.train, data.valid, layout=layout,
                       ranks=configuration.ranks_of(cfg), expert_counts=configuration.expert_counts_of(cfg),
                       mode=cfg.federation.mode, weighting=cfg.federation.weighting,
@@ -268,119 +182,196 @@ def _communication(cfg, sim, records: list, n_models: int) -> dict:
                                     **kw)
 
 
-def _federation_ranks(sim, host: dict, federation: int, run_layout) -> dict:
-    """Federation `federation`'s current expert LoRA ranks (host state "ranks") in the row order of
-    its own run (Simulation.federation_states' rows), for its checkpoint; {} without ranks."""
-    if "ranks" not in host:
-        return {}
-    return {"ranks": [int(host["ranks"][i]) for i in sim.federation_rows(federation, run_layout)]}
+def _restore(sim, runs: list[_Run], run_layout: Layout) -> tuple[int, list[dict]]:
+    """(start round, each run's checkpoint meta) after restoring the runs' latest checkpoints into
+    `sim` (each from its own program's layout); (0, [{}...]) for fresh runs."""
+    if not any(r.resume for r in runs):
+        return 0, [{} for _ in runs]
+    one = sim.n_federations == 1
+    template = sim.states if one else sim.federation_states(0, run_layout)
+    found = [r.ckpts.restore_latest(template, r.identity, log=log) if r.resume else None for r in runs]
+    rounds = {f[0] if f is not None else 0 for f in found}
+    if len(rounds) > 1:
+        raise _Regroup()
+    start = rounds.pop()
+    if start == 0:
+        return 0, [{} for _ in runs]
+    metas = [f[2] for f in found]
+    if one:
+        sim.states = found[0][1]
+        sim.restore_host_state(metas[0]["host"])
+    else:
+        sim.set_federation_states([f[1] for f in found], run_layout)
+        host = {"round_index": metas[0]["host"]["round_index"], "rng": [m["host"]["rng"] for m in metas]}
+        if sim.ranks is not None:
+            ranks = sim.ranks.current.copy()
+            for f, m in enumerate(metas):
+                if "ranks" in m["host"]:
+                    rows = sim.federation_rows(f, run_layout)[:sim.layout.models_per_federation]
+                    ranks[rows] = np.asarray(m["host"]["ranks"])[:len(rows)]
+            host["ranks"] = ranks.tolist()
+        sim.restore_host_state(host)
+    return start, metas
 
 
-def _train_and_evaluate_stacked(cfg, method, seeds, data, base_cfg, base, run_dirs, layout, run_layout, identities,
-                                ckpts) -> list[dict]:
-    n_feds, n_models = len(seeds), run_layout.n_models
-    model_cfg, tc = configuration.model_config(cfg, base_cfg), configuration.train_config(cfg)
-    sim = _simulation(cfg, model_cfg, tc, method, base, data, layout, federations=[{"seed": s} for s in seeds])
-    writers = [metrics.MetricsWriter(os.path.join(d, "metrics.jsonl") if distributed.is_main_process() else None,
-                                     tensorboard=cfg.output.get("tensorboard", False), users=data.users)
-               for d in run_dirs]
+def _run_host_state(sim, host: dict, f: int, run_layout: Layout) -> dict:
+    """Run f's host state as its own program would checkpoint it (round, its sampler, its ranks)."""
+    if sim.n_federations == 1:
+        return host
+    out = {"round_index": host["round_index"], "rng": host["rng"][f]}
+    if "ranks" in host:
+        out["ranks"] = [int(host["ranks"][i]) for i in sim.federation_rows(f, run_layout)]
+    return out
+
+
+def _train_program(method, runs: list[_Run], data, base_cfg, base, layout: Layout, run_layout: Layout) -> list[dict]:
+    """Runs of one method (one, or several resuming from the same round) as federations of ONE
+    program: train, evaluate, checkpoint each as its own program would, write each run's outputs."""
+    n_feds, n_models, cfg = len(runs), run_layout.n_models, runs[0].cfg
+    model_cfg = configuration.model_config(cfg, base_cfg)
+    tc = configuration.train_config(cfg)
+    kw = {"seed": runs[0].seed} if n_feds == 1 else \
+        {"federations": [configuration.federation_of(r.cfg, r.seed) for r in runs]}
+    sim = _simulation(cfg, model_cfg, tc, method, base, data, layout, **kw)
+    # each run's train config as it would be alone (its hyper-parameters; Centralized's pooled batch)
+    tcs = [dataclasses.replace(sim.tc, **{k: v for k, v in fed.items() if k != "seed"}) for fed in sim.federations]
+    pick = (lambda tree, f: tree) if n_feds == 1 else (lambda tree, f: {k: v[f] for k, v in tree.items()})
+    writers = [metrics.MetricsWriter(os.path.join(r.run_dir, "metrics.jsonl") if distributed.is_main_process() else None,
+                                     tensorboard=cfg.output.get("tensorboard", False), users=data.users) for r in runs]
+    start, metas = _restore(sim, runs, run_layout)
     for w in writers:
-        w.truncate(0)
-    evaluate = lambda: sim.evaluate(data.test, cfg.eval.n_windows, cfg.eval.batch_size, cfg.eval.protocol, seeds)
-    pick = lambda ev, f: {k: v[f] for k, v in ev.items()}
+        w.truncate(start)
+    seeds = [r.seed for r in runs]
     name = f"{method.name} s{','.join(map(str, seeds))}"
-    bar = tqdm(range(tc.rounds), desc=name, total=tc.rounds, file=sys.stdout, dynamic_ncols=True,
-               disable=not cfg.output.progress or not distributed.is_main_process())
+    if start:
+        log(f"[{name}] resumed from round {start} ({', '.join(r.run_dir for r in runs)})")
+
+    evaluate = lambda: sim.evaluate(data.test, cfg.eval.n_windows, cfg.eval.batch_size, cfg.eval.protocol,
+                                    seeds[0] if n_feds == 1 else seeds)
+    bar = tqdm(range(start, tc.rounds), desc=name, initial=start, total=tc.rounds, file=sys.stdout,
+               disable=not cfg.output.progress or not distributed.is_main_process(), dynamic_ncols=True)
     zero_shot = [None] * n_feds
     if cfg.eval.get("zero_shot"):
-        ev0 = evaluate()
-        zero_shot = [_zero_shot(d, lambda f=f: pick(ev0, f), fresh=True) for f, d in enumerate(run_dirs)]
+        ev0 = evaluate() if start == 0 else None
+        zero_shot = [_zero_shot(r.run_dir, pick(ev0, f) if ev0 is not None else None) for f, r in enumerate(runs)]
     names = data.users if n_models == len(data.users) else ["the pooled model"]
-    saved, pre_eval = 0, None
+    saved, pre_eval = start, None
 
     def fault(what, r, f, user=None, step=None):
-        return numerics.fault(f"seed {seeds[f]}: {what}", r, names, user, step, tc.local_steps, cfg.train.lr, saved,
-                              ckpts[f].directory)
+        what = what if n_feds == 1 else f"{runs[f].label}: {what}"
+        return numerics.fault(what, r, names, user, step, tc.local_steps, tcs[f].lr, saved, runs[f].ckpts.directory)
 
     def second_signal(signum):
-        kept = f"the last complete checkpoints are round {saved}" if saved else "no checkpoint was written"
+        kept = (f"the last complete checkpoint{'s are' if n_feds > 1 else ' is'} round {saved}"
+                + (f" in {runs[0].ckpts.directory}" if n_feds == 1 else "")) if saved else "no checkpoint was written"
         return (f"stopped at once by a second {signal.Signals(signum).name} ({kept}); running the same command "
-                "resumes from them")
+                "resumes from it")
 
     with StopOnSignal(second_signal) as stop:
-        log(f"[{name}] {n_feds} seeds as one program, rounds 1..{tc.rounds} in {', '.join(run_dirs)} "
-            "(SIGINT/SIGTERM: stop after the current round with a checkpoint; a second one: at once)")
+        if start < tc.rounds:
+            what = "" if n_feds == 1 else f"{n_feds} {'seeds' if all(r.cfg is cfg for r in runs) else 'runs'} as one " \
+                "program, "
+            log(f"[{name}] {what}rounds {start + 1}..{tc.rounds} in {', '.join(r.run_dir for r in runs)} "
+                "(SIGINT/SIGTERM: stop after the current round with a checkpoint; a second one: at once)")
         for r in bar:
             t0 = time.perf_counter()
-            m = sim.run_round()  # [F, U, steps, ...]
+            m = sim.run_round()  # [U, steps, ...] ([F, U, steps, ...] with several runs)
             dt = time.perf_counter() - t0
-            active = np.asarray(sim.active)[np.asarray(sim.real)].reshape(n_feds, -1)
+            # numerical faults: stop before the poisoned state is aggregated or checkpointed
+            active = np.asarray(sim.active)[np.asarray(sim.real)].reshape(n_feds, -1)[:, :n_models]
             for f in range(n_feds):
                 bad = numerics.first_nonfinite(pick(m, f), active[f])
                 if bad is not None:
                     st, u, k, x = bad
                     raise fault(f"non-finite training metric {k} ({x})", r + 1, f, u, st + 1)
-            bad_rows = [u for u in numerics.nonfinite_users(sim.states) if u < n_feds * n_models]
+            per = sim.layout.models_per_federation
+            bad_rows = [u for u in numerics.nonfinite_users(sim.states) if u < n_feds * per]
             if bad_rows:
                 raise fault("non-finite parameters or optimizer state (finite losses, overflowing update)",
-                            r + 1, bad_rows[0] // n_models, bad_rows[0] % n_models)
-            records = [metrics.round_record(r + 1, pick(m, f), sim.tc, model_cfg, dt, n_models, active=active[f])
+                            r + 1, bad_rows[0] // per, bad_rows[0] % per)
+            records = [metrics.round_record(r + 1, pick(m, f), tcs[f], model_cfg, dt, n_models, active=active[f])
                        for f in range(n_feds)]
-            last = r + 1 == tc.rounds
             for rec in records:
-                rec["stacked_seeds"] = list(seeds)  # dt is the round of every seed at once
-                if r == 0:
+                if n_feds > 1:
+                    rec["stacked_seeds"] = seeds  # dt is the round of every run of the program at once
+                if r == start:
                     rec["includes_compile"] = True
+            last = r + 1 == tc.rounds
             if (r + 1) % cfg.eval.every_rounds == 0 or last:
-                bar.set_postfix_str("evaluating the test splits")
-                pre_eval = evaluate()
-                ce = np.asarray(pre_eval["ce"])
+                bar.set_postfix_str("evaluating the test splits")  # one device call: no finer progress
+                pre_eval = evaluate()  # local models before aggregation, as the reference
+                ce = np.asarray(pre_eval["ce"]).reshape(n_feds, -1)
                 if not np.isfinite(ce).all():
                     f, u = map(int, np.argwhere(~np.isfinite(ce))[0])
                     raise fault(f"non-finite test loss ({ce[f, u]})", r + 1, f, u)
                 for f, rec in enumerate(records):
-                    rec["test_ppl"] = np.exp(pre_eval["ce"][f]).tolist()
+                    rec["test_ppl"] = np.exp(ce[f]).tolist()
             sim.aggregate()
             for f, (w, rec) in enumerate(zip(writers, records)):
-                if sim.ranks is not None:  # this seed's users' expert LoRA ranks after the round
-                    per = sim.layout.models_per_federation
+                if sim.ranks is not None:  # each user's expert LoRA rank after the round (HetLoRA's cuts)
                     rec["expert_ranks"] = [int(x) for x in sim.ranks.current[f * per:f * per + n_models]]
-                if sim.last_mixing is not None:  # PCL: each seed's own perplexities and mixing weights
-                    rec["pcl"] = {k: v if k == "round" else v[f] for k, v in sim.last_mixing.items()}
+                if sim.last_mixing is not None:  # PCL: this round's validation perplexities and mixing weights
+                    rec["pcl"] = {k: v if k == "round" else (v[f] if n_feds > 1 else v[0])
+                                  for k, v in sim.last_mixing.items()}
                 w.write(rec)
-            bar.set_postfix(loss=f"{np.mean(records[0]['train_ce']):.3f}")
+            bar.set_postfix(loss=f"{np.mean(records[0]['train_ce']):.3f}", tok_s=f"{records[0]['tokens_per_s']:,.0f}")
             stopping = not last and stop.requested()
             if (r + 1) % cfg.checkpoint.every_rounds == 0 or last or stopping:
                 host = sim.host_state()
-                for f in range(n_feds):  # each seed's checkpoint as its separate run would write it
-                    meta = {"host": {"round_index": host["round_index"], "rng": host["rng"][f],
-                                     **_federation_ranks(sim, host, f, run_layout)}, "round": r + 1,
-                            "identity": identities[f]}
-                    if last:
+                for f, run in enumerate(runs):  # each run's checkpoint as its own program writes it
+                    meta = {"host": _run_host_state(sim, host, f, run_layout), "round": r + 1,
+                            "identity": run.identity}
+                    if last:  # the results need the pre-aggregation evaluation, which the state cannot give back
                         meta["pre_eval"] = encode_eval(pick(pre_eval, f))
-                    ckpts[f].save(r + 1, sim.federation_states(f, run_layout), meta)
+                    run.ckpts.save(r + 1, sim.states if n_feds == 1 else sim.federation_states(f, run_layout), meta)
                 saved = r + 1
             if stopping:
                 bar.close()
                 sig = signal.Signals(stop.signum).name if stop.signum else "a signal on another process"
-                raise Stopped(f"stopped by {sig} at the end of round {r + 1} of {tc.rounds}; checkpoints of "
-                              f"round {r + 1} written to {', '.join(c.directory for c in ckpts)}", stop.signum,
-                              r + 1, tc.rounds, ckpts[0].directory)
+                dirs = ", ".join(run.ckpts.directory for run in runs)
+                raise Stopped(f"stopped by {sig} at the end of round {r + 1} of {tc.rounds}; checkpoint"
+                              f"{'s' if n_feds > 1 else ''} of round {r + 1} written to {dirs}", stop.signum,
+                              r + 1, tc.rounds, runs[0].ckpts.directory)
     bar.close()
+    written = [None] * n_feds  # resumed finished runs whose outputs were written: their results
+    if pre_eval is None:  # resumed finished runs: their last checkpoint is post-aggregation
+        kept = [_read_results(run, meta) for run, meta in zip(runs, metas)]
+        written = [res for res, _ in kept]
+        if all(res is not None for res in written):
+            return written
+        log(f"[{name}] the run had finished; writing its outputs")
     post_eval = evaluate() if not method.one_round else pre_eval
     out = []
-    for f, (seed, d, w) in enumerate(zip(seeds, run_dirs, writers)):
+    for f, (run, w) in enumerate(zip(runs, writers)):
+        if written[f] is not None:
+            out.append(written[f])
+            continue
+        pre = pick(pre_eval, f) if pre_eval is not None else kept[f][1]
+        post = pick(post_eval, f) if not method.one_round else pre
         records = w.read()
-        comm = _communication(cfg, sim, records, n_models)
-        results = metrics.results(cfg, sim.method, seed, data, model_cfg, pick(pre_eval, f), pick(post_eval, f),
-                                  records=records, zero_shot=zero_shot[f], communication=comm)
+        comm = _communication(run.cfg, sim, records, n_models)
+        results = metrics.results(run.cfg, sim.method, run.seed, data, model_cfg, pre, post, records=records,
+                                  zero_shot=zero_shot[f], communication=comm)
         if cfg.output.figures:
-            plot.run_figures(d, results, records, _FederationView(sim, f), data, cfg.output.routing_tokens,
-                             write=distributed.is_main_process())
+            plot.run_figures(run.run_dir, results, records, sim if n_feds == 1 else _FederationView(sim, f), data,
+                             cfg.output.routing_tokens, write=distributed.is_main_process())
         if distributed.is_main_process():
-            metrics.write_results(d, results)
+            metrics.write_results(run.run_dir, results)  # last: results.json marks a complete run
         out.append(results)
     return out
+
+
+def _read_results(run: _Run, meta: dict) -> tuple[dict | None, dict | None]:
+    """(results.json, None) of a finished run; killed before results.json was written: (None, the
+    pre-aggregation evaluation saved with its last checkpoint), to write its outputs from."""
+    try:
+        with open(os.path.join(run.run_dir, "results.json")) as f:
+            return json.load(f), None
+    except (OSError, ValueError):
+        if "pre_eval" not in meta:
+            raise WorkdirError(f"{run.run_dir} holds a finished run without results.json whose last checkpoint "
+                               "predates the saved evaluation; rerun with --config.resume=False") from None
+        return None, decode_eval(meta["pre_eval"])
 
 
 class _FederationView:
@@ -398,18 +389,19 @@ class _FederationView:
         return getattr(self._sim, name)
 
 
-def _zero_shot(run_dir: str, evaluate, fresh: bool) -> np.ndarray | None:
-    """Per-user test CE of the base alone: the state before round 1 (every adapter's B is 0, so
-    the model is the frozen base, whatever the method), scored by the run's own evaluation
-    program. Kept in run_dir/zero_shot.json for a resumed run; None when a resumed run has none."""
+def _zero_shot(run_dir: str, ev: dict | None) -> np.ndarray | None:
+    """Per-user test CE of the base alone: `ev`, the run's evaluation of the state before round 1
+    (every adapter's B is 0, so the model is the frozen base, whatever the method), kept in
+    run_dir/zero_shot.json for a resumed run; ev=None (resumed): read back from there, None when
+    the run started without eval.zero_shot."""
     path = os.path.join(run_dir, "zero_shot.json")
-    if not fresh:
+    if ev is None:
         try:
             with open(path) as f:
                 return np.asarray(json.load(f)["ce"], np.float64)
         except (OSError, ValueError, KeyError):
             return None  # started before eval.zero_shot was set: nothing to recover without the base state
-    ce = np.asarray(evaluate()["ce"], np.float64)
+    ce = np.asarray(ev["ce"], np.float64)
     if distributed.is_main_process():
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
@@ -419,20 +411,38 @@ def _zero_shot(run_dir: str, evaluate, fresh: bool) -> np.ndarray | None:
 
 
 # ----------------------------------------------------------------------------- every run
-def run(config, workdir: str) -> dict:
-    """Train and evaluate every (method, seed) of `config` in `workdir`; returns
-    {(method, seed): results} (each what its results.json holds).
+@dataclasses.dataclass
+class _Prepared:
+    """What every run of a config shares: its methods' layouts, the users' data, the base."""
+    cfg: ConfigDict
+    layouts: dict  # {(method, n_federations): Layout}
+    data: object
+    base_cfg: object
+    base: dict
 
-    Raises comigs_jax.errors.ConfigError before any data, base or compile work, WorkdirError,
-    DataError, BaseModelError, CheckpointError or NumericalFault (one-line messages), and Stopped
-    when a signal stopped the run after a checkpoint. `config` is not modified. In a
-    multi-process run, comigs_jax.distributed.initialize must have run first."""
+    def layout_of(self, method: str):
+        def of(n_feds: int) -> Layout:
+            if (method, n_feds) not in self.layouts:
+                self.layouts[method, n_feds] = layouts_of(self.cfg, [method], n_feds)[method]
+            return self.layouts[method, n_feds]
+        return of
+
+
+def _resolve(config) -> ConfigDict:
+    """A validated, resolved copy of `config` (ConfigError before any data, base or compile work)."""
     cfg = config.copy_and_resolve_references()
     configuration.validate(cfg)
-    methods, seeds = configuration.methods_of(cfg), configuration.seeds_of(cfg)
     cfg.data.min_tokens = max(cfg.data.min_tokens, cfg.train.seq_len + 1)
-    make_workdir(workdir)
-    layouts = layouts_of(cfg, methods)
+    return cfg
+
+
+def _prepare(cfg, workdirs: list[str]) -> _Prepared:
+    """Lay the users out, load the data (each process only its own users) and the base once;
+    hosts.json (which process held which users) in each of `workdirs`."""
+    methods = configuration.methods_of(cfg)
+    for wd in workdirs:
+        make_workdir(wd)
+    layouts = {(m, 1): lay for m, lay in layouts_of(cfg, methods).items()}
     directory = base_dir(cfg, log)  # a GGUF base is converted here, before its tokenizer is needed
     data_cfg = cfg.data.copy_and_resolve_references()  # data.tokenizer="base" resolved; the identity keeps "base"
     data_cfg.tokenizer = base_tokenizer(cfg, directory)
@@ -454,34 +464,84 @@ def run(config, workdir: str) -> dict:
         hint = "" if data_cfg.tokenizer == cfg.data.tokenizer == "base" or cfg.data.source == "synthetic" else \
             f" (data.tokenizer={cfg.data.tokenizer!r}; 'base' tokenises with the base's own tokenizer)"
         raise DataError(str(e) + hint) from None
-    if distributed.is_main_process():  # which process held which users' data (each loads only its own)
-        with open(os.path.join(workdir, "hosts.json"), "w") as f:
-            json.dump(hosts, f, indent=1)
+    if distributed.is_main_process():
+        for wd in workdirs:
+            with open(os.path.join(wd, "hosts.json"), "w") as f:
+                json.dump(hosts, f, indent=1)
+    return _Prepared(cfg, layouts, data, base_cfg, base)
+
+
+def _compare(cfg, workdir: str, results: dict) -> None:
+    """WORKDIR/comparison.* of a config's runs (several methods or seeds)."""
+    table = metrics.comparison(list(results.values()))
+    if distributed.is_main_process():
+        metrics.write_comparison(workdir, table)
+        if cfg.output.figures:
+            plot.comparison_figure(workdir, table)
+    log(metrics.comparison_markdown(table))
+
+
+def run(config, workdir: str) -> dict:
+    """Train and evaluate every (method, seed) of `config` in `workdir`; returns
+    {(method, seed): results} (each what its results.json holds).
+
+    Raises comigs_jax.errors.ConfigError before any data, base or compile work, WorkdirError,
+    DataError, BaseModelError, CheckpointError or NumericalFault (one-line messages), and Stopped
+    when a signal stopped the run after a checkpoint. `config` is not modified. In a
+    multi-process run, comigs_jax.distributed.initialize must have run first."""
+    cfg = _resolve(config)
+    methods, seeds = configuration.methods_of(cfg), configuration.seeds_of(cfg)
+    prep = _prepare(cfg, [workdir])
     n_runs = len(methods) * len(seeds)
-    stacked_layouts = layouts_of(cfg, methods, len(seeds)) if cfg.federation.get("stack_seeds") and len(seeds) > 1 \
-        else None
+    stack = bool(cfg.federation.get("stack_seeds")) and len(seeds) > 1
     out = {}
     for method in methods:
-        if stacked_layouts is not None:
-            dirs = [run_dir_of(workdir, method, seed, n_runs) for seed in seeds]
-            res = train_and_evaluate_stacked(cfg, method, seeds, data, base_cfg, base, dirs, stacked_layouts[method],
-                                             layouts[method])
-            if res is not None:
-                for seed, r in zip(seeds, res):
-                    out[method, seed] = r
-                    log(metrics.results_markdown(r))
-                continue
-        for seed in seeds:
-            res = train_and_evaluate(cfg, method, seed, data, base_cfg, base,
-                                     run_dir_of(workdir, method, seed, n_runs), layouts[method])
-            out[method, seed] = res
+        runs = [_Run(cfg, s, run_dir_of(workdir, method, s, n_runs), f"seed {s}") for s in seeds]
+        for run_, res in zip(runs, train_runs(method, runs, prep.data, prep.base_cfg, prep.base,
+                                              prep.layout_of(method), stack)):
+            out[method, run_.seed] = res
             log(metrics.results_markdown(res))
     if n_runs > 1:
-        table = metrics.comparison(list(out.values()))
-        if distributed.is_main_process():
-            metrics.write_comparison(workdir, table)
-            if cfg.output.figures:
-                plot.comparison_figure(workdir, table)
-        log(metrics.comparison_markdown(table))
+        _compare(cfg, workdir, out)
     log(f"outputs in {os.path.abspath(workdir)}")
+    return out
+
+
+def run_cells(cells: list[tuple]) -> list[dict]:
+    """Several configs ("cells" of a hyper-parameter grid: [(config, workdir), ...]) that differ
+    only in FEDERATION_KEYS (seeds, train.lr / router_lr / lb_weight / weight_decay /
+    prune_lambda), trained as ONE program per method: every (cell, seed) a federation. Each
+    workdir gets what experiment.run(config, workdir) writes (and either resumes the other's);
+    returns each cell's {(method, seed): results}. ConfigError (one line) before any work for
+    cells that differ in another key."""
+    cfgs = [_resolve(c) for c, _ in cells]
+    if not cfgs:
+        return []
+    first = identity_lib.flat_config(cfgs[0])
+    for (_, wd), c in zip(cells, cfgs):
+        flat = identity_lib.flat_config(c)
+        diff = sorted(k for k in set(first) | set(flat) if first.get(k) != flat.get(k)
+                      and k not in configuration.FEDERATION_KEYS)
+        if diff:
+            k = diff[0]
+            raise ConfigError(f"cell {wd}: config.{k} differs from the first cell's ({first.get(k)!r}, "
+                              f"{flat.get(k)!r}); cells of one program may differ only in "
+                              f"{', '.join(configuration.FEDERATION_KEYS)}")
+    cfg = cfgs[0]
+    prep = _prepare(cfg, [wd for _, wd in cells])
+    n_runs = [len(configuration.methods_of(c)) * len(configuration.seeds_of(c)) for c in cfgs]
+    out = [{} for _ in cells]
+    for method in configuration.methods_of(cfg):
+        runs, where = [], []
+        for i, ((_, wd), c) in enumerate(zip(cells, cfgs)):
+            for s in configuration.seeds_of(c):
+                runs.append(_Run(c, s, run_dir_of(wd, method, s, n_runs[i]), f"{os.path.basename(wd)} seed {s}"))
+                where.append(i)
+        log(f"[{method}] {len(runs)} runs ({len(cells)} cells x seeds) as federations of one program")
+        for i, run_, res in zip(where, runs, train_runs(method, runs, prep.data, prep.base_cfg, prep.base,
+                                                       prep.layout_of(method), stack=True)):
+            out[i][method, run_.seed] = res
+    for (_, wd), c, res, n in zip(cells, cfgs, out, n_runs):
+        if n > 1:
+            _compare(c, wd, res)
     return out

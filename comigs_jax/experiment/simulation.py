@@ -324,6 +324,19 @@ class Simulation:
         take = lambda st: jax.tree.map(lambda x: jnp.take(x, jnp.asarray(idx), axis=0), st)
         return jax.jit(take, out_shardings=layout.users)(self.states)
 
+    def set_federation_states(self, states: Sequence, layout: Layout) -> None:
+        """The inverse of federation_states: states[f], federation f's states laid out as its own
+        Simulation on `layout` holds them (a restored checkpoint), become its rows here; padding
+        rows copy the first federation's first row, as at initialisation. A collective."""
+        per, n = self.layout.models_per_federation, layout.n_rows
+        if len(states) != self.n_federations:
+            raise ValueError(f"set_federation_states: {len(states)} states for {self.n_federations} federations")
+        self.federation_rows(0, layout)  # the layout check
+        rows = np.arange(self.n_padded)
+        idx = np.where(rows < self.n_federations * per, (rows // per) * n + rows % per, 0)
+        put = lambda *sts: jax.tree.map(lambda *xs: jnp.take(jnp.concatenate(xs), jnp.asarray(idx), axis=0), *sts)
+        self.states = jax.jit(put, out_shardings=self.layout.users)(*states)
+
     def federation_rows(self, federation: int, layout: Layout) -> np.ndarray:
         """[layout.n_rows]: the rows of this Simulation that federation `federation`'s own run on
         `layout` (one federation) holds, in its order; its padding rows copy its first."""

@@ -39,14 +39,14 @@ from comigs_jax.errors import ConfigError, WorkdirError
 
 STUDY_KEYS = ("name", "description", "grid", "figure", "one_program", "unavailable")
 FIGURES = ("lines", "win_map", "ppl_vs_communication")
-# Keys that may differ between federations of one program (Simulation's ROW_HPARAMS, and seeds).
-ONE_PROGRAM_KEYS = ("seed", "seeds", "train.lr", "train.router_lr", "train.lb_weight", "train.weight_decay")
+# Keys that may differ between federations of one program (the seeds, Simulation's ROW_HPARAMS).
+ONE_PROGRAM_KEYS = configuration.FEDERATION_KEYS
 IDENTITY_FILE = "study_identity.json"
 # Keys that do not make another study (how it runs and writes, not what it computes).
 FREE_KEYS = ("resume", "output", "checkpoint", "methods", "seeds", "federation.mode", "federation.shard",
              "federation.stack_seeds", "distributed", "data.cache_dir", "data.use_cache", "data.progress",
              "model.remat", "model.head_block", "train.user_chunk", "eval.zero_shot", "study.grid",
-             "study.description", "study.figure", "study.unavailable")
+             "study.description", "study.figure", "study.unavailable", "study.one_program")
 
 
 class StudyError(ConfigError):
@@ -59,7 +59,7 @@ def default_study_group(name: str = "study") -> ConfigDict:
     s.description = ""  # one line for study.md
     s.grid = ""  # axes 'KEY=V1|V2; K1&K2=A1&B1|A2&B2' (linked keys change together; 'x0.1' scales a numeric key)
     s.figure = "lines"  # lines (mean ppl per cell and method) | win_map (two axes: the best method per cell) | ppl_vs_communication
-    s.one_program = False  # True: every cell as a federation of one program (only seed(s), train.lr/router_lr/lb_weight/weight_decay may vary)
+    s.one_program = False  # True: every cell x seed as a federation of ONE program per method (the grid may vary only seed(s), train.lr/router_lr/lb_weight/weight_decay/prune_lambda)
     s.unavailable = ""  # cells the engine cannot run yet: 'AXIS VALUE: why; ...' listed in study.md, not run
     return s
 
@@ -185,9 +185,6 @@ def expand(cfg: ConfigDict) -> list[dict]:
                                  "(set study.one_program=False to run the cells as separate programs)")
     if st.figure == "win_map" and len(axes) != 2:
         raise StudyError(f"config.study.figure='win_map' is not allowed with {len(axes)} grid axes: exactly 2")
-    if st.one_program:
-        raise StudyError("config.study.one_program=True is not available yet (cells of a hyper-parameter grid "
-                         "as federations of one program); set it to False")
     try:
         configuration.validate(base)
     except ConfigError as e:
@@ -285,14 +282,18 @@ def read_finished(cell_dir: str, cell_cfg) -> dict | None:
     return out
 
 
-def run_study(cfg, workdir: str, log=print, runner=None) -> dict:
+def run_study(cfg, workdir: str, log=print, runner=None, cells_runner=None) -> dict:
     """Validate every cell, then run the unfinished ones and write study.json / .md / .png.
-    Returns study.json's content. `runner(cell_cfg, cell_dir)` defaults to experiment.run."""
+    Returns study.json's content. `runner(cell_cfg, cell_dir)` defaults to experiment.run; with
+    study.one_program, `cells_runner([(cell_cfg, cell_dir), ...])` (default experiment.loop.run_cells)
+    trains every unfinished cell x seed as a federation of one program per method."""
     cells = expand(cfg)  # every bad input: one line before any run
     identity = study_identity(cfg)
     check_study_dir(workdir, identity)
     if runner is None:
         from comigs_jax.experiment.loop import run as runner
+    if cells_runner is None:
+        from comigs_jax.experiment.loop import run_cells as cells_runner
     os.makedirs(os.path.join(workdir, "cells"), exist_ok=True)
     path = os.path.join(workdir, IDENTITY_FILE)
     if not os.path.exists(path):
@@ -300,23 +301,35 @@ def run_study(cfg, workdir: str, log=print, runner=None) -> dict:
             json.dump(identity, f, indent=1)
         os.replace(path + ".tmp", path)
     unavailable = unavailable_of(cfg)
-    results, timings = {}, {}
+    results, timings, pending = {}, {}, []
+    cell_dir = lambda cell: os.path.join(workdir, "cells", cell["name"])
     for i, cell in enumerate(cells):
-        cell_dir = os.path.join(workdir, "cells", cell["name"])
-        done = read_finished(cell_dir, cell["config"])
+        done = read_finished(cell_dir(cell), cell["config"])
         if done is not None:
             log(f"[study {cfg.study.name}] cell {i + 1}/{len(cells)} {cell['name']}: finished, not rerun")
             results[cell["name"]] = done
-            continue
-        log(f"[study {cfg.study.name}] cell {i + 1}/{len(cells)} {cell['name']}")
+        elif cfg.study.one_program:
+            pending.append(cell)
+        else:
+            log(f"[study {cfg.study.name}] cell {i + 1}/{len(cells)} {cell['name']}")
+            t0 = time.perf_counter()
+            runner(cell["config"], cell_dir(cell))
+            timings[cell["name"]] = time.perf_counter() - t0
+            pending.append(cell)
+    one_program_s = None
+    if cfg.study.one_program and pending:
+        log(f"[study {cfg.study.name}] cells {', '.join(c['name'] for c in pending)} as one program per method")
         t0 = time.perf_counter()
-        runner(cell["config"], cell_dir)
-        timings[cell["name"]] = time.perf_counter() - t0
-        done = read_finished(cell_dir, cell["config"])
+        cells_runner([(c["config"], cell_dir(c)) for c in pending])
+        one_program_s = time.perf_counter() - t0
+    for cell in pending:
+        done = read_finished(cell_dir(cell), cell["config"])
         if done is None:
-            raise WorkdirError(f"cell {cell['name']} finished without every run's results.json in {cell_dir}")
+            raise WorkdirError(f"cell {cell['name']} finished without every run's results.json in {cell_dir(cell)}")
         results[cell["name"]] = done
     summary = summarise(cfg, cells, results, unavailable, timings)
+    if one_program_s is not None:
+        summary["one_program_wall_s"] = round(one_program_s, 1)  # every pending cell at once
     write_outputs(workdir, summary, cfg)
     log(f"[study {cfg.study.name}] outputs in {os.path.abspath(workdir)}: study.json, study.md, study.png")
     return summary
