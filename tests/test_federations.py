@@ -164,3 +164,31 @@ def _close(a, b, path="results"):
         assert b == pytest.approx(a, rel=1e-6, abs=1e-7), path
     else:
         assert a == b, path
+
+
+def test_stacked_ranked_runs_resume_as_one_program(tiny_cache, tmp_path):
+    """HetLoRA with per-user ranks 2, 4, 3 and seeds 0, 1 stacked: each seed's checkpoint holds its
+    own program's rows and ranks (its host state as a separate run's), and a run resumed from
+    round 1 as one program ends where the uninterrupted one ended."""
+    import json
+    import os
+    import shutil
+
+    from comigs_jax import experiment
+    from configs import tiny
+    c = tiny.get_config("hetlora")
+    c.update_from_flattened_dict({"output.figures": False, "train.rounds": 2, "checkpoint.every_rounds": 1,
+                                  "model.ranks": "2,4,3", "seeds": "0,1", "federation.stack_seeds": True,
+                                  "data.cache_dir": tiny_cache})
+    wd = str(tmp_path / "wd")
+    first = experiment.run(c, wd)
+    for s in (0, 1):
+        d = os.path.join(wd, f"hetlora_s{s}")
+        meta = json.load(open(os.path.join(d, "checkpoints", "1", "meta", "metadata")))
+        assert meta["host"]["ranks"][:3] == [2, 4, 3] and isinstance(meta["host"]["rng"], dict)
+        shutil.rmtree(os.path.join(d, "checkpoints", "2"))
+        os.remove(os.path.join(d, "results.json"))
+    again = experiment.run(c, wd)
+    for key, res in first.items():
+        strip = lambda r: {k: v for k, v in r.items() if k not in ("speed", "provenance", "config")}
+        _close(strip(res), strip(again[key]))
