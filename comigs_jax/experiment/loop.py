@@ -242,9 +242,12 @@ def _train_program(method, runs: list[_Run], data, base_cfg, base, layout: Layou
     for w in writers:
         w.truncate(start)
     seeds = [r.seed for r in runs]
-    name = f"{method.name} s{','.join(map(str, seeds))}"
+    one_cfg = all(r.cfg is cfg for r in runs)  # a method's seeds; else the cells of a grid
+    name = f"{method.name} s{','.join(map(str, seeds))}" if one_cfg else f"{method.name} {n_feds} runs"
+    where = ", ".join(r.run_dir for r in runs) if n_feds <= 4 else \
+        f"{n_feds} folders under {os.path.commonpath([r.run_dir for r in runs])}"
     if start:
-        log(f"[{name}] resumed from round {start} ({', '.join(r.run_dir for r in runs)})")
+        log(f"[{name}] resumed from round {start} ({where})")
 
     evaluate = lambda: sim.evaluate(data.test, cfg.eval.n_windows, cfg.eval.batch_size, cfg.eval.protocol,
                                     seeds[0] if n_feds == 1 else seeds)
@@ -269,9 +272,8 @@ def _train_program(method, runs: list[_Run], data, base_cfg, base, layout: Layou
 
     with StopOnSignal(second_signal) as stop:
         if start < tc.rounds:
-            what = "" if n_feds == 1 else f"{n_feds} {'seeds' if all(r.cfg is cfg for r in runs) else 'runs'} as one " \
-                "program, "
-            log(f"[{name}] {what}rounds {start + 1}..{tc.rounds} in {', '.join(r.run_dir for r in runs)} "
+            what = "" if n_feds == 1 else f"{n_feds} {'seeds' if one_cfg else 'runs'} as one program, "
+            log(f"[{name}] {what}rounds {start + 1}..{tc.rounds} in {where} "
                 "(SIGINT/SIGTERM: stop after the current round with a checkpoint; a second one: at once)")
         for r in bar:
             t0 = time.perf_counter()
