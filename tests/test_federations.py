@@ -102,6 +102,15 @@ def test_grouped_aggregation_matches_numpy():
         np.testing.assert_allclose(out["h_0", "attn", "c_attn", "lora_A"][sel], np.broadcast_to(mean, x[sel].shape),
                                    rtol=1e-6)
     np.testing.assert_array_equal(out["h_0", "router", "kernel"], x)
+    # a group without weight (nobody uploaded) keeps its rows' leaves; the others average as before
+    w0 = np.where(groups == 1, 0.0, w).astype(np.float32)
+    out0 = _flat(aggregate(jax.tree.map(jnp.asarray, params), jnp.asarray(w0), ("attn",),
+                           groups=jnp.asarray(groups), n_groups=3))["h_0", "attn", "c_attn", "lora_A"]
+    np.testing.assert_array_equal(out0[groups == 1], x[groups == 1])
+    np.testing.assert_array_equal(out0[groups != 1], out["h_0", "attn", "c_attn", "lora_A"][groups != 1])
+    # one federation, no weight at all: unchanged (not NaN)
+    alone = _flat(aggregate(jax.tree.map(jnp.asarray, params), jnp.zeros(7, jnp.float32), ("attn",)))
+    np.testing.assert_array_equal(alone["h_0", "attn", "c_attn", "lora_A"], x)
 
 
 def test_a_key_that_changes_shapes_is_refused():

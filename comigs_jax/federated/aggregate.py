@@ -32,7 +32,9 @@ def aggregate(params: dict, weights: jax.Array, shared_roles: tuple[str, ...],
 
     params: trainable leaves with a leading user axis [U, ...].
     weights [U]: non-negative; 0 for padding users and users that sat out the round. They are
-      normalised here; the mean is broadcast to all users, those with weight 0 included.
+      normalised here; the mean is broadcast to all users, those with weight 0 included. With no
+      weight at all (in a group: within that group) there is nothing to average: the rows keep
+      their own leaves (a mean over no one would be 0 / 0).
     shared_roles: roles to average (attn, generalist, specialist, router); other leaves are
       returned unchanged.
     n_shared_specialists: with heterogeneous expert counts only the specialist slots that every
@@ -44,12 +46,16 @@ def aggregate(params: dict, weights: jax.Array, shared_roles: tuple[str, ...],
       group's mean. None: one federation (the plain mean above).
     """
     if groups is None:
-        w = weights / jnp.sum(weights)
-        mean_of = lambda x: _mean_over_users(x, w)
+        total = jnp.sum(weights)
+        w = weights / jnp.where(total > 0, total, 1)
+        mean_of = lambda x: jnp.where(total > 0, _mean_over_users(x, w), x)
     else:
         wg = (groups[None, :] == jnp.arange(n_groups)[:, None]) * weights.astype(jnp.float32)[None, :]
-        wg = wg / jnp.sum(wg, axis=1, keepdims=True)
-        mean_of = lambda x: _mean_within_groups(x, wg, groups)
+        total = jnp.sum(wg, axis=1, keepdims=True)
+        wg = wg / jnp.where(total > 0, total, 1)
+        has = jnp.take(total[:, 0] > 0, groups)  # [U]: the row's group has weight
+        mean_of = lambda x: jnp.where(has.reshape((-1,) + (1,) * (x.ndim - 1)), _mean_within_groups(x, wg, groups),
+                                      x)
     flat = traverse_util.flatten_dict(params)
     out = {}
     for path, x in flat.items():
