@@ -12,8 +12,8 @@ from flax import traverse_util
 
 from comigs_jax.experiment.simulation import Simulation
 from comigs_jax.federated.methods import get_method
-from comigs_jax.federated.ranks import (aggregate_ranked, lora_scale, prune_rank, pruning_penalty, rank_scales,
-                                        safe_norm)
+from comigs_jax.federated.ranks import (aggregate_ranked, last_in_group, lora_scale, prune_rank, pruning_penalty,
+                                        rank_scales, safe_norm)
 from comigs_jax.model.config import LoRAConfig
 from comigs_jax.train.state import TrainConfig
 from tiny import markov_users, tiny_base, tiny_cfg
@@ -127,20 +127,26 @@ def test_hetlora_rule_matches_numpy_and_ranks_shrink_never_grow():
     assert new[1] == 2 and new[4] == 4
 
 
-@pytest.mark.parametrize("reference", [False, True])
-def test_flexlora_rule_matches_numpy_clean_and_reference_scales(reference):
-    ranks, n = [2, 4, 3], np.array([300.0, 100.0, 200.0])
+@pytest.mark.parametrize("reference, n", [(False, [300.0, 100.0, 200.0]), (True, [300.0, 100.0, 200.0]),
+                                          (True, [300.0, 100.0, 0.0])])
+def test_flexlora_rule_matches_numpy_clean_and_reference(reference, n):
+    """Clean: the SVD of the token-weighted mean of s(r_i) A_i B_i. Reference: of the last
+    uploading user's (n_U / sum n) (16 / r_U) A_U B_U alone (D3; user 1 when user 2 sat out),
+    split with 16 / r_max (D3b)."""
+    ranks, n = [2, 4, 3], np.array(n)
     full = np.array(ranks)
     s = np.array([lora_scale(LORA, r) for r in ranks])
     form = 16.0 / full if reference else s                 # D3b: merge_rate 16/r_i ...
     back = np.full(3, 16.0 / R) if reference else s        # ... and _svd's 16/r_max
+    rule = "flexlora_reference" if reference else "flexlora"
     flat = _stack(ranks, seed=2)
-    out, new = _run(flat, "flexlora", np.ones(3), ranks, n_tokens=n, form=form, back=back)
+    out, new = _run(flat, rule, np.ones(3), ranks, n_tokens=n, form=form, back=back)
     np.testing.assert_array_equal(new, ranks)
+    last = np.flatnonzero(n > 0)[-1]
     for name in ("fc", "proj"):
         ka, kb = ("h_0", "mlp", "specialists", f"{name}_A"), ("h_0", "mlp", "specialists", f"{name}_B")
         dw = np.einsum("u...ir,u...ro->u...io", flat[ka].astype(np.float64), flat[kb]) * form[:, None, None, None]
-        mean = (n[:, None, None, None] * dw).sum(0) / n.sum()
+        mean = n[last] * dw[last] / n.sum() if reference else (n[:, None, None, None] * dw).sum(0) / n.sum()
         uu, ss, vt = np.linalg.svd(mean[0], full_matrices=False)
         for i, r in enumerate(ranks):
             assert not np.any(out[ka][i][..., r:]) and not np.any(out[kb][i][..., r:, :])  # zero tails
@@ -149,7 +155,7 @@ def test_flexlora_rule_matches_numpy_clean_and_reference_scales(reference):
     # D3b end to end: with user j alone weighted, user i's model update s(r_i) A_i B_i is the rank-r_i
     # truncation of user j's s(r_j) A_j B_j times r_max / sqrt(r_i r_j) (1 in clean mode)
     j = 0
-    out, _ = _run(flat, "flexlora", np.ones(3), ranks, n_tokens=np.eye(3)[j], form=form, back=back)
+    out, _ = _run(flat, rule, np.ones(3), ranks, n_tokens=np.eye(3)[j], form=form, back=back)
     ka, kb = ("h_0", "mlp", "specialists", "fc_A"), ("h_0", "mlp", "specialists", "fc_B")
     dw_j = s[j] * flat[ka][j][0].astype(np.float64) @ flat[kb][j][0]
     for i, r in enumerate(ranks):
@@ -157,7 +163,11 @@ def test_flexlora_rule_matches_numpy_clean_and_reference_scales(reference):
         factor = R / np.sqrt(ranks[i] * ranks[j]) if reference else 1.0
         np.testing.assert_allclose(s[i] * out[ka][i][0] @ out[kb][i][0], factor * (uu[:, :r] * ss[:r]) @ vt[:r],
                                    rtol=1e-4, atol=1e-5)
-    assert get_method("flexlora").for_mode(True).server == "flexlora_reference_scale"
+    assert get_method("flexlora").for_mode(True).server == "flexlora_reference"
+    # D3 per federation: each group's last row with weight
+    w, g = np.array([1, 0, 2, 0, 0, 0, 3, 5, 0]), np.array([0, 0, 1, 1, 2, 2, 3, 3, 3])
+    want = [True, False, True, False, False, False, False, True, False]  # group 2: nobody uploaded
+    assert np.asarray(last_in_group(jnp.asarray(w, jnp.float32), jnp.asarray(g), 4)).tolist() == want
     assert get_method("flexlora").for_mode(False).server == "flexlora"
 
 

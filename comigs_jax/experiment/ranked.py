@@ -41,8 +41,8 @@ class Ranks:
         rows = ranks * sim.n_federations if not sim.method.pooled_data else [self.r_max]
         self.full = np.array(rows + [self.r_max] * (n_rows - len(rows)), np.int32)
         self.current = self.full.copy()
-        self.rule = {"mean": "mean", "hetlora": "hetlora"}.get(sim.method.server, "flexlora")
-        if sim.method.server == "flexlora_reference_scale":  # D3b: merge_rate alpha/r_i, _svd's alpha/r_max
+        self.rule = sim.method.server
+        if sim.method.server == "flexlora_reference":  # D3b: merge_rate alpha/r_i, _svd's alpha/r_max
             form = self.lora.alpha / self.full.astype(np.float64)
             back = np.full(n_rows, self.lora.alpha / self.r_max)
         else:  # the model's own scale both ways

@@ -17,8 +17,9 @@ from comigs_jax.federated.roles import TRAINABLE_ROLES, factor_of, role_of
 ROUTER_MODES = ("bilevel", "alternating_train", "joint", "none")
 # Server rules of the expert LoRA leaves (comigs_jax.federated.ranks): the (rank-masked) mean,
 # HetLoRA's norm-weighted zero-padded mean with self-pruning, FlexLoRA's SVD of the averaged
-# products (flexlora_reference_scale: the reference's scales, D3b).
-SERVERS = ("mean", "hetlora", "flexlora", "flexlora_reference_scale")
+# products (flexlora_reference: as the reference, only the last user's product reaching the SVD, D3,
+# with the reference's scales, D3b).
+SERVERS = ("mean", "hetlora", "flexlora", "flexlora_reference")
 ROUTERS = ("learned", "user")  # the router kinds of methods with a router (comigs_jax.model.config.ROUTER_KINDS)
 
 
@@ -162,9 +163,10 @@ METHODS = {m.name: m for m in [
     Method("flexlora", _ALL_EXPERTS, "none", server="flexlora",
            description="FlexLoRA: SVD of the token-weighted mean of the users' A B s(r_i); each user takes its "
                        "leading r_i components; attention LoRA averaged",
-           faithful=Method("flexlora", _ALL_EXPERTS, "none", server="flexlora_reference_scale",
-                           description="FlexLoRA as the reference (D3b): products formed with alpha/r_i and "
-                                       "split with alpha/r_max")),
+           faithful=Method("flexlora", _ALL_EXPERTS, "none", server="flexlora_reference",
+                           description="FlexLoRA as the reference: only the last uploading user's (n_i / sum n) "
+                                       "A B reaches the SVD (D3); products formed with alpha/r_i and split with "
+                                       "alpha/r_max (D3b)")),
     # PCL (collab_run_client_level.py): no server, no round-0 sync; softmax(-ppl) mixing of whole models
     Method("pcl", (), "none", pcl=PCL(), description="PCL: no server; after rounds 4, 6, ..., 18 every user "
            "becomes a softmax(-valid ppl)-weighted mix of all users' models (77efb25)"),

@@ -24,8 +24,10 @@ Server rules (stacked rows [U, ...], pure and jittable, `groups` [U] the federat
   when its own is smaller. Every user then takes the server's leaves truncated to its rank.
 - flexlora: per user dW_i = c_i A_i B_i, averaged by training tokens; the server's SVD
   dW = U S V^T; user i takes its leading rank_i components: A_i = U[:, :r_i],
-  B_i = S V^T[:r_i] / c'_i. Clean: c_i = c'_i = s(r_i), the model's scale. Reference (D3b):
-  c_i = alpha / r_i and c'_i = alpha / r_max (`merge_rate`, `Server._svd`).
+  B_i = S V^T[:r_i] / c'_i. Clean: c_i = c'_i = s(r_i), the model's scale.
+- flexlora_reference: as the reference. Its server accumulator is re-created for every user, so
+  only the last uploading user's term (n_U / sum_i n_i) dW_U reaches the SVD (D3), and c_i =
+  alpha / r_i, c'_i = alpha / r_max (`merge_rate`, `Server._svd`; D3b).
 """
 from __future__ import annotations
 
@@ -180,15 +182,27 @@ def hetlora_prune(users: dict, server: dict, ranks: jax.Array, weights: jax.Arra
     return jnp.where((weights > 0) & (own < srv), q, ranks)
 
 
+def last_in_group(weights: jax.Array, groups: jax.Array, n_groups: int) -> jax.Array:
+    """[U] bool: the row of its group with the largest index among those with weight > 0."""
+    idx = jnp.arange(weights.shape[0])
+    last = jax.ops.segment_max(jnp.where(weights > 0, idx, -1), groups, n_groups)
+    return idx == jnp.take(last, groups)
+
+
 def flexlora_factors(a: jax.Array, b: jax.Array, weights: jax.Array, ranks: jax.Array, form: jax.Array,
-                     back: jax.Array, groups, n_groups) -> tuple[jax.Array, jax.Array]:
+                     back: jax.Array, groups, n_groups, last_only: bool = False) -> tuple[jax.Array, jax.Array]:
     """FlexLoRA for one leaf pair. a [U, ..., in, r], b [U, ..., r, out] (masked to each rank),
     weights [U] (training tokens; 0 for users that sit out), ranks [U], form / back [U] the scales
-    c_i, c'_i -> (A, B) [U, ...]: A_i = U[:, :r_i], B_i = S V^T[:r_i] / c'_i, zero beyond r_i."""
+    c_i, c'_i -> (A, B) [U, ...]: A_i = U[:, :r_i], B_i = S V^T[:r_i] / c'_i, zero beyond r_i.
+    last_only (the reference, D3): the SVD of (n_U / sum_i n_i) dW_U, U the group's last row with
+    weight, instead of the weighted mean of every dW_i."""
     r = a.shape[-1]
     dw = jnp.einsum("u...ir,u...ro->u...io", a.astype(jnp.float32), b.astype(jnp.float32)) * _lead(form, a.ndim)
-    wsum = jax.ops.segment_sum(weights.astype(jnp.float32), groups, n_groups)
-    mean = jax.ops.segment_sum(_lead(weights.astype(jnp.float32), dw.ndim) * dw, groups, n_groups)
+    w = weights.astype(jnp.float32)
+    wsum = jax.ops.segment_sum(w, groups, n_groups)
+    if last_only:
+        w = jnp.where(last_in_group(w, groups, n_groups), w, 0.0)
+    mean = jax.ops.segment_sum(_lead(w, dw.ndim) * dw, groups, n_groups)
     mean = mean / _lead(jnp.where(wsum > 0, wsum, 1.0), dw.ndim)                  # [G, ..., in, out]
     u, s, vt = jnp.linalg.svd(mean, full_matrices=False)
     u, bs = u[..., :, :r], s[..., :r, None] * vt[..., :r, :]
@@ -202,8 +216,8 @@ def aggregate_ranked(params: dict, weights: jax.Array, n_tokens: jax.Array, rank
                      scale: jax.Array, form: jax.Array, back: jax.Array, *, rule: str, is_shared,
                      n_shared_specialists: int | None, groups: jax.Array, n_groups: int) -> tuple[dict, jax.Array]:
     """The ranked (expert LoRA) shared leaves of stacked params [U, ...] by `rule` ("mean":
-    masked_mean, "hetlora", "flexlora"); other leaves returned as given (the caller averages
-    them with comigs_jax.federated.aggregate). weights [U]: participation (x tokens) weights;
+    masked_mean, "hetlora", "flexlora", "flexlora_reference"); other leaves returned as given
+    (the caller averages them with comigs_jax.federated.aggregate). weights [U]: participation (x tokens) weights;
     n_tokens [U]: FlexLoRA's weights; ranks [U] current ranks; scale [U, r] rank scales;
     form / back [U]: FlexLoRA's scales. Returns (params, new ranks [U])."""
     flat = traverse_util.flatten_dict(params)
@@ -217,13 +231,13 @@ def aggregate_ranked(params: dict, weights: jax.Array, n_tokens: jax.Array, rank
         new_ranks = hetlora_prune(ranked, server, ranks, weights)
         m = (jnp.arange(scale.shape[-1])[None, :] < new_ranks[:, None]).astype(jnp.float32)
         new = {p: x * _rank_vec(m, factor_of(p), x.ndim).astype(x.dtype) for p, x in server.items()}
-    elif rule == "flexlora":
+    elif rule in ("flexlora", "flexlora_reference"):
         for p, a in ranked.items():
             if factor_of(p) == "A":
                 new[p], new[_pair(p)] = flexlora_factors(a, ranked[_pair(p)], n_tokens, ranks, form, back,
-                                                         groups, n_groups)
+                                                         groups, n_groups, last_only=rule == "flexlora_reference")
     else:
-        raise ValueError(f"rank rule {rule!r}: allowed mean, hetlora, flexlora")
+        raise ValueError(f"rank rule {rule!r}: allowed mean, hetlora, flexlora, flexlora_reference")
     out = dict(flat)
     for p, x in new.items():
         old = flat[p]
