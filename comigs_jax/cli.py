@@ -21,7 +21,7 @@ from typing import Callable
 from absl import flags
 from ml_collections import ConfigDict, config_flags
 
-from comigs_jax.errors import ExperimentError, Stopped
+from comigs_jax.errors import ExperimentError, Stopped, first_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Where the keys of each group of the experiment configs are defined ("" = every other group).
@@ -165,7 +165,7 @@ def parse_config(argv, default: str, *, homes: dict, define: Callable | None = N
         try:
             plain = load_config_file(spec)
         except Exception as e:  # noqa: BLE001 - a broken config file: its own error, one line
-            raise UsageError(f"config file {spec!r} cannot be loaded: {_first_line(e)}") from None
+            raise UsageError(f"config file {spec!r} cannot be loaded: {first_line(e)}") from None
         for flag, key in overrides:
             why = unknown_key(plain, key, homes)
             if why:
@@ -179,7 +179,7 @@ def parse_config(argv, default: str, *, homes: dict, define: Callable | None = N
         fv(list(argv))
         cfg = fv.config  # loads the file and applies the --config.* overrides
     except (flags.Error, ValueError, TypeError, KeyError, AttributeError, OSError) as e:
-        raise UsageError(_first_line(e)) from None
+        raise UsageError(first_line(e)) from None
     if show_keys:  # comments: the data keys' file (rooted at `data`), configs/base.py, the homes, the
         # config files the config file imports, the config file
         files = [EXPERIMENT_HOMES["data"], EXPERIMENT_HOMES[""], *homes.values(), *_imported_configs(path)]
@@ -205,18 +205,13 @@ def _imported_configs(path: str) -> list[str]:
     return out
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
 def parse_flags(fv: flags.FlagValues, argv) -> flags.FlagValues:
     """argv parsed into absl flags `fv` (the commands without a config: export, generate); a bad
     flag is SystemExit with one `error:` line."""
     try:
         fv(argv)
     except flags.Error as e:
-        raise SystemExit(f"error: {_first_line(e)}") from None
+        raise SystemExit(f"error: {first_line(e)}") from None
     return fv
 
 
@@ -236,7 +231,7 @@ def as_exit(fn: Callable, resume: str | None = None):
             print(f"{e}; resume with: {resume}" if resume else str(e), flush=True)
         raise CleanStop(e.exit_code) from None
     except (ExperimentError, UsageError) as e:
-        raise SystemExit(f"error: {_first_line(e)}") from None
+        raise SystemExit(f"error: {first_line(e)}") from None
     except OSError as e:
         if e.errno in ENVIRONMENT_ERRNOS:
             raise SystemExit(f"error: {e.strerror or type(e).__name__}: {e.filename or ''}".rstrip(": ")) from None

@@ -4,6 +4,13 @@ and an exit code (comigs_jax.cli)."""
 from __future__ import annotations
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what a
+    one-line error quotes of a library's exception."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class ExperimentError(Exception):
     """A run that cannot go on (bad config, workdir, data, base, checkpoint or numbers)."""
 

@@ -20,7 +20,7 @@ import time
 import numpy as np
 
 from comigs_jax.data import general_stream
-from comigs_jax.errors import BaseModelError
+from comigs_jax.errors import BaseModelError, first_line
 from comigs_jax.model.config import GPT2_SIZES, GPT2Config
 from comigs_jax.model.hf import CheckpointError, load_gpt2, save_gpt2
 from comigs_jax.model.lm import ModelConfig, checkpoint_family, load_checkpoint
@@ -42,10 +42,6 @@ def is_gguf_base(base: str) -> bool:
     return base.lower() == SMOLLM2_135M or base.endswith(".gguf")
 
 
-def _one_line(e: Exception) -> BaseModelError:
-    return BaseModelError(str(e).strip().splitlines()[0])
-
-
 def base_dir(cfg, log=print) -> str | None:
     """The base's local HF directory, a GGUF base converted first (cached: seconds the first time,
     nothing after); None for "pretrain" and hub ids. BaseModelError (one line) on failure."""
@@ -56,7 +52,7 @@ def base_dir(cfg, log=print) -> str | None:
         try:
             return llama_gguf.convert(cfg.base, os.path.join(os.path.expanduser(cfg.data.cache_dir), "bases"), log)
         except CheckpointError as e:
-            raise _one_line(e) from e
+            raise BaseModelError(first_line(e)) from e
     path = os.path.expanduser(cfg.base)
     return path if os.path.isdir(path) else None
 
@@ -80,7 +76,7 @@ def base_tokenizer(cfg, directory: str | None) -> str:
     try:
         family = checkpoint_family(directory)
     except CheckpointError as e:
-        raise _one_line(e) from e
+        raise BaseModelError(first_line(e)) from e
     if family == "gpt2":
         return "gpt2"
     if cfg.data.source == "synthetic":  # token ids are the process's states: no tokenizer is ever loaded
@@ -97,7 +93,7 @@ def load_base(cfg, vocab_size: int, log=print, directory: str | None = None) -> 
         try:
             return load_checkpoint(directory or base_dir(cfg, log) or cfg.base)
         except CheckpointError as e:
-            raise _one_line(e) from e
+            raise BaseModelError(first_line(e)) from e
     p = cfg.pretrain
     ckpt = pretrained_base_dir(cfg)
     damaged = False
@@ -105,7 +101,7 @@ def load_base(cfg, vocab_size: int, log=print, directory: str | None = None) -> 
         try:
             return load_gpt2(ckpt)
         except CheckpointError as e:
-            log(f"warning: the cached base cannot be loaded ({str(e).splitlines()[0]}); pretraining it again")
+            log(f"warning: the cached base cannot be loaded ({first_line(e)}); pretraining it again")
             damaged = True
     base_cfg = GPT2Config(vocab_size=vocab_size, n_positions=cfg.train.seq_len, n_embd=p.n_embd,
                           n_layer=p.n_layer, n_head=p.n_head)

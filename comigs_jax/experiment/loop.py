@@ -28,7 +28,7 @@ from tqdm import tqdm
 from comigs_jax import configuration, distributed
 from comigs_jax.data import DataSourceError, InsufficientDataError, load_user_data
 from comigs_jax.data.reference_bins import check_token_ids
-from comigs_jax.errors import ConfigError, DataError, Stopped, WorkdirError
+from comigs_jax.errors import ConfigError, DataError, Stopped, WorkdirError, first_line
 from comigs_jax.experiment import identity as identity_lib
 from comigs_jax.experiment import metrics, numerics, plot
 from comigs_jax.experiment.base_model import base_dir, base_tokenizer, load_base
@@ -451,7 +451,7 @@ def _prepare(cfg, workdirs: list[str]) -> _Prepared:
     try:  # bad data or an unusable base: one line, no traceback
         data = load_user_data(data_cfg, user_indices=data_users(layouts.values()))
     except (DataSourceError, InsufficientDataError) as e:
-        raise DataError(str(e).strip().splitlines()[0]) from e
+        raise DataError(first_line(e)) from e
     data.info.setdefault("tokenizer", data_cfg.tokenizer)
     hosts = distributed.gather_json({"process": jax.process_index(),
                                      "devices": [str(d) for d in jax.local_devices()],

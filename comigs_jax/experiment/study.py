@@ -35,7 +35,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from comigs_jax import cli, configuration
-from comigs_jax.errors import ConfigError, WorkdirError
+from comigs_jax.errors import ConfigError, WorkdirError, first_line
 
 STUDY_KEYS = ("name", "description", "grid", "figure", "one_program", "unavailable")
 FIGURES = ("lines", "win_map", "ppl_vs_communication")
@@ -199,7 +199,7 @@ def expand(cfg: ConfigDict) -> list[dict]:
                 try:
                     cell.update_from_flattened_dict({k: v})
                 except (TypeError, ValueError, KeyError, AttributeError) as e:
-                    raise StudyError(f"study.grid {k}={text!r} is not allowed: {cli._first_line(e)}") from None
+                    raise StudyError(f"study.grid {k}={text!r} is not allowed: {first_line(e)}") from None
                 typed[k], shown[k] = v, text
         name = cell_name(shown)
         try:

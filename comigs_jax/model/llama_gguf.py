@@ -22,6 +22,7 @@ from typing import Optional
 
 import numpy as np
 
+from comigs_jax.errors import first_line
 from comigs_jax.model.hf import CheckpointError
 
 SMOLLM2_135M = "smollm2-135m"
@@ -119,7 +120,7 @@ def _open(path: str):
     try:
         return gguf.GGUFReader(path, "r")
     except Exception as e:  # noqa: BLE001 - the reader raises ValueError, struct.error, ...
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        detail = first_line(e)
         raise GGUFError(f"{path}: cannot be read as GGUF ({detail}): the file is damaged or incomplete") from None
 
 
