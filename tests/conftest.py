@@ -124,3 +124,19 @@ if _COMPILE_REPORT:
         delta = {k.replace("/jax/", ""): round(v - before[k], 3) for k, v in _events.items() if v != before[k]}
         with open(_COMPILE_REPORT, "a") as f:
             f.write(_json.dumps({"test": item.nodeid, "wall_s": round(_time.perf_counter() - t0, 2), **delta}) + "\n")
+
+
+def write_safetensors(path, tensors, dtype_name, dtype):
+    """A safetensors file written by hand (safetensors.numpy has no bfloat16)."""
+    import json
+
+    import numpy as np
+    header, blobs, offset = {}, [], 0
+    for name, arr in tensors.items():
+        b = np.ascontiguousarray(arr.astype(dtype)).tobytes()
+        header[name] = {"dtype": dtype_name, "shape": list(arr.shape), "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    h = json.dumps(header).encode()
+    with open(path, "wb") as f:
+        f.write(len(h).to_bytes(8, "little") + h + b"".join(blobs))

@@ -11,7 +11,7 @@ from safetensors.numpy import load_file, save_file
 from comigs_jax.model.config import GPT2Config, LoRAConfig, MoEConfig
 from comigs_jax.model.gpt2 import init_params
 from comigs_jax.model.hf import CheckpointError, load_gpt2, load_tokenizer, save_gpt2
-from conftest import ASSETS
+from conftest import ASSETS, write_safetensors
 
 GOLDEN_DIR = os.path.join(ASSETS, "gpt2_tiny")
 
@@ -104,6 +104,22 @@ def test_damaged_weights_are_a_clear_error(tmp_path, keep):
     with pytest.raises(CheckpointError, match="model.safetensors cannot be read .*damaged or incomplete") as e:
         load_gpt2(str(d))
     assert "\n" not in str(e.value)
+
+
+def test_bfloat16_weights_load_as_float32(tmp_path):
+    """A GPT-2 checkpoint stored in bfloat16 (as HF's Llama ones are) loads, each weight the
+    float32 value of its bfloat16 rounding."""
+    import ml_dtypes
+    d = tmp_path / "bf16"
+    shutil.copytree(GOLDEN_DIR, d)
+    ref = load_file(str(d / "model.safetensors"))
+    write_safetensors(str(d / "model.safetensors"), ref, "BF16", ml_dtypes.bfloat16)
+    _, want = load_gpt2(GOLDEN_DIR)
+    _, got = load_gpt2(str(d))
+    for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        assert g.dtype == np.float32, path
+        np.testing.assert_array_equal(g, np.asarray(w).astype(ml_dtypes.bfloat16).astype(np.float32), str(path))
+    assert any(not np.array_equal(g, w) for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
 
 
 def test_missing_tensor_is_a_clear_error(tmp_path):

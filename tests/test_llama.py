@@ -15,10 +15,10 @@ from flax import traverse_util
 from comigs_jax.federated.roles import ROLES, label_params, merge, split_base
 from comigs_jax.model import moe as moe_lib
 from comigs_jax.model.config import GPT2Config, LlamaConfig, LoRAConfig, MoEConfig, RopeScaling
-from comigs_jax.model.hf import CheckpointError
-from comigs_jax.model.hf_llama import load_llama, read_safetensors
+from comigs_jax.model.hf import CheckpointError, read_safetensors
+from comigs_jax.model.hf_llama import load_llama
 from comigs_jax.model.llama import Llama, LlamaMoEMLP, init_llama_params, llama_param_shapes
-from conftest import ASSETS
+from conftest import ASSETS, write_safetensors
 
 VARIANTS = ("llama_tiny", "llama_tiny_untied")
 
@@ -335,19 +335,6 @@ def test_legacy_rope_config_layout(tmp_path):
     assert cfg.rope_theta == 500000.0 and cfg.rope_scaling == RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
 
 
-def _write_safetensors(path, tensors, dtype_name, dtype):
-    """A safetensors file written by hand (safetensors.numpy has no bfloat16)."""
-    header, blobs, offset = {}, [], 0
-    for name, arr in tensors.items():
-        b = np.ascontiguousarray(arr.astype(dtype)).tobytes()
-        header[name] = {"dtype": dtype_name, "shape": list(arr.shape), "data_offsets": [offset, offset + len(b)]}
-        blobs.append(b)
-        offset += len(b)
-    h = json.dumps(header).encode()
-    with open(path, "wb") as f:
-        f.write(len(h).to_bytes(8, "little") + h + b"".join(blobs))
-
-
 def test_bfloat16_checkpoint_loads(tmp_path, golden):
     """HF's Llama checkpoints are bfloat16 safetensors: they load (as float32), and the reader agrees
     with safetensors' own on float32 files."""
@@ -358,7 +345,7 @@ def test_bfloat16_checkpoint_loads(tmp_path, golden):
     got = read_safetensors(src)
     assert got.keys() == ref.keys() and all(np.array_equal(got[k], ref[k]) for k in ref)
     d = _copy_asset(tmp_path)
-    _write_safetensors(os.path.join(d, "model.safetensors"), ref, "BF16", ml_dtypes.bfloat16)
+    write_safetensors(os.path.join(d, "model.safetensors"), ref, "BF16", ml_dtypes.bfloat16)
     cfg, params = load_llama(d)
     assert all(p.dtype == np.float32 for p in jax.tree.leaves(params))
     logits, _ = forward(cfg, params, jnp.asarray(golden["input_ids"]))

@@ -185,7 +185,7 @@ def load_exported(folder: str, mixture: bool = True):
     from comigs_jax.experiment.generation import UserModel
     from comigs_jax.model.config import LoRAConfig, MoEConfig
     from comigs_jax.model.hf import _flatten, load_tokenizer
-    from comigs_jax.model.hf_llama import read_safetensors
+    from comigs_jax.model.hf import read_safetensors
     from comigs_jax.model.lm import load_checkpoint, param_shapes
 
     path = os.path.join(folder, META)

@@ -1,6 +1,7 @@
 """Hugging Face GPT-2 checkpoints and the GPT-2 tokenizer, in and out.
 
-Weights load from safetensors; a `pytorch_model.bin` is read only through torch's safe loader
+Weights load from safetensors (read here through a memory map, float64/32/16 and bfloat16, as
+float32; the Llama reader uses it too); a `pytorch_model.bin` is read only through torch's safe loader
 (`weights_only=True`), never by unpickling. HF's Conv1D kernels are already [in, out], our x·W
 layout, so no tensor is transposed.
 """
@@ -10,6 +11,7 @@ import json
 import os
 from typing import Optional
 
+import ml_dtypes
 import numpy as np
 
 from comigs_jax.model.config import GPT2Config
@@ -104,6 +106,9 @@ def config_to_hf(cfg: GPT2Config) -> dict:
     }
 
 
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
+
+
 # ----------------------------------------------------------------------------- resolve
 def _is_hub_id(source: str) -> bool:
     return not os.path.isabs(source) and not source.startswith(".") and source.count("/") <= 1 \
@@ -126,25 +131,46 @@ def resolve_checkpoint_dir(source: str) -> str:
             "reachable and pass its local directory instead") from None
 
 
-def _load_safetensors(path: str) -> dict:
-    """A safetensors file's tensors; a damaged or cut-short file is a CheckpointError (one line)."""
-    from safetensors.numpy import load_file
+def read_safetensors(path: str) -> dict:
+    """Every tensor of a safetensors file as a float32 numpy array (float64/32/16 and bfloat16).
+
+    The format: a little-endian u64 header length n, n bytes of JSON {name: {dtype, shape,
+    data_offsets}}, then the raw little-endian data. Read through a memory map, one tensor at a
+    time. A damaged or cut-short file is a one-line CheckpointError.
+    """
+    def damaged(why):
+        return CheckpointError(f"{path} cannot be read ({why}): the file is damaged or incomplete")
     try:
-        return load_file(path)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types (and OSError)
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} cannot be read ({detail}): the file is damaged or incomplete") from None
+        raw = np.memmap(path, np.uint8, mode="r")
+        n = int(raw[:8].view("<u8")[0])
+        header = json.loads(bytes(raw[8:8 + n]))
+    except Exception as e:  # noqa: BLE001 - too short for a header, or not JSON
+        raise damaged(f"no safetensors header: {type(e).__name__}") from None
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name} has dtype {info.get('dtype')}, expected one of "
+                                  f"{sorted(_SAFETENSORS_DTYPES)}")
+        start, end = (8 + n + o for o in info["data_offsets"])
+        shape = tuple(info["shape"])
+        if end > raw.size or end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+            raise damaged(f"tensor {name} lies outside the file or does not fill {shape}")
+        out[name] = raw[start:end].view(dtype).reshape(shape).astype(np.float32)
+    return out
 
 
 def _read_tensors(ckpt_dir: str) -> dict:
     st = os.path.join(ckpt_dir, "model.safetensors")
     if os.path.exists(st):
-        return _load_safetensors(st)
+        return read_safetensors(st)
     shards = sorted(f for f in os.listdir(ckpt_dir) if f.endswith(".safetensors"))
     if shards:
         out = {}
         for f in shards:
-            out.update(_load_safetensors(os.path.join(ckpt_dir, f)))
+            out.update(read_safetensors(os.path.join(ckpt_dir, f)))
         return out
     binf = os.path.join(ckpt_dir, "pytorch_model.bin")
     if os.path.exists(binf):

@@ -4,8 +4,8 @@ HF's nn.Linear weights are [out, in]; ours are x·W kernels [in, out], so every 
 untied lm_head) is transposed; the embedding [V, d] and the RMSNorm scales are not. HF's
 per-layer tensors (model.layers.{i}.*) are stacked on a leading [L] axis under `layers` (the
 model scans its blocks); they are checked one layer at a time, so errors name the HF tensor. Hub ids and
-errors are comigs_jax.model.hf's (CheckpointError); safetensors are read here, bfloat16 included
-(HF's Llama checkpoints are bfloat16, which safetensors.numpy cannot read), as float32.
+errors and the safetensors reader (bfloat16 included: HF's Llama checkpoints are bfloat16) are
+comigs_jax.model.hf's.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import os
 import re
 from typing import Optional
 
-import ml_dtypes
 import numpy as np
 
 from comigs_jax.model.config import LlamaConfig, RopeScaling
@@ -26,7 +25,6 @@ _HF_CONFIG_FIELDS = {  # ours -> HF config.json
     "n_layer": "num_hidden_layers", "n_head": "num_attention_heads",
     "intermediate_size": "intermediate_size", "rms_norm_eps": "rms_norm_eps",
 }
-_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|self_attn|mlp)\.(?:(\w+_proj)\.)?weight")
 
@@ -128,51 +126,6 @@ def llama_config_from_hf(hf_config: dict, **overrides) -> LlamaConfig:
 
 
 # ----------------------------------------------------------------------------- load
-def read_safetensors(path: str) -> dict:
-    """Every tensor of a safetensors file as a float32 numpy array (float64/32/16 and bfloat16).
-
-    The format: a little-endian u64 header length n, n bytes of JSON {name: {dtype, shape,
-    data_offsets}}, then the raw little-endian data. Read through a memory map, one tensor at a
-    time. A damaged or cut-short file is a one-line CheckpointError.
-    """
-    def damaged(why):
-        return CheckpointError(f"{path} cannot be read ({why}): the file is damaged or incomplete")
-    try:
-        raw = np.memmap(path, np.uint8, mode="r")
-        n = int(raw[:8].view("<u8")[0])
-        header = json.loads(bytes(raw[8:8 + n]))
-    except Exception as e:  # noqa: BLE001 - too short for a header, or not JSON
-        raise damaged(f"no safetensors header: {type(e).__name__}") from None
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _SAFETENSORS_DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has dtype {info.get('dtype')}, expected one of "
-                                  f"{sorted(_SAFETENSORS_DTYPES)}")
-        start, end = (8 + n + o for o in info["data_offsets"])
-        shape = tuple(info["shape"])
-        if end > raw.size or end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
-            raise damaged(f"tensor {name} lies outside the file or does not fill {shape}")
-        out[name] = raw[start:end].view(dtype).reshape(shape).astype(np.float32)
-    return out
-
-
-def _read_checkpoint(ckpt_dir: str) -> dict:
-    """model.safetensors, else every *.safetensors shard; else hf's reader (pytorch_model.bin
-    through torch's safe loader, or its one-line error)."""
-    single = os.path.join(ckpt_dir, "model.safetensors")
-    files = [single] if os.path.exists(single) else \
-        [os.path.join(ckpt_dir, f) for f in sorted(os.listdir(ckpt_dir)) if f.endswith(".safetensors")]
-    if not files:
-        return _read_tensors(ckpt_dir)
-    out = {}
-    for f in files:
-        out.update(read_safetensors(f))
-    return out
-
-
 def _weights_name(ckpt_dir: str) -> str:
     """The weights file to name in errors (the directory when the weights are sharded)."""
     st = os.path.join(ckpt_dir, "model.safetensors")
@@ -197,7 +150,7 @@ def load_llama(source: str, **config_overrides) -> tuple[LlamaConfig, dict]:
             cfg = llama_config_from_hf(json.load(f), **config_overrides)
         except CheckpointError as e:
             raise CheckpointError(f"{cfg_file}: {e}") from None
-    tensors = _read_checkpoint(ckpt_dir)
+    tensors = _read_tensors(ckpt_dir)
     where = _weights_name(ckpt_dir)
     expected = _per_layer(_flatten(llama_param_shapes(cfg.base)))
     flat = {}
