@@ -175,10 +175,11 @@ def _close(a, b, path="results"):
         assert a == b, path
 
 
-def test_stacked_ranked_runs_resume_as_one_program(tiny_cache, tmp_path):
+def test_stacked_ranked_runs_resume_as_one_program(tiny_cache, tmp_path, capsys):
     """HetLoRA with per-user ranks 2, 4, 3 and seeds 0, 1 stacked: each seed's checkpoint holds its
     own program's rows and ranks (its host state as a separate run's), and a run resumed from
-    round 1 as one program ends where the uninterrupted one ended."""
+    round 1 as one program ends where the uninterrupted one ended; so do runs that resume from
+    different rounds (a corrupt checkpoint), each group as its own program."""
     import json
     import os
     import shutil
@@ -198,6 +199,21 @@ def test_stacked_ranked_runs_resume_as_one_program(tiny_cache, tmp_path):
         shutil.rmtree(os.path.join(d, "checkpoints", "2"))
         os.remove(os.path.join(d, "results.json"))
     again = experiment.run(c, wd)
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("speed", "provenance", "config")}
     for key, res in first.items():
-        strip = lambda r: {k: v for k, v in r.items() if k not in ("speed", "provenance", "config")}
         _close(strip(res), strip(again[key]))
+    # seed 0's round-2 checkpoint corrupt, both results gone: seed 0 falls back to round 1 and
+    # resumes alone; seed 1 (finished) writes its outputs from its checkpoint; both as before
+    import glob
+    for f in glob.glob(os.path.join(wd, "hetlora_s0", "checkpoints", "2", "state", "**", "d", "*"), recursive=True):
+        with open(f, "r+b") as fh:
+            fh.truncate(7)
+    for s in (0, 1):
+        os.remove(os.path.join(wd, f"hetlora_s{s}", "results.json"))
+    capsys.readouterr()
+    third = experiment.run(c, wd)
+    out = capsys.readouterr().out
+    assert "falling back to round 1" in out and "[hetlora s0] resumed from round 1" in out
+    assert "[hetlora s1] the run had finished; writing its outputs" in out
+    for key, res in first.items():
+        _close(strip(res), strip(third[key]))
