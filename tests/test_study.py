@@ -114,6 +114,18 @@ def test_one_program_equals_the_separate_cells(finished, tmp_path):
                     cells_runner=lambda cells: never(cells, one))
 
 
+def test_one_program_groups_the_cells_that_share_a_program(tmp_path):
+    """study.one_program with a shape key and an lr axis: one program per rank, each holding both
+    lr cells (the grid's order kept); nothing trains here (the runner records and returns)."""
+    groups = []
+    cfg = tiny_study(str(tmp_path / "cache"), grid="model.rank=2|4; train.lr=0.002|0.01",
+                     **{"study.one_program": True})
+    with pytest.raises(WorkdirError, match="finished without every run's results.json"):
+        study.run_study(cfg, str(tmp_path / "wd"), runner=never,
+                        cells_runner=lambda cells: groups.append([os.path.basename(d) for _, d in cells]))
+    assert groups == [["rank=2__lr=0.002", "rank=2__lr=0.01"], ["rank=4__lr=0.002", "rank=4__lr=0.01"]]
+
+
 def test_cells_of_one_program_differ_only_in_federation_keys(tmp_path):
     from comigs_jax.errors import ConfigError
     from comigs_jax.experiment.loop import run_cells
@@ -144,10 +156,6 @@ def test_another_study_folder_is_refused(finished, tmp_path):
     ({"study.grid": "train.rounds=3|many"}, "study.grid train.rounds='many' is not allowed: an integer"),
     ({"study.grid": "model.n_generalists=0|2"},
      "study.grid cell n_generalists=2: config.model.n_generalists=2 is not allowed: in [0, 1]"),
-    ({"study.grid": "model.rank=2|4", "study.one_program": True},
-     "study.grid key 'model.rank' changes the program (shapes or static settings) but study.one_program=True; "
-     "one program allows only seed, seeds, train.lr, train.router_lr, train.lb_weight, train.weight_decay, "
-     "train.prune_lambda"),
     ({"study.grid": "train=1|2"}, "study.grid key 'train' is a group, not a value"),
     ({"study.grid": "train.lr"}, "study.grid axis 'train.lr' is not allowed: KEY=V1|V2"),
     ({"study.grid": "model.n_experts&model.top_k=2&1|3"}, "value '3' is not allowed: 2 non-empty value(s)"),

@@ -13,11 +13,14 @@ K1&K2=A1&B1|A2&B2 that change together. A value is taken as the config field's t
 numeric key scales the config's own value (int keys rounded): data.valid_tokens=x1|x0.1|x0.01.
 The grid is the cartesian product of the axes; each cell runs the config's `methods` x `seeds` in
 WORKDIR/cells/<key=value__...>/ (experiment.run's layout, resumable), seeds as one program when
-federation.stack_seeds. A cell whose every run has results.json is finished and not rerun.
+federation.stack_seeds. With study.one_program, the cells that differ only in seeds and the
+per-row hyper-parameters (configuration.FEDERATION_KEYS: train.lr, ...) train together, every
+cell x seed a federation of one program per method (experiment.loop.run_cells): a grid over
+model.n_generalists x train.lr is one program per n_generalists. A cell whose every run has
+results.json is finished and not rerun.
 
 Before any run every cell's config is built and validated: an unknown grid key, a value the
-config rejects, or a shape-changing key in a study that asks for one program (study.one_program)
-is one line (StudyError) naming the key and what is allowed. WORKDIR/study_identity.json names
+config rejects is one line (StudyError) naming the key and what is allowed. WORKDIR/study_identity.json names
 the study and its base config; a folder holding another study (or anything else) is refused.
 Outputs: WORKDIR/study.json, study.md (mean ± std over seeds, per user and overall, np.std with
 ddof=0 as experiment.run's comparison), study.png.
@@ -39,8 +42,6 @@ from comigs_jax.errors import ConfigError, WorkdirError, first_line
 
 STUDY_KEYS = ("name", "description", "grid", "figure", "one_program", "unavailable")
 FIGURES = ("lines", "win_map", "ppl_vs_communication")
-# Keys that may differ between federations of one program (the seeds, Simulation's ROW_HPARAMS).
-ONE_PROGRAM_KEYS = configuration.FEDERATION_KEYS
 IDENTITY_FILE = "study_identity.json"
 # Keys that do not make another study (how it runs and writes, not what it computes).
 FREE_KEYS = ("resume", "output", "checkpoint", "methods", "seeds", "federation.mode", "federation.shard",
@@ -59,7 +60,7 @@ def default_study_group(name: str = "study") -> ConfigDict:
     s.description = ""  # one line for study.md
     s.grid = ""  # axes 'KEY=V1|V2; K1&K2=A1&B1|A2&B2' (linked keys change together; 'x0.1' scales a numeric key)
     s.figure = "lines"  # lines (mean ppl per cell and method) | win_map (two axes: the best method per cell) | ppl_vs_communication
-    s.one_program = False  # True: every cell x seed as a federation of ONE program per method (the grid may vary only seed(s), train.lr/router_lr/lb_weight/weight_decay/prune_lambda)
+    s.one_program = False  # True: cells that differ only in seed(s), train.lr/router_lr/lb_weight/weight_decay/prune_lambda train as ONE program per method (every cell x seed a federation)
     s.unavailable = ""  # cells the engine cannot run yet: 'AXIS VALUE: why; ...' listed in study.md, not run
     return s
 
@@ -160,8 +161,7 @@ def strip_study(cfg: ConfigDict) -> ConfigDict:
 
 def expand(cfg: ConfigDict) -> list[dict]:
     """Every cell of the study config `cfg`, validated: [{name, values (as typed), config}]. Raises
-    StudyError (one line) before any run for an unknown key, a value the config rejects, or a
-    shape-changing key with study.one_program."""
+    StudyError (one line) before any run for an unknown key or a value the config rejects."""
     st = cfg.get("study")
     if st is None:
         raise StudyError("the config has no `study` group; use a configs/studies/*.py config")
@@ -179,10 +179,6 @@ def expand(cfg: ConfigDict) -> list[dict]:
             why = cli.unknown_key(base, k, cli.EXPERIMENT_HOMES)
             if why:
                 raise StudyError(f"study.grid: {why}")
-            if st.one_program and k not in ONE_PROGRAM_KEYS:
-                raise StudyError(f"study.grid key {k!r} changes the program (shapes or static settings) but "
-                                 f"study.one_program=True; one program allows only {', '.join(ONE_PROGRAM_KEYS)} "
-                                 "(set study.one_program=False to run the cells as separate programs)")
     if st.figure == "win_map" and len(axes) != 2:
         raise StudyError(f"config.study.figure='win_map' is not allowed with {len(axes)} grid axes: exactly 2")
     try:
@@ -282,11 +278,22 @@ def read_finished(cell_dir: str, cell_cfg) -> dict | None:
     return out
 
 
+def program_groups(cells: list[dict]) -> list[list[dict]]:
+    """The cells in groups that can train as one program: equal but for FEDERATION_KEYS (seeds,
+    train.lr / router_lr / lb_weight / weight_decay / prune_lambda), in the grid's order."""
+    from comigs_jax.experiment.identity import flat_config
+    groups = {}
+    for c in cells:
+        rest = {k: v for k, v in flat_config(c["config"]).items() if k not in configuration.FEDERATION_KEYS}
+        groups.setdefault(json.dumps(rest, sort_keys=True, default=str), []).append(c)
+    return list(groups.values())
+
+
 def run_study(cfg, workdir: str, log=print, runner=None, cells_runner=None) -> dict:
     """Validate every cell, then run the unfinished ones and write study.json / .md / .png.
     Returns study.json's content. `runner(cell_cfg, cell_dir)` defaults to experiment.run; with
     study.one_program, `cells_runner([(cell_cfg, cell_dir), ...])` (default experiment.loop.run_cells)
-    trains every unfinished cell x seed as a federation of one program per method."""
+    trains each group of unfinished cells that differ only in FEDERATION_KEYS as one program."""
     cells = expand(cfg)  # every bad input: one line before any run
     identity = study_identity(cfg)
     check_study_dir(workdir, identity)
@@ -318,9 +325,10 @@ def run_study(cfg, workdir: str, log=print, runner=None, cells_runner=None) -> d
             pending.append(cell)
     one_program_s = None
     if cfg.study.one_program and pending:
-        log(f"[study {cfg.study.name}] cells {', '.join(c['name'] for c in pending)} as one program per method")
         t0 = time.perf_counter()
-        cells_runner([(c["config"], cell_dir(c)) for c in pending])
+        for group in program_groups(pending):
+            log(f"[study {cfg.study.name}] cells {', '.join(c['name'] for c in group)} as one program per method")
+            cells_runner([(c["config"], cell_dir(c)) for c in group])
         one_program_s = time.perf_counter() - t0
     for cell in pending:
         done = read_finished(cell_dir(cell), cell["config"])
@@ -329,7 +337,7 @@ def run_study(cfg, workdir: str, log=print, runner=None, cells_runner=None) -> d
         results[cell["name"]] = done
     summary = summarise(cfg, cells, results, unavailable, timings)
     if one_program_s is not None:
-        summary["one_program_wall_s"] = round(one_program_s, 1)  # every pending cell at once
+        summary["one_program_wall_s"] = round(one_program_s, 1)  # every pending cell, all its programs
     write_outputs(workdir, summary, cfg)
     log(f"[study {cfg.study.name}] outputs in {os.path.abspath(workdir)}: study.json, study.md, study.png")
     return summary
