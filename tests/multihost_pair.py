@@ -60,12 +60,12 @@ def logs(log_dir) -> str:
     return out
 
 
-def pair(wd, cache, log_dir, kill_at_checkpoint: bool, timeout=150):
+def pair(wd, cache, log_dir, kill_at_checkpoint: bool, timeout=150, extra=()):
     """One 2-process launch that must, within the timeout, finish (or, with kill_at_checkpoint,
     write its round-1 checkpoint, and then both processes are SIGKILLed). A stall fails with
     both processes' logs and stacks."""
     import time
-    procs = start_pair(wd, cache, log_dir)
+    procs = start_pair(wd, cache, log_dir, (extra, extra))
     deadline = time.time() + timeout
     try:
         while time.time() < deadline:

@@ -83,3 +83,18 @@ def test_a_two_process_checkpoint_resumes_on_one_process(run_pair, tmp_path, cap
     assert "resumed from round 1" in capsys.readouterr().out
     for x, y in zip(users(single), users(wd)):
         assert y["test_ppl"] == pytest.approx(x["test_ppl"], rel=1e-5)
+
+
+def test_stacked_seeds_on_two_processes(run_pair, tmp_path):
+    """federation.stack_seeds=True on 2 processes x 4 devices: 2 seeds x 12 users are 24 rows, so
+    process 1 holds seed 7's users 0..11, whose data a one-seed layout would not give it. Each
+    process loads the users of its rows in every program size; the single run's seed comes out."""
+    single, _, _, _, cache = run_pair
+    seed = json.load(open(single / "results.json"))["seed"]
+    wd = tmp_path / "stacked"
+    pair(wd, cache, tmp_path, kill_at_checkpoint=False, extra=(f"--config.seeds={seed},7",
+                                                               "--config.federation.stack_seeds=True"))
+    assert "2 seeds as one program" in (tmp_path / "process0.log").read_text()
+    for x, y in zip(users(single), users(wd / f"comigs_s{seed}")):
+        assert y["test_ppl"] == pytest.approx(x["test_ppl"], rel=1e-5)
+    assert [h["users"] for h in json.load(open(wd / "hosts.json"))] == [list(range(12))] * 2

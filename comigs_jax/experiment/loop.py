@@ -438,13 +438,15 @@ def _resolve(config) -> ConfigDict:
     return cfg
 
 
-def _prepare(cfg, workdirs: list[str]) -> _Prepared:
+def _prepare(cfg, workdirs: list[str], n_federations: int = 1) -> _Prepared:
     """Lay the users out, load the data (each process only its own users) and the base once;
-    hosts.json (which process held which users) in each of `workdirs`."""
+    hosts.json (which process held which users) in each of `workdirs`. n_federations > 1: runs
+    stacked as up to that many federations, in programs of any size up to it (the runs that
+    resume from one round), so each process loads the users of its rows in each of those layouts."""
     methods = configuration.methods_of(cfg)
     for wd in workdirs:
         make_workdir(wd)
-    layouts = {(m, 1): lay for m, lay in layouts_of(cfg, methods).items()}
+    layouts = {(m, g): lay for g in range(1, n_federations + 1) for m, lay in layouts_of(cfg, methods, g).items()}
     directory = base_dir(cfg, log)  # a GGUF base is converted here, before its tokenizer is needed
     data_cfg = cfg.data.copy_and_resolve_references()  # data.tokenizer="base" resolved; the identity keeps "base"
     data_cfg.tokenizer = base_tokenizer(cfg, directory)
@@ -493,9 +495,9 @@ def run(config, workdir: str) -> dict:
     multi-process run, comigs_jax.distributed.initialize must have run first."""
     cfg = _resolve(config)
     methods, seeds = configuration.methods_of(cfg), configuration.seeds_of(cfg)
-    prep = _prepare(cfg, [workdir])
-    n_runs = len(methods) * len(seeds)
     stack = bool(cfg.federation.get("stack_seeds")) and len(seeds) > 1
+    prep = _prepare(cfg, [workdir], len(seeds) if stack else 1)
+    n_runs = len(methods) * len(seeds)
     out = {}
     for method in methods:
         runs = [_Run(cfg, s, run_dir_of(workdir, method, s, n_runs), f"seed {s}") for s in seeds]
@@ -530,8 +532,8 @@ def run_cells(cells: list[tuple]) -> list[dict]:
                               f"{flat.get(k)!r}); cells of one program may differ only in "
                               f"{', '.join(configuration.FEDERATION_KEYS)}")
     cfg = cfgs[0]
-    prep = _prepare(cfg, [wd for _, wd in cells])
     n_runs = [len(configuration.methods_of(c)) * len(configuration.seeds_of(c)) for c in cfgs]
+    prep = _prepare(cfg, [wd for _, wd in cells], sum(len(configuration.seeds_of(c)) for c in cfgs))
     out = [{} for _ in cells]
     for method in configuration.methods_of(cfg):
         runs, where = [], []
