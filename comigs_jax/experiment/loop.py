@@ -330,7 +330,7 @@ def _train_program(method, runs: list[_Run], data, base_cfg, base, layout: Layou
             if stopping:
                 bar.close()
                 sig = signal.Signals(stop.signum).name if stop.signum else "a signal on another process"
-                dirs = ", ".join(run.ckpts.directory for run in runs)
+                dirs = ", ".join(run.ckpts.directory for run in runs) if n_feds <= 4 else f"checkpoints/ of {where}"
                 raise Stopped(f"stopped by {sig} at the end of round {r + 1} of {tc.rounds}; checkpoint"
                               f"{'s' if n_feds > 1 else ''} of round {r + 1} written to {dirs}", stop.signum,
                               r + 1, tc.rounds, runs[0].ckpts.directory)
