@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 
 from comigs_jax import distributed
 from comigs_jax.errors import ExperimentError
+from comigs_jax.experiment.identity import first_difference
 
 
 class CheckpointError(ExperimentError):
@@ -55,15 +56,6 @@ def _leaf_sums(leaves):
 def fingerprint(tree) -> list[int]:
     """Per leaf, the sum (mod 2**32) of its bits as uint32 words: any changed word changes it."""
     return [int(v) for v in np.asarray(jax.device_get(_leaf_sums(jax.tree_util.tree_leaves(tree))))]
-
-
-def _first_difference(old: dict, new: dict) -> str | None:
-    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-    if not diff:
-        return None
-    k = diff[0]
-    more = f", and {len(diff) - 1} more" if len(diff) > 1 else ""
-    return f"{k}: {old.get(k)!r} there, {new.get(k)!r} now{more}"
 
 
 class RunCheckpoints:
@@ -137,7 +129,7 @@ class RunCheckpoints:
                 failed.append((r, f"its metadata cannot be read ({_brief(e)})"))
                 continue
             if identity is not None and meta.get("identity") is not None:
-                diff = _first_difference(meta["identity"], json.loads(json.dumps(identity, default=str)))
+                diff = first_difference(meta["identity"], json.loads(json.dumps(identity, default=str)))
                 if diff:
                     raise CheckpointError(f"checkpoint of round {r} in {self.directory} belongs to a run of "
                                           f"another config ({diff}); use another --workdir")

@@ -19,6 +19,17 @@ RESUMABLE_KEYS = ("resume", "output", "checkpoint", "methods", "seeds", "federat
 ADDED_KEYS = {"data.train_shares": "", "model.ranks": "", "train.prune_lambda": 0.0, "federation.dropout": 0.0}
 
 
+def first_difference(old: dict, new: dict) -> str | None:
+    """'key: old there, new now[, and N more]' of the first key (sorted) whose values differ, or
+    None when the dicts agree: what a refusal to reuse a folder or checkpoint quotes."""
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not diff:
+        return None
+    k = diff[0]
+    more = f", and {len(diff) - 1} more" if len(diff) > 1 else ""
+    return f"{k}: {old.get(k)!r} there, {new.get(k)!r} now{more}"
+
+
 def flat_config(cfg) -> dict:
     """{"a.b.c": value} of a ConfigDict."""
     out = {}
@@ -54,12 +65,9 @@ def check_workdir(run_dir: str, identity: dict, resume: bool) -> bool:
         raise WorkdirError(f"{path} cannot be read ({type(e).__name__}), so this workdir's run is unknown; "
                            "use another --workdir") from None
     old = {**{k: v for k, v in ADDED_KEYS.items() if k in identity}, **old}
-    diff = sorted(k for k in set(old) | set(identity) if old.get(k) != identity.get(k))
+    diff = first_difference(old, identity)
     if diff:
-        k = diff[0]
-        raise WorkdirError(f"{run_dir} holds a run of another config ({k}: {old.get(k)!r} there, "
-                           f"{identity.get(k)!r} now{f', and {len(diff) - 1} more' if len(diff) > 1 else ''}); "
-                           "use another --workdir")
+        raise WorkdirError(f"{run_dir} holds a run of another config ({diff}); use another --workdir")
     return resume
 
 

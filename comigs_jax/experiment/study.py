@@ -39,6 +39,7 @@ from ml_collections import ConfigDict
 
 from comigs_jax import cli, configuration
 from comigs_jax.errors import ConfigError, WorkdirError, first_line
+from comigs_jax.experiment.identity import first_difference, flat_config
 
 STUDY_KEYS = ("name", "description", "grid", "figure", "one_program", "unavailable")
 FIGURES = ("lines", "win_map", "ppl_vs_communication")
@@ -221,7 +222,6 @@ def unavailable_of(cfg) -> list[dict]:
 
 # ----------------------------------------------------------------------------- identity
 def study_identity(cfg) -> dict:
-    from comigs_jax.experiment.identity import flat_config
     flat = flat_config(cfg)
     grid_keys = {k for keys, _ in parse_grid(cfg.study.grid) for k in keys}
     keep = {k: v for k, v in flat.items()
@@ -249,12 +249,9 @@ def check_study_dir(workdir: str, identity: dict) -> None:
     if old.get("study") != identity["study"]:
         raise WorkdirError(f"{workdir} holds the cells of another study ({old.get('study')!r}, this is "
                            f"{identity['study']!r}); use another --workdir")
-    a, b = old.get("config", {}), identity["config"]
-    diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    diff = first_difference(old.get("config", {}), identity["config"])
     if diff:
-        k = diff[0]
-        raise WorkdirError(f"{workdir} holds study {identity['study']!r} with another config ({k}: {a.get(k)!r} "
-                           f"there, {b.get(k)!r} now{f', and {len(diff) - 1} more' if len(diff) > 1 else ''}); "
+        raise WorkdirError(f"{workdir} holds study {identity['study']!r} with another config ({diff}); "
                            "use another --workdir")
 
 
@@ -281,7 +278,6 @@ def read_finished(cell_dir: str, cell_cfg) -> dict | None:
 def program_groups(cells: list[dict]) -> list[list[dict]]:
     """The cells in groups that can train as one program: equal but for FEDERATION_KEYS (seeds,
     train.lr / router_lr / lb_weight / weight_decay / prune_lambda), in the grid's order."""
-    from comigs_jax.experiment.identity import flat_config
     groups = {}
     for c in cells:
         rest = {k: v for k, v in flat_config(c["config"]).items() if k not in configuration.FEDERATION_KEYS}
