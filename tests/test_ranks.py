@@ -164,6 +164,12 @@ def test_flexlora_rule_matches_numpy_clean_and_reference(reference, n):
         np.testing.assert_allclose(s[i] * out[ka][i][0] @ out[kb][i][0], factor * (uu[:, :r] * ss[:r]) @ vt[:r],
                                    rtol=1e-4, atol=1e-5)
     assert get_method("flexlora").for_mode(True).server == "flexlora_reference"
+    # nobody uploaded: no rule averages over no one; every leaf stays as it was
+    for r in ("mean", "hetlora", rule):
+        out0, new0 = _run(flat, r, np.zeros(3), ranks, n_tokens=np.zeros(3), form=form, back=back)
+        np.testing.assert_array_equal(new0, ranks)
+        for k, x in flat.items():
+            np.testing.assert_array_equal(out0[k], x, err_msg=f"{r} {k}")
     # D3 per federation: each group's last row with weight
     w, g = np.array([1, 0, 2, 0, 0, 0, 3, 5, 0]), np.array([0, 0, 1, 1, 2, 2, 3, 3, 3])
     want = [True, False, True, False, False, False, False, True, False]  # group 2: nobody uploaded

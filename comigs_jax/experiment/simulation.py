@@ -282,13 +282,8 @@ class Simulation:
             return
         if self.method.one_round:
             return
-        # A federation none of whose users uploaded (every participant dropped out) has nothing to
-        # average: its rows keep their leaves (a mean over no one would be 0 / 0).
-        fed = self.layout.federation_of_rows()
-        uploaded = np.bincount(fed[np.asarray(self.real) & np.asarray(self.active)], minlength=self.n_federations) > 0
-        if not uploaded.any():
-            return
-        before = self.states.params
+        # A federation none of whose users uploaded (every participant dropped out) keeps its rows'
+        # leaves: both servers leave a group without weight as it is (no mean over no one).
         if self.ranks is not None:  # the expert LoRA by the rank-aware rule (HetLoRA, FlexLoRA, masked mean)
             self.ranks.aggregate(self)
         else:
@@ -297,9 +292,6 @@ class Simulation:
             params = self._aggregate(self.states.params, w) if self.n_federations == 1 else \
                 self._aggregate(self.states.params, w, self.groups_dev)
             self.states = self.states.replace(params=params)
-        if not uploaded.all():
-            keep = jax.device_put(jnp.asarray(~uploaded[fed]), self.layout.users)
-            self.states = self.states.replace(params=_keep_rows(keep, before, self.states.params))
 
     def host_state(self) -> dict:
         """What lives on the host besides the device state (JSON-able, for checkpoints)."""
@@ -457,12 +449,6 @@ def _eval_program(model_cfg: ModelConfig, seq_len: int, batch: int, mesh, chunk:
         return jax.jit(vfn)
     run = chunked(lambda base, carry, xs: (carry, vfn(xs[0], base, *xs[1:])), mesh, chunk)
     return jax.jit(lambda params, base, *xs: run(base, (), (params, *xs))[1])
-
-
-@jax.jit
-def _keep_rows(keep, old, new):
-    """Per row of the user axis: old's leaves where keep [rows], else new's."""
-    return jax.tree.map(lambda o, n: jnp.where(keep.reshape((-1,) + (1,) * (o.ndim - 1)), o, n), old, new)
 
 
 def _replace(tc: TrainConfig, **kw) -> TrainConfig:

@@ -219,7 +219,8 @@ def aggregate_ranked(params: dict, weights: jax.Array, n_tokens: jax.Array, rank
     masked_mean, "hetlora", "flexlora", "flexlora_reference"); other leaves returned as given
     (the caller averages them with comigs_jax.federated.aggregate). weights [U]: participation (x tokens) weights;
     n_tokens [U]: FlexLoRA's weights; ranks [U] current ranks; scale [U, r] rank scales;
-    form / back [U]: FlexLoRA's scales. Returns (params, new ranks [U])."""
+    form / back [U]: FlexLoRA's scales. Rows of a group with no weight (nobody uploaded) keep their
+    leaves, as comigs_jax.federated.aggregate's. Returns (params, new ranks [U])."""
     flat = traverse_util.flatten_dict(params)
     ranked = {p: x for p, x in flat.items() if is_ranked(p) and is_shared(p)}
     new = {}
@@ -239,8 +240,10 @@ def aggregate_ranked(params: dict, weights: jax.Array, n_tokens: jax.Array, rank
     else:
         raise ValueError(f"rank rule {rule!r}: allowed mean, hetlora, flexlora, flexlora_reference")
     out = dict(flat)
+    has = jnp.take(jax.ops.segment_sum(weights.astype(jnp.float32), groups, n_groups) > 0, groups)  # [U]
     for p, x in new.items():
         old = flat[p]
+        x = jnp.where(_lead(has, x.ndim), x, old)
         axis = 1 + slot_axis(p)
         if role_of(p) == "specialist" and n_shared_specialists is not None and n_shared_specialists < old.shape[axis]:
             shape = [1] * old.ndim
