@@ -84,12 +84,20 @@ def base_positions(cfg) -> int | None:
     return 1024 if cfg.base.startswith("gpt2") else None
 
 
+def _x64() -> bool:
+    import jax
+    return bool(jax.config.jax_enable_x64)
+
+
 def validate_model(mo, counts=None, group: str = "model") -> None:
     """The checks of a `model` group (configs/base.py); `counts`: the per-user expert counts
     (expert_counts_of) when model.expert_counts is set. `group`: its dotted name in messages."""
     k = lambda key: f"{group}.{key}"
     if mo.dtype not in DTYPES:
         _fail(k("dtype"), mo.dtype, f"one of {DTYPES}")
+    if mo.dtype == "float64" and not _x64():
+        _fail(k("dtype"), mo.dtype, "float64 needs 64-bit JAX (JAX_ENABLE_X64=1 in the environment); without it "
+                                    "float32 or bfloat16")
     if mo.lora_scaling not in LORA_SCALINGS:
         _fail(k("lora_scaling"), mo.lora_scaling, f"one of {LORA_SCALINGS}")
     if mo.lb_input not in LB_INPUTS:

@@ -18,7 +18,7 @@ def get_config(arg=None):
     c.resume = True  # continue from the workdir's latest checkpoint; False starts fresh (never over another config's run)
 
     c.model = ml_collections.ConfigDict()
-    c.model.dtype = "float32"  # activation dtype: float32 | bfloat16 (parameters stay float32)
+    c.model.dtype = "float32"  # activation dtype: float32 | bfloat16 (parameters stay float32) | float64 (JAX_ENABLE_X64=1)
     c.model.n_experts = 2  # experts per user E (E_max when expert_counts is set)
     c.model.expert_counts = ""  # per-user expert counts, comma-separated, e.g. "2,4,4,4" ("" = n_experts for all)
     c.model.n_generalists = 1  # expert slots [0, n_generalists) are generalists

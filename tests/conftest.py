@@ -48,6 +48,23 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file stays
 
 
+@pytest.fixture
+def x64():
+    """64-bit JAX for one test: the tests that compare two programs of the same math run their
+    models in float64 there (tests/tiny.py TOL64), so their verdict does not depend on the CPU."""
+    import jax
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture(scope="module")
+def x64_module():
+    """64-bit JAX for a whole test module whose tests all compare programs in float64."""
+    import jax
+    with jax.enable_x64(True):
+        yield
+
+
 def _shared_dir(tmp_path_factory, name):
     """A folder for the whole session: under pytest-xdist, the same one for every worker (the
     parent of the workers' own base folders), else this process's own."""

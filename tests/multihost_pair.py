@@ -13,11 +13,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def env(devices):
-    return procenv.env(devices)
+    return procenv.env(devices, JAX_ENABLE_X64="1")
 
 
+# In float64: the pair and the one-process reference are different programs (gloo's all-reduce,
+# other shardings), compared to tests/tiny.py TOL64.
 RUN_ARGS = ["--config=configs/tiny.py", "--config.data.n_users=12", "--config.train.rounds=2",
-            "--config.checkpoint.every_rounds=1", "--config.output.figures=False"]
+            "--config.checkpoint.every_rounds=1", "--config.output.figures=False", "--config.model.dtype=float64"]
 
 
 def free_port():
@@ -104,9 +106,13 @@ def dump_stacks(procs, log_dir):
 
 
 def run_here(args):
-    """experiments.run in this process (one process, the tests' 8 fake devices): the reference."""
+    """experiments.run in this process (one process, the tests' 8 fake devices, 64-bit JAX as the
+    pair's): the reference."""
+    import jax
+
     from experiments import run as run_cli
-    return run_cli.main(["experiments.run", *RUN_ARGS, *args])
+    with jax.enable_x64(True):
+        return run_cli.main(["experiments.run", *RUN_ARGS, *args])
 
 
 def users(wd):

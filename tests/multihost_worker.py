@@ -35,8 +35,14 @@ from tiny import markov_users, tiny_base, tiny_cfg  # noqa: E402
 
 
 def main(out_dir, chunk=0):
+    """In float64: this process's programs and the reference's differ (tests/tiny.py TOL64)."""
+    with jax.enable_x64(True):
+        _main(out_dir, chunk)
+
+
+def _main(out_dir, chunk):
     n_users = 12
-    cfg = tiny_cfg(n_experts=3)
+    cfg = tiny_cfg(n_experts=3, dtype="float64")
     tc = TrainConfig(rounds=2, local_steps=3, batch_size=4, seq_len=8, router_every=2, router_steps=2)
     layout = Layout(n_users, users_mesh(), chunk=chunk)
     mine = layout.data_users  # this process's users: those on its devices

@@ -5,8 +5,8 @@ with LLVM's optimisation off (about 30 % less time per compile) and with XLA's o
 instead of its fusion emitters (`--xla_cpu_use_fusion_emitters=false`: half the compile time again;
 the whole suite 5:02 against 8:17 on 2 quiet cores, 2026-12-03). Those emitters sum in an order
 that depends on the shapes, so two programs of the same math (chunked and all at once) can differ
-in the last bit, which Adam amplifies for near-zero gradients: tests that compare trained params of
-different programs allow a fraction of one Adam step (test_chunks.PARAM_ATOL). In-process runs
+in the last bit, which Adam amplifies for near-zero gradients: tests that compare trained models of
+different programs run them in float64 (tests/tiny.py TOL64, the `x64` fixture). In-process runs
 (conftest sets the flags) and subprocesses (`env`) use the same flags, so the tests that compare a
 subprocess's run with an in-process one bit for bit still compare like with like.
 """

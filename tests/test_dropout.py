@@ -10,7 +10,7 @@ from comigs_jax.experiment.simulation import Simulation
 from comigs_jax.federated.methods import get_method
 from comigs_jax.federated.roles import role_of
 from comigs_jax.train.state import TrainConfig
-from tiny import markov_users, tiny_base, tiny_cfg
+from tiny import TOL64, markov_users, tiny_base, tiny_cfg
 
 TC = TrainConfig(rounds=2, local_steps=3, batch_size=4, seq_len=8, router_every=2, router_steps=1)
 N = 3
@@ -32,8 +32,10 @@ def _seed_with_one_dropout(p, steps=TC.local_steps):
 
 
 @pytest.fixture(scope="module")
-def setup():
-    cfg = tiny_cfg()
+def setup(x64_module):
+    """Every test here compares two programs (drop-outs against shorter runs, vmap against chunks
+    and loops): in float64, tests/tiny.py TOL64."""
+    cfg = tiny_cfg(dtype="float64")
     return cfg, tiny_base(cfg), markov_users(N, 400, 0), markov_users(N, 200, 100)
 
 
@@ -56,9 +58,9 @@ def test_dropped_user_keeps_its_first_steps_and_weighs_nothing(setup):
         if r + 1 == s:
             at_s = _flat(ref.states.params)
     full = _flat(ref.states.params)
-    for k in trained:  # two programs compiled apart: equal to float32 rounding
-        np.testing.assert_allclose(trained[k][0], at_s[k][0], rtol=1e-5, atol=1e-6, err_msg=str(k))
-        np.testing.assert_allclose(trained[k][1:], full[k][1:], rtol=1e-5, atol=1e-6, err_msg=str(k))
+    for k in trained:  # two programs compiled apart, in float64
+        np.testing.assert_allclose(trained[k][0], at_s[k][0], **TOL64, err_msg=str(k))
+        np.testing.assert_allclose(trained[k][1:], full[k][1:], **TOL64, err_msg=str(k))
     sim.aggregate()  # the shared leaves: the mean of users 1 and 2 only, received by all
     after = _flat(sim.states.params)
     gen = [k for k in after if method.is_shared(k)]
@@ -66,7 +68,7 @@ def test_dropped_user_keeps_its_first_steps_and_weighs_nothing(setup):
     for k in gen:
         mean = trained[k][1:].mean(0)
         for u in range(N):
-            np.testing.assert_allclose(after[k][u], mean, rtol=1e-6, atol=1e-7, err_msg=str(k))
+            np.testing.assert_allclose(after[k][u], mean, **TOL64, err_msg=str(k))
 
 
 def test_dropout_zero_is_the_program_without_dropouts(setup):
@@ -124,7 +126,7 @@ def test_dropouts_agree_across_vmap_chunks_loop_and_loop_step(setup):
         out[name] = {k: v[:N] for k, v in _flat(sim.states.params).items()}
     for name in ("chunks", "loop", "loop_step"):
         for k in out["vmap"]:
-            np.testing.assert_allclose(out[name][k], out["vmap"][k], rtol=1e-5, atol=1e-6, err_msg=f"{name} {k}")
+            np.testing.assert_allclose(out[name][k], out["vmap"][k], **TOL64, err_msg=f"{name} {k}")
 
 
 def test_a_federation_whose_users_all_dropped_out_keeps_its_leaves(setup):
@@ -146,5 +148,4 @@ def test_a_federation_whose_users_all_dropped_out_keeps_its_leaves(setup):
         assert np.isfinite(x).all(), k
         np.testing.assert_array_equal(x[N:2 * N], before[k][N:2 * N], err_msg=str(k))
         if role_of(k) == "attn":  # fedavg's shared leaves: federation 0's mean on each of its rows
-            np.testing.assert_allclose(x[:N], np.broadcast_to(before[k][:N].mean(0), x[:N].shape), rtol=1e-6,
-                                       atol=1e-7)
+            np.testing.assert_allclose(x[:N], np.broadcast_to(before[k][:N].mean(0), x[:N].shape), **TOL64)

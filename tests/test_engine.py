@@ -15,7 +15,7 @@ from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.sharding import single_device_mesh, users_mesh
 from comigs_jax.experiment.simulation import Simulation
 from comigs_jax.train.state import TrainConfig
-from tiny import markov_users, random_like, tiny_base, tiny_cfg
+from tiny import TOL64, assert_mean_close, markov_users, random_like, tiny_base, tiny_cfg
 
 TC = TrainConfig(rounds=2, local_steps=3, batch_size=4, seq_len=8, router_every=2, router_steps=2)
 
@@ -36,12 +36,13 @@ def _run(sim, rounds):
     return metrics
 
 
-def test_vmap_sharded_and_loop_agree():
-    """12 users (padded to 16 on 8 devices), heterogeneous experts, router phases in both rounds.
-    Faithful mode: the gradient leaks (method.md §8) are the most state the modes must carry alike;
-    the clean mode's loop == vmap == sharded is test_bench's (every mode through experiments.bench)."""
+def test_vmap_sharded_and_loop_agree(x64):
+    """12 users (padded to 16 on 8 devices), heterogeneous experts, router phases in both rounds,
+    in float64 (tests/tiny.py TOL64). Faithful mode: the gradient leaks (method.md §8) are the most
+    state the modes must carry alike; the clean mode's loop == vmap == sharded is test_bench's
+    (every mode through experiments.bench)."""
     assert jax.device_count() == 8
-    cfg = tiny_cfg(n_experts=3)
+    cfg = tiny_cfg(n_experts=3, dtype="float64")
     base = tiny_base(cfg)
     train, valid = _data(12)
     counts = [2, 3, 1, 3] * 3
@@ -61,9 +62,9 @@ def test_vmap_sharded_and_loop_agree():
     for mode in ("vmap", "vmap_sharded"):
         p, m, _ = results[mode]
         for k in ref_p:
-            np.testing.assert_allclose(p[k], ref_p[k], atol=2e-5, err_msg=f"{mode} {k}")
+            np.testing.assert_allclose(p[k], ref_p[k], **TOL64, err_msg=f"{mode} {k}")
         for r in range(2):
-            np.testing.assert_allclose(m[r]["loss"], ref_m[r]["loss"], atol=2e-5)
+            np.testing.assert_allclose(m[r]["loss"], ref_m[r]["loss"], **TOL64)
             np.testing.assert_array_equal(m[r]["router_phase"], ref_m[r]["router_phase"])
 
 
@@ -80,14 +81,13 @@ def test_aggregate_matches_numpy_masked_weighted_mean():
     flat = _flat(params)
     for path, x in flat.items():
         role = role_of(path)
-        mean = np.tensordot(w / w.sum(), x, axes=1)
         if role == "router":
             np.testing.assert_array_equal(out[path], x)
         elif role == "specialist":
-            np.testing.assert_allclose(out[path][:, :2], np.broadcast_to(mean[:2], x[:, :2].shape), rtol=1e-5)
+            assert_mean_close(out[path][:, :2], x[:, :2], w, err_msg=str(path))
             np.testing.assert_array_equal(out[path][:, 2:], x[:, 2:])  # slot not held by every user
         else:
-            np.testing.assert_allclose(out[path], np.broadcast_to(mean, x.shape), rtol=1e-5)
+            assert_mean_close(out[path], x, w, err_msg=str(path))
 
 
 def test_other_users_data_never_reaches_local_leaves():
@@ -116,8 +116,8 @@ def test_other_users_data_never_reaches_local_leaves():
     assert changed_shared  # the generalists did carry user 0's data to the others
 
 
-def test_expert_and_router_steps_touch_only_their_leaves():
-    cfg = tiny_cfg()
+def test_expert_and_router_steps_touch_only_their_leaves(x64):
+    cfg = tiny_cfg(dtype="float64")
     base = tiny_base(cfg)
     train, valid = _data(2)
     tc = dataclasses.replace(TC, rounds=3, local_steps=2, router_every=4)
@@ -138,16 +138,17 @@ def test_expert_and_router_steps_touch_only_their_leaves():
     for k in p2:
         if role_of(k) == "router":
             assert not np.array_equal(p2[k], p1[k])
-        else:  # two programs, compiled apart: equal to float32 rounding (seen: 4e-9 absolute, varying
-            # from run to run on a loaded machine); a router-phase update of an expert leaf would move
-            # it by ~lr = 2e-3, AdamW's weight decay alone by lr * wd * |x| ~ 4e-6 on the A factors
-            np.testing.assert_allclose(p2[k], q2[k], rtol=1e-5, atol=1e-7, err_msg=str(k))
+        else:  # two programs, compiled apart, in float64 (tests/tiny.py TOL64); a router-phase update
+            # of an expert leaf would move it by ~lr = 2e-3, AdamW's weight decay alone by
+            # lr * wd * |x| ~ 4e-6 on the A factors
+            np.testing.assert_allclose(p2[k], q2[k], **TOL64, err_msg=str(k))
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_method_records_do_what_they_claim(name):
+def test_method_records_do_what_they_claim(name, x64):
+    """In float64: the same programs as test_chunks's all-at-once runs (one compile for both)."""
     method = get_method(name)
-    cfg = tiny_cfg()
+    cfg = tiny_cfg(dtype="float64")
     base = tiny_base(cfg)
     train, valid = _data(3)
     tc = dataclasses.replace(TC, rounds=2, local_steps=2, router_every=2, router_steps=1)

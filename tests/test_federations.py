@@ -1,5 +1,6 @@
 """Federations as an array axis: F federations (seeds, lr, ...) of one config in ONE Simulation
-equal F separate Simulations, each federation on its own (f32 CPU, <= 1e-6)."""
+equal F separate Simulations, each federation on its own (two programs: compared in float64,
+tests/tiny.py TOL64)."""
 import dataclasses
 
 import jax
@@ -14,13 +15,13 @@ from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.methods import get_method
 from comigs_jax.federated.sharding import single_device_mesh, users_mesh
 from comigs_jax.train.state import TrainConfig
-from tiny import markov_users, tiny_base, tiny_cfg
+from tiny import TOL64, assert_mean_close, markov_users, tiny_base, tiny_cfg
 
 TC = TrainConfig(rounds=2, local_steps=3, batch_size=4, seq_len=8, router_every=2, router_steps=2)
 # every scalar that may differ between federations differs (comigs); Centralized: seeds only
 FEDS = {"comigs": [{"seed": 0}, {"seed": 1, "lr": 1e-3, "lb_weight": 0.05, "router_lr": 5e-3, "weight_decay": 0.1}],
         "centralized": [{"seed": 0}, {"seed": 3}]}
-TOL = dict(rtol=1e-6, atol=1e-6)
+TOL = TOL64
 
 
 def _flat(tree):
@@ -42,12 +43,12 @@ TRAIN, VALID, TEST = markov_users(3, 300, 0), markov_users(3, 150, 100), markov_
 
 
 @pytest.mark.parametrize("method_name", ["comigs", "centralized"])
-def test_federations_in_one_program_equal_separate_runs(method_name):
+def test_federations_in_one_program_equal_separate_runs(method_name, x64):
     """2 federations of 3 users (CoMiGS: different seeds, lr, lb_weight, router_lr, weight_decay;
     2 of 3 users sampled per round), heterogeneous expert counts: one Simulation sharded over 4
     devices in chunks of 1 (6 rows padded to 8; Centralized: 2 pooled models, 4 rows) against 2
     one-device Simulations."""
-    cfg = tiny_cfg(n_experts=3)
+    cfg = tiny_cfg(n_experts=3, dtype="float64")
     base = tiny_base(cfg)
     method, feds = get_method(method_name), FEDS[method_name]
     kw = dict(expert_counts=[2, 3, 3], participation=0.67 if method_name == "comigs" else 1.0)
@@ -72,10 +73,10 @@ def test_federations_in_one_program_equal_separate_runs(method_name):
             np.testing.assert_allclose(params[k][f * per:(f + 1) * per], x[:per], **TOL, err_msg=f"{f} {k}")
 
 
-def test_one_federation_is_todays_program():
+def test_one_federation_is_todays_program(x64):
     """federations=[{"seed": s}] is seed=s: the same program, bit for bit (the programs of the
     separate runs above: no new compile in the same process)."""
-    cfg = tiny_cfg(n_experts=3)
+    cfg = tiny_cfg(n_experts=3, dtype="float64")
     base = tiny_base(cfg)
     kw = dict(expert_counts=[2, 3, 3])
     a = Simulation(cfg, TC, get_method("comigs"), base, TRAIN, VALID, seed=5, **kw)
@@ -98,9 +99,7 @@ def test_grouped_aggregation_matches_numpy():
                           n_groups=3))
     for g in range(3):
         sel = groups == g
-        mean = np.tensordot(w[sel] / w[sel].sum(), x[sel], axes=1)
-        np.testing.assert_allclose(out["h_0", "attn", "c_attn", "lora_A"][sel], np.broadcast_to(mean, x[sel].shape),
-                                   rtol=1e-6)
+        assert_mean_close(out["h_0", "attn", "c_attn", "lora_A"][sel], x[sel], w[sel], err_msg=f"group {g}")
     np.testing.assert_array_equal(out["h_0", "router", "kernel"], x)
     # a group without weight (nobody uploaded) keeps its rows' leaves; the others average as before
     w0 = np.where(groups == 1, 0.0, w).astype(np.float32)
@@ -122,18 +121,21 @@ def test_a_key_that_changes_shapes_is_refused():
                    layout=Layout(3, single_device_mesh()), federations=[{"seed": 0}, {"seed": 1}])
 
 
-def test_stack_seeds_writes_the_separate_runs_folders(tiny_reference, tiny_cache, tmp_path):
+def test_stack_seeds_writes_the_separate_runs_folders(tiny_cache, tmp_path, x64):
     """experiments.run --config.seeds=0,7 --config.federation.stack_seeds=True: one program for
-    both seeds, each seed's folder as its separate run writes it (seed 0's results are the
-    session's one-seed tiny run's; its checkpoints resume as a separate run's)."""
+    both seeds, each seed's folder as its separate run writes it (seed 0's results are a one-seed
+    run's; its checkpoints resume as a separate run's). Two programs: both in float64 (TOL64)."""
     import json
     import os
     import shutil
 
     from entrypoint import main as run
-    ref_wd, _ = tiny_reference
+    f64 = ["--config=configs/tiny.py", "--config.model.dtype=float64"]
+    ref_wd = str(tmp_path / "seed0")
+    p = run([*f64, f"--workdir={ref_wd}"], tiny_cache)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     wd = str(tmp_path / "stacked")
-    args = ["--config=configs/tiny.py", f"--workdir={wd}", "--config.seeds=0,7", "--config.federation.stack_seeds=True"]
+    args = [*f64, f"--workdir={wd}", "--config.seeds=0,7", "--config.federation.stack_seeds=True"]
     p = run(args, tiny_cache)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "2 seeds as one program" in p.stdout
@@ -160,7 +162,7 @@ def test_stack_seeds_writes_the_separate_runs_folders(tiny_reference, tiny_cache
 
 
 def _close(a, b, path="results"):
-    """Equal JSON trees, floats to 1e-6 relative (one program for two seeds vs one seed's)."""
+    """Equal JSON trees, floats to TOL64 (one float64 program for two seeds vs one seed's)."""
     if isinstance(a, dict):
         assert sorted(a) == sorted(b), path
         for k in a:
@@ -170,16 +172,16 @@ def _close(a, b, path="results"):
         for i, (x, y) in enumerate(zip(a, b)):
             _close(x, y, f"{path}[{i}]")
     elif isinstance(a, float):
-        assert b == pytest.approx(a, rel=1e-6, abs=1e-7), path
+        assert b == pytest.approx(a, rel=TOL64["rtol"], abs=TOL64["atol"]), path
     else:
         assert a == b, path
 
 
-def test_stacked_ranked_runs_resume_as_one_program(tiny_cache, tmp_path, capsys):
+def test_stacked_ranked_runs_resume_as_one_program(tiny_cache, tmp_path, capsys, x64):
     """HetLoRA with per-user ranks 2, 4, 3 and seeds 0, 1 stacked: each seed's checkpoint holds its
     own program's rows and ranks (its host state as a separate run's), and a run resumed from
     round 1 as one program ends where the uninterrupted one ended; so do runs that resume from
-    different rounds (a corrupt checkpoint), each group as its own program."""
+    different rounds (a corrupt checkpoint), each group as its own program (float64: TOL64)."""
     import json
     import os
     import shutil
@@ -189,7 +191,7 @@ def test_stacked_ranked_runs_resume_as_one_program(tiny_cache, tmp_path, capsys)
     c = tiny.get_config("hetlora")
     c.update_from_flattened_dict({"output.figures": False, "train.rounds": 2, "checkpoint.every_rounds": 1,
                                   "model.ranks": "2,4,3", "seeds": "0,1", "federation.stack_seeds": True,
-                                  "data.cache_dir": tiny_cache})
+                                  "data.cache_dir": tiny_cache, "model.dtype": "float64"})
     wd = str(tmp_path / "wd")
     first = experiment.run(c, wd)
     for s in (0, 1):

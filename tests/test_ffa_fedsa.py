@@ -13,7 +13,7 @@ from comigs_jax.federated.communication import shared_params_per_user
 from comigs_jax.federated.methods import configure_model, get_method
 from comigs_jax.federated.roles import factor_of, role_of
 from comigs_jax.train.state import TrainConfig
-from tiny import markov_users, tiny_base, tiny_cfg
+from tiny import assert_mean_close, markov_users, tiny_base, tiny_cfg
 
 TC = TrainConfig(rounds=1, local_steps=3, batch_size=4, seq_len=8, router_every=3, router_steps=1)
 
@@ -72,15 +72,19 @@ def test_aggregate_factors_and_frozen_leaves_against_numpy():
                                             "fc_B": rng.standard_normal((3, 1, 2, 4))}}}}
     tree = jax.tree.map(lambda x: x.astype(np.float32), tree)
     w = np.array([1.0, 2.0, 1.0], np.float32)
-    mean = lambda x: np.broadcast_to(np.einsum("u,u...->...", w / w.sum(), x), x.shape)
     out = _flat(aggregate(tree, w, ("attn", "generalist"), shared_factors=("A",)))
     src = _flat(tree)
     for k, x in src.items():
-        want = mean(x) if factor_of(k) == "A" else x
-        np.testing.assert_allclose(out[k], want, rtol=1e-6, err_msg=str(k))
+        if factor_of(k) == "A":
+            assert_mean_close(out[k], x, w, err_msg=str(k))
+        else:
+            np.testing.assert_array_equal(out[k], x, err_msg=str(k))
     out = _flat(aggregate(tree, w, ("attn", "generalist"), shared_factors=("B",), frozen=("attn.A", "generalist.A")))
     for k, x in src.items():
-        np.testing.assert_allclose(out[k], mean(x) if factor_of(k) == "B" else x, rtol=1e-6, err_msg=str(k))
+        if factor_of(k) == "B":
+            assert_mean_close(out[k], x, w, err_msg=str(k))
+        else:
+            np.testing.assert_array_equal(out[k], x, err_msg=str(k))
 
 
 def test_communication_counts_the_shared_factor_only():

@@ -10,6 +10,7 @@ import multihost_pair
 import numpy as np
 import procenv
 import pytest
+from tiny import TOL64
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +35,7 @@ def test_two_processes_equal_one_process(engine_runs):
     assert a["losses"].shape == (2, 12, 3)  # rounds, users, steps
     assert sorted(a.files) == sorted(b.files) and len(a.files) > 5
     for k in a.files:
-        np.testing.assert_allclose(b[k], a[k], atol=1e-5, err_msg=k)
+        np.testing.assert_allclose(b[k], a[k], **TOL64, err_msg=k)
 
 
 def test_each_process_holds_only_its_users(engine_runs):

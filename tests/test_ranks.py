@@ -3,6 +3,7 @@ and the pruning regulariser against NumPy versions of method.md §7's formulas (
 that shrink, clean vs reference scales), and heterogeneous ranks in one program equal to
 separate programs per rank."""
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ from comigs_jax.federated.ranks import (aggregate_ranked, last_in_group, lora_sc
                                         rank_scales, safe_norm)
 from comigs_jax.model.config import LoRAConfig
 from comigs_jax.train.state import TrainConfig
-from tiny import markov_users, tiny_base, tiny_cfg
+from tiny import TOL64, markov_users, tiny_base, tiny_cfg
 
 R, D_IN, D_OUT = 4, 5, 6
 LORA = LoRAConfig(rank=R, alpha=16.0)
@@ -177,20 +178,22 @@ def test_flexlora_rule_matches_numpy_clean_and_reference(reference, n):
     assert get_method("flexlora").for_mode(False).server == "flexlora"
 
 
-def _cfg(rank):
-    cfg = tiny_cfg(n_experts=1, n_generalists=0, top_k=1)
+def _cfg(rank, dtype="float32"):
+    cfg = tiny_cfg(n_experts=1, n_generalists=0, top_k=1, dtype=dtype)
     return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, lora=LoRAConfig(rank=rank)))
 
 
-def test_heterogeneous_ranks_in_one_program_equal_separate_programs_per_rank():
+def test_heterogeneous_ranks_in_one_program_equal_separate_programs_per_rank(x64):
     """Users of ranks 2 and 4 in one rank-4 program train (with the pruning regulariser) and
-    score as a rank-2 program and a rank-4 program started from the same values."""
+    score as a rank-2 program and a rank-4 program started from the same values (three programs:
+    in float64, tests/tiny.py TOL64)."""
     tc = TrainConfig(rounds=1, local_steps=3, batch_size=4, seq_len=8, prune_lambda=0.05)
-    base = tiny_base(_cfg(4))
+    cfg = functools.partial(_cfg, dtype="float64")
+    base = tiny_base(cfg(4))
     train, valid = markov_users(2, 300, 0), markov_users(2, 150, 100)
-    het = Simulation(_cfg(4), tc, get_method("local"), base, train, valid, seed=1, ranks=[2, 4])
-    sims = {2: Simulation(_cfg(2), tc, get_method("local"), base, train, valid, seed=1),
-            4: Simulation(_cfg(4), tc, get_method("local"), base, train, valid, seed=1)}
+    het = Simulation(cfg(4), tc, get_method("local"), base, train, valid, seed=1, ranks=[2, 4])
+    sims = {2: Simulation(cfg(2), tc, get_method("local"), base, train, valid, seed=1),
+            4: Simulation(cfg(4), tc, get_method("local"), base, train, valid, seed=1)}
     for sim in sims.values():  # the same starting values (the padded init truncated to the rank)
         sim.states = jax.tree.map(lambda h, t: jnp.array(np.asarray(h)[tuple(slice(0, d) for d in t.shape)]),
                                   het.states, sim.states)
@@ -202,15 +205,15 @@ def test_heterogeneous_ranks_in_one_program_equal_separate_programs_per_rank():
         sim = sims[r]
         m = sim.run_round()
         for k in ("loss", "ce", "prune"):
-            np.testing.assert_allclose(m_het[k][u], m[k][u], rtol=1e-6, atol=1e-6, err_msg=k)
+            np.testing.assert_allclose(m_het[k][u], m[k][u], **TOL64, err_msg=k)
         got, want = traverse_util.flatten_dict(het.states.params), traverse_util.flatten_dict(sim.states.params)
         for k, x in want.items():
             g = np.asarray(got[k])[u]
-            np.testing.assert_allclose(g[tuple(slice(0, d) for d in x.shape[1:])], np.asarray(x)[u], rtol=1e-6,
-                                       atol=1e-6, err_msg=str(k))
+            np.testing.assert_allclose(g[tuple(slice(0, d) for d in x.shape[1:])], np.asarray(x)[u], **TOL64,
+                                       err_msg=str(k))
             if g.shape != x.shape[1:]:  # the masked tail stayed 0 through Adam's updates
                 assert not np.any(g[..., r:] if k[-1].endswith("_A") else g[..., r:, :]), k
-        np.testing.assert_allclose(ce_het[u], sim.evaluate(valid, 8, 4)["ce"][u], rtol=1e-6)
+        np.testing.assert_allclose(ce_het[u], sim.evaluate(valid, 8, 4)["ce"][u], **TOL64)
 
 
 def test_bad_ranks_fail_in_one_line_before_compile():

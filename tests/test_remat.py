@@ -20,9 +20,10 @@ from comigs_jax.federated.roles import merge, split_base
 from comigs_jax.model.config import REMAT, GPT2Config, LoRAConfig, MoEConfig
 from comigs_jax.model.gpt2 import GPT2, init_params, token_gate_weights
 from comigs_jax.model.hf import load_gpt2
+from comigs_jax.model.precision import wide
 from comigs_jax.train.steps import lm_loss
 from conftest import ASSETS
-from tiny import random_like
+from tiny import TOL64, random_like
 
 B, T, E = 2, 8, 3
 
@@ -38,7 +39,7 @@ def _cfg(remat="none", dtype="float32", dropout=0.0, head_block=0):
 def _state(cfg):
     """Frozen base and trainable leaves with every LoRA B non-zero (zero B hides expert gradients)."""
     base, tr = split_base(init_params(cfg, jax.random.key(0)))
-    tr = random_like(tr, 0.3, seed=1)
+    tr = jax.tree.map(lambda x: x.astype(wide(jnp.dtype(cfg.dtype))), random_like(tr, 0.3, seed=1))
     windows = np.random.default_rng(2).integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
     return base, tr, windows
 
@@ -66,15 +67,16 @@ def test_unknown_remat_fails_in_one_line_listing_the_allowed():
 
 # Each remat mode once, the two dropout paths (a key, no key) split between them.
 @pytest.mark.parametrize("remat,dropout", [("block", 0.2), ("moe", 0.0)])
-def test_remat_gives_the_same_loss_and_gradients(remat, dropout):
-    ref_cfg = _cfg(dropout=dropout)
+def test_remat_gives_the_same_loss_and_gradients(remat, dropout, x64):
+    """Two programs (remat or not) of the same loss and gradients: in float64 (tests/tiny.py)."""
+    ref_cfg = _cfg(dropout=dropout, dtype="float64")
     base, tr, windows = _state(ref_cfg)
     key = jax.random.key(7) if dropout else None
     loss0, m0, g0 = _loss_and_grads(ref_cfg, base, tr, windows, key)
-    loss1, m1, g1 = _loss_and_grads(_cfg(remat, dropout=dropout), base, tr, windows, key)
-    np.testing.assert_allclose(float(loss1), float(loss0), rtol=1e-6)
-    np.testing.assert_allclose(np.asarray(m1["router_prob"]), np.asarray(m0["router_prob"]), rtol=1e-6)
-    _assert_trees_close(g0, g1, rtol=1e-5)
+    loss1, m1, g1 = _loss_and_grads(_cfg(remat, dropout=dropout, dtype="float64"), base, tr, windows, key)
+    np.testing.assert_allclose(float(loss1), float(loss0), **TOL64)
+    np.testing.assert_allclose(np.asarray(m1["router_prob"]), np.asarray(m0["router_prob"]), **TOL64)
+    _assert_trees_close(g0, g1, rtol=TOL64["rtol"])
     # Not vacuous: every trainable group gets a gradient.
     assert all(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(g0))
     if dropout:  # and dropout really is on: another key gives another loss

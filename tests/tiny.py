@@ -10,6 +10,33 @@ from comigs_jax.model.gpt2 import GPT2, init_params
 
 VOCAB = 32
 
+# Two programs of the same math (chunked vs all at once, vmap vs loop, stacked vs separate, sharded
+# vs one device) sum in different orders, which a CPU or XLA version may change. In float32 the last
+# bits differ and Adam, which divides a gradient by sqrt(v) + eps (eps 1e-8), turns a last-bit
+# difference of a near-zero gradient into up to a whole step (lr): no float32 tolerance separates
+# that from a bug. So those tests run their models in float64 (the `x64` fixture, tiny_cfg(dtype=
+# "float64")), where the same bound is small: float64 sums of the <= 1e3 per-token gradient terms
+# (each < 0.1 here) differ by <= 1e3 * 0.1 * 1.1e-16 ~ 1e-14, an update by <= lr * 1e-14 / eps =
+# 2e-9 per step at lr 2e-3, <= 2e-8 over the <= 10 steps of these tests (seen: <= 1e-13). A bug
+# (another user's rows, a wrong mask or seed) moves parameters by ~lr and metrics by >= 1e-4.
+TOL64 = dict(rtol=1e-7, atol=1e-7)
+
+F32_U = 2.0 ** -24  # float32's unit roundoff
+
+
+def assert_mean_close(got, x, w, err_msg=""):
+    """got [..., *x.shape[1:]] (broadcast) is the weighted mean over the leading axis of float32
+    x [U, ...] with weights w [U], to float32 rounding whatever the summation order: the exact mean
+    (float64) within (U + 2) u sum_i |w_i x_i| / sum_i w_i elementwise (Higham's bound for a sum of
+    U products, plus the weights' normalisation; u = 2^-24). A fixed rtol fails where the mean
+    nearly cancels; this bound does not, and a wrong weight or user moves the mean by O(|x|)."""
+    x, w = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    w = w / w.sum()
+    exact = np.tensordot(w, x, axes=1)
+    bound = (len(w) + 2) * F32_U * np.tensordot(np.abs(w), np.abs(x), axes=1)
+    err = np.abs(np.asarray(got, np.float64) - exact)
+    assert np.all(err <= bound), f"{err_msg}: |got - mean| up to {err.max():.3g} > the float32 bound (max {bound.max():.3g})"
+
 
 def random_like(tree, scale: float, seed: int):
     """Every leaf replaced by scale * N(0, 1) float32, drawn with NumPy: an eager jax.random call
@@ -25,8 +52,9 @@ def forward(cfg, params, tokens, mask=None):
     return GPT2(cfg).apply({"params": params}, tokens, mask)
 
 
-def tiny_cfg(n_experts=2, n_generalists=1, top_k=2, n_layer=1):
-    return GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=n_layer, n_head=2,
+def tiny_cfg(n_experts=2, n_generalists=1, top_k=2, n_layer=1, dtype="float32"):
+    """dtype "float64" (under jax.enable_x64) for tests that compare two programs of the same math."""
+    return GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=n_layer, n_head=2, dtype=dtype,
                       attn_lora=LoRAConfig(rank=2),
                       moe=MoEConfig(n_experts=n_experts, n_generalists=n_generalists, top_k=top_k,
                                     lora=LoRAConfig(rank=2)))

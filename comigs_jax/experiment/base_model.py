@@ -118,8 +118,9 @@ def load_base(cfg, vocab_size: int, log=print, directory: str | None = None) -> 
         bar.update(done - bar.n)
         bar.set_postfix(loss=f"{loss:.3f}")
 
-    params, hist = pretrain(base_cfg, np.asarray(stream), steps=p.steps, batch_size=p.batch_size,
-                            seq_len=cfg.train.seq_len, lr=p.lr, seed=cfg.data.seed, progress=progress)
+    with jax.enable_x64(False):  # a cached input of runs of every dtype: always the float32 pretraining
+        params, hist = pretrain(base_cfg, np.asarray(stream), steps=p.steps, batch_size=p.batch_size,
+                                seq_len=cfg.train.seq_len, lr=p.lr, seed=cfg.data.seed, progress=progress)
     bar.close()
     log(f"  pretraining loss {hist[0]:.3f} -> {hist[-1]:.3f} in {time.time() - t0:.1f} s")
     tmp = f"{ckpt}.tmp{os.getpid()}"  # one writer per folder; the rename is atomic

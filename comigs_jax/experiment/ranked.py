@@ -48,7 +48,7 @@ class Ranks:
         else:  # the model's own scale both ways
             form = back = np.array([lora_scale(self.lora, int(r)) for r in self.full])
         place = lambda a: sim.layout.place(np.asarray(a)[sim.local_rows])
-        self.form, self.back = place(form.astype(np.float32)), place(back.astype(np.float32))
+        self.form, self.back = place(form), place(back)  # float64: float32 on a device without 64-bit JAX
         sim.data["rank_full"] = place(self.full)
         self._place_scale(sim)
         groups = sim.layout.federation_of_rows() if sim.n_federations > 1 else np.zeros(n_rows, np.int32)

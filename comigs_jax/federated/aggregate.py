@@ -10,18 +10,20 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from comigs_jax.federated.roles import factor_of, role_of, slot_axis
+from comigs_jax.model.precision import wide
 
 
 def _mean_over_users(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [U, ...], w [U] (sums to 1) -> the weighted mean broadcast back to [U, ...]."""
-    mean = jnp.einsum("u,u...->...", w.astype(jnp.float32), x.astype(jnp.float32)).astype(x.dtype)
+    f32 = wide(x.dtype)  # float32 accumulation (float64 for float64 leaves)
+    mean = jnp.einsum("u,u...->...", w.astype(f32), x.astype(f32)).astype(x.dtype)
     return jnp.broadcast_to(mean, x.shape)
 
 
 def _mean_within_groups(x: jax.Array, w: jax.Array, groups: jax.Array) -> jax.Array:
     """x [U, ...], w [G, U] (each row sums to 1 over its group's users, 0 elsewhere), groups [U]
     -> each user's own group's weighted mean [U, ...] (a gather of the [G, ...] means)."""
-    means = jnp.einsum("gu,u...->g...", w, x.astype(jnp.float32)).astype(x.dtype)
+    means = jnp.einsum("gu,u...->g...", w, x.astype(wide(x.dtype))).astype(x.dtype)
     return jnp.take(means, groups, axis=0)
 
 

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from comigs_jax.federated import sharding
+from comigs_jax.model.precision import wide
 
 
 def mixes_after(pcl, round_index: int) -> bool:
@@ -56,8 +57,8 @@ def collaboration_weights(ppl: np.ndarray, allowed: np.ndarray | None = None) ->
 
 def mix_params(params: dict, weights: jax.Array) -> dict:
     """Every leaf [R, ...] -> W @ leaf over the leading row axis (float32 accumulation)."""
-    w = weights.astype(jnp.float32)
-    return jax.tree.map(lambda x: jnp.tensordot(w, x.astype(jnp.float32), axes=(1, 0)).astype(x.dtype), params)
+    return jax.tree.map(lambda x: jnp.tensordot(weights.astype(wide(x.dtype)), x.astype(wide(x.dtype)), axes=(1, 0))
+                        .astype(x.dtype), params)
 
 
 @functools.lru_cache(maxsize=16)

@@ -37,6 +37,7 @@ import numpy as np
 from flax import traverse_util
 
 from comigs_jax.federated.roles import factor_of, role_of, slot_axis
+from comigs_jax.model.precision import wide
 
 RANKED_ROLES = ("generalist", "specialist")
 
@@ -58,11 +59,12 @@ def lora_scale(lora, r) -> float:
 
 
 def rank_scales(ranks, full_ranks, lora, r_max: int) -> np.ndarray:
-    """[U, r_max] float32: s(full_i) / s(r_max) on the components < ranks[i], 0 beyond."""
+    """[U, r_max] float64 (float32 on a device without 64-bit JAX): s(full_i) / s(r_max) on the
+    components < ranks[i], 0 beyond."""
     ranks, full = np.asarray(ranks), np.asarray(full_ranks)
     ratio = np.array([lora_scale(lora, int(r)) / lora_scale(lora, r_max) for r in full], np.float64)
     on = np.arange(r_max)[None, :] < ranks[:, None]
-    return (on * ratio[:, None]).astype(np.float32)
+    return on * ratio[:, None]
 
 
 def _pair(path: tuple) -> tuple:
@@ -104,7 +106,7 @@ def mask_ranks(params: dict, scale: jax.Array) -> dict:
 
 def safe_norm(x: jax.Array, axes) -> jax.Array:
     """Frobenius norm over `axes` whose gradient is 0 (not NaN) at 0 (method.md §7)."""
-    sq = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axes)
+    sq = jnp.sum(jnp.square(x.astype(wide(x.dtype))), axis=axes)
     return jnp.where(sq > 0, jnp.sqrt(jnp.where(sq > 0, sq, 1.0)), 0.0)
 
 
@@ -122,7 +124,7 @@ def pruning_penalty(params: dict, q, r_full, expert_mask: jax.Array | None = Non
     """One user's P = sum over layers, experts and matmuls of |A[:, q:r]|_F |B[q:r, :]|_F with
     q = floor(0.99 r_full) (method.md §7); absent experts (expert_mask [E] False) count 0."""
     flat = traverse_util.flatten_dict(params)
-    total = jnp.zeros((), jnp.float32)
+    total = jnp.zeros(())  # float32 (float64 under 64-bit JAX, for float64 leaves)
     for p, a in flat.items():
         if not (is_ranked(p) and factor_of(p) == "A"):
             continue
@@ -139,8 +141,9 @@ def pruning_penalty(params: dict, q, r_full, expert_mask: jax.Array | None = Non
 def _group_mean(x: jax.Array, w: jax.Array, groups: jax.Array, n_groups: int) -> jax.Array:
     """Per row, its group's sum_i w_i x_i / sum_i w_i over rows, [U, ...]; w broadcasts to x.
     A group (and component) with no weight gets 0."""
-    w = jnp.broadcast_to(w.astype(jnp.float32), jnp.broadcast_shapes(w.shape, x.shape))
-    num = jax.ops.segment_sum(w * x.astype(jnp.float32), groups, n_groups)
+    f32 = wide(x.dtype)  # float32 accumulation (float64 for float64 leaves)
+    w = jnp.broadcast_to(w.astype(f32), jnp.broadcast_shapes(w.shape, x.shape))
+    num = jax.ops.segment_sum(w * x.astype(f32), groups, n_groups)
     den = jax.ops.segment_sum(w, groups, n_groups)
     return jnp.take(num / jnp.where(den > 0, den, 1.0), groups, axis=0).astype(x.dtype)
 
@@ -171,8 +174,7 @@ def hetlora_prune(users: dict, server: dict, ranks: jax.Array, weights: jax.Arra
     over the components [q_i, rank_i) of all its ranked leaf pairs is below the server's (its
     row of `server`, the mean) over the same components; otherwise it keeps rank_i."""
     q = prune_rank(ranks)
-    own = jnp.zeros(ranks.shape, jnp.float32)
-    srv = jnp.zeros(ranks.shape, jnp.float32)
+    own = srv = jnp.zeros(ranks.shape)  # float32 (float64 under 64-bit JAX)
     for p, a in users.items():
         if factor_of(p) != "A":
             continue
@@ -197,8 +199,9 @@ def flexlora_factors(a: jax.Array, b: jax.Array, weights: jax.Array, ranks: jax.
     last_only (the reference, D3): the SVD of (n_U / sum_i n_i) dW_U, U the group's last row with
     weight, instead of the weighted mean of every dW_i."""
     r = a.shape[-1]
-    dw = jnp.einsum("u...ir,u...ro->u...io", a.astype(jnp.float32), b.astype(jnp.float32)) * _lead(form, a.ndim)
-    w = weights.astype(jnp.float32)
+    f32 = wide(a.dtype)  # float32 accumulation (float64 for float64 leaves)
+    dw = jnp.einsum("u...ir,u...ro->u...io", a.astype(f32), b.astype(f32)) * _lead(form, a.ndim)
+    w = weights.astype(f32)
     wsum = jax.ops.segment_sum(w, groups, n_groups)
     if last_only:
         w = jnp.where(last_in_group(w, groups, n_groups), w, 0.0)
@@ -206,7 +209,7 @@ def flexlora_factors(a: jax.Array, b: jax.Array, weights: jax.Array, ranks: jax.
     mean = mean / _lead(jnp.where(wsum > 0, wsum, 1.0), dw.ndim)                  # [G, ..., in, out]
     u, s, vt = jnp.linalg.svd(mean, full_matrices=False)
     u, bs = u[..., :, :r], s[..., :r, None] * vt[..., :r, :]
-    m = (jnp.arange(r)[None, :] < ranks[:, None]).astype(jnp.float32)            # [U, r]
+    m = (jnp.arange(r)[None, :] < ranks[:, None]).astype(f32)                    # [U, r]
     new_a = jnp.take(u, groups, axis=0) * _rank_vec(m, "A", a.ndim)
     new_b = jnp.take(bs, groups, axis=0) * _rank_vec(m, "B", b.ndim) / _lead(back, b.ndim)
     return new_a.astype(a.dtype), new_b.astype(b.dtype)

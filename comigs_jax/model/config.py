@@ -7,10 +7,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from comigs_jax.model.precision import check_x64
+
 LORA_SCALINGS = ("rslora", "lora")
 ROUTER_KINDS = ("learned", "uniform", "user")
 LB_INPUTS = ("block_output", "router_input")
-DTYPES = ("float32", "bfloat16")
+# float64 needs 64-bit JAX (jax.enable_x64): the tests compare two programs of the same math in it
+# (comigs_jax.model.precision).
+DTYPES = ("float32", "bfloat16", "float64")
 # What the backward recomputes instead of keeping: "none"; "block": every transformer block
 # (only its input is kept); "moe": the mixture MLP's per-expert [E, N, 4d] tensors.
 REMAT = ("none", "block", "moe")
@@ -98,6 +102,7 @@ def _check_model_fields(cfg, positive: tuple) -> None:
         raise ValueError(f"head_block={cfg.head_block!r}: must be an integer >= 0 (0 = full logits)")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype={cfg.dtype!r}: allowed {DTYPES}")
+    check_x64(cfg.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +111,8 @@ class GPT2Config:
 
     attn_lora: LoRA on the attention's c_attn and c_proj (None: plain attention).
     moe: the MLP as a mixture of LoRA experts (None: the plain GPT-2 MLP).
-    dtype: activation dtype; parameters are always float32.
+    dtype: activation dtype; parameters are float32 (float64 for a float64 model,
+      comigs_jax.model.precision).
     remat: what the backward recomputes rather than keeps, one of REMAT (same values and
       gradients, less memory, more compute). XLA's CPU compiler folds the recomputation back into
       the forward pass (comigs_jax.model.moe): on CPU it changes nothing unless

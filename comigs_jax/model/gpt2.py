@@ -18,6 +18,7 @@ from comigs_jax.model import moe as moe_lib
 from comigs_jax.model.config import GPT2Config
 from comigs_jax.model.kv_cache import kv_cache_update
 from comigs_jax.model.lora import LoRADense
+from comigs_jax.model.precision import wide
 
 
 def _proj_init(cfg: GPT2Config):
@@ -143,7 +144,7 @@ class GPT2(nn.Module):
             aux["cache"] = {"k": k, "v": v}
         if return_hidden:
             return x, aux
-        return wte.attend(x).astype(jnp.float32), aux
+        return wte.attend(x).astype(wide(dtype)), aux
 
 
 def token_gate_weights(cfg: GPT2Config, params: dict, tokens: jax.Array,

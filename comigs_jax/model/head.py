@@ -22,10 +22,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from comigs_jax.model.precision import wide
+
 
 def full_logits(x: jax.Array, embedding: jax.Array) -> jax.Array:
     """x [..., d] (activation dtype), embedding [V, d] -> logits [..., V] float32 (as nn.Embed.attend)."""
-    return jnp.dot(x, embedding.astype(x.dtype).T).astype(jnp.float32)
+    return jnp.dot(x, embedding.astype(x.dtype).T).astype(wide(x.dtype))
 
 
 def _blocks(emb, block):
@@ -40,13 +42,14 @@ def _blocks(emb, block):
 
 def _label_logit(x, emb, labels):
     """[N] float32 logit of each token's label: x . E[label] (the matching column of x @ E^T)."""
-    return jnp.einsum("nd,nd->n", x, emb[labels], preferred_element_type=jnp.float32)
+    return jnp.einsum("nd,nd->n", x, emb[labels], preferred_element_type=wide(x.dtype))
 
 
 def _scan(x, emb, block, with_grad):
     """One pass over the vocabulary with an online logsumexp. Returns lse [N] and, with_grad,
     softmax(x E^T) @ E [N, d] float32."""
     n, d = x.shape
+    f32 = wide(x.dtype)  # float32 (float64 for a float64 model)
     full, tail = _blocks(emb, block)
 
     def step(carry, e_blk):
@@ -57,10 +60,9 @@ def _scan(x, emb, block, with_grad):
         p = jnp.exp(z - m_new[:, None])                                   # [N, block]
         s = s * rescale + p.sum(-1)
         if with_grad:
-            acc = acc * rescale[:, None] + jnp.dot(p.astype(x.dtype), e_blk, preferred_element_type=jnp.float32)
+            acc = acc * rescale[:, None] + jnp.dot(p.astype(x.dtype), e_blk, preferred_element_type=f32)
         return (m_new, s, acc), None
 
-    f32 = jnp.float32
     carry = (jnp.full((n,), -jnp.inf, f32), jnp.zeros((n,), f32), jnp.zeros((n, d), f32) if with_grad else None)
     carry, _ = jax.lax.scan(step, carry, full)
     if tail is not None:
@@ -82,14 +84,14 @@ def _blocked_ce_fwd(x, embedding, labels, block):
     lab = labels.value
     lse, soft_e = _scan(xv, emb, block, with_grad=x.perturbed)
     # d ce / d x = softmax @ E - E[label], kept in the activation dtype: [N, d] instead of [N, V].
-    dce_dx = None if soft_e is None else (soft_e - emb[lab].astype(jnp.float32)).astype(xv.dtype)
+    dce_dx = None if soft_e is None else (soft_e - emb[lab].astype(wide(xv.dtype))).astype(xv.dtype)
     res = (dce_dx, (xv, lse, embedding.value) if embedding.perturbed else None, lab)
     return lse - _label_logit(xv, emb, lab), res
 
 
 def _blocked_ce_bwd(block, res, g):
     dce_dx, for_emb, labels = res
-    g = g.astype(jnp.float32)                                              # [N]
+    g = g.astype(wide(g.dtype))                                            # [N]
     dx = None if dce_dx is None else (g[:, None] * dce_dx).astype(dce_dx.dtype)
     d_emb = None
     if for_emb is not None:  # only if the head is trained: recompute each block's softmax
@@ -97,16 +99,16 @@ def _blocked_ce_bwd(block, res, g):
         emb = embedding.astype(x.dtype)
         full, tail = _blocks(emb, block)
         # d ce / d E = softmax^T (g x) - scatter of g x onto the label rows
-        gx = (g[:, None] * x.astype(jnp.float32)).astype(x.dtype)          # [N, d]
+        gx = (g[:, None] * x.astype(wide(x.dtype))).astype(x.dtype)        # [N, d]
 
         def grad_block(e_blk):
             p = jnp.exp(full_logits(x, e_blk) - lse[:, None])              # [N, block] softmax
-            return jnp.dot(p.astype(x.dtype).T, gx, preferred_element_type=jnp.float32)  # [block, d]
+            return jnp.dot(p.astype(x.dtype).T, gx, preferred_element_type=wide(x.dtype))  # [block, d]
 
         d_emb = jax.lax.map(grad_block, full).reshape(-1, emb.shape[1])
         if tail is not None:
             d_emb = jnp.concatenate([d_emb, grad_block(tail)], 0)
-        d_emb = d_emb.at[labels].add(-gx.astype(jnp.float32)).astype(embedding.dtype)
+        d_emb = d_emb.at[labels].add(-gx.astype(wide(gx.dtype))).astype(embedding.dtype)
     return dx, d_emb, None
 
 

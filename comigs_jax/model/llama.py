@@ -30,6 +30,7 @@ from comigs_jax.model import moe as moe_lib
 from comigs_jax.model.config import LlamaConfig, MoEConfig
 from comigs_jax.model.kv_cache import kv_cache_update
 from comigs_jax.model.lora import LoRADense
+from comigs_jax.model.precision import wide
 
 _INIT = nn.initializers.normal(0.02)  # HF Llama's initializer_range, for every matrix
 
@@ -68,7 +69,7 @@ def rope_tables(cfg: LlamaConfig, t: int, start=0) -> tuple[jax.Array, jax.Array
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """x [B, T, heads, hd] rotated by position: x cos + rotate_half(x) sin, rotate_half(x) =
     [-x2, x1] with x1, x2 the two halves. Computed in float32, returned in x's dtype."""
-    xf = x.astype(jnp.float32)
+    xf = x.astype(wide(x.dtype))
     x1, x2 = jnp.split(xf, 2, -1)
     rot = jnp.concatenate([-x2, x1], -1)
     return (xf * cos[:, None] + rot * sin[:, None]).astype(x.dtype)
@@ -85,7 +86,7 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        xf = x.astype(jnp.float32)
+        xf = x.astype(wide(x.dtype))
         xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, -1, keepdims=True) + self.eps)
         # HF casts the normalised input back to the activation dtype before the scale.
         return xf.astype(self.dtype) * scale.astype(self.dtype)
@@ -175,7 +176,7 @@ class LlamaMoEMLP(nn.Module):
         dt, s = self.dtype, self.cfg.lora.scale
         dense = functools.partial(LoRADense, lora=None, dtype=dt, kernel_init=_INIT, use_bias=False)
         # gate_A, up_A [n, d, r]; gate_B, up_B [n, r, F]; down_A [n, F, r]; down_B [n, r, d]
-        groups = [moe_lib.ExpertLoRAs(n, r, (("gate", d, f), ("up", d, f), ("down", f, d)), name=name)()
+        groups = [moe_lib.ExpertLoRAs(n, r, (("gate", d, f), ("up", d, f), ("down", f, d)), wide(dt), name=name)()
                   for name, n in (("generalists", self.cfg.n_generalists),
                                   ("specialists", self.cfg.n_specialists)) if n > 0]
         gate_a, gate_b, up_a, up_b, down_a, down_b = (
@@ -286,9 +287,9 @@ class Llama(nn.Module):
         if return_hidden:
             return x, aux
         if cfg.tie_word_embeddings:
-            return embed.attend(x).astype(jnp.float32), aux
+            return embed.attend(x).astype(wide(dtype)), aux
         head = LoRADense(cfg.vocab_size, None, dtype, _INIT, use_bias=False, name="lm_head")
-        return head(x).astype(jnp.float32), aux
+        return head(x).astype(wide(dtype)), aux
 
 
 def llama_token_gate_weights(cfg: LlamaConfig, params: dict, tokens: jax.Array,

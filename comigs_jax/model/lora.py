@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from comigs_jax.model.config import LoRAConfig
+from comigs_jax.model.precision import wide
 
 # A ~ U(-1/sqrt(in), +1/sqrt(in)): torch's kaiming_uniform(a=sqrt(5)) on a [rank, in] weight.
 lora_a_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -39,14 +40,14 @@ class LoRADense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
         d_in = x.shape[-1]
-        kernel = self.param("kernel", self.kernel_init, (d_in, self.features), jnp.float32)
+        kernel = self.param("kernel", self.kernel_init, (d_in, self.features), wide(self.dtype))
         x = x.astype(self.dtype)
         y = x @ kernel.astype(self.dtype)
         if self.use_bias:
-            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32).astype(self.dtype)
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), wide(self.dtype)).astype(self.dtype)
         if self.lora is None:
             return y
-        a = self.param("lora_A", lora_a_init, (d_in, self.lora.rank), jnp.float32)
-        b = self.param("lora_B", nn.initializers.zeros, (self.lora.rank, self.features), jnp.float32)
+        a = self.param("lora_A", lora_a_init, (d_in, self.lora.rank), wide(self.dtype))
+        b = self.param("lora_B", nn.initializers.zeros, (self.lora.rank, self.features), wide(self.dtype))
         xd = nn.Dropout(self.lora.dropout)(x, deterministic=deterministic or self.lora.dropout == 0)
         return y + self.lora.scale * ((xd @ a.astype(self.dtype)) @ b.astype(self.dtype))

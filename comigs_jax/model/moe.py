@@ -17,11 +17,12 @@ from jax.ad_checkpoint import checkpoint_name
 
 from comigs_jax.model.config import MoEConfig
 from comigs_jax.model.lora import expert_a_init
+from comigs_jax.model.precision import wide
 
 
 def masked_logits(logits: jax.Array, mask: jax.Array) -> jax.Array:
     """Absent experts get -inf: never selected, zero probability."""
-    return jnp.where(mask, logits.astype(jnp.float32), -jnp.inf)
+    return jnp.where(mask, logits.astype(wide(logits.dtype)), -jnp.inf)
 
 
 def _selected(z: jax.Array, mask: jax.Array, top_k: int) -> jax.Array:
@@ -109,10 +110,11 @@ class UserRouter(nn.Module):
     -> [..., E]."""
 
     n_experts: int
+    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, h: jax.Array) -> jax.Array:
-        logits = self.param("logits", nn.initializers.normal(0.02), (self.n_experts,), jnp.float32)
+        logits = self.param("logits", nn.initializers.normal(0.02), (self.n_experts,), self.param_dtype)
         return jnp.broadcast_to(logits, (*h.shape[:-1], self.n_experts))
 
 
@@ -126,12 +128,13 @@ def mixture_weights(h: jax.Array, expert_mask, moe: MoEConfig):
     mask = jnp.ones((moe.n_experts,), bool) if expert_mask is None else expert_mask
     if moe.router == "uniform":
         return uniform_weights(mask, h.shape[:-1]), mask, None
+    f32 = wide(h.dtype)  # float32 (float64 for a float64 model)
     if moe.router == "user":
-        router = UserRouter(moe.n_experts, name="router")
+        router = UserRouter(moe.n_experts, f32, name="router")
     else:
-        router = nn.Dense(moe.n_experts, use_bias=False, dtype=jnp.float32,
+        router = nn.Dense(moe.n_experts, use_bias=False, dtype=f32, param_dtype=f32,
                           kernel_init=nn.initializers.normal(0.02), name="router")
-    logits = router(h.astype(jnp.float32))
+    logits = router(h.astype(f32))
     return gate(logits, mask, moe.top_k), mask, (router, logits)
 
 
@@ -143,7 +146,7 @@ def mixture_aux(route, x: jax.Array, mask: jax.Array, moe: MoEConfig) -> dict:
         share = mask / mask.sum()
         return {"lb": jnp.zeros((), jnp.float32), "router_prob": share, "selection": share}
     router, logits = route
-    lb_logits = router(x.astype(jnp.float32)) if moe.lb_input == "block_output" else logits
+    lb_logits = router(x.astype(wide(x.dtype))) if moe.lb_input == "block_output" else logits
     return {"lb": load_balancing_loss(lb_logits, mask, moe.top_k, moe.importance),
             **routing_stats(logits, mask, moe.top_k)}
 
@@ -173,13 +176,14 @@ class ExpertLoRAs(nn.Module):
     n: int
     rank: int
     matmuls: tuple
+    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self):
         n, r, out = self.n, self.rank, ()
         for name, d_in, d_out in self.matmuls:
-            out += (self.param(f"{name}_A", expert_a_init, (n, d_in, r), jnp.float32),
-                    self.param(f"{name}_B", nn.initializers.zeros, (n, r, d_out), jnp.float32))
+            out += (self.param(f"{name}_A", expert_a_init, (n, d_in, r), self.param_dtype),
+                    self.param(f"{name}_B", nn.initializers.zeros, (n, r, d_out), self.param_dtype))
         return out
 
 
@@ -235,7 +239,7 @@ class MoEMLP(nn.Module):
         w_fc, b_fc = FrozenDense(d, f, name="c_fc")()
         w_proj, b_proj = FrozenDense(
             f, d, nn.initializers.normal(0.02 / (2 * self.n_layer) ** 0.5), name="c_proj")()
-        groups = [ExpertLoRAs(n, r, (("fc", d, f), ("proj", f, d)), name=name)()
+        groups = [ExpertLoRAs(n, r, (("fc", d, f), ("proj", f, d)), wide(dt), name=name)()
                   for name, n in (("generalists", self.cfg.n_generalists),
                                   ("specialists", self.cfg.n_specialists)) if n > 0]
         fc_a, fc_b, proj_a, proj_b = (jnp.concatenate(parts, 0).astype(dt) for parts in zip(*groups))

@@ -65,7 +65,7 @@ def user_round(base: dict, state: UserState, data: dict, mask: jax.Array, active
                 new, ce = router_phase(s, **kw)
                 return _tree_where(due, new, s), jnp.where(due, ce, 0.0)
 
-            state, router_ce = lax.cond(any_due, phase, lambda s: (s, jnp.zeros((), jnp.float32)), state)
+            state, router_ce = lax.cond(any_due, phase, lambda s: (s, jnp.zeros((), m["ce"].dtype)), state)
             m["router_ce"], m["router_phase"] = router_ce, due
         if per_step:  # a user that dropped out at step `active` keeps the state it had then
             state = _tree_where(i < active, state, before)
@@ -133,7 +133,6 @@ def loop_step_round(model_cfg: ModelConfig, tc: TrainConfig, method: Method, ste
     e_step = jax.jit(functools.partial(expert_step, **kw))
     r_phase = jax.jit(functools.partial(router_phase, **kw))
     run_router = method.alternating and tc.router_steps > 0
-    zero = jnp.zeros((), jnp.float32)
 
     def one_user(base, state, data, mask, active, stop, step0):
         new, metrics = state, []
@@ -143,7 +142,7 @@ def loop_step_round(model_cfg: ModelConfig, tc: TrainConfig, method: Method, ste
             m = {k: v for k, v in m.items() if v is not None}
             if run_router:
                 due = (step0 + min(i, stop) + 1) % tc.router_every == 0  # a dropped user's counter stops
-                router_ce = zero
+                router_ce = jnp.zeros((), m["ce"].dtype)
                 if due:
                     new, router_ce = r_phase(new, base, data, mask)
                 m["router_ce"], m["router_phase"] = router_ce, jnp.asarray(due)

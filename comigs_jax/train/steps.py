@@ -47,7 +47,7 @@ def lm_loss(trainable: dict, base: dict, windows: jax.Array, mask: jax.Array, mo
     hidden, aux = language_model(model_cfg).apply({"params": params}, windows[:, :-1], mask,
                                                   deterministic=dropout_key is None, rngs=rngs, return_hidden=True)
     ce = token_cross_entropy(hidden, head_matrix(params, model_cfg), windows[:, 1:], model_cfg.head_block).mean()
-    lb = aux["lb"].mean() if aux else jnp.zeros((), jnp.float32)
+    lb = aux["lb"].mean() if aux else jnp.zeros((), ce.dtype)
     loss = ce + lb_weight * lb
     return loss, {"loss": loss, "ce": ce, "lb": lb,
                   "router_prob": aux.get("router_prob"), "selection": aux.get("selection")}

@@ -1,0 +1,27 @@
+"""Parameter and accumulation dtypes, derived from the activation dtype.
+
+The engine computes in float32 (parameters, logits, router, losses, aggregation) whatever the
+activation dtype, bfloat16 included. A model whose activation dtype is "float64" (which needs
+`jax.enable_x64`) keeps everything in float64 instead: the tests that compare two programs of the
+same math (chunked vs all at once, vmap vs loop, stacked vs separate) run there, where different
+summation orders agree to ~1e-12 and a real bug still shows (in float32 they may differ in the last
+bits, which Adam amplifies for near-zero gradients).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def wide(dtype) -> jnp.dtype:
+    """The dtype parameters are stored in and sums accumulate in, for values of `dtype`: float32
+    for float32 and narrower (bfloat16), float64 for float64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def check_x64(dtype_name: str) -> None:
+    """ValueError (one line) for a float64 model without 64-bit JAX, where it would silently
+    compute in float32."""
+    if dtype_name == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError("dtype='float64' needs 64-bit JAX: run under jax.enable_x64(True) "
+                         "(or set JAX_ENABLE_X64=1); allowed without it: float32, bfloat16")
