@@ -61,11 +61,12 @@ from __future__ import annotations
 from comigs_jax.capacity.command import DEFAULT_CONFIG, HOMES, check_config, experiment_plans, main, run, run_any
 from comigs_jax.capacity.flops import round_flops, step_flops
 from comigs_jax.capacity.measurement import compiled_memory, format_measurement, measure
-from comigs_jax.capacity.memory import (CPU_GELU_TERMS, CPU_SWIGLU_TERMS, PROFILES, activation_tensors, head_block_of,
-                                        shared_bytes, step_bytes, transient_tensors)
+from comigs_jax.capacity.memory import (PROFILES, activation_tensors, head_block_of, shared_bytes, step_bytes,
+                                        transient_tensors)
 from comigs_jax.capacity.planning import (MFU, TARGETS, USABLE_FRACTION, MiB, Target, device_bytes, device_rows,
                                           format_plan, plan, users_per_device)
 from comigs_jax.capacity.sizes import GiB, Shapes, param_counts, shapes, state_bytes
+from comigs_jax.model.footprint import CPU_GELU_TERMS, CPU_SWIGLU_TERMS
 
 __all__ = [
     "DEFAULT_CONFIG", "HOMES", "check_config", "experiment_plans", "main", "run", "run_any", "round_flops",

@@ -12,6 +12,7 @@ from comigs_jax.capacity.memory import activation_tensors, head_block_of, shared
 from comigs_jax.capacity.sizes import GiB, param_counts, shapes, state_bytes
 from comigs_jax.federated.methods import Method, configure_model
 from comigs_jax.federated.users import device_chunk, padded_user_count
+from comigs_jax.model.family import family_named
 from comigs_jax.model.lm import ModelConfig
 from comigs_jax.train.state import TrainConfig
 
@@ -145,7 +146,7 @@ def _group_activations(tensors) -> dict:
 
 def format_plan(p: dict) -> str:
     c, pc = p["config"], p["params"]
-    family = {"gpt2": "GPT-2", "llama": "Llama"}[c["family"]]
+    family = family_named(c["family"]).label
     lines = [f"# Capacity plan: {c['n_users']:,} users, {family} {c['n_layer']}L x {c['n_embd']} (V {c['vocab_size']:,}), "
              f"{c['method']} ({c['n_generalists']}G + {c['n_experts'] - c['n_generalists']}S), "
              f"batch {c['batch_size']} x {c['seq_len']}, {c['dtype']}, remat {c['remat']!r}, "
