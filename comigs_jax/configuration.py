@@ -10,9 +10,8 @@ import os
 from comigs_jax.data.config import split_list, validate_data_config
 from comigs_jax.errors import ConfigError
 from comigs_jax.federated.methods import METHODS, ROUTER_MODES, Method, configure_model, get_method  # noqa: F401
-from comigs_jax.model.config import (DTYPES, GPT2_SIZES, LB_INPUTS, LLAMA_SIZES, LORA_SCALINGS, REMAT, GPT2Config,
-                                     LlamaConfig, LoRAConfig, MoEConfig)
-from comigs_jax.model.hf import GPT2_VOCAB_SIZE
+from comigs_jax.model import family as families
+from comigs_jax.model.config import DTYPES, LB_INPUTS, LORA_SCALINGS, REMAT, LoRAConfig, MoEConfig
 from comigs_jax.model.lm import ModelConfig
 from comigs_jax.train.evaluation import PROTOCOLS
 from comigs_jax.train.state import ROW_HPARAMS, TrainConfig
@@ -71,8 +70,9 @@ def base_positions(cfg) -> int | None:
     """n_positions of the configured base, read cheaply (None when unknown before download)."""
     if cfg.base == "pretrain":
         return None
-    if cfg.base.lower() in LLAMA_SIZES:
-        return LLAMA_SIZES[cfg.base.lower()]["n_positions"]
+    sized = families.family_of_size(cfg.base.lower())
+    if sized is not None and "n_positions" in sized.sizes[cfg.base.lower()]:
+        return sized.sizes[cfg.base.lower()]["n_positions"]
     path = os.path.join(os.path.expanduser(cfg.base), "config.json")
     if os.path.exists(path):
         try:
@@ -81,7 +81,8 @@ def base_positions(cfg) -> int | None:
             return hf.get("n_positions") or hf.get("max_position_embeddings")
         except (OSError, ValueError, AttributeError):
             return None  # the loader reports a damaged config.json, naming the file
-    return 1024 if cfg.base.startswith("gpt2") else None
+    hub = families.family_of_hub_id(cfg.base)  # a hub id named after its family (GPT-2's 1,024)
+    return None if hub is None else hub.config().n_positions
 
 
 def _x64() -> bool:
@@ -250,7 +251,7 @@ def federation_of(cfg, seed: int) -> dict:
 
 # ----------------------------------------------------------------------------- without a base
 
-BASE_SHAPES = (*GPT2_SIZES, *LLAMA_SIZES, "pretrain")
+BASE_SHAPES = (*families.named_sizes(), "pretrain")
 
 
 def base_shape(cfg) -> ModelConfig:
@@ -271,23 +272,19 @@ def base_shape(cfg) -> ModelConfig:
                 _fail(f"pretrain.{key}", p[key], "a positive integer")
         if p.n_embd % p.n_head:
             _fail("pretrain.n_head", p.n_head, f"a divisor of pretrain.n_embd={p.n_embd}")
-        shape, positions = dict(n_layer=p.n_layer, n_embd=p.n_embd, n_head=p.n_head), seq_len
-    elif cfg.base in GPT2_SIZES:
-        shape, positions = GPT2_SIZES[cfg.base], 1024
-    elif cfg.base in LLAMA_SIZES:
-        shape = {k: v for k, v in LLAMA_SIZES[cfg.base].items() if k not in ("vocab_size", "n_positions")}
-        positions = LLAMA_SIZES[cfg.base]["n_positions"]
+        family = families.family_named(families.PRETRAIN)
+        base = family.config(n_layer=p.n_layer, n_embd=p.n_embd, n_head=p.n_head, n_positions=seq_len)
     else:
-        _fail("base", cfg.base, " | ".join(BASE_SHAPES) + " (a base's shape by name; nothing is loaded)")
-    if seq_len > positions:
-        _fail("train.seq_len", seq_len, f"at most the base's {positions} positions")
+        family = families.family_of_size(cfg.base)
+        if family is None:
+            _fail("base", cfg.base, " | ".join(BASE_SHAPES) + " (a base's shape by name; nothing is loaded)")
+        base = family.sized(cfg.base)
+    if seq_len > base.n_positions:
+        _fail("train.seq_len", seq_len, f"at most the base's {base.n_positions} positions")
     vocab = cfg.vocab_size
     if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 0 or vocab == 1:
         _fail("vocab_size", vocab, "0 (the base's own vocabulary) or an integer >= 2")
-    if vocab == 0:
-        vocab = LLAMA_SIZES[cfg.base]["vocab_size"] if cfg.base in LLAMA_SIZES else GPT2_VOCAB_SIZE
-    family = LlamaConfig if cfg.base in LLAMA_SIZES else GPT2Config
-    return family(vocab_size=vocab, n_positions=positions, **shape)
+    return dataclasses.replace(base, vocab_size=vocab or base.vocab_size)
 
 
 def engine_configs(cfg, method: str | None = None) -> tuple[ModelConfig, TrainConfig, Method]:

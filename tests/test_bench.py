@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from comigs_jax import capacity, configuration
+from comigs_jax.capacity import report, sweep, timing, workload
 from configs import capacity as capacity_config
 from configs.bench import get_config
 from experiments import bench
@@ -93,7 +94,7 @@ def test_bench_sweep_doubles_users_until_a_limit(tmp_path, capsys, monkeypatch):
     assert "sweep tiny: largest U that completed a round: U = 4 (vmap, chunk 2, " in out
 
     # A limit below this process's own resident set: the first U would exceed it, so nothing runs.
-    frac = 0.5 * bench._rss_bytes() / (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    frac = 0.5 * timing._rss_bytes() / (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     argv = ["experiments.bench", *SMALL, "--config.users=2", "--config.modes=vmap", "--config.sweep=True",
             f"--config.sweep_fraction={frac}", f"--config.out_dir={tmp_path / 'b'}"]
     assert bench.main(argv) == 0
@@ -106,21 +107,21 @@ def test_bench_sweep_doubles_users_until_a_limit(tmp_path, capsys, monkeypatch):
 def test_workloads_are_built_as_capacity_builds_them():
     cfg = get_config()
     for name in ("tiny", "gpt2"):
-        model_cfg, tc, method = bench.workload_configs(name, cfg[name], "comigs", "float32")
+        model_cfg, tc, method = workload.workload_configs(name, cfg[name], "comigs", "float32")
         assert (model_cfg.n_layer, model_cfg.vocab_size, tc.batch_size) == (
             {"tiny": 2, "gpt2": 12}[name], {"tiny": 2048, "gpt2": 50257}[name], {"tiny": 2, "gpt2": 4}[name])
         assert model_cfg.moe.n_experts == 2 and model_cfg.attn_lora.rank == 8 and tc.local_steps == 2
     # mini: the issue-15 shape (4 x 256 GPT-2, real vocabulary, batch 8 x 128; 1 router step per 3
     # expert steps, as the study's 10 every 30)
-    model_cfg, tc, _ = bench.workload_configs("mini", cfg.mini, "comigs", "float32")
+    model_cfg, tc, _ = workload.workload_configs("mini", cfg.mini, "comigs", "float32")
     assert (model_cfg.n_layer, model_cfg.n_embd, model_cfg.n_head, model_cfg.vocab_size) == (4, 256, 4, 50257)
     assert (tc.batch_size, tc.seq_len, tc.local_steps, tc.router_every, tc.router_steps) == (8, 128, 3, 3, 1)
     assert model_cfg.moe.n_experts == 2 and model_cfg.moe.n_generalists == 1
-    tiny = bench.workload_configs("tiny", cfg.tiny, "comigs", "float32")
+    tiny = workload.workload_configs("tiny", cfg.tiny, "comigs", "float32")
     assert tiny == configuration.engine_configs(capacity_config.get_config("tiny"))
     cfg.tiny.train.local_steps = 3  # not a multiple of router_every: one line, the workload's key
     with pytest.raises(configuration.ConfigError, match=r"^config\.tiny\.train\.local_steps=3 is not allowed"):
-        bench.workload_configs("tiny", cfg.tiny, "comigs", "float32")
+        workload.workload_configs("tiny", cfg.tiny, "comigs", "float32")
 
 
 @pytest.mark.parametrize("flag, names", [
@@ -149,7 +150,7 @@ def test_targets_report_misses_by_how_much():
                 "tokens_per_s": tps, "fraction_of_peak": frac, "peak_rss_gib": 1.0, "losses_agree": True}
     rows = [row("loop_step", 64, 100.0), row("loop_round", 64, 300.0), row("vmap", 64, 400.0),
             row("vmap", 256, 400.0), row("vmap", 2, 1.0, "gpt2", 0.3)]
-    t = {x["target"]: x for x in bench.check_targets(rows, "cpu")}
+    t = {x["target"]: x for x in report.check_targets(rows, "cpu")}
     assert t["tiny U=64: vmap >= 5x loop_step tokens/s"] == {
         "target": "tiny U=64: vmap >= 5x loop_step tokens/s", "value": 4.0, "met": False}
     assert t["tiny U=64: vmap faster than loop_round"]["met"] is True
@@ -161,10 +162,10 @@ def test_targets_report_misses_by_how_much():
 def test_sweep_extrapolates_measured_bytes():
     """The next U's bytes from the measured ones: from one point, the part above what was resident
     before the sweep grows with U; from two or more, the line through the last two."""
-    assert bench._extrapolate([], 512) == 0.0
-    assert bench._extrapolate([(256, 3.0)], 512, baseline=1.0) == 5.0
-    assert bench._extrapolate([(128, 2.0), (256, 3.0)], 512, baseline=1.0) == 5.0
-    assert bench._extrapolate([(64, 1.0), (128, 2.0), (256, 2.5)], 512) == 3.5
+    assert sweep._extrapolate([], 512) == 0.0
+    assert sweep._extrapolate([(256, 3.0)], 512, baseline=1.0) == 5.0
+    assert sweep._extrapolate([(128, 2.0), (256, 3.0)], 512, baseline=1.0) == 5.0
+    assert sweep._extrapolate([(64, 1.0), (128, 2.0), (256, 2.5)], 512) == 3.5
 
 
 def test_many_users_targets():
@@ -174,7 +175,7 @@ def test_many_users_targets():
         return {"model": "tiny", "users": users, "mode": "vmap", "dtype": "float32", "round_s": round_s,
                 "compile_s": compile_s, "tokens_per_s": 1.0, "fraction_of_peak": 0.1, "peak_rss_gib": rss,
                 "losses_agree": True}
-    t = {x["target"]: x for x in bench.check_targets([row(64, 1.0, 10.0, 2.0), row(256, 4.0, 11.0, 3.0),
+    t = {x["target"]: x for x in report.check_targets([row(64, 1.0, 10.0, 2.0), row(256, 4.0, 11.0, 3.0),
                                                       row(4096, 70.0, 16.0, 9.0)], "cpu")}
     assert t["tiny U=4096 vmap completes a round in one process within 24 GiB peak RSS"]["met"] is True
     r = t["tiny vmap: round at U=4096 <= 1.2 x (4096/256) x round at U=256"]

@@ -21,9 +21,9 @@ import numpy as np
 
 from comigs_jax.data import general_stream
 from comigs_jax.errors import BaseModelError, first_line
-from comigs_jax.model.config import GPT2_SIZES, GPT2Config
-from comigs_jax.model.hf import CheckpointError, load_gpt2, save_gpt2
-from comigs_jax.model.lm import ModelConfig, checkpoint_family, load_checkpoint
+from comigs_jax.model import family as families
+from comigs_jax.model.hf import CheckpointError
+from comigs_jax.model.lm import ModelConfig, load_checkpoint
 from comigs_jax.train.pretrain import pretrain
 
 
@@ -62,23 +62,25 @@ _TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
 
 def base_tokenizer(cfg, directory: str | None) -> str:
     """What data.tokenizer="base" means for this base: its directory when that holds tokenizer
-    files; the bundled GPT-2 BPE ("gpt2") for a GPT-2 hub size, a GPT-2 directory without
-    tokenizer files, or "pretrain"; else the hub id. Any other data.tokenizer is returned as is."""
+    files; its family's bundled tokenizer (Family.bundled_tokenizer: GPT-2's BPE, "gpt2") for a
+    named size of such a family, a directory of one without tokenizer files, or "pretrain"; else
+    the hub id. Any other data.tokenizer is returned as is."""
     name = cfg.data.tokenizer
     if name != "base":
         return name
-    if cfg.base == "pretrain" or cfg.base in GPT2_SIZES:
-        return "gpt2"
+    sized = families.family_named(families.PRETRAIN) if cfg.base == "pretrain" else families.family_of_size(cfg.base)
+    if sized is not None and sized.bundled_tokenizer:
+        return sized.bundled_tokenizer
     if directory is None:
         return cfg.base  # a hub id: its own tokenizer
     if any(all(os.path.exists(os.path.join(directory, f)) for f in files) for files in _TOKENIZER_FILES):
         return directory
     try:
-        family = checkpoint_family(directory)
+        family = families.checkpoint_family(directory)
     except CheckpointError as e:
         raise BaseModelError(first_line(e)) from e
-    if family == "gpt2":
-        return "gpt2"
+    if family.bundled_tokenizer:
+        return family.bundled_tokenizer
     if cfg.data.source == "synthetic":  # token ids are the process's states: no tokenizer is ever loaded
         return directory
     raise BaseModelError(f"data.tokenizer='base': {directory} holds no tokenizer.json (nor vocab.json + merges.txt); "
@@ -95,18 +97,19 @@ def load_base(cfg, vocab_size: int, log=print, directory: str | None = None) -> 
         except CheckpointError as e:
             raise BaseModelError(first_line(e)) from e
     p = cfg.pretrain
+    family = families.family_named(families.PRETRAIN)
     ckpt = pretrained_base_dir(cfg)
     damaged = False
     if os.path.exists(ckpt):
         try:
-            return load_gpt2(ckpt)
+            return family.load(ckpt)
         except CheckpointError as e:
             log(f"warning: the cached base cannot be loaded ({first_line(e)}); pretraining it again")
             damaged = True
-    base_cfg = GPT2Config(vocab_size=vocab_size, n_positions=cfg.train.seq_len, n_embd=p.n_embd,
+    base_cfg = family.config(vocab_size=vocab_size, n_positions=cfg.train.seq_len, n_embd=p.n_embd,
                           n_layer=p.n_layer, n_head=p.n_head)
     stream = general_stream(cfg.data, p.tokens, seed=cfg.data.seed)
-    log(f"pretraining a {p.n_layer}-layer, {p.n_embd}-wide GPT-2 base on {len(stream):,} tokens of the "
+    log(f"pretraining a {p.n_layer}-layer, {p.n_embd}-wide {family.label} base on {len(stream):,} tokens of the "
         f"general chain ({p.steps} steps) -> {ckpt}")
     t0 = time.time()
     import jax
@@ -125,8 +128,8 @@ def load_base(cfg, vocab_size: int, log=print, directory: str | None = None) -> 
     log(f"  pretraining loss {hist[0]:.3f} -> {hist[-1]:.3f} in {time.time() - t0:.1f} s")
     tmp = f"{ckpt}.tmp{os.getpid()}"  # one writer per folder; the rename is atomic
     shutil.rmtree(tmp, ignore_errors=True)
-    save_gpt2(params, base_cfg, tmp)
-    loaded = load_gpt2(tmp)  # through the same loader as real GPT-2 (a copy in memory)
+    family.save(params, base_cfg, tmp)
+    loaded = family.load(tmp)  # through the same loader as a real base of its family (a copy in memory)
     if damaged:
         shutil.rmtree(ckpt, ignore_errors=True)
     try:

@@ -29,15 +29,10 @@ from typing import Iterable, Optional
 import numpy as np
 
 from comigs_jax.experiment.restore import RestoreError, open_run, restore_rows
+from comigs_jax.model.family import family_of
 
 FORMAT = "comigs_jax.export/1"
 META, BASE, ADAPTER, EXPERTS = "comigs.json", "base", "attn_adapter", "experts.safetensors"
-# family -> (HF prefix of layer i, attention module (ours = HF), its LoRA'd projections, MLP matmuls
-# that carry experts, whether HF's attention weights are Conv1D [in, out] (peft's fan_in_fan_out))
-_FAMILY = {
-    "gpt2": ("transformer.h.{}", "attn", ("c_attn", "c_proj"), ("fc", "proj"), True),
-    "llama": ("model.layers.{}", "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate", "up", "down"), False),
-}
 
 
 class ExportError(RestoreError):
@@ -46,24 +41,15 @@ class ExportError(RestoreError):
 
 # ----------------------------------------------------------------------------- layers
 def _layer(params: dict, cfg, i: int) -> dict:
-    """Layer i's parameter subtree (a Llama's scanned [L, ...] leaves indexed)."""
-    import jax
-    if cfg.family == "gpt2":
-        return params[f"h_{i}"]
-    return jax.tree.map(lambda a: np.asarray(a)[i], params["layers"])
+    """Layer i's parameter subtree (a scanned family's [L, ...] leaves indexed)."""
+    return family_of(cfg).layer(params, i)
 
 
 def _set_layers(params: dict, cfg, layers: list) -> None:
     """Put per-layer subtrees (merged into what params already holds) back in place."""
-    import jax
-
     from comigs_jax.federated.roles import merge
-    if cfg.family == "gpt2":
-        for i, sub in enumerate(layers):
-            params[f"h_{i}"] = merge(params.get(f"h_{i}", {}), sub)
-        return
-    stacked = jax.tree.map(lambda *a: np.stack(a), *layers)
-    params["layers"] = merge(params.get("layers", {}), stacked)
+    for key, sub in family_of(cfg).layer_subtrees(layers).items():
+        params[key] = merge(params.get(key, {}), sub)
 
 
 # ----------------------------------------------------------------------------- write
@@ -71,7 +57,8 @@ def _adapter_tensors(params: dict, cfg) -> tuple[dict, dict]:
     """(peft adapter_config.json dict, adapter_model.safetensors tensors) of the attention LoRA.
     peft's lora_A.weight is [r, in] and lora_B.weight [out, r] (nn.Linear's), our A [in, r] and B
     [r, out] transposed; Conv1D's fan_in_fan_out only changes how peft merges, not these shapes."""
-    prefix, attn, projs, _, conv1d = _FAMILY[cfg.family]
+    names = family_of(cfg).hf_names
+    prefix, attn, projs, conv1d = names.layer_prefix, names.attn, names.projections, names.conv1d
     lora = cfg.attn_lora
     tensors = {}
     for i in range(cfg.n_layer):
@@ -97,7 +84,8 @@ def _expert_tensors(params: dict, cfg) -> dict:
     P.mlp.experts.<m>.lora_A [E, r, in], P.mlp.experts.<m>.lora_B [E, out, r] for each MLP
     matmul m, and P.router.weight [E, d] (a token router) or P.router.logits [E] (a per-user router,
     the same logits for every token); neither with a uniform router."""
-    prefix, _, _, matmuls, _ = _FAMILY[cfg.family]
+    names = family_of(cfg).hf_names
+    prefix, matmuls = names.layer_prefix, names.expert_matmuls
     out = {}
     for i in range(cfg.n_layer):
         layer = _layer(params, cfg, i)
@@ -145,12 +133,9 @@ def write_user_folder(out_dir: str, model_cfg, params: dict, expert_mask, tokeni
     base_source: the base's original HF directory, whose special token ids base/config.json keeps."""
     from safetensors.numpy import save_file
 
-    from comigs_jax.model.hf import save_gpt2
-    from comigs_jax.model.hf_llama import save_llama
-
     os.makedirs(out_dir, exist_ok=True)
     base = os.path.join(out_dir, BASE)
-    (save_gpt2 if model_cfg.family == "gpt2" else save_llama)(params, model_cfg.base, base, tokenizer)
+    family_of(model_cfg).save(params, model_cfg.base, base, tokenizer)
     _fix_token_ids(base, model_cfg.vocab_size, base_source)
     if model_cfg.attn_lora is not None:
         config, tensors = _adapter_tensors(params, model_cfg)
@@ -202,7 +187,8 @@ def load_exported(folder: str, mixture: bool = True):
     if meta["moe"] is not None and mixture:
         moe = MoEConfig(**{**meta["moe"], "lora": LoRAConfig(**meta["moe"]["lora"])})
     cfg = dc.replace(base_cfg, attn_lora=lora, moe=moe)
-    prefix, attn, projs, matmuls, _ = _FAMILY[cfg.family]
+    names = family_of(cfg).hf_names
+    prefix, attn, projs, matmuls = names.layer_prefix, names.attn, names.projections, names.expert_matmuls
     layers = [{} for _ in range(cfg.n_layer)]
     if lora is not None:
         t = read_safetensors(os.path.join(folder, ADAPTER, "adapter_model.safetensors"))

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 
 from comigs_jax.model.kv_cache import init_cache
-from comigs_jax.model.lm import ModelConfig, family_of, language_model
+from comigs_jax.model.family import family_of
+from comigs_jax.model.lm import ModelConfig, language_model
 
 __all__ = ["init_cache", "forward_cached", "generate"]
 
@@ -30,9 +31,7 @@ def _gates(cfg: ModelConfig, state: dict) -> Optional[jax.Array]:
     inter = state.get("intermediates", {})
     if not inter:
         return None
-    if family_of(cfg) == "gpt2":
-        return jnp.stack([inter[f"h_{i}"]["gate"][0] for i in range(cfg.n_layer)])
-    return inter["layers"]["gate"][0]
+    return family_of(cfg).sown_gates(inter, cfg.n_layer)
 
 
 def forward_cached(cfg: ModelConfig, params: dict, tokens: jax.Array, cache: dict, index,
