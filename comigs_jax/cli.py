@@ -23,7 +23,12 @@ from ml_collections import ConfigDict, config_flags
 
 from comigs_jax.errors import ExperimentError, Stopped, first_line
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The folder that holds the packages comigs_jax, configs and experiments: a checkout's root, or the
+# site-packages of an installed wheel (configs/ and experiments/ are packaged with comigs_jax). A
+# relative --config path that is not found from the working directory is looked up here, so
+# `comigs-run --config=configs/tiny.py` runs the shipped config from any directory.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = ROOT  # the name before packaging (a checkout was assumed); kept for callers
 # Where the keys of each group of the experiment configs are defined ("" = every other group).
 EXPERIMENT_HOMES = {"": "configs/base.py", "data": "comigs_jax/data/config.py"}
 # OSErrors that are the machine's or the user's, not the code's: one line, no traceback.
@@ -150,16 +155,18 @@ def parse_config(argv, default: str, *, homes: dict, define: Callable | None = N
             define(fv)
         others = "".join(f"  --{name}: {fv[name].help}\n" for name in fv)
         home = ", ".join(f"{g + '.*' if g else 'other keys'}: {f}" for g, f in sorted(homes.items(), reverse=True))
-        raise HelpRequested(f"{doc.strip()}\n\nFlags:\n  --config=FILE[:ARG]: the config file (default {os.path.relpath(default, REPO)})\n"
+        raise HelpRequested(f"{doc.strip()}\n\nFlags:\n  --config=FILE[:ARG]: the config file (default {os.path.relpath(default, ROOT)})\n"
                             f"  --config.KEY=VALUE: override any key of it (defaults, one comment each: {home})\n"
                             f"  --config_help: list every key of the config with its value and comment\n"
                             f"{others}")
     show_keys = "--config_help" in argv[1:]
     argv = [a for a in argv if a != "--config_help"]
+    argv = resolve_config_arg(argv)
     spec = config_spec(argv[1:], default)
     path = spec.partition(":")[0]
     if not os.path.isfile(path):
-        raise UsageError(f"config file {path!r} not found (see configs/ for the config files)")
+        raise UsageError(f"config file {path!r} not found (relative paths are tried from the working directory, "
+                         f"then from {ROOT}; the shipped configs are configs/*.py there)")
     overrides = _override_keys(argv[1:])
     if overrides:
         try:
@@ -183,9 +190,31 @@ def parse_config(argv, default: str, *, homes: dict, define: Callable | None = N
     if show_keys:  # comments: the data keys' file (rooted at `data`), configs/base.py, the homes, the
         # config files the config file imports, the config file
         files = [EXPERIMENT_HOMES["data"], EXPERIMENT_HOMES[""], *homes.values(), *_imported_configs(path)]
-        files = [("data." if f == EXPERIMENT_HOMES["data"] else "", os.path.join(REPO, f)) for f in dict.fromkeys(files)]
+        files = [("data." if f == EXPERIMENT_HOMES["data"] else "", os.path.join(ROOT, f)) for f in dict.fromkeys(files)]
         raise HelpRequested(config_help(cfg, key_comments(files + [("", path)])))
     return cfg, fv
+
+
+def config_path(path: str) -> str:
+    """`path` if it is a file; else, for a relative path, the same path under ROOT when that is a
+    file (the shipped configs of an installed package); else `path` unchanged."""
+    if os.path.isfile(path) or os.path.isabs(path):
+        return path
+    packaged = os.path.join(ROOT, path)
+    return packaged if os.path.isfile(packaged) else path
+
+
+def resolve_config_arg(argv) -> list:
+    """argv with its --config=FILE[:ARG] value's FILE resolved by `config_path`."""
+    out = list(argv)
+    for i, a in enumerate(out[1:], 1):
+        if a.startswith("--config="):
+            path, sep, arg = a.split("=", 1)[1].partition(":")
+            out[i] = f"--config={config_path(path)}{sep}{arg}"
+        elif a == "--config" and i + 1 < len(out):
+            path, sep, arg = out[i + 1].partition(":")
+            out[i + 1] = config_path(path) + sep + arg
+    return out
 
 
 def _imported_configs(path: str) -> list[str]:
@@ -205,9 +234,11 @@ def _imported_configs(path: str) -> list[str]:
     return out
 
 
-def parse_flags(fv: flags.FlagValues, argv) -> flags.FlagValues:
+def parse_flags(fv: flags.FlagValues, argv, doc: str = "") -> flags.FlagValues:
     """argv parsed into absl flags `fv` (the commands without a config: export, generate); a bad
-    flag is SystemExit with one `error:` line."""
+    flag is SystemExit with one `error:` line; --help is HelpRequested with `doc` and the flags."""
+    if any(a in ("--help", "-h", "--helpfull") for a in argv[1:]):
+        raise HelpRequested(f"{doc.strip()}\n\nFlags:\n" + "".join(f"  --{n}: {fv[n].help}\n" for n in fv))
     try:
         fv(argv)
     except flags.Error as e:
@@ -216,9 +247,12 @@ def parse_flags(fv: flags.FlagValues, argv) -> flags.FlagValues:
 
 
 def resume_command(module: str, argv) -> str:
-    """The command line that resumes a run (without a --config.resume=False)."""
+    """The command line that resumes a run (without a --config.resume=False): `python -m module
+    ...`, or the console script's name when the run was started by one (comigs-run ...)."""
     args = [a for a in argv[1:] if not a.startswith("--config.resume")]
-    return " ".join(["python", "-m", module, *map(shlex.quote, args)])
+    program = os.path.basename(str(argv[0])) if argv else ""
+    head = [program] if program.startswith("comigs-") else ["python", "-m", module]
+    return " ".join([*head, *map(shlex.quote, args)])
 
 
 def as_exit(fn: Callable, resume: str | None = None):

@@ -8,6 +8,7 @@ import math
 import os
 
 from comigs_jax.data.config import split_list, validate_data_config
+from comigs_jax import extras
 from comigs_jax.errors import ConfigError
 from comigs_jax.federated.methods import METHODS, ROUTER_MODES, Method, configure_model, get_method  # noqa: F401
 from comigs_jax.model import family as families
@@ -220,6 +221,7 @@ def validate(cfg) -> None:
     if cfg.base == "pretrain" and cfg.data.source != "synthetic":
         _fail("base", cfg.base, "'pretrain' only with data.source='synthetic'; else a GPT-2 or Llama directory or "
               "hub id, 'smollm2-135m' or a .gguf file")
+    extras.check_config(cfg)  # an optional package the config needs (gguf, tensorboardX, wandb): one line
 
 
 def model_config(cfg, base_cfg: ModelConfig) -> ModelConfig:

@@ -78,7 +78,7 @@ from comigs_jax.capacity.benchmark import check_config, run_benchmark
 from comigs_jax.capacity.timing import _print
 from configs.bench import WORKLOADS
 
-DEFAULT_CONFIG = os.path.join(cli.REPO, "configs", "bench.py")
+DEFAULT_CONFIG = os.path.join(cli.ROOT, "configs", "bench.py")
 # Where the keys of configs/bench.py's groups are defined (unknown-key messages): the workloads'
 # model and train groups are configs/base.py's, without model.dtype (the bench's `dtype`).
 HOMES = {"": "configs/bench.py", "distributed": "configs/base.py"}
@@ -108,6 +108,11 @@ def bench_main(cfg: ConfigDict, argv=None) -> None:
     _print(f"total {time.perf_counter() - t:.0f} s; wrote {os.path.join(cfg.out_dir, 'bench.json')}")
 
 
-if __name__ == "__main__":
+def console() -> int:
+    """The console script `comigs-bench` (setup.cfg): `main` in its own process."""
     cli.install_process_hooks()
-    sys.exit(main())
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(console())

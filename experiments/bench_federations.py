@@ -30,7 +30,7 @@ from absl import flags
 
 from comigs_jax import cli
 
-DEMO = os.path.join(cli.REPO, "configs", "demo.py")
+DEMO = os.path.join(cli.ROOT, "configs", "demo.py")
 
 
 def _define(fv: flags.FlagValues) -> None:

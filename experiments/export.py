@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
 
     def body():
-        fv = cli.parse_flags(_flags(), argv)
+        fv = cli.parse_flags(_flags(), argv, __doc__)
         if not fv.workdir or not fv.out or bool(fv.user) == bool(fv.all):
             raise SystemExit("error: --workdir, --out and one of --user=NAME or --all are required")
         from absl import logging
@@ -46,6 +46,11 @@ def main(argv=None) -> int:
     return cli.main_guard(body)
 
 
-if __name__ == "__main__":
+def console() -> int:
+    """The console script `comigs-export` (setup.cfg): `main` in its own process."""
     cli.install_process_hooks()
-    sys.exit(main())
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(console())

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv if argv is None else argv)
 
     def body():
-        fv = cli.parse_flags(_flags(), argv)
+        fv = cli.parse_flags(_flags(), argv, __doc__)
         if not fv.workdir or not fv.user:
             raise SystemExit("error: --workdir and --user are required (a finished run's folder and one of its users)")
         from absl import logging
@@ -64,6 +64,11 @@ def main(argv=None) -> int:
     return cli.main_guard(body)
 
 
-if __name__ == "__main__":
+def console() -> int:
+    """The console script `comigs-generate` (setup.cfg): `main` in its own process."""
     cli.install_process_hooks()
-    sys.exit(main())
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(console())

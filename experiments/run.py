@@ -17,7 +17,7 @@ from absl import flags, logging
 
 from comigs_jax import cli
 
-DEMO = os.path.join(cli.REPO, "configs", "demo.py")
+DEMO = os.path.join(cli.ROOT, "configs", "demo.py")
 
 
 def _define(fv: flags.FlagValues) -> None:
@@ -51,6 +51,11 @@ def main(argv=None) -> int:
     return cli.main_guard(body)
 
 
-if __name__ == "__main__":
+def console() -> int:
+    """The console script `comigs-run` (setup.cfg): `main` in its own process."""
     cli.install_process_hooks()
-    sys.exit(main())
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(console())

@@ -42,6 +42,11 @@ def main(argv=None) -> int:
     return cli.main_guard(body)
 
 
-if __name__ == "__main__":
+def console() -> int:
+    """The console script `comigs-study` (setup.cfg): `main` in its own process."""
     cli.install_process_hooks()
-    sys.exit(main())
+    return main()
+
+
+if __name__ == "__main__":
+    sys.exit(console())

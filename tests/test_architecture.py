@@ -8,7 +8,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Lowest first. A module belongs to the first layer one of whose prefixes it starts with.
 LAYERS = [
-    ("foundation", ("comigs_jax.errors", "comigs_jax.distributed")),
+    ("foundation", ("comigs_jax.errors", "comigs_jax.distributed", "comigs_jax.extras")),
     ("model", ("comigs_jax.model",)),
     ("data", ("comigs_jax.data",)),
     ("federation", ("comigs_jax.federated",)),

@@ -146,3 +146,10 @@ def main(argv=None) -> int:
         run_any(cfg)
 
     return cli.main_guard(body)
+
+
+def console() -> int:
+    """The console script `comigs-capacity` (setup.cfg): `main` in its own process."""
+    from comigs_jax import cli
+    cli.install_process_hooks()
+    return main()

@@ -88,7 +88,8 @@ class MetricsWriter:
             self._tb = None
 
     def _rewrite_tensorboard(self, records: list[dict]) -> None:
-        from tensorboardX import SummaryWriter  # only runs that ask for TensorBoard import it
+        from comigs_jax.extras import require
+        SummaryWriter = require("tensorboardX").SummaryWriter  # the `tensorboard` extra, only when asked for
         self.close()
         os.makedirs(self.tensorboard_dir, exist_ok=True)
         for name in os.listdir(self.tensorboard_dir):

@@ -19,7 +19,8 @@ _REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 def versions() -> dict:
     """{distribution: version} of the packages a result depends on (None when not installed)."""
-    out = {"python": platform.python_version()}
+    from comigs_jax import __version__
+    out = {"python": platform.python_version(), "comigs_jax": __version__}
     for name in PACKAGES:
         try:
             out[name] = md.version(name)
@@ -30,7 +31,9 @@ def versions() -> dict:
 
 def git_commit(repo: str = _REPO) -> str | None:
     """The checkout's commit (short), with "+dirty" when tracked files differ from it; None outside
-    a git checkout or without git."""
+    a git checkout (an installed package, even one in a venv inside a checkout) or without git."""
+    if not os.path.exists(os.path.join(repo, ".git")):
+        return None
     try:
         run = lambda *a: subprocess.run(["git", "-C", repo, *a], capture_output=True, text=True, timeout=10)
         rev = run("rev-parse", "--short", "HEAD")

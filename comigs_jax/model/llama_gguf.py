@@ -115,7 +115,8 @@ def _f32(x) -> float:
 
 
 def _open(path: str):
-    import gguf
+    from comigs_jax.extras import require
+    gguf = require("gguf")  # the `llama` extra: one line naming it when missing
     _check_is_gguf(path)
     try:
         return gguf.GGUFReader(path, "r")
