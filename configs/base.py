@@ -88,6 +88,7 @@ def get_config(arg=None):
     c.output.figures = True  # write PNG figures
     c.output.progress = True  # tqdm progress bar over rounds
     c.output.routing_tokens = 48  # tokens in the routing picture of a sample test text
+    c.output.compilation_cache = True  # JAX's persistent compilation cache in <data.cache_dir>/xla (JAX_COMPILATION_CACHE_DIR wins when set): a rerun, resume or study cell loads the programs an earlier process compiled; False = compile afresh
     c.output.tensorboard = False  # also write the per-round metrics as TensorBoard events in <run>/tensorboard/ (tensorboardX; rewritten from metrics.jsonl on resume)
 
     c.data = default_data_config()

@@ -69,6 +69,7 @@ def get_config(preset: str = "cpu") -> ConfigDict:
                                     # not grow with U, and at U=256 they add ~2 min on 2 cores
     c.matmul_size = 0               # n of the n x n x n peak matmul; 0 = 4096 CPU, 8192 accelerators
     c.out_dir = "runs/bench"        # bench.json and bench.md land here
+    c.compilation_cache = True      # JAX's persistent compilation cache in ~/.cache/comigs_jax/data/xla (JAX_COMPILATION_CACHE_DIR wins): a warm cache makes the compile column the load time; False = compile afresh
     c.loss_atol = 1e-4              # modes must agree on first-round losses to this tolerance
     # Several JAX processes (pod hosts; experiments/launch_local.py): experiments.run's block and
     # defaults. With more than one process only vmap_sharded runs, over every process's devices.

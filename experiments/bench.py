@@ -73,7 +73,7 @@ import jax
 from absl import logging
 from ml_collections import ConfigDict
 
-from comigs_jax import cli, distributed
+from comigs_jax import cli, compilation_cache, distributed
 from comigs_jax.capacity.benchmark import check_config, run_benchmark
 from comigs_jax.capacity.timing import _print
 from configs.bench import WORKLOADS
@@ -92,6 +92,7 @@ def main(argv=None) -> int:
     def body():
         cfg, _ = cli.parse_config(argv, DEFAULT_CONFIG, homes=HOMES, doc=__doc__)
         check_config(cfg, WORKLOADS)  # before the distributed start-up and any JAX work
+        compilation_cache.configure(cfg)  # before the first compile
         logging.set_verbosity(logging.WARNING)  # INFO on process 0 once it is known (bench_main)
         multi = distributed.initialize(cfg.distributed)  # before any JAX computation; no-op for one process
         return distributed.run_or_exit(lambda: cli.as_exit(lambda: bench_main(cfg, argv)), multi)

@@ -38,8 +38,9 @@ def main(argv=None) -> int:
 
     def body():
         cfg, fv = cli.parse_config(argv, DEMO, homes=cli.EXPERIMENT_HOMES, define=_define, doc=__doc__)
-        from comigs_jax import configuration, distributed, experiment
+        from comigs_jax import compilation_cache, configuration, distributed, experiment
         configuration.validate(cfg)  # before the distributed start-up and any JAX work
+        compilation_cache.configure(cfg)  # before the first compile
         workdir = fv.workdir or default_workdir(argv)
         logging.set_verbosity(logging.WARNING)  # orbax and absl report every checkpoint step at INFO
         multi = distributed.initialize(cfg.distributed)  # before any JAX computation; no-op for one process

@@ -33,7 +33,9 @@ def main(argv=None) -> int:
 
     def body():
         cfg, fv = cli.parse_config(argv, DEFAULT, homes=HOMES, define=_define, doc=__doc__)
+        from comigs_jax import compilation_cache
         from comigs_jax.experiment import study
+        compilation_cache.configure(cfg)  # every cell's process-wide cache, before the first compile
         workdir = fv.workdir or os.path.join("runs", "studies", cfg.study.name)
         logging.set_verbosity(logging.WARNING)
         resume = cli.resume_command("experiments.study", argv)

@@ -25,7 +25,7 @@ import numpy as np
 from ml_collections import ConfigDict
 from tqdm import tqdm
 
-from comigs_jax import configuration, distributed
+from comigs_jax import compilation_cache, configuration, distributed
 from comigs_jax.data import DataSourceError, InsufficientDataError, load_user_data
 from comigs_jax.data.reference_bins import check_token_ids
 from comigs_jax.errors import ConfigError, DataError, Stopped, WorkdirError, first_line
@@ -494,6 +494,7 @@ def run(config, workdir: str) -> dict:
     when a signal stopped the run after a checkpoint. `config` is not modified. In a
     multi-process run, comigs_jax.distributed.initialize must have run first."""
     cfg = _resolve(config)
+    compilation_cache.configure(cfg)  # JAX's persistent cache (output.compilation_cache), before any compile
     methods, seeds = configuration.methods_of(cfg), configuration.seeds_of(cfg)
     stack = bool(cfg.federation.get("stack_seeds")) and len(seeds) > 1
     prep = _prepare(cfg, [workdir], len(seeds) if stack else 1)
