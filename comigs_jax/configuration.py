@@ -194,6 +194,9 @@ def validate(cfg) -> None:
     for key in ("n_windows", "batch_size", "every_rounds"):
         if cfg.eval[key] <= 0:
             _fail(f"eval.{key}", cfg.eval[key], "a positive integer")
+    limit = cfg.output.get("per_user_limit", 1)
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        _fail("output.per_user_limit", limit, "a positive integer (the most users shown one by one)")
     for key in ("every_rounds", "max_to_keep"):
         if cfg.checkpoint[key] <= 0:
             _fail(f"checkpoint.{key}", cfg.checkpoint[key], "a positive integer")

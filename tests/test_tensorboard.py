@@ -17,8 +17,9 @@ TINY = "--config=configs/tiny.py"
 
 
 def read_events(logdir):
-    """{tag: [(step, value), ...]} over every event file of `logdir` (TFRecord framing: length,
-    its CRC, the serialized Event, its CRC)."""
+    """{tag: [(step, value), ...]} of the scalars over every event file of `logdir` (TFRecord
+    framing: length, its CRC, the serialized Event, its CRC); a histogram's value is its
+    (count, min, max, sum)."""
     from tensorboardX.proto import event_pb2
     out = {}
     files = sorted(glob.glob(os.path.join(logdir, "events.out.tfevents.*")))
@@ -31,7 +32,8 @@ def read_events(logdir):
             ev = event_pb2.Event.FromString(data[i + 12:i + 12 + n])
             i += 12 + n + 4
             for v in ev.summary.value:
-                out.setdefault(v.tag, []).append((ev.step, v.simple_value))
+                value = (v.histo.num, v.histo.min, v.histo.max, v.histo.sum) if v.HasField("histo") else v.simple_value
+                out.setdefault(v.tag, []).append((ev.step, value))
     return out, files
 
 
@@ -79,6 +81,12 @@ def check_events_match(wd):
     recs = records(wd)
     events, files = read_events(os.path.join(wd, "tensorboard"))
     assert len(files) == 1
+    histo = events.pop("test_ppl/users")  # one histogram of the users' test perplexity per evaluation
+    ppl = {r["round"]: r["test_ppl"] for r in recs if "test_ppl" in r}
+    assert [s for s, _ in histo] == sorted(ppl)
+    for step, (n, lo, hi, total) in histo:
+        np.testing.assert_allclose([n, lo, hi, total], [len(ppl[step]), min(ppl[step]), max(ppl[step]), sum(ppl[step])],
+                                   rtol=1e-6)
     users = [u["user"] for u in json.load(open(os.path.join(wd, "results.json")))["users"]]
     expected = {}
     for r in recs:
@@ -92,7 +100,7 @@ def check_events_match(wd):
     # the brief's quantities are all there, per user
     u = users[0]
     for tag in (f"train_loss/{u}", f"router_val_ce/{u}", f"generalist_share/{u}", f"routing/{u}/expert0",
-                "lr", "tokens_per_s", f"test_ppl/{u}"):
+                "lr", "tokens_per_s", f"test_ppl/{u}", "test_ppl/p50", "test_ppl/worst10_mean"):
         assert tag in events, tag
     assert [s for s, _ in events["lr"]] == [1, 2, 3, 4]
     assert [s for s, _ in events[f"test_ppl/{u}"]] == [2, 4]

@@ -237,7 +237,8 @@ def _train_program(method, runs: list[_Run], data, base_cfg, base, layout: Layou
     tcs = [dataclasses.replace(sim.tc, **{k: v for k, v in fed.items() if k != "seed"}) for fed in sim.federations]
     pick = (lambda tree, f: tree) if n_feds == 1 else (lambda tree, f: {k: v[f] for k, v in tree.items()})
     writers = [metrics.MetricsWriter(os.path.join(r.run_dir, "metrics.jsonl") if distributed.is_main_process() else None,
-                                     tensorboard=cfg.output.get("tensorboard", False), users=data.users) for r in runs]
+                                     tensorboard=cfg.output.get("tensorboard", False), users=data.users,
+                                     per_user_limit=cfg.output.get("per_user_limit", 64)) for r in runs]
     start, metas = _restore(sim, runs, run_layout)
     for w in writers:
         w.truncate(start)

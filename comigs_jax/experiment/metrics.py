@@ -11,6 +11,7 @@ import weakref
 import numpy as np
 import optax
 
+from comigs_jax.experiment import distribution
 from comigs_jax.experiment.provenance import provenance
 from comigs_jax.train.state import TrainConfig
 
@@ -34,10 +35,14 @@ class MetricsWriter:
     are a view of metrics.jsonl: `truncate` (every start, fresh or resumed) deletes the folder's
     event files and writes the kept records again into one new file, so a resumed run shows each
     round once, with the values metrics.jsonl holds (a round rerun after a kill replaces its
-    first attempt instead of appearing twice). `users`: the names in the tags (else indices)."""
+    first attempt instead of appearing twice). `users`: the names in the tags (else indices);
+    above `per_user_limit` users no per-user tags (means, quantiles and the histogram only).
+    A record with the round's per-user test perplexity gets its quantiles (`distribution`)."""
 
-    def __init__(self, path: str | None, tensorboard: bool = False, users=None):
+    def __init__(self, path: str | None, tensorboard: bool = False, users=None,
+                 per_user_limit: int = distribution.DEFAULT_LIMIT):
         self.path = path
+        self.per_user_limit = per_user_limit
         self._memory: list[dict] = []
         self.users = list(users) if users is not None else None
         self.tensorboard_dir = os.path.join(os.path.dirname(path) or ".", "tensorboard") if (
@@ -71,6 +76,7 @@ class MetricsWriter:
             self._rewrite_tensorboard(keep)
 
     def write(self, record: dict) -> None:
+        distribution.add_quantiles(record)
         if self.path is None:
             self._memory.append(json.loads(json.dumps(record)))  # as a file round trip gives it back
             return
@@ -102,8 +108,11 @@ class MetricsWriter:
         self._tb.flush()
 
     def _tensorboard_record(self, record: dict, flush: bool = True) -> None:
-        for tag, value in tensorboard_scalars(record, self.users):
+        for tag, value in tensorboard_scalars(record, self.users, self.per_user_limit):
             self._tb.add_scalar(tag, value, global_step=record["round"])
+        if isinstance(record.get("test_ppl"), list):  # the population's spread, one histogram per evaluation
+            self._tb.add_histogram("test_ppl/users", np.asarray(record["test_ppl"], np.float64),
+                                   global_step=record["round"])
         if flush:
             self._tb.flush()
 
@@ -112,14 +121,16 @@ def _tag(name) -> str:
     return re.sub(r"[^\w.\-]", "_", str(name))
 
 
-def tensorboard_scalars(record: dict, users=None) -> list[tuple[str, float]]:
+def tensorboard_scalars(record: dict, users=None, per_user_limit: int | None = None) -> list[tuple[str, float]]:
     """The TensorBoard scalars of one metrics.jsonl record, as (tag, value): the run-level numbers
     under their own key (`lr`, `tokens_per_s`, `seconds`), each per-user list as `<key>/<user>`
     (train_loss, train_ce, train_lb, router_val_ce, generalist_share, test_ppl, expert and router
     tokens/s, router_steps; a user without a value that round, e.g. no router phase, is skipped) and
     its mean over the users that have one as `<key>/mean_of_users`, and the routing shares per expert
     (averaged over layers) as `routing/<user>/expert<e>`. `users`: names for the tags (indices when
-    None or when a list has another length, e.g. Centralized's one pooled model)."""
+    None or when a list has another length, e.g. Centralized's one pooled model). The quantiles of
+    per-user test perplexity as `test_ppl/p10`, `/p50`, `/p90`, `/worst10_mean`. A list longer than
+    `per_user_limit` (None: no limit) gets no per-user tags, only its mean."""
     out = []
     for key, value in record.items():
         if key in ("round", "step", "includes_compile"):
@@ -129,19 +140,23 @@ def tensorboard_scalars(record: dict, users=None) -> list[tuple[str, float]]:
         if isinstance(value, (int, float)):
             out.append((key, float(value)))
             continue
+        if key == "test_ppl_quantiles" and isinstance(value, dict):
+            out += [(f"test_ppl/{k}", float(v)) for k, v in value.items() if k != "n"]
+            continue
         if not isinstance(value, list) or not value:
             continue
+        per_user = per_user_limit is None or len(value) <= per_user_limit
         names = [_tag(u) for u in users] if users is not None and len(users) == len(value) else \
             [f"user{i}" for i in range(len(value))]
         if key == "routing":  # [U, L, E]
-            for name, per_layer in zip(names, value):
+            for name, per_layer in zip(names if per_user else [], value):
                 for e, share in enumerate(np.asarray(per_layer, np.float64).mean(0)):
                     out.append((f"routing/{name}/expert{e}", float(share)))
             continue
         seen = [float(v) for v in value if isinstance(v, (int, float)) and not isinstance(v, bool)]
         if len(seen) != sum(v is not None for v in value):
             continue  # not a per-user list of numbers
-        for name, v in zip(names, value):
+        for name, v in zip(names if per_user else [], value):
             if v is not None:
                 out.append((f"{key}/{name}", float(v)))
         if seen:
@@ -263,6 +278,8 @@ def results(cfg, method, seed: int, data, model_cfg, pre: dict, post: dict, reco
         out["mean_bayes_ppl"] = float(np.mean(bayes))
     if zero_shot is not None:
         out["mean_zero_shot_ppl"] = float(np.exp(zero_shot).mean())
+    out["test_ppl_distribution"] = distribution.summary(
+        users, records, cfg.output.get("per_user_limit", distribution.DEFAULT_LIMIT))
     if records:
         out["speed"] = speed_summary(records)
     if communication is not None:
@@ -279,13 +296,20 @@ def results_markdown(res: dict) -> str:
     lines = [f"### {res['method']} (seed {res['seed']}, router {res['router_mode']}, "
              f"faithful={res['faithful']}, eval {res['eval']['protocol']})", "", head,
              "|" + "---|" * (head.count("|") - 1)]
-    for u in res["users"]:
+    dist = res.get("test_ppl_distribution")
+    shown = dist is None or distribution.per_user_shown(len(res["users"]), dist["per_user_limit"])
+    for u in res["users"] if shown else []:
         lines.append(f"| {u['user']} | {u['test_ppl']:.3f} | {u['test_ppl_post_aggregation']:.3f} |"
                      + (f" {u['bayes_ppl']:.3f} |" if bayes else "")
                      + (f" {u['zero_shot_ppl']:.3f} |" if zero else "") + f" {u['generalist_share']:.3f} |")
     lines.append(f"| **mean** | **{res['mean_test_ppl']:.3f}** | {res['mean_test_ppl_post_aggregation']:.3f} |"
                  + (f" {res['mean_bayes_ppl']:.3f} |" if bayes else "")
                  + (f" {res['mean_zero_shot_ppl']:.3f} |" if zero else "") + " |")
+    if not shown:
+        lines.append(f"| ({len(res['users'])} users: above output.per_user_limit={dist['per_user_limit']}, "
+                     "every user's row is in users.csv and results.json) |" + " |" * (head.count("|") - 2))
+    if dist is not None:
+        lines += ["", *distribution.markdown(dist)]
     comm = res.get("communication")
     if comm and comm.get("per_round_params") is not None:
         p = comm["per_round_params"]
@@ -298,6 +322,7 @@ def results_markdown(res: dict) -> str:
 
 def write_results(run_dir: str, res: dict) -> None:
     _atomic_write(os.path.join(run_dir, "results.json"), json.dumps(res, indent=1))
+    _atomic_write(os.path.join(run_dir, "users.csv"), distribution.users_csv(res["users"]))
     _atomic_write(os.path.join(run_dir, "results.md"), results_markdown(res) + "\n")
 
 

@@ -82,6 +82,9 @@ def run_figures(run_dir: str, results: dict, records: list[dict], sim, data, n_t
     if records:
         loss_curves(os.path.join(run_dir, "loss_curves.png"), records, users)
     generalist_share_per_layer(os.path.join(run_dir, "generalist_share.png"), results, g)
+    from comigs_jax.experiment.distribution import histogram_figure
+    histogram_figure(os.path.join(run_dir, "test_ppl_histogram.png"), results["users"],
+                     f"{results['method']}, seed {results['seed']}")
     if not routing:
         return
     # Token-level routing of user 0's model on the start of its test split, averaged over layers.
