@@ -90,6 +90,8 @@ def get_config(arg=None):
     c.output.routing_tokens = 48  # tokens in the routing picture of a sample test text
     c.output.compilation_cache = True  # JAX's persistent compilation cache in <data.cache_dir>/xla (JAX_COMPILATION_CACHE_DIR wins when set): a rerun, resume or study cell loads the programs an earlier process compiled; False = compile afresh
     c.output.per_user_limit = 64  # above this many users: no per-user TensorBoard tags and no per-user table in results.md (quantiles p10/p50/p90/worst-10 % mean and a histogram instead; results.json and users.csv keep every user); >= 1
+    c.output.wandb = False  # also log TensorBoard's numbers, the config and the provenance to Weights & Biases (the `wandb` extra; WANDB_MODE=offline: no account, files in <run>/wandb/)
+    c.output.wandb_project = "comigs_jax"  # the W&B project of output.wandb
     c.output.tensorboard = False  # also write the per-round metrics as TensorBoard events in <run>/tensorboard/ (tensorboardX; rewritten from metrics.jsonl on resume)
 
     c.data = default_data_config()

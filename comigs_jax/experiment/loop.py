@@ -30,7 +30,7 @@ from comigs_jax.data import DataSourceError, InsufficientDataError, load_user_da
 from comigs_jax.data.reference_bins import check_token_ids
 from comigs_jax.errors import ConfigError, DataError, Stopped, WorkdirError, first_line
 from comigs_jax.experiment import identity as identity_lib
-from comigs_jax.experiment import metrics, numerics, plot
+from comigs_jax.experiment import metrics, numerics, plot, tracking
 from comigs_jax.experiment.base_model import base_dir, base_tokenizer, load_base
 from comigs_jax.experiment.checkpoint import RunCheckpoints
 from comigs_jax.experiment.signals import StopOnSignal
@@ -238,7 +238,8 @@ def _train_program(method, runs: list[_Run], data, base_cfg, base, layout: Layou
     pick = (lambda tree, f: tree) if n_feds == 1 else (lambda tree, f: {k: v[f] for k, v in tree.items()})
     writers = [metrics.MetricsWriter(os.path.join(r.run_dir, "metrics.jsonl") if distributed.is_main_process() else None,
                                      tensorboard=cfg.output.get("tensorboard", False), users=data.users,
-                                     per_user_limit=cfg.output.get("per_user_limit", 64)) for r in runs]
+                                     per_user_limit=cfg.output.get("per_user_limit", 64),
+                                     wandb=tracking.options(r.cfg, r.run_dir)) for r in runs]
     start, metas = _restore(sim, runs, run_layout)
     for w in writers:
         w.truncate(start)
@@ -360,6 +361,7 @@ def _train_program(method, runs: list[_Run], data, base_cfg, base, layout: Layou
                              cfg.output.routing_tokens, write=distributed.is_main_process())
         if distributed.is_main_process():
             metrics.write_results(run.run_dir, results)  # last: results.json marks a complete run
+        w.finish(results)  # W&B (output.wandb): the run's summary, and its files complete
         out.append(results)
     return out
 

@@ -37,12 +37,14 @@ class MetricsWriter:
     round once, with the values metrics.jsonl holds (a round rerun after a kill replaces its
     first attempt instead of appearing twice). `users`: the names in the tags (else indices);
     above `per_user_limit` users no per-user tags (means, quantiles and the histogram only).
-    A record with the round's per-user test perplexity gets its quantiles (`distribution`)."""
+    A record with the round's per-user test perplexity gets its quantiles (`distribution`).
+    `wandb` (experiment.tracking.options; with a path): the same scalars to Weights & Biases."""
 
     def __init__(self, path: str | None, tensorboard: bool = False, users=None,
-                 per_user_limit: int = distribution.DEFAULT_LIMIT):
+                 per_user_limit: int = distribution.DEFAULT_LIMIT, wandb: dict | None = None):
         self.path = path
         self.per_user_limit = per_user_limit
+        self._wandb_opts, self._wb = (wandb if path is not None else None), None
         self._memory: list[dict] = []
         self.users = list(users) if users is not None else None
         self.tensorboard_dir = os.path.join(os.path.dirname(path) or ".", "tensorboard") if (
@@ -74,6 +76,8 @@ class MetricsWriter:
         _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in keep))
         if self.tensorboard_dir is not None:
             self._rewrite_tensorboard(keep)
+        if self._wandb_opts is not None and self._wb is None:
+            self._start_wandb(keep)
 
     def write(self, record: dict) -> None:
         distribution.add_quantiles(record)
@@ -86,6 +90,29 @@ class MetricsWriter:
             if self._tb is None:  # written without a truncate first: start from what the file holds
                 self._rewrite_tensorboard(self.read()[:-1])
             self._tensorboard_record(record)
+        if self._wandb_opts is not None:
+            if self._wb is None:
+                self._start_wandb(self.read()[:-1])
+            self._wandb_record(record)
+
+    def _start_wandb(self, records: list[dict]) -> None:
+        from comigs_jax.experiment.tracking import WandbLog
+        self._wb = WandbLog(os.path.dirname(self.path) or ".", self._wandb_opts)
+        weakref.finalize(self, self._wb.finish)  # the W&B run ends with its writer (or the process)
+        if self._wb.fresh:  # a new W&B run: what metrics.jsonl already holds first
+            for r in records:
+                self._wandb_record(r)
+
+    def finish(self, results: dict | None = None) -> None:
+        """The end of the run: W&B gets the results' summary (mean test perplexity before and after
+        aggregation, the final quantiles) and its run is finished (its files complete)."""
+        if self._wb is not None:
+            self._wb.finish(results)
+
+    def _wandb_record(self, record: dict) -> None:
+        ppl = record.get("test_ppl")
+        self._wb.log(tensorboard_scalars(record, self.users, self.per_user_limit),
+                     ppl if isinstance(ppl, list) else None, record["round"])
 
     def close(self) -> None:
         """Flush and close the TensorBoard file (also done when the writer is collected or at exit)."""
