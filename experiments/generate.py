@@ -1,7 +1,7 @@
 """Sample text from one user's personalised model of a finished run.
 
     python -m experiments.generate --workdir=runs/demo --user=user0 --prompt "3 14 15" --tokens=40
-    python -m experiments.generate --workdir=runs/smollm2/comigs_s0 --user=python_docs \
+    python -m experiments.generate --workdir=runs/smollm2/comigs_s0 --user=code \
         --prompt "def main(" --temperature=0.7 --top_k=40 --seed=1 --html=sample.html
 
 The model is the user's state in the run's last checkpoint (the base, its adapters after the
