@@ -39,7 +39,7 @@ import pytest  # noqa: E402
 LONGEST_FIRST = ("test_reliability.py", "test_engine.py", "test_chunks.py", "test_moe.py",
                  "test_multihost_run.py", "test_llama_engine.py", "test_bench.py", "test_head_loss.py",
                  "test_remat.py", "test_capacity_llama.py", "test_multihost.py", "test_capacity.py",
-                 "test_gguf.py", "test_llama.py", "test_reproduce.py", "test_signals.py", "test_api.py",
+                 "test_gguf.py", "test_llama.py", "test_reproduce.py", "test_signals.py", "test_readme.py", "test_api.py",
                  "test_data_synthetic.py", "test_bench_multihost.py", "test_bench_llama.py", "test_hf_io.py")
 
 
