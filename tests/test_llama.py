@@ -105,10 +105,12 @@ def test_causal(tied):
     assert np.abs(np.asarray(la[0, 8:] - lb[0, 8:])).max() > 1e-4
 
 
-def test_gqa_shapes_and_grouping(tied):
+def test_gqa_shapes_and_grouping(tied, x64):
     """k/v project to n_kv_head heads; query head n reads kv head n // (n_head / n_kv_head): the
-    model equals the multi-head one whose k/v kernels repeat each kv head for its group."""
+    model equals the multi-head one whose k/v kernels repeat each kv head for its group (two
+    programs: in float64, tests/tiny.py TOL64)."""
     cfg, params = tied
+    cfg = dataclasses.replace(cfg, dtype="float64")
     hd, group = cfg.dim_head, cfg.n_head // cfg.n_kv_head
     attn = params["layers"]["self_attn"]  # scanned: every leaf [L, ...]
     L = cfg.n_layer
@@ -125,7 +127,7 @@ def test_gqa_shapes_and_grouping(tied):
     tokens = jnp.arange(24).reshape(2, 12) % cfg.vocab_size
     l_gqa, _ = forward(cfg, params, tokens)
     l_mha, _ = forward(dataclasses.replace(cfg, n_kv_head=cfg.n_head), mha, tokens)
-    np.testing.assert_allclose(np.asarray(l_gqa), np.asarray(l_mha), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(l_gqa), np.asarray(l_mha), **TOL64)
 
 
 def test_named_sizes_parameter_counts():
