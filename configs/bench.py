@@ -51,7 +51,8 @@ def get_config(preset: str = "cpu") -> ConfigDict:
     c.modes = MODES                 # any subset, in any order
     c.method = "comigs"             # a method of comigs_jax.federated.methods
     c.dtype = ""                    # activation dtype of every workload and of the peak matmul;
-                                    # "" = float32 on CPU, bfloat16 on GPU/TPU
+                                    # "" = float32 on CPU, bfloat16 on GPU/TPU; float64 (with
+                                    # JAX_ENABLE_X64=1) for checking that the modes agree
     c.user_chunk = 0                # train.user_chunk of the vmapped modes, every workload: each device runs
                                     # its users this many at a time (0 = all at once; a chunk that does not
                                     # divide a device's users pads them, masked and not counted as work)

@@ -4,7 +4,7 @@ from procenv import xla_flags
 
 # 8 fake CPU devices for the sharding tests, and the suite's compile flags (tests/procenv.py); must
 # be set before jax is imported anywhere.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + xla_flags(8)).strip()
+os.environ["XLA_FLAGS"] = xla_flags(8)  # keeps the flags the suite was started with (procenv.USER_FLAGS)
 
 # One persistent XLA compilation cache for the whole session, inherited by the subprocesses the
 # tests start: they compile the same tiny programs again and again (compile time dominates).

@@ -14,11 +14,16 @@ import os
 
 FAST_COMPILE = (
     "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false")
+# The XLA flags the suite was started with (e.g. XLA_FLAGS=--xla_cpu_max_isa=AVX2 pytest tests, to
+# check the suite on another instruction set), read before conftest adds its own: every test
+# process, the subprocesses too, keeps them. A device count there is the suite's to set.
+USER_FLAGS = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                      if not f.startswith("--xla_force_host_platform_device_count") and f not in FAST_COMPILE.split())
 
 
 def xla_flags(devices=None) -> str:
     """The test processes' XLA flags, with `devices` fake CPU devices (None: XLA's default, one)."""
-    flags = FAST_COMPILE
+    flags = f"{USER_FLAGS} {FAST_COMPILE}".strip()
     if devices is not None:
         flags += f" --xla_force_host_platform_device_count={devices}"
     return flags

@@ -5,10 +5,12 @@ import json
 import os
 
 from experiments import bench_federations
+from tiny import TOL64
 
 
-def test_bench_federations_tiny(tiny_cache, tmp_path, capsys):
+def test_bench_federations_tiny(tiny_cache, tmp_path, capsys, x64):
     argv = ["experiments.bench_federations", "--config=configs/tiny.py", "--config.seeds=0,7",
+            "--config.model.dtype=float64",  # two programs: tests/tiny.py TOL64
             "--config.train.rounds=2", "--config.eval.every_rounds=1", f"--config.data.cache_dir={tiny_cache}",
             f"--workdir={tmp_path}"]
     assert bench_federations.main(argv) == 0
@@ -21,5 +23,5 @@ def test_bench_federations_tiny(tiny_cache, tmp_path, capsys):
     assert sep["compiles"] > st["compiles"] >= r["separate_each"][0]["compiles"]
     assert sep["compiles"] == sum(s["compiles"] for s in r["separate_each"])
     assert r["wall_ratio"] == st["wall_s"] / sep["wall_s"]
-    assert r["max_abs_test_ce_diff"] <= 1e-6
+    assert r["max_abs_test_ce_diff"] <= TOL64["atol"]
     assert f"wall stacked / separate = {r['wall_ratio']:.3f}" in out and "2 seeds of comigs" in out

@@ -54,7 +54,7 @@ def test_factors_train_freeze_and_average_as_the_method_says(name, faithful):
         assert not np.array_equal(trained[k], x0), where  # trained (B starts at 0; A moves)
         if factor in m.shared_factors:  # averaged: identical after aggregation, the mean of the trained
             assert _same_across_users(after[k]), where
-            np.testing.assert_allclose(after[k][0], trained[k].mean(0), rtol=1e-5, atol=1e-7, err_msg=where)
+            assert_mean_close(after[k][0], trained[k], np.ones(len(trained[k])), err_msg=where)
         else:  # local: aggregation leaves it as trained, and users differ
             np.testing.assert_array_equal(after[k], trained[k], err_msg=where)
             assert not _same_across_users(after[k]), where

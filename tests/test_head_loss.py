@@ -13,7 +13,7 @@ from comigs_jax.model.config import GPT2Config, LoRAConfig, MoEConfig
 from comigs_jax.model.gpt2 import GPT2, init_params
 from comigs_jax.model.head import full_logits, head_cross_entropy
 from comigs_jax.train.steps import evaluate_user, lm_loss
-from tiny import forward, random_like
+from tiny import TOL64, forward, random_like
 
 N, D, V = 37, 16, 307  # V prime: no block size below it divides it
 
@@ -130,11 +130,12 @@ def _model(dtype="float32"):
 def _state(cfg):
     base, tr = split_base(init_params(cfg, jax.random.key(0)))
     base["wte"]["embedding"] = base["wte"]["embedding"] * 50.0  # logits far from uniform
-    return base, random_like(tr, 0.2, seed=1)
+    return base, jax.tree.map(lambda x: x.astype(cfg.dtype), random_like(tr, 0.2, seed=1))
 
 
-def test_lm_loss_equals_the_full_logits_loss():
-    cfg = _model()
+def test_lm_loss_equals_the_full_logits_loss(x64):
+    """Two programs (blocked vs full logits): in float64, tests/tiny.py TOL64."""
+    cfg = _model("float64")
     base, tr = _state(cfg)
     windows = np.random.default_rng(2).integers(0, V, (3, 9)).astype(np.int32)
     mask = jnp.ones(2, bool)
@@ -149,13 +150,14 @@ def test_lm_loss_equals_the_full_logits_loss():
         c = dataclasses.replace(cfg, head_block=block)
         (loss, metrics), g = jax.jit(jax.value_and_grad(
             lambda t: lm_loss(t, base, windows, mask, c, 0.01), has_aux=True))(tr)
-        np.testing.assert_allclose(float(loss), float(ref), rtol=1e-6)
+        np.testing.assert_allclose(float(loss), float(ref), **TOL64)
         for a, b in zip(jax.tree.leaves(ref_g), jax.tree.leaves(g)):
-            assert np.abs(np.asarray(b - a)).max() <= 1e-5 * np.abs(np.asarray(a)).max()
+            assert np.abs(np.asarray(b - a)).max() <= TOL64["rtol"] * np.abs(np.asarray(a)).max()
 
 
-def test_evaluate_user_equals_the_full_logits_evaluation():
-    cfg = _model()
+def test_evaluate_user_equals_the_full_logits_evaluation(x64):
+    """Two programs (blocked vs full logits): in float64, tests/tiny.py TOL64."""
+    cfg = _model("float64")
     base, tr = _state(cfg)
     tokens = jnp.asarray(np.random.default_rng(3).integers(0, V, 200), jnp.uint16)
     starts = jnp.arange(0, 8 * 9, 9)
@@ -170,9 +172,9 @@ def test_evaluate_user_equals_the_full_logits_evaluation():
     windows = tokens[starts[:, None] + jnp.arange(9)].astype(jnp.int32)
     logits, _ = forward(cfg, merge(base, tr), windows[:, :-1], mask)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, windows[:, 1:]).sum(1) * weights
-    np.testing.assert_allclose(np.asarray(ref["ce_sum"]), np.asarray(ce.reshape(2, 4).sum(1)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(ref["ce_sum"]), np.asarray(ce.reshape(2, 4).sum(1)), **TOL64)
     for block in (100, 4096):  # 3 whole blocks + a tail; one block (clamped to V)
         out = run(block)
-        np.testing.assert_allclose(np.asarray(out["ce_sum"]), np.asarray(ref["ce_sum"]), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(out["ce_sum"]), np.asarray(ref["ce_sum"]), **TOL64)
         np.testing.assert_array_equal(np.asarray(out["weight"]), np.asarray(ref["weight"]))
-        np.testing.assert_allclose(np.asarray(out["lb"]), np.asarray(ref["lb"]), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(out["lb"]), np.asarray(ref["lb"]), **TOL64)

@@ -15,7 +15,7 @@ from comigs_jax.model.gpt2 import init_params, param_shapes
 from comigs_jax.model.hf import load_gpt2
 from comigs_jax.model.lora import LoRADense
 from conftest import ASSETS
-from tiny import forward
+from tiny import TOL64, forward
 
 GOLDEN_DIR = os.path.join(ASSETS, "gpt2_tiny")
 
@@ -219,28 +219,31 @@ def _with_base(cfg, base, key):
     (MoEConfig(n_experts=3, top_k=3, n_generalists=2), [1, 1, 0]),
     (MoEConfig(n_experts=4, router="uniform"), [1, 1, 0, 1]),
 ])
-def test_zero_b_gives_plain_gpt2_logits(moe_cfg, mask):
+def test_zero_b_gives_plain_gpt2_logits(moe_cfg, mask, x64):
+    """Two programs (the mixture's cheap form vs the plain MLP): in float64, tests/tiny.py TOL64."""
     base_cfg, base = load_gpt2(GOLDEN_DIR)
+    base_cfg = dataclasses.replace(base_cfg, dtype="float64")
     tokens = jnp.asarray(np.load(os.path.join(ASSETS, "gpt2_tiny_golden.npz"))["input_ids"])
     plain, _ = forward(base_cfg, base, tokens)
-    cfg = _tiny(moe_cfg)
+    cfg = _tiny(moe_cfg, dtype="float64")
     params = _with_base(cfg, base, jax.random.key(1))
     # Random routers and A's; B stays 0.
     rng = np.random.default_rng(1)
     params = jax.tree_util.tree_map_with_path(
-        lambda p, x: rng.standard_normal(x.shape).astype(np.float32) if "router" in str(p) else x, params)
+        lambda p, x: rng.standard_normal(x.shape) if "router" in str(p) else x, params)
     logits, _ = forward(cfg, params, tokens, jnp.asarray(mask, bool))
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(plain), atol=2e-5)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(plain), **TOL64)
 
 
-def test_padded_user_equals_unpadded_user():
+def test_padded_user_equals_unpadded_user(x64):
+    """Two programs (2 experts vs 4 slots, 2 masked): in float64, tests/tiny.py TOL64."""
     base_cfg, base = load_gpt2(GOLDEN_DIR)
     tokens = jnp.asarray(np.load(os.path.join(ASSETS, "gpt2_tiny_golden.npz"))["input_ids"])
-    cfg2, cfg4 = _tiny(MoEConfig(n_experts=2)), _tiny(MoEConfig(n_experts=4))
+    cfg2, cfg4 = _tiny(MoEConfig(n_experts=2), dtype="float64"), _tiny(MoEConfig(n_experts=4), dtype="float64")
     rng = np.random.default_rng(0)
     p2 = jax.tree.map(lambda x: x, _with_base(cfg2, base, jax.random.key(0)))
     _, t2 = split_base(p2)
-    t2 = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.1, jnp.float32), t2)
+    t2 = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) * 0.1), t2)
     _, t4 = split_base(init_params(cfg4, jax.random.key(5)))
     t4 = jax.tree.map(lambda x: x, t4)
     for i in range(cfg4.n_layer):  # copy the 2 real experts and router columns into the 4-slot user
@@ -252,9 +255,9 @@ def test_padded_user_equals_unpadded_user():
         blk4["router"]["kernel"] = blk4["router"]["kernel"].at[:, :2].set(blk2["router"]["kernel"])
     l2, a2 = forward(cfg2, merge(base, t2), tokens)
     l4, a4 = forward(cfg4, merge(base, t4), tokens, jnp.array([1, 1, 0, 0], bool))
-    np.testing.assert_allclose(np.asarray(l4), np.asarray(l2), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(a4["lb"]), np.asarray(a2["lb"]), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(a4["router_prob"])[:, :2], np.asarray(a2["router_prob"]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(l4), np.asarray(l2), **TOL64)
+    np.testing.assert_allclose(np.asarray(a4["lb"]), np.asarray(a2["lb"]), **TOL64)
+    np.testing.assert_allclose(np.asarray(a4["router_prob"])[:, :2], np.asarray(a2["router_prob"]), **TOL64)
 
 
 def test_lb_input_switch_changes_only_the_balance_loss():

@@ -52,11 +52,13 @@ def test_launcher_stops_every_process_when_one_fails(tmp_path):
     import time
     t0 = time.time()
     p = subprocess.run([sys.executable, "-m", "experiments.launch_local", "--processes", "2",
-                        "--devices-per-process", "1", "--module", "tests.launch_probe", "--timeout", "120"],
-                       cwd=REPO, env=procenv.env(1), capture_output=True, text=True, timeout=200)
+                        "--devices-per-process", "1", "--module", "tests.launch_probe", "--timeout", "500"],
+                       cwd=REPO, env=procenv.env(1), capture_output=True, text=True, timeout=550)
     assert p.returncode == 3  # process 1's code
     assert "launch_local: process 1 exited with code 3" in p.stderr and "probe: process 1 fails" in p.stderr
-    assert time.time() - t0 < 30  # process 0 (a minute's sleep) was stopped, not waited for
+    # process 0 (10 minutes' sleep, the launcher's timeout 500 s) was stopped, not waited for: the
+    # bound leaves minutes for two Python start-ups on a loaded machine
+    assert time.time() - t0 < 300
 
 
 # ----------------------------------------------------------------------------- experiments.run
@@ -68,7 +70,7 @@ def test_a_failing_process_ends_the_run_instead_of_hanging(tmp_path):
                                       extra=((), ("--config.base=/nonexistent/gpt2",)))
     try:
         t0 = time.time()
-        code1 = procs[1].wait(timeout=120)
+        code1 = procs[1].wait(timeout=300)  # a hang waits forever: any bound tells; this one load cannot reach
         elapsed = time.time() - t0
     finally:
         for q in procs:
@@ -78,4 +80,4 @@ def test_a_failing_process_ends_the_run_instead_of_hanging(tmp_path):
     log1 = (tmp_path / "process1.log").read_text()
     assert code1 == 1, multihost_pair.logs(tmp_path)
     assert "error: " in log1 and "/nonexistent/gpt2" in log1 and "exiting without waiting" in log1, log1
-    assert elapsed < 90, elapsed
+    assert elapsed < 300, elapsed

@@ -57,6 +57,12 @@ def reference(tiny_reference):
 
 run = main  # experiments.run's main(argv) in this process, answering as a subprocess run would
 
+# XLA compiles in this process (jax.monitoring): "fails at once, before any compile work" is
+# checked as a count, which does not depend on the machine's speed or load as wall time does.
+_COMPILES = [0]
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: _COMPILES.__setitem__(0, _COMPILES[0] + event.startswith("/jax/core/compile")))
+
 
 def _copy_run(reference, dest, drop_results=True):
     shutil.copytree(reference, dest)
@@ -306,29 +312,27 @@ def test_bad_config_fails_at_once_with_one_line(args, message, base32, tmp_path)
     if not any(a.startswith("--config=") for a in args):
         args = [TINY, *args]
     wd, cache = tmp_path / "wd", tmp_path / "cache"
-    t0 = time.time()
+    compiles = _COMPILES[0]
     p = run([*args, f"--workdir={wd}"], str(cache))
-    dt = time.time() - t0
     assert p.returncode != 0
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr[-2000:]
-    assert not wd.exists() and not cache.exists()  # no data, base or run work was done
-    assert dt < 15, dt
+    assert not wd.exists() and not cache.exists()  # no data, base or run work was done ...
+    assert _COMPILES[0] == compiles  # ... and nothing was compiled
 
 
 @pytest.mark.parametrize("args,message", [BAD_CONFIGS[0], BAD_CONFIGS[-1]], ids=["model.top_k=3", "train.rounds=2.5"])
 def test_bad_config_on_the_command_line_is_one_stderr_line(args, message, tmp_path):
     """The same as above through `python -m experiments.run` itself: the process's whole stderr
-    (import-time warnings, logging, a traceback) is that one line, and it fails at once."""
+    (import-time warnings, logging, a traceback) is that one line, and it fails before any work
+    (no folder; that nothing compiles is the in-process test's count above: a wall-clock bound
+    here failed on a loaded machine, 25 s for a second's work)."""
     wd, cache = tmp_path / "wd", tmp_path / "cache"
-    t0 = time.time()
-    p = run_subprocess([TINY, *args, f"--workdir={wd}"], str(cache), timeout=60)
-    dt = time.time() - t0
+    p = run_subprocess([TINY, *args, f"--workdir={wd}"], str(cache), timeout=120)
     assert p.returncode == 1
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], p.stderr[-2000:]
     assert not wd.exists() and not cache.exists()
-    assert dt < 15, dt
 
 
 def test_more_devices_than_users_is_fine():

@@ -16,7 +16,7 @@ from comigs_jax.model.gpt2 import GPT2
 from comigs_jax.train import evaluation
 from comigs_jax.train.state import TrainConfig
 import entrypoint
-from tiny import VOCAB, markov_users, tiny_base, tiny_cfg
+from tiny import TOL64, VOCAB, markov_users, tiny_base, tiny_cfg
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_GPT2 = os.path.join(REPO, "tests", "assets", "gpt2_tiny")  # vocabulary 512, 64 positions
@@ -37,16 +37,17 @@ def _numpy_full_ppl(apply, params_u, mask_u, stream, T):
     return float(np.exp(np.mean(nll))), len(nll)
 
 
-def test_full_protocol_scores_exactly_the_non_overlapping_windows():
+def test_full_protocol_scores_exactly_the_non_overlapping_windows(x64):
+    """In float64: the evaluation at two batch sizes and the jitted apply are different programs."""
     T = 8
-    cfg = tiny_cfg(n_experts=3)
+    cfg = tiny_cfg(n_experts=3, dtype="float64")
     base = tiny_base(cfg)
     train = markov_users(3, 300, 0)
     tc = TrainConfig(rounds=1, local_steps=3, batch_size=4, seq_len=T, router_every=2, router_steps=1)
     sim = Simulation(cfg, tc, get_method("comigs"), base, train, markov_users(3, 200, 1), expert_counts=[3, 2, 1])
     leaves, tree = jax.tree.flatten(sim.states.params)  # nonzero LoRA B, different for every user
     rng = np.random.default_rng(0)
-    noisy = [np.asarray(x) + 0.3 * rng.standard_normal(x.shape).astype(np.float32) for x in leaves]
+    noisy = [np.asarray(x) + 0.3 * rng.standard_normal(x.shape) for x in leaves]
     sim.states = sim.states.replace(params=jax.tree.unflatten(tree, noisy))
     # hand-made test streams: lengths with (n - 1) % T = 0, 5, 1; 9, 4 and 3 windows
     tests = [np.arange(73) % VOCAB, (np.arange(38) * 7 + 3) % VOCAB, (np.arange(26) * 5) % VOCAB]
@@ -58,13 +59,13 @@ def test_full_protocol_scores_exactly_the_non_overlapping_windows():
     again = sim.evaluate(tests, 999, 4, protocol="full", seed=123)  # n_windows and seed play no part
     other_batch = sim.evaluate(tests, 1, 2, protocol="full")
     np.testing.assert_array_equal(got["ce"], again["ce"])
-    np.testing.assert_allclose(got["ce"], other_batch["ce"], rtol=1e-6)
+    np.testing.assert_allclose(got["ce"], other_batch["ce"], **TOL64)
     apply = jax.jit(lambda p, x, m: GPT2(sim.model_cfg).apply({"params": merge(base, p)}, x, m, deterministic=True)[0])
     for u, t in enumerate(tests):
         p_u = sim.user_params(u)
         ppl, n = _numpy_full_ppl(apply, p_u, sim.masks[u], t, T)
         assert got["n_tokens"][u] == n
-        assert np.exp(got["ce"][u]) == pytest.approx(ppl, rel=2e-6)
+        assert np.exp(got["ce"][u]) == pytest.approx(ppl, rel=TOL64["rtol"])
 
 
 # ----------------------------------------------------------------------------- reference_bins

@@ -42,8 +42,10 @@ def check_config(cfg: ConfigDict, workloads) -> None:
         _fail("models", cfg.models, f"comma-separated, of {', '.join(workloads)}")
     if cfg.method not in configuration.METHODS:
         _fail("method", cfg.method, f"one of {', '.join(sorted(configuration.METHODS))}")
-    if cfg.dtype not in ("", "float32", "bfloat16"):
-        _fail("dtype", cfg.dtype, "'' (float32 on CPU, bfloat16 on accelerators) | float32 | bfloat16")
+    if cfg.dtype not in ("", "float32", "bfloat16", "float64"):
+        _fail("dtype", cfg.dtype, "'' (float32 on CPU, bfloat16 on accelerators) | float32 | bfloat16 | float64")
+    if cfg.dtype == "float64" and not jax.config.jax_enable_x64:
+        _fail("dtype", cfg.dtype, "float64 needs 64-bit JAX (JAX_ENABLE_X64=1 in the environment)")
     if cfg.distributed.mode not in distributed.MODES:
         _fail("distributed.mode", cfg.distributed.mode, " | ".join(distributed.MODES))
     if not isinstance(cfg.user_chunk, int) or isinstance(cfg.user_chunk, bool) or cfg.user_chunk < 0:

@@ -160,6 +160,22 @@ def resolve_categories(data_cfg) -> list[str]:
 def validate_data_config(data_cfg) -> None:
     """Cheap checks of every data option (no I/O beyond os.path); raises ValueError, one line."""
     d = data_cfg
+    _validate_sizes_and_shares(d)
+    _validate_tokenizer(d)
+    if d.source == "reference_bins":
+        _validate_reference_bins(d)
+        return
+    if d.source == "synthetic":
+        _validate_synthetic(d)
+        if d.partition != "specific":
+            _fail("partition", d.partition, "'specific' for the synthetic source (its users are defined by the process)")
+        return
+    _validate_source_files(d)
+    _validate_categories(d)
+
+
+def _validate_sizes_and_shares(d) -> None:
+    """The source, partition, token counts, shares and batch options every source has."""
     if d.source not in SOURCES:
         _fail("source", d.source, f"one of {', '.join(SOURCES)}")
     if d.partition not in PARTITIONS:
@@ -191,6 +207,9 @@ def validate_data_config(data_cfg) -> None:
             _fail(k, d[k], "a non-negative integer (0 = off / no limit)")
     if not isinstance(d.tokenize_batch, int) or d.tokenize_batch < 1:
         _fail("tokenize_batch", d.tokenize_batch, "a positive integer")
+
+
+def _validate_tokenizer(d) -> None:
     if not d.tokenizer:
         _fail("tokenizer", d.tokenizer, "'gpt2' (bundled BPE), a tokenizer directory or a hub id")
     if d.source != "synthetic" and d.tokenizer not in ("gpt2", "base"):
@@ -201,15 +220,9 @@ def validate_data_config(data_cfg) -> None:
         elif not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", d.tokenizer):
             _fail("tokenizer", d.tokenizer, "'gpt2' (bundled BPE), a tokenizer directory or a hub id 'owner/name'")
 
-    if d.source == "reference_bins":
-        _validate_reference_bins(d)
-        return
-    if d.source == "synthetic":
-        _validate_synthetic(d)
-        if d.partition != "specific":
-            _fail("partition", d.partition, "'specific' for the synthetic source (its users are defined by the process)")
-        return
 
+def _validate_source_files(d) -> None:
+    """The text-file and hub sources' own options: folders, globs, dump dates."""
     if d.source == "text_files":
         root = d.text_files.root
         if not root:
@@ -231,6 +244,9 @@ def validate_data_config(data_cfg) -> None:
         if d.source == "wikipedia" and not re.fullmatch(r"\d{8}", d.wikipedia.dump):
             _fail("wikipedia.dump", d.wikipedia.dump, "a dump date YYYYMMDD such as 20231101")
 
+
+def _validate_categories(d) -> None:
+    """The categories (languages for Wikipedia) of a non-synthetic source, and their files."""
     valid, _ = source_categories(d)
     cats = resolve_categories(d)
     what = "language" if d.source == "wikipedia" else "category"

@@ -18,7 +18,7 @@ from comigs_jax.model import moe as moe_lib
 from comigs_jax.model.config import GPT2Config
 from comigs_jax.model.kv_cache import kv_cache_update
 from comigs_jax.model.lora import LoRADense
-from comigs_jax.model.precision import wide
+from comigs_jax.model.precision import dot_product_attention, wide
 
 
 def _proj_init(cfg: GPT2Config):
@@ -43,10 +43,10 @@ class CausalSelfAttention(nn.Module):
         qkv = LoRADense(3 * d, cfg.attn_lora, dtype, name="c_attn")(x, deterministic)
         q, k, v = (a.reshape(b, t, cfg.n_head, d // cfg.n_head) for a in jnp.split(qkv, 3, -1))
         if cache is None:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, d)
+            y = dot_product_attention(q, k, v, is_causal=True).reshape(b, t, d)
             return LoRADense(d, cfg.attn_lora, dtype, _proj_init(cfg), name="c_proj")(y, deterministic)
         (k, v), mask = kv_cache_update(cache, k, v, index)
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(b, t, d)
+        y = dot_product_attention(q, k, v, mask=mask).reshape(b, t, d)
         return LoRADense(d, cfg.attn_lora, dtype, _proj_init(cfg), name="c_proj")(y, deterministic), (k, v)
 
 

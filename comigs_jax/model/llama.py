@@ -30,7 +30,7 @@ from comigs_jax.model import moe as moe_lib
 from comigs_jax.model.config import LlamaConfig, MoEConfig
 from comigs_jax.model.kv_cache import kv_cache_update
 from comigs_jax.model.lora import LoRADense
-from comigs_jax.model.precision import wide
+from comigs_jax.model.precision import dot_product_attention, wide
 
 _INIT = nn.initializers.normal(0.02)  # HF Llama's initializer_range, for every matrix
 
@@ -112,10 +112,10 @@ class LlamaAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # K < N heads is grouped-query attention: head n reads kv head n // (N / K).
         if cache is None:
-            y = jax.nn.dot_product_attention(q, k, v, is_causal=True).reshape(b, t, cfg.n_head * hd)
+            y = dot_product_attention(q, k, v, is_causal=True).reshape(b, t, cfg.n_head * hd)
             return proj(cfg.n_embd, name="o_proj")(y, deterministic)
         (k, v), mask = kv_cache_update(cache, k, v, index)
-        y = jax.nn.dot_product_attention(q, k, v, mask=mask).reshape(b, t, cfg.n_head * hd)
+        y = dot_product_attention(q, k, v, mask=mask).reshape(b, t, cfg.n_head * hd)
         return proj(cfg.n_embd, name="o_proj")(y, deterministic), (k, v)
 
 

@@ -25,3 +25,24 @@ def check_x64(dtype_name: str) -> None:
     if dtype_name == "float64" and not jax.config.jax_enable_x64:
         raise ValueError("dtype='float64' needs 64-bit JAX: run under jax.enable_x64(True) "
                          "(or set JAX_ENABLE_X64=1); allowed without it: float32, bfloat16")
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, is_causal: bool = False,
+                          mask: jax.Array | None = None) -> jax.Array:
+    """jax.nn.dot_product_attention (q [B, T, N, H]; k, v [B, S, K, H] with N a multiple of K:
+    grouped-query attention; mask broadcastable to [B, N, T, S]; is_causal: query t sees keys
+    <= t) -> [B, T, N, H]. Its XLA path always takes the softmax in float32, so a float64 model
+    gets the same math here with the softmax in float64; every other dtype calls it unchanged."""
+    if q.dtype != jnp.float64:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, mask=mask)
+    b, t, n, h = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    logits = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, kv, n // kv, h), k) / jnp.sqrt(float(h))
+    keep = jnp.ones((t, s), bool)
+    if is_causal:
+        keep = jnp.tril(keep)
+    if mask is not None:
+        keep = keep & jnp.broadcast_to(mask, (b, n, t, s)).reshape(b, kv, n // kv, t, s)
+    logits = jnp.where(keep, logits, jnp.finfo(logits.dtype).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bkgts,bskh->btkgh", probs, v).reshape(b, t, n, h)
