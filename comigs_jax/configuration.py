@@ -19,7 +19,128 @@ from comigs_jax.train.state import ROW_HPARAMS, TrainConfig
 
 # Config keys whose values may differ between the federations of one program: the seeds, and the
 # train hyper-parameters that are per-row values of the round program (train.state.ROW_HPARAMS).
+# A federation of a Simulation (FederationConfig.federations) holds them by their last name.
 FEDERATION_KEYS = ("seed", "seeds") + tuple(f"train.{k}" for k in ROW_HPARAMS)
+MODES, WEIGHTINGS = ("vmap", "loop"), ("uniform", "tokens")
+
+
+def _federation_names() -> tuple[str, ...]:
+    """The keys of one federation's dict: "seed", the train keys of FEDERATION_KEYS by their last
+    name (the round program's per-row hyper-parameters), any other key by its config name."""
+    return ("seed",) + tuple(k[len("train."):] if k.startswith("train.") else k
+                             for k in FEDERATION_KEYS if k not in ("seed", "seeds"))
+
+
+class FederationError(ValueError):
+    """A federation setting outside its limits: `key` (its config key), `value`, what is allowed
+    (the config's one-line refusal), and what else a caller without a config is told (`detail`)."""
+
+    def __init__(self, key: str, value, allowed: str, detail: str = ""):
+        super().__init__(f"{key}={value!r} is not allowed: {allowed}" + (f"; {detail}" if detail else ""))
+        self.key, self.value, self.allowed = key, value, allowed
+
+
+def check_federations(federations) -> list[dict]:
+    """Validated copies of `federations` (each a dict: "seed" and optional per-federation
+    hyper-parameters); ValueError (one line) for a key that cannot vary inside one program."""
+    names, out = _federation_names(), []
+    for i, fed in enumerate(federations):
+        fed = dict(fed)
+        for k in fed:
+            if k not in names:
+                raise ValueError(f"federation {i}: {k!r} cannot differ between federations of one program (it "
+                                 f"changes shapes or the schedule); allowed: {', '.join(names)}; run each "
+                                 f"value of {k!r} as its own program")
+        if "seed" not in fed:
+            raise ValueError(f"federation {i}: no 'seed'")
+        fed["seed"] = int(fed["seed"])
+        out.append(fed)
+    if not out:
+        raise ValueError("federations: at least one federation is needed")
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class FederationConfig:
+    """How the users of a Simulation federate, checked here once (FederationError, one line).
+
+    federations: F dicts {"seed": int, and optionally lr / router_lr / lb_weight / weight_decay /
+    prune_lambda} trained as one program (F = 1: a run alone). mode: "vmap" (one program for all
+    users) or "loop" (the same round per user in a Python loop). weighting: "uniform" (the
+    reference) or "tokens" (by training-set size). participation: the fraction of users that train
+    in a round, in (0, 1]. dropout: the probability that a participant stops at a random local step
+    and does not upload, in [0, 1). ranks: each user's expert LoRA rank (None: the padded rank for
+    all). expert_counts: experts per user (None: all). PCL mixes every user's model: participation
+    1 and dropout 0 only."""
+    federations: tuple = ({"seed": 0},)
+    mode: str = "vmap"
+    weighting: str = "uniform"
+    participation: float = 1.0
+    dropout: float = 0.0
+    ranks: tuple | None = None
+    expert_counts: tuple | None = None
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)
+        set_("federations", tuple(check_federations(self.federations)))
+        for k in ("ranks", "expert_counts"):
+            if getattr(self, k) is not None:
+                set_(k, tuple(int(x) for x in getattr(self, k)))
+        if self.mode not in MODES:
+            raise FederationError("federation.mode", self.mode, " | ".join(MODES))
+        if self.weighting not in WEIGHTINGS:
+            raise FederationError("federation.weighting", self.weighting, " | ".join(WEIGHTINGS))
+        if not 0 < self.participation <= 1:
+            raise FederationError("federation.participation", self.participation, "in (0, 1]")
+        if not 0 <= self.dropout < 1:
+            raise FederationError("federation.dropout", self.dropout, "in [0, 1)")
+
+    @property
+    def seeds(self) -> list[int]:
+        return [f["seed"] for f in self.federations]
+
+    def check(self, method: Method, n_users: int, n_experts: int, n_generalists: int, rank: int) -> None:
+        """FederationError for limits that need the method and the model: PCL's participation and
+        drop-outs, expert counts in [max(1, n_generalists), n_experts], ranks in [1, rank], one of
+        each per user."""
+        if method.pcl is not None and self.dropout > 0:
+            raise FederationError("federation.dropout", self.dropout, f"0 for method {method.name} (PCL mixes every "
+                                  "user's model every mixing round; drop-outs are not supported)")
+        if method.pcl is not None and self.participation < 1:
+            raise FederationError("federation.participation", self.participation, f"1 for method {method.name} (PCL "
+                                  "mixes every user's model every mixing round; partial participation is not "
+                                  "supported)", "PCL: only participation=1 is supported")
+        for key, values, lo, hi in (("model.expert_counts", self.expert_counts, max(n_generalists, 1), n_experts),
+                                    ("model.ranks", self.ranks, 1, rank)):
+            if values is None:
+                continue
+            if len(values) != n_users:
+                raise FederationError(key, list(values), f"{n_users} entries (data.n_users)",
+                                      f"{len(values)} entries for {n_users} users")
+            bad = [v for v in values if not lo <= v <= hi]
+            if bad and key == "model.ranks":
+                raise FederationError(key, list(values), f"every rank in [1, model.rank={hi}] (the padded rank)",
+                                      f"rank {bad[0]} does not fit the padded rank {hi}")
+            if bad:
+                raise FederationError(key, list(values), f"every user needs at least max(1, n_generalists="
+                                      f"{n_generalists}) and at most {hi} experts", f"expert count {bad[0]}")
+
+
+def _config_error(cfg, e: FederationError) -> ConfigError:
+    """A FederationError as the config's one line, quoting the value as the config holds it."""
+    raw = {"model.ranks": cfg.model.get("ranks"), "model.expert_counts": cfg.model.expert_counts}
+    return ConfigError(f"config.{e.key}={raw.get(e.key, e.value)!r} is not allowed: {e.allowed}")
+
+
+def federation_config(cfg, federations=None) -> FederationConfig:
+    """The FederationConfig of `cfg` (its seed alone, or `federations`): built and checked here."""
+    fe = cfg.federation
+    try:
+        return FederationConfig(tuple(federations or [{"seed": seeds_of(cfg)[0]}]), fe.mode, fe.weighting,
+                                fe.participation, fe.get("dropout", 0.0), ranks_of(cfg),
+                                tuple(expert_counts_of(cfg)) if cfg.model.expert_counts else None)
+    except FederationError as e:
+        raise _config_error(cfg, e) from None
 
 
 def _fail(key, value, allowed):
@@ -38,33 +159,26 @@ def seeds_of(cfg) -> list[int]:
 
 
 def expert_counts_of(cfg) -> list[int]:
+    """Experts per user (model.expert_counts, parsed; FederationConfig.check checks them), or
+    model.n_experts for every user when unset."""
     n_users = cfg.data.n_users
     if not cfg.model.expert_counts:
         return [cfg.model.n_experts] * n_users
     try:
-        counts = [int(c) for c in split_list(cfg.model.expert_counts)]
+        return [int(c) for c in split_list(cfg.model.expert_counts)]
     except ValueError:
         _fail("model.expert_counts", cfg.model.expert_counts, "comma-separated integers, one per user")
-    if len(counts) != n_users:
-        _fail("model.expert_counts", cfg.model.expert_counts, f"{n_users} entries (data.n_users)")
-    return counts
 
 
 def ranks_of(cfg) -> list[int] | None:
-    """Per-user expert LoRA ranks (model.ranks), None when unset; one line for a wrong length or a
-    rank that does not fit the padded rank model.rank."""
+    """Per-user expert LoRA ranks (model.ranks, parsed; FederationConfig.check checks them), None
+    when unset."""
     if not cfg.model.get("ranks", ""):
         return None
     try:
-        ranks = [int(r) for r in split_list(cfg.model.ranks)]
+        return [int(r) for r in split_list(cfg.model.ranks)]
     except ValueError:
         _fail("model.ranks", cfg.model.ranks, "comma-separated integers, one per user")
-    if len(ranks) != cfg.data.n_users:
-        _fail("model.ranks", cfg.model.ranks, f"{cfg.data.n_users} entries (data.n_users)")
-    for r in ranks:
-        if not 1 <= r <= cfg.model.rank:
-            _fail("model.ranks", cfg.model.ranks, f"every rank in [1, model.rank={cfg.model.rank}] (the padded rank)")
-    return ranks
 
 
 def base_positions(cfg) -> int | None:
@@ -172,23 +286,13 @@ def validate(cfg) -> None:
     pos = base_positions(cfg)
     if pos is not None and tr.seq_len > pos:
         _fail("train.seq_len", tr.seq_len, f"at most the base's {pos} positions")
-    fe = cfg.federation
-    if fe.mode not in ("vmap", "loop"):
-        _fail("federation.mode", fe.mode, "vmap | loop")
-    if fe.weighting not in ("uniform", "tokens"):
-        _fail("federation.weighting", fe.weighting, "uniform | tokens")
-    if not 0 < fe.participation <= 1:
-        _fail("federation.participation", fe.participation, "in (0, 1]")
-    dropout = fe.get("dropout", 0.0)
-    if not 0 <= dropout < 1:
-        _fail("federation.dropout", dropout, "in [0, 1)")
-    for m in methods_of(cfg):
-        if METHODS[m].pcl is not None and dropout > 0:
-            _fail("federation.dropout", dropout, f"0 for method {m} (PCL mixes every user's model every mixing "
-                  "round; drop-outs are not supported)")
-        if METHODS[m].pcl is not None and fe.participation < 1:
-            _fail("federation.participation", fe.participation, f"1 for method {m} (PCL mixes every user's model "
-                  "every mixing round; partial participation is not supported)")
+    fed = federation_config(cfg)  # mode, weighting, participation, drop-outs
+    n_experts = max(expert_counts_of(cfg)) if cfg.model.expert_counts else cfg.model.n_experts
+    for m in methods_of(cfg):  # PCL's limits, expert counts, ranks
+        try:
+            fed.check(METHODS[m], cfg.data.n_users, n_experts, cfg.model.n_generalists, cfg.model.rank)
+        except FederationError as e:
+            raise _config_error(cfg, e) from None
     if cfg.eval.protocol not in PROTOCOLS:
         _fail("eval.protocol", cfg.eval.protocol, f"one of {PROTOCOLS}")
     for key in ("n_windows", "batch_size", "every_rounds"):

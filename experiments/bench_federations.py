@@ -55,7 +55,7 @@ def benchmark(cfg, workdir: str) -> dict:
 
     from comigs_jax import configuration
     from comigs_jax.data import load_user_data
-    from comigs_jax.experiment import simulation
+    from comigs_jax.experiment import programs
     from comigs_jax.experiment.base_model import base_dir, base_tokenizer, load_base
     from comigs_jax.experiment.provenance import provenance
     from comigs_jax.experiment.simulation import Simulation
@@ -83,19 +83,20 @@ def benchmark(cfg, workdir: str) -> dict:
         else None)
 
     def fresh():  # what a new process starts with: no jitted program, no XLA executable
-        simulation._programs.cache_clear()
-        simulation._eval_program.cache_clear()
+        for program in (programs.init_program, programs.round_program, programs.server_program,
+                        programs.eval_program):
+            program.cache_clear()
         jax.clear_caches()
 
     def measure(n_feds: int, build) -> dict:
         fresh()
-        n0, p0 = len(compiles), simulation._programs.cache_info().misses
+        n0, p0 = len(compiles), programs.round_program.cache_info().misses
         t = time.perf_counter()
         out = build(Layout.build(cfg.data.n_users, pooled=method.pooled_data, shard=cfg.federation.shard,
                                  mode=cfg.federation.mode, chunk=chunk, n_federations=n_feds))
         jax.block_until_ready(out)
         return {"wall_s": time.perf_counter() - t, "compiles": len(compiles) - n0,
-                "compile_s": sum(compiles[n0:]), "round_programs": simulation._programs.cache_info().misses - p0,
+                "compile_s": sum(compiles[n0:]), "round_programs": programs.round_program.cache_info().misses - p0,
                 "out": out}
 
     kw = dict(expert_counts=configuration.expert_counts_of(cfg), mode=cfg.federation.mode,

@@ -76,9 +76,9 @@ def test_dropout_zero_is_the_program_without_dropouts(setup):
     a = Simulation(cfg, TC, get_method("comigs"), base, train, valid, seed=0)
     b = Simulation(cfg, TC, get_method("comigs"), base, train, valid, seed=0, dropout=0.0)
     assert a._round is b._round
-    rng_before = b._rng.bit_generator.state
+    rng_before = b._rngs[0].bit_generator.state
     a.run_round(); b.run_round()
-    assert b._rng.bit_generator.state == rng_before  # dropout 0 draws nothing
+    assert b._rngs[0].bit_generator.state == rng_before  # dropout 0 draws nothing
     np.testing.assert_array_equal(b.steps_made, [3, 3, 3])
     for (k, x), y in zip(_flat(a.states.params).items(), _flat(b.states.params).values()):
         np.testing.assert_array_equal(x, y, err_msg=str(k))

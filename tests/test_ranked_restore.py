@@ -52,7 +52,7 @@ def test_restored_and_exported_ranked_users_are_the_trained_models(tiny_cache, t
     sim = Simulation(run.model_cfg, tc, run.method, run.base, markov_users(3, 200), markov_users(3, 100, 1),
                      ranks=[2, 4, 3], seed=0, layout=layouts_of(run.cfg, ["hetlora"])["hetlora"])
     sim.states = sim.states.replace(params=jax.tree.map(jnp.asarray, raw))
-    sim.restore_host_state(host)
+    sim.restore_host_states([host], sim.layout)
     tokens = jnp.asarray(np.random.RandomState(0).randint(0, run.model_cfg.vocab_size, (2, 12)))
     out = str(tmp_path / "exported")
     _export_cli(wd, out)
@@ -78,7 +78,7 @@ def test_restored_and_exported_ranked_users_are_the_trained_models(tiny_cache, t
                                    rtol=1e-5, atol=1e-5)
     # HetLoRA's cuts (this short run has none): restore's scales at pruned host ranks are the Simulation's
     pruned = {**host, "ranks": [1, 3, 2] + list(host["ranks"][3:])}
-    sim.restore_host_state(pruned)
+    sim.restore_host_states([pruned], sim.layout)
     scaled = apply_rank_scale(raw, restore.rank_scale_rows(run, pruned["ranks"], len(pruned["ranks"])))
     for u in range(3):
         want = traverse_util.flatten_dict(jax.tree.map(np.asarray, sim.user_params(u)))

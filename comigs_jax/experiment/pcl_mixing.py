@@ -1,7 +1,8 @@
 """PCL's mixing step on a Simulation: score every (model, data) pair, then mix (method.md §7).
 
 The rule itself (schedule, W = softmax_j(-ppl_ij), theta_i <- sum_j W_ij theta_j, the windows) is
-comigs_jax/federated/pcl.py; this module runs it on a Simulation's sharded rows. The U x U pairs
+comigs_jax/federated/pcl.py, the mix the PCL server (comigs_jax/federated/servers/pcl.py); this
+module scores W on a Simulation's sharded rows (reading it, writing nothing). The U x U pairs
 are one jitted program: a `lax.map` over the model offset k of a vmap of `evaluate_user` over the
 (sharded, optionally chunked) user axis, so at most U models' activations are alive at once.
 """
@@ -15,7 +16,7 @@ import numpy as np
 
 from comigs_jax import distributed
 from comigs_jax.federated import sharding
-from comigs_jax.federated.pcl import collaboration_weights, mix_program, pair_windows
+from comigs_jax.federated.pcl import collaboration_weights, pair_windows
 from comigs_jax.train.chunks import chunked
 from comigs_jax.train.steps import evaluate_user
 
@@ -75,15 +76,14 @@ def pair_perplexities(sim, round_index: int) -> tuple[np.ndarray, np.ndarray]:
     return ppl, allowed
 
 
-def mix(sim, round_index: int) -> dict:
-    """Score every (model, data) pair of the Simulation, mix every trainable leaf with W and return
-    {"round": round_index + 1, "ppl": [F][U][U], "weights": [F][U][U]} (real users; lists for JSON)."""
+def mixing_inputs(sim, round_index: int):
+    """(W [R, R] replicated, {"round": round_index + 1, "ppl": [F][U][U], "weights": [F][U][U]}):
+    PCL's mixing matrix from every (model, data) pair's validation perplexity, and the round's
+    record (real users; lists for JSON). The mix itself is the PCL server's (federated/servers/pcl.py)."""
     ppl, allowed = pair_perplexities(sim, round_index)
     w = collaboration_weights(ppl, allowed)
-    params = mix_program(sim.mesh)(sim.states.params, jax.device_put(jnp.asarray(w, jnp.float32),
-                                                                     sim.layout.replicated))
-    sim.states = sim.states.replace(params=params)
     per, n_feds = sim.layout.models_per_federation, sim.n_federations
     block = lambda a, f: a[f * per:(f + 1) * per, f * per:(f + 1) * per].tolist()
-    return {"round": round_index + 1, "ppl": [block(ppl, f) for f in range(n_feds)],
-            "weights": [block(w, f) for f in range(n_feds)]}
+    report = {"round": round_index + 1, "ppl": [block(ppl, f) for f in range(n_feds)],
+              "weights": [block(w, f) for f in range(n_feds)]}
+    return jax.device_put(jnp.asarray(w, jnp.float32), sim.layout.replicated), report

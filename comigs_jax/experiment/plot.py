@@ -65,9 +65,10 @@ def routing_picture(path: str, pieces: list[str], weights: np.ndarray, title: st
 
 
 def run_figures(run_dir: str, results: dict, records: list[dict], sim, data, n_tokens: int,
-                write: bool = True) -> None:
-    """The run's figures. In a multi-process run every process calls this (user 0's params are
-    gathered collectively); only the one with write=True (process 0) draws and writes."""
+                write: bool = True, federation: int = 0) -> None:
+    """The figures of federation `federation`'s run of `sim`. In a multi-process run every process
+    calls this (user 0's params are gathered collectively); only the one with write=True (process
+    0) draws and writes."""
     import jax.numpy as jnp
 
     from comigs_jax.federated.roles import merge
@@ -75,7 +76,7 @@ def run_figures(run_dir: str, results: dict, records: list[dict], sim, data, n_t
 
     g = sim.model_cfg.moe.n_generalists
     routing = sim.method.has_router and g > 0
-    params0 = sim.user_params(0) if routing else None  # a collective: every process takes part
+    params0 = sim.user_params(0, federation) if routing else None  # a collective: every process takes part
     if not write:
         return
     users = [u["user"] for u in results["users"]]
@@ -92,7 +93,7 @@ def run_figures(run_dir: str, results: dict, records: list[dict], sim, data, n_t
     import jax
     # Host copies of replicated arrays: this process computes alone, with no other process.
     local = jax.tree.map(np.asarray, merge(sim.base, params0))
-    w = token_gate_weights(sim.model_cfg, local, jnp.asarray(tokens)[None], jnp.asarray(sim.masks[0]))
+    w = token_gate_weights(sim.model_cfg, local, jnp.asarray(tokens)[None], jnp.asarray(sim.masks[federation * sim.layout.models_per_federation]))
     share = np.asarray(w)[:, 0, :, :g].sum(-1).mean(0)  # [T]
     pieces = _decode_pieces(tokens, data)
     routing_picture(os.path.join(run_dir, "routing_tokens.png"), pieces, share,

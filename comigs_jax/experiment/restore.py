@@ -204,7 +204,7 @@ def _n_rows(tree: dict) -> int:
 
 
 def rank_scale_rows(run: FinishedRun, current, n_rows: int) -> Optional[np.ndarray]:
-    """[n_rows, r_max] the rows' rank scales (comigs_jax.experiment.ranked.Ranks' rank_scale):
+    """[n_rows, r_max] the rows' rank scales (the server state's, comigs_jax.federated.server.rank_state):
     the configured ranks (model.ranks; the padded rank for rows beyond the users and for a
     pooled-data method), cut to `current` (the checkpoint's host state "ranks": HetLoRA's pruned
     ranks; None: never cut). None when the run had no per-user ranks (every scale 1)."""

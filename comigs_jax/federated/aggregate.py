@@ -45,9 +45,10 @@ def aggregate(params: dict, weights: jax.Array, shared_roles: tuple[str, ...],
     frozen: "role.factor" leaves that never change (FFA-LoRA's A): returned as they are.
     groups [U] int (with n_groups, static): the federation of each row when several federations
       share the user axis; weights are normalised within each group and every row gets its own
-      group's mean. None: one federation (the plain mean above).
+      group's mean. None, or one group: one federation, the plain mean above (the same program
+      as a federation alone, so a run's sums do not depend on how it is stacked).
     """
-    if groups is None:
+    if groups is None or n_groups == 1:
         total = jnp.sum(weights)
         w = weights / jnp.where(total > 0, total, 1)
         mean_of = lambda x: jnp.where(total > 0, _mean_over_users(x, w), x)

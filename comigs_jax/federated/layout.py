@@ -130,6 +130,22 @@ class Layout:
         return np.arange(n) - self.federation_of_rows(user_axis) * per
 
     @property
+    def init_rows_per_federation(self) -> int:
+        """Rows each federation initialises from its own key: every row with one federation (its
+        padding rows included, as a run alone), its models with several (padding rows then copy
+        row 0)."""
+        return self.n_rows if self.n_federations == 1 else self.models_per_federation
+
+    def outputs(self, x):
+        """A per-real-row output [F * n, ...] as a caller sees it: [n, ...] for one federation (a
+        run alone), [F, n, ...] for several."""
+        return x if self.n_federations == 1 else self.by_federation(x)
+
+    def by_federation(self, x):
+        """[F * n, ...] -> [F, n, ...], whatever F."""
+        return x.reshape(self.n_federations, -1, *x.shape[1:])
+
+    @property
     def n_padding(self) -> int:
         return self.n_rows - self.n_models
 

@@ -15,11 +15,6 @@ import dataclasses
 from comigs_jax.federated.roles import TRAINABLE_ROLES, factor_of, role_of
 
 ROUTER_MODES = ("bilevel", "alternating_train", "joint", "none")
-# Server rules of the expert LoRA leaves (comigs_jax.federated.ranks): the (rank-masked) mean,
-# HetLoRA's norm-weighted zero-padded mean with self-pruning, FlexLoRA's SVD of the averaged
-# products (flexlora_reference: as the reference, only the last user's product reaching the SVD, D3,
-# with the reference's scales, D3b).
-SERVERS = ("mean", "hetlora", "flexlora", "flexlora_reference")
 ROUTERS = ("learned", "user")  # the router kinds of methods with a router (comigs_jax.model.config.ROUTER_KINDS)
 
 
@@ -54,8 +49,10 @@ class Method:
       shared_roles=(): no round-0 sync, every user starts from its own initialisation); None: none.
     faithful: the record that reproduces the reference code's behaviour in faithful mode
       (train.faithful; method.md §8, D3b/D4/D5), when it differs; None otherwise.
-    server: how the shared expert LoRA leaves are aggregated, one of SERVERS (attention LoRA
-      and routers: always the mean).
+    server: the name of the method's server in comigs_jax.federated.servers.SERVERS ("" derives
+      it: "pcl" for PCL, "none" for one-round methods, else "mean", which becomes the rank-masked
+      mean when users have ranks). HetLoRA and FlexLoRA aggregate the expert LoRA leaves by their
+      rules (attention LoRA and routers: always the mean).
     router: the model's router kind when the method has one (router_mode != "none"), one of
       ROUTERS: "learned" (token-level, a linear map of each token's hidden state) or "user" (one
       learned logit vector per block: every token of the user mixes its experts alike).
@@ -71,7 +68,7 @@ class Method:
     frozen: tuple[str, ...] = ()
     faithful: "Method | None" = None
     pcl: PCL | None = None
-    server: str = "mean"
+    server: str = ""
     router: str = "learned"
 
     def __post_init__(self):
@@ -87,8 +84,14 @@ class Method:
             raise ValueError(f"method {self.name}: frozen {sorted(set(self.frozen) - allowed)}: allowed {sorted(allowed)}")
         if self.router not in ROUTERS:
             raise ValueError(f"method {self.name}: router={self.router!r}: allowed {ROUTERS}")
+        from comigs_jax.federated.servers import SERVERS  # the servers' modules import no method
+        if not self.server:
+            object.__setattr__(self, "server", "pcl" if self.pcl is not None else "none" if self.one_round else "mean")
         if self.server not in SERVERS:
-            raise ValueError(f"method {self.name}: server={self.server!r}: allowed {SERVERS}")
+            raise ValueError(f"method {self.name}: server={self.server!r}: allowed {', '.join(SERVERS)}")
+        if (self.server == "none") != self.one_round or (self.server == "pcl") != (self.pcl is not None):
+            raise ValueError(f"method {self.name}: server={self.server!r}: one-round methods have server 'none', "
+                             "PCL methods 'pcl', and only they")
         if self.server.startswith("flexlora") and (self.frozen or set(self.shared_factors) != {"A", "B"}):
             raise ValueError(f"method {self.name}: FlexLoRA needs both factors shared and none frozen")
         if self.pcl is not None and (self.shared_roles or self.one_round or self.pooled_data):

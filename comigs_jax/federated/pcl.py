@@ -24,13 +24,10 @@ rows keep their parameters (W row = e_i) and are never mixed into a real row.
 """
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from comigs_jax.federated import sharding
 from comigs_jax.model.precision import wide
 
 
@@ -59,13 +56,6 @@ def mix_params(params: dict, weights: jax.Array) -> dict:
     """Every leaf [R, ...] -> W @ leaf over the leading row axis (float32 accumulation)."""
     return jax.tree.map(lambda x: jnp.tensordot(weights.astype(wide(x.dtype)), x.astype(wide(x.dtype)), axes=(1, 0))
                         .astype(x.dtype), params)
-
-
-@functools.lru_cache(maxsize=16)
-def mix_program(mesh):
-    """jit(mix_params): params split over users, W replicated; the result stays split over users."""
-    users, rep = sharding.user_sharded(mesh), sharding.replicated(mesh)
-    return jax.jit(mix_params, in_shardings=(users, rep), out_shardings=users)
 
 
 def pair_windows(lengths, seq_len: int, n_windows: int, seeds, round_index: int, user_ids) -> np.ndarray:

@@ -1,0 +1,130 @@
+"""The server interface: one record per aggregation rule (comigs_jax/federated/servers/).
+
+A server is pure functions over pytrees, jitted by the Simulation with the rows split over users:
+
+    state = server.init(setup, rows)                          # round 0: host arrays [rows, ...]
+    params, state = server.apply(setup, params, inputs, state)  # after a round (server.after_round)
+
+`setup` (a hashable `Setup`) holds what is static: the method's shared roles and factors, the
+shared specialist slots, the number of federations (groups). `inputs` is what the round gives the
+server: `Uploads` (per-row weights, 0 for padding rows and users that did not upload, and training
+tokens, with each row's federation) for the rules that average uploads, or, for PCL
+(`inputs="mixing"`), the mixing matrix W [rows, rows] from validation perplexities. `params` are
+every row's trainable leaves; a server changes only the leaves its method shares. `state` is a dict
+of arrays with a leading row axis (so every federation of a stacked program has its own rows):
+the per-row expert LoRA ranks under "ranks" when users have ranks (`rank_state`; HetLoRA's
+cuts update them), and whatever else the rule keeps (FlexLoRA's scales). What the checkpoints
+hold of it: the ranks in the run's host state (JSON, Simulation.host_states), the keys a server
+lists in `saved` with the users' states (Simulation.federation_states).
+
+`communication` counts what one user sends and receives (comigs_jax.federated.communication's
+`accounting` signature). Which server a method uses is `servers.server_for(method, ranked)`, the
+one place a server is chosen; the registry is `servers.SERVERS`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+INPUTS = ("uploads", "mixing")
+
+
+class Rows(NamedTuple):
+    """What a server's `init` knows of the rows (host NumPy): how many, each row's federation, each
+    federation's settings (its dict: seed and the values that may differ between federations,
+    configuration.FEDERATION_KEYS) and each row's configured expert LoRA rank (None: no ranks)."""
+    n_rows: int
+    groups: np.ndarray  # [rows] int32
+    federations: tuple = ()
+    full_ranks: np.ndarray | None = None
+
+
+class Uploads(NamedTuple):
+    """What the users of a round give an averaging server (arrays [rows] on the users axis)."""
+    weights: jax.Array  # participation weights (x training tokens with weighting="tokens"); 0: no upload
+    n_tokens: jax.Array  # training tokens of the rows that uploaded (FlexLoRA's weights), 0 elsewhere
+    groups: jax.Array  # int32: each row's federation
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The static side of a server (hashable: part of the jitted program's key)."""
+    method: Any  # comigs_jax.federated.methods.Method: shared roles, factors, frozen leaves, PCL schedule
+    n_shared_specialists: int
+    n_groups: int = 1  # federations on the row axis
+    lora: Any = None  # the experts' LoRAConfig (rank scales)
+
+
+def no_state(setup: Setup, rows: Rows) -> dict:
+    return {}
+
+
+def every_round(method, round_index: int) -> bool:
+    return True
+
+
+def never(method, round_index: int) -> bool:
+    return False
+
+
+def _accounting(*args, **kw) -> dict:
+    from comigs_jax.federated import communication  # communication imports methods, which validates servers
+    return communication.accounting(*args, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    """One aggregation rule. apply(setup, params, inputs, state) -> (params, state): pure,
+    jittable. init(setup, rows: Rows) -> the rule's own state at round 0 (host NumPy arrays
+    [rows, ...], each federation's rows its own copy, e.g. from its settings in rows.federations;
+    the ranks are added by `rank_state`). after_round(method, r): whether
+    it runs after the 0-indexed round r. inputs: "uploads" (`Uploads`) or "mixing" (PCL's W).
+    ranked: the rule needs per-row expert ranks even when model.ranks is unset. saved: the keys of
+    its state that checkpoints keep with the users' states (arrays [rows, ...]: each federation's
+    rows are its run's, as the users' rows) and a resume restores; the rest is rebuilt by `init`
+    (the ranks are the host state's, as before this interface)."""
+    name: str
+    apply: Callable
+    init: Callable = no_state
+    inputs: str = "uploads"
+    after_round: Callable = every_round
+    communication: Callable = _accounting
+    ranked: bool = False
+    saved: tuple = ()
+    description: str = ""
+
+    def __post_init__(self):
+        if self.inputs not in INPUTS:
+            raise ValueError(f"server {self.name}: inputs={self.inputs!r}: allowed {INPUTS}")
+
+
+# ----------------------------------------------------------------------------- per-row ranks
+def rank_state(full, lora) -> dict:
+    """The host arrays of per-row expert LoRA ranks: full [rows] (configured), current [rows]
+    (HetLoRA lowers it), ratio [rows] = s(full) / s(r_max) (float64: float32 on a device without
+    64-bit JAX, the float64 models' full precision with it), scale [rows, r_max] (the
+    model's rank scale: ratio on the components < current, 0 beyond)."""
+    from comigs_jax.federated.ranks import lora_scale, rank_scales
+    full = np.asarray(full, np.int32)
+    ratio = np.array([lora_scale(lora, int(r)) / lora_scale(lora, lora.rank) for r in full], np.float64)
+    return {"full": full, "current": full.copy(), "ratio": ratio,
+            "scale": rank_scales(full, full, lora, lora.rank)}
+
+
+def with_current(ranks: dict, current: jax.Array) -> dict:
+    """`ranks` at new current ranks (jittable): scale = ratio on the components < current
+    (rank_scales' values, bit for bit)."""
+    r_max = ranks["scale"].shape[-1]
+    on = (jnp.arange(r_max)[None, :] < current[:, None]).astype(ranks["ratio"].dtype)
+    return {**ranks, "current": current.astype(ranks["current"].dtype), "scale": on * ranks["ratio"][:, None]}
+
+
+def round_data(state: dict) -> dict:
+    """What the round program reads of the server state: the rank scale and configured ranks."""
+    if "ranks" not in state:
+        return {}
+    return {"rank_full": state["ranks"]["full"], "rank_scale": state["ranks"]["scale"]}

@@ -1,0 +1,32 @@
+"""The registry of servers (comigs_jax.federated.server.Server): name -> rule, one module each.
+
+A new rule is a module here defining SERVER and one line in SERVERS; a method names it in
+`Method.server` (comigs_jax/federated/methods.py).
+"""
+from __future__ import annotations
+
+from comigs_jax.federated.server import Server
+from comigs_jax.federated.servers import mean, none, pcl, ranked
+
+SERVERS: dict[str, Server] = {s.name: s for s in (
+    mean.SERVER,                   # the masked mean of the shared leaves (FedAvg, CoMiGS's generalists)
+    ranked.MASKED_MEAN,            # the mean per rank component (users of different ranks)
+    ranked.HETLORA,                # HetLoRA: norm-share mean with rank self-pruning
+    ranked.FLEXLORA,               # FlexLoRA: SVD of the token-weighted mean of the products
+    ranked.FLEXLORA_REFERENCE,     # FlexLoRA as the reference code (D3, D3b)
+    pcl.SERVER,                    # PCL: no server; softmax(-ppl) mixing of whole models
+    none.SERVER,                   # one-round methods: synchronised at round 0 only
+)}
+
+
+def server_for(method, ranked: bool) -> Server:
+    """The server of `method`'s run: its `server`, the rank-masked mean for the mean when the
+    users have ranks (model.ranks). The one place a server is chosen."""
+    name = method.server
+    if name == "mean" and ranked:
+        name = ranked_mean_name()
+    return SERVERS[name]
+
+
+def ranked_mean_name() -> str:
+    return ranked.MASKED_MEAN.name
