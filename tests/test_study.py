@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from comigs_jax import cli
 from comigs_jax.errors import WorkdirError
@@ -64,17 +65,31 @@ def test_study_outputs_match_the_cells_results(finished):
         row = cell["methods"]["local"]
         np.testing.assert_allclose(row["per_seed"], per_seed, rtol=1e-12)
         np.testing.assert_allclose(row["mean"], per_seed.mean(0), rtol=1e-12)
-        np.testing.assert_allclose(row["std"], per_seed.std(0), rtol=1e-12)
+        np.testing.assert_allclose(row["std"], per_seed.std(0, ddof=1), rtol=1e-12)
+        assert row["n_seeds"] == 2
+        for u in range(per_seed.shape[1]):
+            np.testing.assert_allclose(row["ci95"][u], stats.t.interval(0.95, 1, loc=per_seed[:, u].mean(),
+                                                                        scale=stats.sem(per_seed[:, u])), rtol=1e-10)
         assert row["user_mean"] == pytest.approx(per_seed.mean(1).mean(), rel=1e-12)
-        assert row["user_mean_std"] == pytest.approx(per_seed.mean(1).std(), rel=1e-12)
+        assert row["user_mean_std"] == pytest.approx(per_seed.mean(1).std(ddof=1), rel=1e-12)
+        np.testing.assert_allclose(row["user_mean_ci95"], stats.t.interval(
+            0.95, 1, loc=per_seed.mean(1).mean(), scale=stats.sem(per_seed.mean(1))), rtol=1e-10)
+        assert cell["comparison"] is None  # one method per cell: the cells are compared
         bayes = np.array(row["bayes_ppl"])
         assert row["over_bayes"] == pytest.approx((per_seed / bayes).mean(), rel=1e-12)
         comm = json.load(open(os.path.join(wd, "cells", cell["name"], "local_s0", "results.json")))["communication"]
         assert row["communication_bytes_per_user"] == np.mean(np.add(comm["upload_bytes_float32"],
                                                                      comm["download_bytes_float32"]))
         assert f"{row['user_mean']:.3f} ± {row['user_mean_std']:.3f}" in md
-        assert f"user0: {per_seed[:, 0].mean():.3f} ± {per_seed[:, 0].std():.3f}" in md
+        assert f"user0: {per_seed[:, 0].mean():.3f} ± {per_seed[:, 0].std(ddof=1):.3f}" in md
     assert on_disk["cells"][0]["values"] == {"train.lr": 0.002}
+    # the two cells, paired by seed, as scipy's paired t-test sees them
+    overall = [np.array(c["methods"]["local"]["per_seed"]).mean(1) for c in on_disk["cells"]]
+    (pair,) = on_disk["across_cells"]["pairs"]
+    ref = stats.ttest_rel(overall[0], overall[1]).confidence_interval(0.95)
+    assert (pair["a"], pair["b"]) == ("lr=0.002", "lr=0.01") and on_disk["across_cells"]["seeds"] == [0, 1]
+    assert pair["diff"] == pytest.approx((overall[0] - overall[1]).mean(), rel=1e-12)
+    np.testing.assert_allclose(pair["ci95"], [ref.low, ref.high], rtol=1e-10)
 
 
 def test_resume_does_not_rerun_finished_cells(finished):
@@ -159,6 +174,9 @@ def test_another_study_folder_is_refused(finished, tmp_path):
     ({"study.grid": "train=1|2"}, "study.grid key 'train' is a group, not a value"),
     ({"study.grid": "train.lr"}, "study.grid axis 'train.lr' is not allowed: KEY=V1|V2"),
     ({"study.grid": "model.n_experts&model.top_k=2&1|3"}, "value '3' is not allowed: 2 non-empty value(s)"),
+    ({"seeds": "3"}, "config.seeds='3' is not allowed in a study that compares methods or cells (cell lr=0.002 "
+                     "runs seed 3): at least 2"),
+    ({"seeds": "1,1", "study.grid": "train.lr=0.002", "methods": "local,fedavg"}, "(cell lr=0.002 runs seed 1)"),
 ])
 def test_bad_input_is_one_line_before_any_run(tmp_path, over, message):
     cfg = tiny_study(str(tmp_path / "cache"), **over)
@@ -167,6 +185,11 @@ def test_bad_input_is_one_line_before_any_run(tmp_path, over, message):
         study.run_study(cfg, str(wd), runner=never)
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not wd.exists() and not (tmp_path / "cache").exists()
+
+
+def test_one_seed_is_allowed_when_nothing_is_compared(tmp_path):
+    cells = study.expand(tiny_study(str(tmp_path / "cache"), grid="train.lr=0.002", seeds="0"))
+    assert len(cells) == 1
 
 
 def test_cli_bad_grid_key_one_line(tmp_path, capsys):
@@ -208,3 +231,52 @@ def test_train_shares_cut_each_users_training_split():
         c.train_shares = bad
         with pytest.raises(ValueError, match="^" + re.escape(f"data.train_shares='{bad}' is not allowed: ") + ".*" + re.escape(why)):
             load_user_data(c)
+
+
+def fake_results(cells, ppl):
+    """{cell: {(method, seed): results.json-like}} from ppl[cell][method]: [seeds, users]."""
+    out = {}
+    for c in cells:
+        out[c["name"]] = {}
+        for m, table in ppl[c["name"]].items():
+            for s, row in zip(study.configuration.seeds_of(c["config"]), table):
+                out[c["name"]][m, s] = {"users": [{"test_ppl": v, "bayes_ppl": 5.0 + u} for u, v in enumerate(row)],
+                                        "data": {"users": [f"user{u}" for u in range(len(row))]},
+                                        "communication": {"upload_bytes_float32": [1.0] * len(row),
+                                                          "download_bytes_float32": [1.0] * len(row)}}
+    return out
+
+
+# five seeds x two users per method; cell lr=0.002: a wins; cell lr=0.01: local and fedavg tie
+FAKE = {"lr=0.002": {"local": [[30.1, 20.0], [30.4, 20.2], [29.9, 19.8], [30.2, 20.1], [30.0, 20.0]],
+                     "fedavg": [[30.9, 21.0], [31.3, 21.1], [30.6, 20.7], [31.0, 21.0], [30.8, 20.9]]},
+        "lr=0.01": {"local": [[30.1, 20.0], [30.4, 20.2], [29.9, 19.8], [30.2, 20.1], [30.0, 20.0]],
+                    "fedavg": [[30.3, 19.9], [30.2, 20.4], [30.0, 19.6], [30.5, 20.0], [29.9, 20.2]]}}
+
+
+def test_summary_compares_the_methods_of_a_cell_paired_by_seed(tmp_path):
+    from comigs_jax.experiment import study_report
+    cfg = tiny_study(str(tmp_path / "cache"), methods="local,fedavg", seeds="0,1,2,3,4",
+                     **{"study.grid": "train.lr=0.002|0.01; train.rounds=2", "study.figure": "win_map"})
+    cells = study.expand(cfg)
+    fake = {c["name"]: FAKE[c["name"].split("__")[0]] for c in cells}
+    summary = study_report.summarise(cfg, cells, fake_results(cells, fake), [])
+    assert summary["across_cells"] is None
+    for c in summary["cells"]:
+        local, fedavg = (np.array(fake[c["name"]][m]) for m in ("local", "fedavg"))
+        (pair,) = c["comparison"]["pairs"]
+        ref = stats.ttest_rel(local.mean(1), fedavg.mean(1))
+        assert (pair["a"], pair["b"]) == ("local", "fedavg")
+        np.testing.assert_allclose(pair["ci95"], list(ref.confidence_interval(0.95)), rtol=1e-10)
+        for u in range(2):
+            np.testing.assert_allclose(pair["per_user"][u]["ci95"],
+                                       list(stats.ttest_rel(local[:, u], fedavg[:, u]).confidence_interval(0.95)),
+                                       rtol=1e-10)
+        detected = ref.pvalue < 0.05
+        assert c["comparison"]["winner"] == ("local" if detected else None)
+        assert c["comparison"]["tied"] == (["local"] if detected else ["local", "fedavg"])
+    assert [c["comparison"]["winner"] for c in summary["cells"]] == ["local", None]  # the fixed numbers' cases
+    md = study_report.markdown(summary)
+    assert "| lr=0.002__rounds=2 | local **wins** |" in md and "| lr=0.01__rounds=2 | fedavg (tied) |" in md
+    study_report.write_outputs(str(tmp_path), summary, cfg)  # the win map draws the tie
+    assert os.path.getsize(tmp_path / "study.png") > 0

@@ -1,0 +1,106 @@
+"""study.png: bars per cell and method, the win map (two axes: the winner of each cell, or its
+tie), or perplexity against communication. Error bars are the 95 % Student t intervals."""
+from __future__ import annotations
+
+import numpy as np
+
+TIE_COLOUR = (0.55, 0.55, 0.55, 1.0)
+
+
+def _value(r: dict, use_bayes: bool) -> float:
+    return r["over_bayes"] if use_bayes else r["user_mean"]
+
+
+def _half(r: dict, use_bayes: bool) -> float:
+    ci = r["over_bayes_ci95"] if use_bayes else r["user_mean_ci95"]
+    return 0.0 if ci is None else (ci[1] - ci[0]) / 2
+
+
+def _shown(cell: dict, key: str) -> str:
+    """The grid value of `key` in `cell` as typed in the grid."""
+    return cell["shown"][key] if "shown" in cell else str(cell["values"][key])
+
+
+def _win_map(plt, matplotlib, summary, methods, use_bayes, ylabel):
+    (ax0, ax1) = summary["axes"]
+    rows = ["&".join(v) for v in ax0["values"]]
+    cols = ["&".join(v) for v in ax1["values"]]
+    cmap = plt.get_cmap("tab10")
+    colours = [cmap(i) for i in range(len(methods))]
+    image = np.ones((len(rows), len(cols), 4))
+    text = [["" for _ in cols] for _ in rows]
+    for c in summary["cells"]:
+        i = rows.index("&".join(_shown(c, k) for k in ax0["keys"]))
+        j = cols.index("&".join(_shown(c, k) for k in ax1["keys"]))
+        comp = c.get("comparison")
+        if comp is None:
+            continue
+        if comp["winner"] is not None:
+            image[i, j] = colours[methods.index(comp["winner"])]
+            text[i][j] = f"{comp['winner']}\n{_value(c['methods'][comp['winner']], use_bayes):.3f}"
+        else:
+            image[i, j] = TIE_COLOUR
+            text[i][j] = "tie:\n" + "\n".join(comp["tied"])
+    fig, ax = plt.subplots(figsize=(1.8 * len(cols) + 2, 1.1 * len(rows) + 1.5))
+    ax.imshow(image, aspect="auto")
+    for i in range(len(rows)):
+        for j in range(len(cols)):
+            ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7, color="white")
+    ax.set_xticks(range(len(cols)), cols)
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_xlabel("&".join(ax1["keys"]))
+    ax.set_ylabel("&".join(ax0["keys"]))
+    ax.set_title(f"{summary['study']}: winner per cell (its paired 95 % CI against every other\nexcludes 0), "
+                 f"else the tie (grey); {ylabel}", fontsize=8)
+    return fig, ax
+
+
+def _vs_communication(plt, summary, methods, use_bayes, ylabel):
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        pts = [(c["methods"][m]["communication_bytes_per_user"] / 2 ** 20, _value(c["methods"][m], use_bayes),
+                _half(c["methods"][m], use_bayes), c["name"]) for c in summary["cells"] if m in c["methods"]]
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o", label=m)
+        for x, y, _, name in pts:
+            ax.annotate(name, (x, y), fontsize=6)
+    ax.set_xlabel("communication per user (MiB, float32, up + down)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    return fig, ax
+
+
+def _bars(plt, summary, methods, use_bayes, ylabel):
+    cells = summary["cells"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(cells) + 2), 4))
+    x = np.arange(len(cells))
+    width = 0.8 / max(len(methods), 1)
+    for k, m in enumerate(methods):
+        xs = [i for i, c in enumerate(cells) if m in c["methods"]]
+        ax.bar(x[xs] + k * width, [_value(cells[i]["methods"][m], use_bayes) for i in xs], width,
+               yerr=[_half(cells[i]["methods"][m], use_bayes) for i in xs], label=m)
+    ax.set_xticks(x + 0.4 - width / 2, [c["name"] for c in cells], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel(ylabel + " (95 % CI)")
+    lo = min(_value(c["methods"][m], use_bayes) for c in cells for m in c["methods"])
+    ax.set_ylim(bottom=lo * 0.97)
+    ax.legend(fontsize=7)
+    return fig, ax
+
+
+def figure(path: str, summary: dict, kind: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cells = summary["cells"]
+    methods = list(dict.fromkeys(m for c in cells for m in c["methods"]))
+    use_bayes = all("over_bayes" in r for c in cells for r in c["methods"].values())
+    ylabel = "test ppl / Bayes floor" if use_bayes else "test ppl (mean over users)"
+    if kind == "win_map":
+        fig, ax = _win_map(plt, matplotlib, summary, methods, use_bayes, ylabel)
+    elif kind == "ppl_vs_communication":
+        fig, ax = _vs_communication(plt, summary, methods, use_bayes, ylabel)
+    else:
+        fig, ax = _bars(plt, summary, methods, use_bayes, ylabel)
+    ax.set_title(ax.get_title() or summary["study"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
