@@ -280,3 +280,39 @@ def test_summary_compares_the_methods_of_a_cell_paired_by_seed(tmp_path):
     assert "| lr=0.002__rounds=2 | local **wins** |" in md and "| lr=0.01__rounds=2 | fedavg (tied) |" in md
     study_report.write_outputs(str(tmp_path), summary, cfg)  # the win map draws the tie
     assert os.path.getsize(tmp_path / "study.png") > 0
+
+
+def test_findings_are_generated_from_study_json(tmp_path):
+    """study.md's findings section: per cell its outcome and every pair as a sentence, the numbers
+    those of scipy's paired t interval; written from study.json's content alone."""
+    from comigs_jax.experiment import study_report
+    cfg = tiny_study(str(tmp_path / "cache"), methods="local,fedavg", seeds="0,1,2,3,4")
+    cells = study.expand(cfg)
+    study_report.write_outputs(str(tmp_path), study_report.summarise(cfg, cells, fake_results(cells, FAKE), []), cfg)
+    md = open(tmp_path / "study.md").read()
+    on_disk = json.load(open(tmp_path / "study.json"))
+    assert md.endswith("\n".join(study_report.findings(on_disk)) + "\n")
+    f = lambda v: f"{v:.3f}"
+    lines = []
+    for name in ("lr=0.002", "lr=0.01"):
+        local, fedavg = (np.array(FAKE[name][m]).mean(1) for m in ("local", "fedavg"))
+        ref = stats.ttest_rel(local, fedavg)
+        lo, hi = ref.confidence_interval(0.95)
+        d = (local - fedavg).mean()
+        if ref.pvalue < 0.05:
+            assert hi < 0  # local lower
+            lines += [f"- **cell {name}** (5 seeds): local wins.", f"  - local beats fedavg by {f(-d)} [{f(-hi)}, {f(-lo)}]"]
+        else:
+            lines += [f"- **cell {name}** (5 seeds): tie: local, fedavg.",
+                      f"  - no detectable difference between local and fedavg (CI [{f(lo)}, {f(hi)}] of local − fedavg)"]
+    assert "## Findings" in md and "\n".join(lines) in md
+    assert "local wins" in md and "no detectable difference" in md  # both cases of the fixed numbers
+    # a study of one method per cell compares its cells
+    cfg1 = tiny_study(str(tmp_path / "cache"), seeds="0,1,2,3,4")
+    cells1 = study.expand(cfg1)
+    s1 = study_report.summarise(cfg1, cells1, fake_results(cells1, {k: {"local": v["fedavg"]} for k, v in FAKE.items()}), [])
+    found = study_report.findings(s1)
+    a, b = (np.array(FAKE[k]["fedavg"]).mean(1) for k in ("lr=0.002", "lr=0.01"))
+    lo, hi = stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert found[-2] == "- **across the cells (one method each)** (5 seeds): lr=0.01 wins."
+    assert found[-1] == f"  - lr=0.01 beats lr=0.002 by {f((a - b).mean())} [{f(lo)}, {f(hi)}]"

@@ -96,6 +96,28 @@ def outcome(comparison: dict) -> str:
     return "tie: " + ", ".join(comparison["tied"])
 
 
+FINDINGS_HEADER = ("Generated from study.json (comigs_jax/experiment/study_report.py): arms compared paired by seed on "
+                   "the test perplexity, mean over users; 'A beats B by x [lo, hi]': A's perplexity is lower by x, "
+                   "with the 95 % Student t interval of the paired difference; a winner beats every other arm, "
+                   "otherwise the arms no other arm beats are tied.")
+
+
+def findings(summary: dict) -> list[str]:
+    """The findings section of study.md, in markdown lines, from study.json's content alone: per
+    comparison (each cell of several methods; the cells, for a study of one method per cell) the
+    outcome, and every pair as a sentence (statistics.sentence)."""
+    blocks = [(f"cell {c['name']}", c["comparison"]) for c in summary["cells"] if c.get("comparison")]
+    if summary.get("across_cells"):
+        blocks.append(("across the cells (one method each)", summary["across_cells"]))
+    if not blocks:
+        return []
+    lines = ["## Findings", "", FINDINGS_HEADER, ""]
+    for what, comp in blocks:
+        lines.append(f"- **{what}** ({len(comp['seeds'])} seeds): {outcome(comp)}.")
+        lines += [f"  - {statistics.sentence(p)}" for p in comp["pairs"]]
+    return lines
+
+
 def _pm(mean, std, ci) -> str:
     if std is None:
         return f"{mean:.3f} (1 seed)"
@@ -132,6 +154,9 @@ def markdown(summary: dict) -> str:
     if summary["unavailable"]:
         lines += ["", "Not available (not run):", ""]
         lines += [f"- {u['cell']}: {u['why']}" for u in summary["unavailable"]]
+    found = findings(summary)
+    if found:
+        lines += [""] + found
     return "\n".join(lines) + "\n"
 
 
