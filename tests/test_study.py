@@ -174,6 +174,8 @@ def test_another_study_folder_is_refused(finished, tmp_path):
     ({"study.grid": "train=1|2"}, "study.grid key 'train' is a group, not a value"),
     ({"study.grid": "train.lr"}, "study.grid axis 'train.lr' is not allowed: KEY=V1|V2"),
     ({"study.grid": "model.n_experts&model.top_k=2&1|3"}, "value '3' is not allowed: 2 non-empty value(s)"),
+    ({"study.grid": "data.synthetic.base_knows_shared=1|1.5"},
+     "study.grid cell base_knows_shared=1.5: data.synthetic.base_knows_shared=1.5 is not allowed: a share in [0, 1]"),
     ({"seeds": "3"}, "config.seeds='3' is not allowed in a study that compares methods or cells (cell lr=0.002 "
                      "runs seed 3): at least 2"),
     ({"seeds": "1,1", "study.grid": "train.lr=0.002", "methods": "local,fedavg"}, "(cell lr=0.002 runs seed 1)"),
