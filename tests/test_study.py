@@ -318,3 +318,41 @@ def test_findings_are_generated_from_study_json(tmp_path):
     lo, hi = stats.ttest_rel(a, b).confidence_interval(0.95)
     assert found[-2] == "- **across the cells (one method each)** (5 seeds): lr=0.01 wins."
     assert found[-1] == f"  - lr=0.01 beats lr=0.002 by {f((a - b).mean())} [{f(lo)}, {f(hi)}]"
+
+
+def test_tune_compares_each_method_at_its_best_value(tmp_path):
+    """study.tune: per combination of the other axes, each method at its own best lr (lowest mean
+    over seeds), compared there paired by seed; the findings and the win map use those rows."""
+    from comigs_jax.experiment import statistics, study_report
+    cfg = tiny_study(str(tmp_path / "cache"), methods="local,fedavg", seeds="0,1,2,3,4",
+                     **{"study.grid": "train.rounds=2|3; train.lr=0.002|0.01; train.local_steps=2|3",
+                        "study.tune": "train.lr", "study.figure": "win_map", "study.per_user_findings": True})
+    cells = study.expand(cfg)
+    rng = np.random.default_rng(1)
+    seed_effect = rng.normal(0, 0.3, (5, 1))
+    ppl = {}
+    for c in cells:  # local is best at lr 0.01, fedavg at 0.002
+        lr = c["values"]["train.lr"]
+        ppl[c["name"]] = {"local": (30 + (lr == 0.002) + seed_effect + rng.normal(0, 0.05, (5, 2))).tolist(),
+                          "fedavg": (30.3 + (lr == 0.01) + seed_effect + rng.normal(0, 0.05, (5, 2))).tolist()}
+    summary = study_report.summarise(cfg, cells, fake_results(cells, ppl), [])
+    tuned = summary["tuned"]["cells"]
+    assert [c["name"] for c in tuned] == ["rounds=2__local_steps=2", "rounds=2__local_steps=3",
+                                          "rounds=3__local_steps=2", "rounds=3__local_steps=3"]
+    for t in tuned:
+        assert t["picked"] == {"local": "0.01", "fedavg": "0.002"}
+        name = lambda lr: f"rounds={t['shown']['train.rounds']}__lr={lr}__local_steps={t['shown']['train.local_steps']}"
+        local, fedavg = np.array(ppl[name("0.01")]["local"]), np.array(ppl[name("0.002")]["fedavg"])
+        ref = statistics.verdict({"local": local.mean(1), "fedavg": fedavg.mean(1)})
+        assert (t["comparison"]["winner"], t["comparison"]["tied"]) == (ref["winner"], ref["tied"])
+        np.testing.assert_allclose(t["comparison"]["pairs"][0]["ci95"],
+                                   list(stats.ttest_rel(local.mean(1), fedavg.mean(1)).confidence_interval()), rtol=1e-10)
+    found = study_report.findings(summary)
+    assert sum(line.startswith("- **cell ") for line in found) == 4  # the tuned cells, not the 8 grid cells
+    assert "- **cell rounds=2__local_steps=2, each method at its best train.lr (local 0.01, fedavg 0.002)** (5 seeds)" \
+        in "\n".join(found)
+    assert sum(line.startswith("    - user") for line in found) == 8  # per user: 2 users x 4 cells
+    study_report.write_outputs(str(tmp_path), summary, cfg)
+    assert "Each method at its own best `train.lr`" in open(tmp_path / "study.md").read()
+    with pytest.raises(StudyError, match=r"^config.study.tune='train.rank' is not allowed: the key of a grid axis"):
+        study.expand(tiny_study(str(tmp_path / "cache"), **{"study.tune": "train.rank"}))

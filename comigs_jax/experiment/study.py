@@ -43,14 +43,15 @@ from comigs_jax.errors import ConfigError, WorkdirError, first_line
 from comigs_jax.experiment import study_report
 from comigs_jax.experiment.identity import first_difference, flat_config
 
-STUDY_KEYS = ("name", "description", "grid", "figure", "one_program", "unavailable")
+STUDY_KEYS = ("name", "description", "grid", "figure", "one_program", "unavailable", "tune", "per_user_findings")
 FIGURES = ("lines", "win_map", "ppl_vs_communication")
 IDENTITY_FILE = "study_identity.json"
 # Keys that do not make another study (how it runs and writes, not what it computes).
 FREE_KEYS = ("resume", "output", "checkpoint", "methods", "seeds", "federation.mode", "federation.shard",
              "federation.stack_seeds", "distributed", "data.cache_dir", "data.use_cache", "data.progress",
              "model.remat", "model.head_block", "train.user_chunk", "eval.zero_shot", "study.grid",
-             "study.description", "study.figure", "study.unavailable", "study.one_program")
+             "study.description", "study.figure", "study.unavailable", "study.one_program", "study.tune",
+             "study.per_user_findings")
 
 
 class StudyError(ConfigError):
@@ -62,7 +63,9 @@ def default_study_group(name: str = "study") -> ConfigDict:
     s.name = name  # the study's name (its identity: a folder holding another study's cells is refused)
     s.description = ""  # one line for study.md
     s.grid = ""  # axes 'KEY=V1|V2; K1&K2=A1&B1|A2&B2' (linked keys change together; 'x0.1' scales a numeric key)
-    s.figure = "lines"  # lines (mean ppl per cell and method) | win_map (two axes: the best method per cell) | ppl_vs_communication
+    s.figure = "lines"  # lines (mean ppl per cell and method) | win_map (rows: the first axis, columns: the others; the winner or tie per cell) | ppl_vs_communication
+    s.tune = ""  # a grid key on an axis of its own (e.g. train.lr): each method compared at its own best value of it (lowest mean test ppl over seeds) in every combination of the other axes
+    s.per_user_findings = False  # True: study.md's findings also give every pair's paired difference per user
     s.one_program = False  # True: cells that differ only in seed(s), train.lr/router_lr/lb_weight/weight_decay/prune_lambda train as ONE program per method (every cell x seed a federation)
     s.unavailable = ""  # cells the engine cannot run yet: 'AXIS VALUE: why; ...' listed in study.md, not run
     return s
@@ -182,8 +185,15 @@ def expand(cfg: ConfigDict) -> list[dict]:
             why = cli.unknown_key(base, k, cli.EXPERIMENT_HOMES)
             if why:
                 raise StudyError(f"study.grid: {why}")
-    if st.figure == "win_map" and len(axes) != 2:
-        raise StudyError(f"config.study.figure='win_map' is not allowed with {len(axes)} grid axes: exactly 2")
+    if st.tune:
+        home = [keys for keys, _ in axes if st.tune in keys]
+        if not home or len(home[0]) > 1:
+            raise StudyError(f"config.study.tune={st.tune!r} is not allowed: the key of a grid axis of its own (not "
+                             f"linked with '&'); the grid's keys: {', '.join(k for keys, _ in axes for k in keys) or 'none'}")
+    n_map = len(axes) - bool(st.tune)
+    if st.figure == "win_map" and n_map < 2:
+        raise StudyError(f"config.study.figure='win_map' is not allowed with {n_map} grid axes besides study.tune: "
+                         "at least 2 (rows: the first, columns: the others)")
     try:
         configuration.validate(base)
     except ConfigError as e:

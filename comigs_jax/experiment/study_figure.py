@@ -2,6 +2,8 @@
 tie), or perplexity against communication. Error bars are the 95 % Student t intervals."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 TIE_COLOUR = (0.55, 0.55, 0.55, 1.0)
@@ -21,17 +23,21 @@ def _shown(cell: dict, key: str) -> str:
     return cell["shown"][key] if "shown" in cell else str(cell["values"][key])
 
 
-def _win_map(plt, matplotlib, summary, methods, use_bayes, ylabel):
-    (ax0, ax1) = summary["axes"]
+def _win_map(plt, summary, methods, use_bayes, ylabel):
+    """Rows: the first grid axis; columns: the others (their product), study.tune's axis tuned away."""
+    tuned = summary.get("tuned")
+    axes = [a for a in summary["axes"] if not (tuned and a["keys"] == [tuned["key"]])]
+    cells = tuned["cells"] if tuned else summary["cells"]
+    ax0, others = axes[0], axes[1:]
     rows = ["&".join(v) for v in ax0["values"]]
-    cols = ["&".join(v) for v in ax1["values"]]
+    cols = [" / ".join("&".join(v) for v in combo) for combo in itertools.product(*[a["values"] for a in others])]
     cmap = plt.get_cmap("tab10")
     colours = [cmap(i) for i in range(len(methods))]
     image = np.ones((len(rows), len(cols), 4))
     text = [["" for _ in cols] for _ in rows]
-    for c in summary["cells"]:
+    for c in cells:
         i = rows.index("&".join(_shown(c, k) for k in ax0["keys"]))
-        j = cols.index("&".join(_shown(c, k) for k in ax1["keys"]))
+        j = cols.index(" / ".join("&".join(_shown(c, k) for k in a["keys"]) for a in others))
         comp = c.get("comparison")
         if comp is None:
             continue
@@ -41,14 +47,14 @@ def _win_map(plt, matplotlib, summary, methods, use_bayes, ylabel):
         else:
             image[i, j] = TIE_COLOUR
             text[i][j] = "tie:\n" + "\n".join(comp["tied"])
-    fig, ax = plt.subplots(figsize=(1.8 * len(cols) + 2, 1.1 * len(rows) + 1.5))
+    fig, ax = plt.subplots(figsize=(1.9 * len(cols) + 2, 1.2 * len(rows) + 1.6))
     ax.imshow(image, aspect="auto")
     for i in range(len(rows)):
         for j in range(len(cols)):
             ax.text(j, i, text[i][j], ha="center", va="center", fontsize=7, color="white")
-    ax.set_xticks(range(len(cols)), cols)
+    ax.set_xticks(range(len(cols)), cols, fontsize=7, rotation=20 if len(cols) > 3 else 0)
     ax.set_yticks(range(len(rows)), rows)
-    ax.set_xlabel("&".join(ax1["keys"]))
+    ax.set_xlabel(" / ".join("&".join(a["keys"]) for a in others))
     ax.set_ylabel("&".join(ax0["keys"]))
     ax.set_title(f"{summary['study']}: winner per cell (its paired 95 % CI against every other\nexcludes 0), "
                  f"else the tie (grey); {ylabel}", fontsize=8)
@@ -95,7 +101,7 @@ def figure(path: str, summary: dict, kind: str) -> None:
     use_bayes = all("over_bayes" in r for c in cells for r in c["methods"].values())
     ylabel = "test ppl / Bayes floor" if use_bayes else "test ppl (mean over users)"
     if kind == "win_map":
-        fig, ax = _win_map(plt, matplotlib, summary, methods, use_bayes, ylabel)
+        fig, ax = _win_map(plt, summary, methods, use_bayes, ylabel)
     elif kind == "ppl_vs_communication":
         fig, ax = _vs_communication(plt, summary, methods, use_bayes, ylabel)
     else:

@@ -62,6 +62,29 @@ def compare(rows: dict) -> dict | None:
     return {"metric": "test ppl, mean over users", "seeds": common, **out}
 
 
+def tuned_cells(out_cells: list[dict], key: str) -> list[dict]:
+    """The cells with `key` tuned away: per combination of the other grid values, each method's row
+    at its best value of `key` (the lowest mean over seeds of the mean over users), "picked" naming
+    that value, and the methods compared there (paired by seed). The choice is made on the same
+    test numbers the comparison uses (docs/studies.md: a selection among few values)."""
+    from comigs_jax.experiment.study import cell_name
+    groups: dict = {}
+    for c in out_cells:
+        rest = {k: v for k, v in c["shown"].items() if k != key}
+        groups.setdefault(json.dumps(rest, sort_keys=True), (rest, []))[1].append(c)
+    out = []
+    for rest, members in groups.values():
+        methods = list(dict.fromkeys(m for c in members for m in c["methods"]))
+        rows, picked = {}, {}
+        for m in methods:
+            best = min((c for c in members if m in c["methods"]), key=lambda c: c["methods"][m]["user_mean"])
+            rows[m], picked[m] = best["methods"][m], best["shown"][key]
+        out.append({"name": cell_name(rest), "shown": rest,
+                    "values": {k: v for k, v in members[0]["values"].items() if k != key},
+                    "users": members[0]["users"], "methods": rows, "picked": picked, "comparison": compare(rows)})
+    return out
+
+
 def summarise(cfg, cells: list[dict], results: dict, unavailable: list[dict], timings: dict | None = None) -> dict:
     """study.json's content: per cell and method the statistics of method_row, each cell's paired
     comparison of its methods, and (cells of one method each) the paired comparison of the cells."""
@@ -78,15 +101,18 @@ def summarise(cfg, cells: list[dict], results: dict, unavailable: list[dict], ti
         if timings and cell["name"] in timings:
             entry["wall_s"] = round(timings[cell["name"]], 1)
         out_cells.append(entry)
+    tune = cfg.study.get("tune", "")
+    tuned = {"key": tune, "cells": tuned_cells(out_cells, tune)} if tune else None
     across = None
-    if len(out_cells) > 1 and all(len(c["methods"]) == 1 for c in out_cells):
+    if not tune and len(out_cells) > 1 and all(len(c["methods"]) == 1 for c in out_cells):
         across = compare({c["name"]: next(iter(c["methods"].values())) for c in out_cells})
     axes = parse_grid(cfg.study.grid)
     return {"study": cfg.study.name, "description": cfg.study.description, "grid": cfg.study.grid,
             "axes": [{"keys": list(k), "values": [list(v) for v in vals]} for k, vals in axes],
             "methods": configuration.methods_of(strip_study(cfg)) if not any(
                 "methods" in k for k, _ in axes) else None,
-            "statistics": STATISTICS, "cells": out_cells, "across_cells": across, "unavailable": unavailable}
+            "statistics": STATISTICS, "cells": out_cells, "tuned": tuned, "across_cells": across,
+            "per_user_findings": bool(cfg.study.get("per_user_findings", False)), "unavailable": unavailable}
 
 
 def outcome(comparison: dict) -> str:
@@ -106,16 +132,31 @@ def findings(summary: dict) -> list[str]:
     """The findings section of study.md, in markdown lines, from study.json's content alone: per
     comparison (each cell of several methods; the cells, for a study of one method per cell) the
     outcome, and every pair as a sentence (statistics.sentence)."""
-    blocks = [(f"cell {c['name']}", c["comparison"]) for c in summary["cells"] if c.get("comparison")]
+    tuned = summary.get("tuned")
+    if tuned:
+        blocks = [(f"cell {c['name']}, each method at its best {tuned['key']} ("
+                   + ", ".join(f"{m} {v}" for m, v in c["picked"].items()) + ")", c["comparison"], c["users"])
+                  for c in tuned["cells"] if c.get("comparison")]
+    else:
+        blocks = [(f"cell {c['name']}", c["comparison"], c["users"]) for c in summary["cells"] if c.get("comparison")]
     if summary.get("across_cells"):
-        blocks.append(("across the cells (one method each)", summary["across_cells"]))
+        blocks.append(("across the cells (one method each)", summary["across_cells"], summary["cells"][0]["users"]))
     if not blocks:
         return []
     lines = ["## Findings", "", FINDINGS_HEADER, ""]
-    for what, comp in blocks:
+    for what, comp, users in blocks:
         lines.append(f"- **{what}** ({len(comp['seeds'])} seeds): {outcome(comp)}.")
-        lines += [f"  - {statistics.sentence(p)}" for p in comp["pairs"]]
+        for p in comp["pairs"]:
+            lines.append(f"  - {statistics.sentence(p)}")
+            if summary.get("per_user_findings") and "per_user" in p:
+                lines += [f"    - {u}: " + statistics.sentence({**p, **pu, "beats": _winner_of(p, pu)})
+                          for u, pu in zip(users, p["per_user"])]
     return lines
+
+
+def _winner_of(pair: dict, part: dict):
+    w = statistics.beats(part)
+    return pair["a"] if w > 0 else pair["b"] if w < 0 else None
 
 
 def _pm(mean, std, ci) -> str:
@@ -151,6 +192,8 @@ def markdown(summary: dict) -> str:
                          + f"{r['communication_bytes_per_user'] / 2 ** 20:.3f} | {users} |")
     if bayes:
         lines += ["", "Bayes floor (exact, per user) is listed per cell in study.json (`bayes_ppl`)."]
+    if summary.get("tuned"):
+        lines += tuned_table(summary, bayes)
     if summary["unavailable"]:
         lines += ["", "Not available (not run):", ""]
         lines += [f"- {u['cell']}: {u['why']}" for u in summary["unavailable"]]
@@ -158,6 +201,20 @@ def markdown(summary: dict) -> str:
     if found:
         lines += [""] + found
     return "\n".join(lines) + "\n"
+
+
+def tuned_table(summary: dict, bayes: bool) -> list[str]:
+    key = summary["tuned"]["key"]
+    lines = ["", f"Each method at its own best `{key}` (the lowest mean over seeds; the comparisons and findings "
+             "use these rows):", "",
+             f"| cell | method | {key} | overall | " + ("/ Bayes floor |" if bayes else ""),
+             "|---|---|---|---|" + ("---|" if bayes else "")]
+    for c in summary["tuned"]["cells"]:
+        for m, r in c["methods"].items():
+            lines.append(f"| {c['name']} | {m}{_mark(c, m)} | {c['picked'][m]} | "
+                         f"**{_pm(r['user_mean'], r['user_mean_std'], r['user_mean_ci95'])}** | "
+                         + (f"{_pm(r['over_bayes'], r['over_bayes_std'], r['over_bayes_ci95'])} |" if bayes else ""))
+    return lines
 
 
 def write_outputs(workdir: str, summary: dict, cfg) -> None:
