@@ -293,3 +293,37 @@ def test_one_pretrained_base_for_every_base_knowledge():
     assert len(dirs) == 1
     cfg.data.synthetic.general_branching += 1  # the base chain itself: another base
     assert pretrained_base_dir(cfg) not in dirs
+
+
+def test_target_share_shift_moves_validation_and_test_only():
+    """target_share_shift d: train as before (bit for bit), valid and test from the process whose
+    specific share is share + d (1 - share); their Bayes floors exact under that process (the
+    sequential filter), and the empirical hidden share follows."""
+    c, cs = _cfg(), _cfg()
+    c.train_tokens = cs.train_tokens = 5000
+    cs.synthetic.target_share_shift = 0.6
+    d, ds = load_user_data(c), load_user_data(cs)
+    for u in range(4):
+        np.testing.assert_array_equal(ds.train[u], d.train[u])
+        assert not np.array_equal(ds.test[u], d.test[u])
+    shares = S.user_shares(c.synthetic, 4)
+    np.testing.assert_allclose(ds.info["target_specific_share"], shares + 0.6 * (1 - shares), rtol=1e-15)
+    assert "target_specific_share" not in d.info
+    for u in (0, 3):
+        proc = S.target_process(cs, S.user_process(cs, u))
+        x = ds.test[u].astype(np.int64)
+        P0, P1, T, pi = proc.general.dense(), proc.specific.dense(), proc.transition, proc.stationary
+        f, ref = pi.copy(), []
+        for t in range(1, len(x)):
+            pred = f @ T
+            e = np.array([P0[x[t - 1], x[t]], P1[x[t - 1], x[t]]])
+            ref.append(np.log(pred @ e))
+            f = pred * e / (pred @ e)
+        assert ds.info["bayes_ppl_test"][u] == pytest.approx(np.exp(-np.mean(ref)), rel=1e-12)
+    z = S.sample_hidden(400_000, *(lambda p: (p.a, p.b, p.share))(S.target_process(cs, S.user_process(cs, 0))),
+                        np.random.default_rng(0))
+    assert abs(z.mean() - (shares[0] + 0.6 * (1 - shares[0]))) < 0.03
+    for bad in (1.0, -0.2):
+        cs.synthetic.target_share_shift = bad
+        with pytest.raises(ValueError, match=r"^data.synthetic.target_share_shift=.* is not allowed: a shift in \[0, 1\)"):
+            load_user_data(cs)

@@ -39,11 +39,19 @@ The reported perplexity is exp(-mean_{t >= 1} log p(x_t | x_<t)) over the split'
 first token, uniform, is not a prediction). A model that sees only a window of the past can only
 do worse in expectation, so this is a floor for windowed evaluation too.
 
+**Out-of-distribution targets.** `synthetic.target_share_shift` = d in [0, 1) draws the validation
+and test splits from the user's *target* process: the same chains, its specific share moved to
+share + d (1 - share); the training split keeps the share. The training data under-represent the
+user's own chain, as a router trained on validation data can learn and one trained on training
+data cannot. The Bayes floor of a split is computed under the process that drew it. d = 0: every
+split from one process, as before.
+
 Streams are seeded per (seed, user, split), so a user's data do not depend on which other users
 are built.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -137,12 +145,24 @@ shared_chain = general_chain
 
 
 def user_process(data_cfg, user: int) -> UserProcess:
+    """The process of user `user`'s training split (and of every split without target_share_shift)."""
     s = data_cfg.synthetic
     share = float(user_shares(s, data_cfg.n_users)[user])
     spec = make_chain(s.vocab_size, s.specific_branching, s.concentration,
                       np.random.default_rng([int(data_cfg.seed), 7002, user]))
     return UserProcess(general=general_chain(data_cfg), specific=spec, share=share,
                        a=s.switch_rate * share, b=s.switch_rate * (1 - share))
+
+
+def target_process(data_cfg, proc: UserProcess) -> UserProcess:
+    """The process of the validation and test splits: the user's specific share moved towards 1 by
+    synthetic.target_share_shift (d: share + d (1 - share)); the same chains. d = 0: `proc` itself."""
+    s = data_cfg.synthetic
+    d = float(s.get("target_share_shift", 0.0))
+    if d == 0.0:
+        return proc
+    share = proc.share + d * (1.0 - proc.share)
+    return dataclasses.replace(proc, share=share, a=s.switch_rate * share, b=s.switch_rate * (1 - share))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -277,17 +297,21 @@ def build_users(data_cfg, user_indices: list[int], splits=("train", "valid", "te
     """{split: [array per user]}, info (processes' shares, switch probabilities, Bayes ppl)."""
     dt = token_dtype(data_cfg, data_cfg.synthetic.vocab_size)
     procs = {u: user_process(data_cfg, u) for u in user_indices}
+    targets = {u: target_process(data_cfg, procs[u]) for u in user_indices}
     out, info = {}, {"base_knows_shared": float(data_cfg.synthetic.get("base_knows_shared", 1.0)),
                      "specific_share": [procs[u].share for u in user_indices],
                      "switch_to_specific": [procs[u].a for u in user_indices],
                      "switch_to_general": [procs[u].b for u in user_indices]}
+    if any(targets[u] is not procs[u] for u in user_indices):
+        info["target_specific_share"] = [targets[u].share for u in user_indices]  # valid and test
     for split in splits:
+        of = procs if split == "train" else targets
         n = int(data_cfg[f"{split}_tokens"])
         seeds = [[int(data_cfg.seed), 7003, u, _SPLIT_IDS[split]] for u in user_indices]
-        xs = sample_streams([procs[u] for u in user_indices], n, seeds)
+        xs = sample_streams([of[u] for u in user_indices], n, seeds)
         out[split] = [x.astype(dt) for x in xs]
         if split in bayes_splits:
-            info[f"bayes_ppl_{split}"] = [bayes_ppl(x, procs[u]) for x, u in zip(xs, user_indices)]
+            info[f"bayes_ppl_{split}"] = [bayes_ppl(x, of[u]) for x, u in zip(xs, user_indices)]
     return out, info
 
 
