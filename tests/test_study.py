@@ -356,3 +356,14 @@ def test_tune_compares_each_method_at_its_best_value(tmp_path):
     assert "Each method at its own best `train.lr`" in open(tmp_path / "study.md").read()
     with pytest.raises(StudyError, match=r"^config.study.tune='train.rank' is not allowed: the key of a grid axis"):
         study.expand(tiny_study(str(tmp_path / "cache"), **{"study.tune": "train.rank"}))
+
+
+def test_win_map_margin_is_the_closest_pair():
+    from comigs_jax.experiment.study_figure import _margin
+    comp = {"winner": "comigs", "pairs": [
+        {"a": "local", "b": "comigs", "diff": 0.2, "ci95": [0.1, 0.3]},
+        {"a": "comigs", "b": "fedavg", "diff": -0.9, "ci95": [-1.0, -0.8]},
+        {"a": "local", "b": "fedavg", "diff": -0.7, "ci95": [-0.8, -0.6]}]}
+    assert _margin(comp) == "by 0.200 [0.100, 0.300]\nover local"
+    comp["pairs"][0] = {"a": "comigs", "b": "local", "diff": -0.2, "ci95": [-0.3, -0.1]}
+    assert _margin(comp) == "by 0.200 [0.100, 0.300]\nover local"

@@ -23,6 +23,17 @@ def _shown(cell: dict, key: str) -> str:
     return cell["shown"][key] if "shown" in cell else str(cell["values"][key])
 
 
+def _margin(comp: dict) -> str:
+    """The winner's smallest paired margin (ppl, the mean over users) and its interval: 'by x [lo, hi]
+    over B'."""
+    w = comp["winner"]
+    pairs = [p for p in comp["pairs"] if w in (p["a"], p["b"])]
+    p = min(pairs, key=lambda q: abs(q["diff"]))
+    sign = -1 if p["a"] == w else 1  # the winner's margin is positive
+    lo, hi = sorted(sign * v for v in p["ci95"])
+    return f"by {sign * p['diff']:.3f} [{lo:.3f}, {hi:.3f}]\nover {p['b'] if p['a'] == w else p['a']}"
+
+
 def _win_map(plt, summary, methods, use_bayes, ylabel):
     """Rows: the first grid axis; columns: the others (their product), study.tune's axis tuned away."""
     tuned = summary.get("tuned")
@@ -43,7 +54,7 @@ def _win_map(plt, summary, methods, use_bayes, ylabel):
             continue
         if comp["winner"] is not None:
             image[i, j] = colours[methods.index(comp["winner"])]
-            text[i][j] = f"{comp['winner']}\n{_value(c['methods'][comp['winner']], use_bayes):.3f}"
+            text[i][j] = f"{comp['winner']}\n{_value(c['methods'][comp['winner']], use_bayes):.3f}\n{_margin(comp)}"
         else:
             image[i, j] = TIE_COLOUR
             text[i][j] = "tie:\n" + "\n".join(comp["tied"])
@@ -56,8 +67,8 @@ def _win_map(plt, summary, methods, use_bayes, ylabel):
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel(" / ".join("&".join(a["keys"]) for a in others))
     ax.set_ylabel("&".join(ax0["keys"]))
-    ax.set_title(f"{summary['study']}: winner per cell (its paired 95 % CI against every other\nexcludes 0), "
-                 f"else the tie (grey); {ylabel}", fontsize=8)
+    ax.set_title(f"{summary['study']}: winner per cell (its paired 95 % CI against every other excludes 0),\n"
+                 f"else the tie (grey); {ylabel}; margin: test ppl over the runner-up", fontsize=8)
     return fig, ax
 
 
