@@ -367,3 +367,17 @@ def test_win_map_margin_is_the_closest_pair():
     assert _margin(comp) == "by 0.200 [0.100, 0.300]\nover local"
     comp["pairs"][0] = {"a": "comigs", "b": "local", "diff": -0.2, "ci95": [-0.3, -0.1]}
     assert _margin(comp) == "by 0.200 [0.100, 0.300]\nover local"
+
+
+def test_a_study_folder_from_before_an_added_key_resumes(finished):
+    """identity.ADDED_KEYS: a study_identity.json written before data.synthetic.base_knows_shared
+    and target_share_shift existed matches a config that keeps their defaults, and no other."""
+    wd, _, _, cache = finished
+    path = os.path.join(wd, study.IDENTITY_FILE)
+    ident = json.load(open(path))
+    for k in ("data.synthetic.base_knows_shared", "data.synthetic.target_share_shift"):
+        del ident["config"][k]
+    json.dump(ident, open(path, "w"))
+    study.run_study(tiny_study(cache), wd, runner=never)  # finished: summarised again, nothing run
+    with pytest.raises(WorkdirError, match=r"data.synthetic.base_knows_shared: 1.0 there, 0.5 now"):
+        study.run_study(tiny_study(cache, **{"data.synthetic.base_knows_shared": 0.5}), wd, runner=never)

@@ -41,7 +41,7 @@ from ml_collections import ConfigDict
 from comigs_jax import cli, configuration
 from comigs_jax.errors import ConfigError, WorkdirError, first_line
 from comigs_jax.experiment import study_report
-from comigs_jax.experiment.identity import first_difference, flat_config
+from comigs_jax.experiment.identity import ADDED_KEYS, first_difference, flat_config
 
 STUDY_KEYS = ("name", "description", "grid", "figure", "one_program", "unavailable", "tune", "per_user_findings")
 FIGURES = ("lines", "win_map", "ppl_vs_communication")
@@ -276,7 +276,8 @@ def check_study_dir(workdir: str, identity: dict) -> None:
     if old.get("study") != identity["study"]:
         raise WorkdirError(f"{workdir} holds the cells of another study ({old.get('study')!r}, this is "
                            f"{identity['study']!r}); use another --workdir")
-    diff = first_difference(old.get("config", {}), identity["config"])
+    stored = {**{k: v for k, v in ADDED_KEYS.items() if k in identity["config"]}, **old.get("config", {})}
+    diff = first_difference(stored, identity["config"])
     if diff:
         raise WorkdirError(f"{workdir} holds study {identity['study']!r} with another config ({diff}); "
                            "use another --workdir")
