@@ -96,8 +96,10 @@ def test_resume_does_not_rerun_finished_cells(finished):
     wd, _, _, cache = finished
     mtimes = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(wd, "cells", "*", "*", "results.json"))}
     assert len(mtimes) == 4
+    first = json.load(open(os.path.join(wd, "study.json")))
     again = study.run_study(tiny_study(cache), wd, runner=never)  # finished: no run at all
     assert [c["name"] for c in again["cells"]] == ["lr=0.002", "lr=0.01"]
+    assert [c["wall_s"] for c in again["cells"]] == [c["wall_s"] for c in first["cells"]]  # kept, not lost
     assert {p: os.path.getmtime(p) for p in mtimes} == mtimes
     # a grown grid runs only the new cell
     calls = []

@@ -313,6 +313,15 @@ def program_groups(cells: list[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
+def earlier_timings(workdir: str) -> dict:
+    """{cell: wall seconds} of an earlier study.json in `workdir` (a finished cell keeps its time)."""
+    try:
+        with open(os.path.join(workdir, "study.json")) as f:
+            return {c["name"]: c["wall_s"] for c in json.load(f)["cells"] if "wall_s" in c}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def run_study(cfg, workdir: str, log=print, runner=None, cells_runner=None) -> dict:
     """Validate every cell, then run the unfinished ones and write study.json / .md / .png.
     Returns study.json's content. `runner(cell_cfg, cell_dir)` defaults to experiment.run; with
@@ -332,7 +341,7 @@ def run_study(cfg, workdir: str, log=print, runner=None, cells_runner=None) -> d
             json.dump(identity, f, indent=1)
         os.replace(path + ".tmp", path)
     unavailable = unavailable_of(cfg)
-    results, timings, pending = {}, {}, []
+    results, timings, pending = {}, earlier_timings(workdir), []
     cell_dir = lambda cell: os.path.join(workdir, "cells", cell["name"])
     for i, cell in enumerate(cells):
         done = read_finished(cell_dir(cell), cell["config"])
