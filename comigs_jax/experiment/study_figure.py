@@ -58,7 +58,7 @@ def _win_map(plt, summary, methods, use_bayes, ylabel):
         else:
             image[i, j] = TIE_COLOUR
             text[i][j] = "tie:\n" + "\n".join(comp["tied"])
-    fig, ax = plt.subplots(figsize=(1.9 * len(cols) + 2, 1.2 * len(rows) + 1.6))
+    fig, ax = plt.subplots(figsize=(max(7.0, 1.9 * len(cols) + 3), 1.2 * len(rows) + 2.0))
     ax.imshow(image, aspect="auto")
     for i in range(len(rows)):
         for j in range(len(cols)):
@@ -66,9 +66,9 @@ def _win_map(plt, summary, methods, use_bayes, ylabel):
     ax.set_xticks(range(len(cols)), cols, fontsize=7, rotation=20 if len(cols) > 3 else 0)
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel(" / ".join("&".join(a["keys"]) for a in others))
-    ax.set_ylabel("&".join(ax0["keys"]))
-    ax.set_title(f"{summary['study']}: winner per cell (its paired 95 % CI against every other excludes 0),\n"
-                 f"else the tie (grey); {ylabel}; margin: test ppl over the runner-up", fontsize=8)
+    ax.set_ylabel("&".join(k.split(".")[-1] for k in ax0["keys"]), fontsize=8)
+    ax.set_title(f"{summary['study']}: winner per cell (its paired 95 % CI against every\nother excludes 0), "
+                 f"else the tie (grey); {ylabel};\nmargin: test ppl over the runner-up", fontsize=8)
     return fig, ax
 
 
