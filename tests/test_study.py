@@ -383,3 +383,13 @@ def test_a_study_folder_from_before_an_added_key_resumes(finished):
     study.run_study(tiny_study(cache), wd, runner=never)  # finished: summarised again, nothing run
     with pytest.raises(WorkdirError, match=r"data.synthetic.base_knows_shared: 1.0 there, 0.5 now"):
         study.run_study(tiny_study(cache, **{"data.synthetic.base_knows_shared": 0.5}), wd, runner=never)
+
+
+def test_compare_without_common_seeds_or_users():
+    from comigs_jax.experiment.study_report import compare
+    row = lambda seeds, users: {"seeds": seeds, "per_seed": np.arange(len(seeds) * users, dtype=float).reshape(
+        len(seeds), users).tolist()}
+    assert compare({"a": row([0, 1], 2), "b": row([2, 3], 2)}) is None  # nothing to pair
+    got = compare({"a": row([0, 1, 2], 2), "b": row([1, 2], 4)})  # different users: overall only
+    assert got["seeds"] == [1, 2] and "per_user" not in got["pairs"][0]
+    assert compare({"a": row([0, 1], 2)}) is None

@@ -53,12 +53,14 @@ def method_row(runs: dict, method: str, seeds: list[int]) -> dict:
 
 
 def compare(rows: dict) -> dict | None:
-    """statistics.verdict over {arm: method row} on their common seeds (None for one arm)."""
-    if len(rows) < 2:
+    """statistics.verdict over {arm: method row} on their common seeds; None for one arm or no
+    common seed. Per user only when every arm has the same users (a grid over data.n_users has not)."""
+    common = sorted(set.intersection(*(set(r["seeds"]) for r in rows.values()))) if rows else []
+    if len(rows) < 2 or not common:
         return None
-    common = sorted(set.intersection(*(set(r["seeds"]) for r in rows.values())))
     pick = {k: np.asarray(r["per_seed"])[[r["seeds"].index(s) for s in common]] for k, r in rows.items()}
-    out = statistics.verdict({k: v.mean(axis=1) for k, v in pick.items()}, per_user=pick)
+    same_users = len({v.shape[1] for v in pick.values()}) == 1
+    out = statistics.verdict({k: v.mean(axis=1) for k, v in pick.items()}, per_user=pick if same_users else None)
     return {"metric": "test ppl, mean over users", "seeds": common, **out}
 
 
