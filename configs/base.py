@@ -14,7 +14,7 @@ def get_config(arg=None):
     c.methods = ""  # comparison: comma-separated methods run on the same data, seeds and base ("" = just `method`)
     c.seed = 42  # seeds initialisation, batch sampling and participation
     c.seeds = ""  # comparison: comma-separated seeds ("" = just `seed`)
-    c.base = "gpt2"  # frozen base: HF GPT-2 or Llama directory or hub id | smollm2-135m (the pip-installed GGUF) | a Llama .gguf path | "pretrain" = train a small GPT-2 on the synthetic general chain
+    c.base = "gpt2"  # frozen base: HF GPT-2 or Llama directory or hub id | smollm2-135m (the pip-installed GGUF) | a Llama .gguf path | "pretrain" = train a small GPT-2 on the synthetic base chain (data.synthetic.base_knows_shared)
     c.resume = True  # continue from the workdir's latest checkpoint; False starts fresh (never over another config's run)
 
     c.model = ml_collections.ConfigDict()
@@ -69,7 +69,7 @@ def get_config(arg=None):
     c.pretrain.n_layer = 2  # layers of the small base
     c.pretrain.n_embd = 128  # width
     c.pretrain.n_head = 4  # heads
-    c.pretrain.steps = 600  # full-parameter steps on the general chain
+    c.pretrain.steps = 600  # full-parameter steps on the synthetic base chain
     c.pretrain.batch_size = 32  # windows per step (seq_len as train.seq_len)
     c.pretrain.lr = 3e-3  # peak lr (warm-up, cosine)
     c.pretrain.tokens = 500_000  # length of the general-chain stream

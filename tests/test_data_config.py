@@ -72,7 +72,8 @@ def test_unknown_categories_and_languages_list_valid_ones(tmp_path):
 def test_synthetic_fields():
     c = default_data_config()
     for key, value in [("vocab_size", 1), ("general_branching", 0), ("specific_branching", 10_000),
-                       ("switch_rate", 0.0), ("specific_share_max", 1.5), ("concentration", -1.0)]:
+                       ("switch_rate", 0.0), ("specific_share_max", 1.5), ("concentration", -1.0),
+                       ("base_knows_shared", 1.5), ("base_knows_shared", -0.5)]:
         c2 = default_data_config()
         c2.synthetic[key] = value
         with pytest.raises(ValueError, match=f"data.synthetic.{key}="):

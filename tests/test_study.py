@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from comigs_jax import cli
 from comigs_jax.errors import WorkdirError
@@ -64,25 +65,41 @@ def test_study_outputs_match_the_cells_results(finished):
         row = cell["methods"]["local"]
         np.testing.assert_allclose(row["per_seed"], per_seed, rtol=1e-12)
         np.testing.assert_allclose(row["mean"], per_seed.mean(0), rtol=1e-12)
-        np.testing.assert_allclose(row["std"], per_seed.std(0), rtol=1e-12)
+        np.testing.assert_allclose(row["std"], per_seed.std(0, ddof=1), rtol=1e-12)
+        assert row["n_seeds"] == 2
+        for u in range(per_seed.shape[1]):
+            np.testing.assert_allclose(row["ci95"][u], stats.t.interval(0.95, 1, loc=per_seed[:, u].mean(),
+                                                                        scale=stats.sem(per_seed[:, u])), rtol=1e-10)
         assert row["user_mean"] == pytest.approx(per_seed.mean(1).mean(), rel=1e-12)
-        assert row["user_mean_std"] == pytest.approx(per_seed.mean(1).std(), rel=1e-12)
+        assert row["user_mean_std"] == pytest.approx(per_seed.mean(1).std(ddof=1), rel=1e-12)
+        np.testing.assert_allclose(row["user_mean_ci95"], stats.t.interval(
+            0.95, 1, loc=per_seed.mean(1).mean(), scale=stats.sem(per_seed.mean(1))), rtol=1e-10)
+        assert cell["comparison"] is None  # one method per cell: the cells are compared
         bayes = np.array(row["bayes_ppl"])
         assert row["over_bayes"] == pytest.approx((per_seed / bayes).mean(), rel=1e-12)
         comm = json.load(open(os.path.join(wd, "cells", cell["name"], "local_s0", "results.json")))["communication"]
         assert row["communication_bytes_per_user"] == np.mean(np.add(comm["upload_bytes_float32"],
                                                                      comm["download_bytes_float32"]))
         assert f"{row['user_mean']:.3f} ± {row['user_mean_std']:.3f}" in md
-        assert f"user0: {per_seed[:, 0].mean():.3f} ± {per_seed[:, 0].std():.3f}" in md
+        assert f"user0: {per_seed[:, 0].mean():.3f} ± {per_seed[:, 0].std(ddof=1):.3f}" in md
     assert on_disk["cells"][0]["values"] == {"train.lr": 0.002}
+    # the two cells, paired by seed, as scipy's paired t-test sees them
+    overall = [np.array(c["methods"]["local"]["per_seed"]).mean(1) for c in on_disk["cells"]]
+    (pair,) = on_disk["across_cells"]["pairs"]
+    ref = stats.ttest_rel(overall[0], overall[1]).confidence_interval(0.95)
+    assert (pair["a"], pair["b"]) == ("lr=0.002", "lr=0.01") and on_disk["across_cells"]["seeds"] == [0, 1]
+    assert pair["diff"] == pytest.approx((overall[0] - overall[1]).mean(), rel=1e-12)
+    np.testing.assert_allclose(pair["ci95"], [ref.low, ref.high], rtol=1e-10)
 
 
 def test_resume_does_not_rerun_finished_cells(finished):
     wd, _, _, cache = finished
     mtimes = {p: os.path.getmtime(p) for p in glob.glob(os.path.join(wd, "cells", "*", "*", "results.json"))}
     assert len(mtimes) == 4
+    first = json.load(open(os.path.join(wd, "study.json")))
     again = study.run_study(tiny_study(cache), wd, runner=never)  # finished: no run at all
     assert [c["name"] for c in again["cells"]] == ["lr=0.002", "lr=0.01"]
+    assert [c["wall_s"] for c in again["cells"]] == [c["wall_s"] for c in first["cells"]]  # kept, not lost
     assert {p: os.path.getmtime(p) for p in mtimes} == mtimes
     # a grown grid runs only the new cell
     calls = []
@@ -159,6 +176,11 @@ def test_another_study_folder_is_refused(finished, tmp_path):
     ({"study.grid": "train=1|2"}, "study.grid key 'train' is a group, not a value"),
     ({"study.grid": "train.lr"}, "study.grid axis 'train.lr' is not allowed: KEY=V1|V2"),
     ({"study.grid": "model.n_experts&model.top_k=2&1|3"}, "value '3' is not allowed: 2 non-empty value(s)"),
+    ({"study.grid": "data.synthetic.base_knows_shared=1|1.5"},
+     "study.grid cell base_knows_shared=1.5: data.synthetic.base_knows_shared=1.5 is not allowed: a share in [0, 1]"),
+    ({"seeds": "3"}, "config.seeds='3' is not allowed in a study that compares methods or cells (cell lr=0.002 "
+                     "runs seed 3): at least 2"),
+    ({"seeds": "1,1", "study.grid": "train.lr=0.002", "methods": "local,fedavg"}, "(cell lr=0.002 runs seed 1)"),
 ])
 def test_bad_input_is_one_line_before_any_run(tmp_path, over, message):
     cfg = tiny_study(str(tmp_path / "cache"), **over)
@@ -167,6 +189,11 @@ def test_bad_input_is_one_line_before_any_run(tmp_path, over, message):
         study.run_study(cfg, str(wd), runner=never)
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not wd.exists() and not (tmp_path / "cache").exists()
+
+
+def test_one_seed_is_allowed_when_nothing_is_compared(tmp_path):
+    cells = study.expand(tiny_study(str(tmp_path / "cache"), grid="train.lr=0.002", seeds="0"))
+    assert len(cells) == 1
 
 
 def test_cli_bad_grid_key_one_line(tmp_path, capsys):
@@ -208,3 +235,161 @@ def test_train_shares_cut_each_users_training_split():
         c.train_shares = bad
         with pytest.raises(ValueError, match="^" + re.escape(f"data.train_shares='{bad}' is not allowed: ") + ".*" + re.escape(why)):
             load_user_data(c)
+
+
+def fake_results(cells, ppl):
+    """{cell: {(method, seed): results.json-like}} from ppl[cell][method]: [seeds, users]."""
+    out = {}
+    for c in cells:
+        out[c["name"]] = {}
+        for m, table in ppl[c["name"]].items():
+            for s, row in zip(study.configuration.seeds_of(c["config"]), table):
+                out[c["name"]][m, s] = {"users": [{"test_ppl": v, "bayes_ppl": 5.0 + u} for u, v in enumerate(row)],
+                                        "data": {"users": [f"user{u}" for u in range(len(row))]},
+                                        "communication": {"upload_bytes_float32": [1.0] * len(row),
+                                                          "download_bytes_float32": [1.0] * len(row)}}
+    return out
+
+
+# five seeds x two users per method; cell lr=0.002: a wins; cell lr=0.01: local and fedavg tie
+FAKE = {"lr=0.002": {"local": [[30.1, 20.0], [30.4, 20.2], [29.9, 19.8], [30.2, 20.1], [30.0, 20.0]],
+                     "fedavg": [[30.9, 21.0], [31.3, 21.1], [30.6, 20.7], [31.0, 21.0], [30.8, 20.9]]},
+        "lr=0.01": {"local": [[30.1, 20.0], [30.4, 20.2], [29.9, 19.8], [30.2, 20.1], [30.0, 20.0]],
+                    "fedavg": [[30.3, 19.9], [30.2, 20.4], [30.0, 19.6], [30.5, 20.0], [29.9, 20.2]]}}
+
+
+def test_summary_compares_the_methods_of_a_cell_paired_by_seed(tmp_path):
+    from comigs_jax.experiment import study_report
+    cfg = tiny_study(str(tmp_path / "cache"), methods="local,fedavg", seeds="0,1,2,3,4",
+                     **{"study.grid": "train.lr=0.002|0.01; train.rounds=2", "study.figure": "win_map"})
+    cells = study.expand(cfg)
+    fake = {c["name"]: FAKE[c["name"].split("__")[0]] for c in cells}
+    summary = study_report.summarise(cfg, cells, fake_results(cells, fake), [])
+    assert summary["across_cells"] is None
+    for c in summary["cells"]:
+        local, fedavg = (np.array(fake[c["name"]][m]) for m in ("local", "fedavg"))
+        (pair,) = c["comparison"]["pairs"]
+        ref = stats.ttest_rel(local.mean(1), fedavg.mean(1))
+        assert (pair["a"], pair["b"]) == ("local", "fedavg")
+        np.testing.assert_allclose(pair["ci95"], list(ref.confidence_interval(0.95)), rtol=1e-10)
+        for u in range(2):
+            np.testing.assert_allclose(pair["per_user"][u]["ci95"],
+                                       list(stats.ttest_rel(local[:, u], fedavg[:, u]).confidence_interval(0.95)),
+                                       rtol=1e-10)
+        detected = ref.pvalue < 0.05
+        assert c["comparison"]["winner"] == ("local" if detected else None)
+        assert c["comparison"]["tied"] == (["local"] if detected else ["local", "fedavg"])
+    assert [c["comparison"]["winner"] for c in summary["cells"]] == ["local", None]  # the fixed numbers' cases
+    md = study_report.markdown(summary)
+    assert "| lr=0.002__rounds=2 | local **wins** |" in md and "| lr=0.01__rounds=2 | fedavg (tied) |" in md
+    study_report.write_outputs(str(tmp_path), summary, cfg)  # the win map draws the tie
+    assert os.path.getsize(tmp_path / "study.png") > 0
+
+
+def test_findings_are_generated_from_study_json(tmp_path):
+    """study.md's findings section: per cell its outcome and every pair as a sentence, the numbers
+    those of scipy's paired t interval; written from study.json's content alone."""
+    from comigs_jax.experiment import study_report
+    cfg = tiny_study(str(tmp_path / "cache"), methods="local,fedavg", seeds="0,1,2,3,4")
+    cells = study.expand(cfg)
+    study_report.write_outputs(str(tmp_path), study_report.summarise(cfg, cells, fake_results(cells, FAKE), []), cfg)
+    md = open(tmp_path / "study.md").read()
+    on_disk = json.load(open(tmp_path / "study.json"))
+    assert md.endswith("\n".join(study_report.findings(on_disk)) + "\n")
+    f = lambda v: f"{v:.3f}"
+    lines = []
+    for name in ("lr=0.002", "lr=0.01"):
+        local, fedavg = (np.array(FAKE[name][m]).mean(1) for m in ("local", "fedavg"))
+        ref = stats.ttest_rel(local, fedavg)
+        lo, hi = ref.confidence_interval(0.95)
+        d = (local - fedavg).mean()
+        if ref.pvalue < 0.05:
+            assert hi < 0  # local lower
+            lines += [f"- **cell {name}** (5 seeds): local wins.", f"  - local beats fedavg by {f(-d)} [{f(-hi)}, {f(-lo)}]"]
+        else:
+            lines += [f"- **cell {name}** (5 seeds): tie: local, fedavg.",
+                      f"  - no detectable difference between local and fedavg (CI [{f(lo)}, {f(hi)}] of local − fedavg)"]
+    assert "## Findings" in md and "\n".join(lines) in md
+    assert "local wins" in md and "no detectable difference" in md  # both cases of the fixed numbers
+    # a study of one method per cell compares its cells
+    cfg1 = tiny_study(str(tmp_path / "cache"), seeds="0,1,2,3,4")
+    cells1 = study.expand(cfg1)
+    s1 = study_report.summarise(cfg1, cells1, fake_results(cells1, {k: {"local": v["fedavg"]} for k, v in FAKE.items()}), [])
+    found = study_report.findings(s1)
+    a, b = (np.array(FAKE[k]["fedavg"]).mean(1) for k in ("lr=0.002", "lr=0.01"))
+    lo, hi = stats.ttest_rel(a, b).confidence_interval(0.95)
+    assert found[-2] == "- **across the cells (one method each)** (5 seeds): lr=0.01 wins."
+    assert found[-1] == f"  - lr=0.01 beats lr=0.002 by {f((a - b).mean())} [{f(lo)}, {f(hi)}]"
+
+
+def test_tune_compares_each_method_at_its_best_value(tmp_path):
+    """study.tune: per combination of the other axes, each method at its own best lr (lowest mean
+    over seeds), compared there paired by seed; the findings and the win map use those rows."""
+    from comigs_jax.experiment import statistics, study_report
+    cfg = tiny_study(str(tmp_path / "cache"), methods="local,fedavg", seeds="0,1,2,3,4",
+                     **{"study.grid": "train.rounds=2|3; train.lr=0.002|0.01; train.local_steps=2|3",
+                        "study.tune": "train.lr", "study.figure": "win_map", "study.per_user_findings": True})
+    cells = study.expand(cfg)
+    rng = np.random.default_rng(1)
+    seed_effect = rng.normal(0, 0.3, (5, 1))
+    ppl = {}
+    for c in cells:  # local is best at lr 0.01, fedavg at 0.002
+        lr = c["values"]["train.lr"]
+        ppl[c["name"]] = {"local": (30 + (lr == 0.002) + seed_effect + rng.normal(0, 0.05, (5, 2))).tolist(),
+                          "fedavg": (30.3 + (lr == 0.01) + seed_effect + rng.normal(0, 0.05, (5, 2))).tolist()}
+    summary = study_report.summarise(cfg, cells, fake_results(cells, ppl), [])
+    tuned = summary["tuned"]["cells"]
+    assert [c["name"] for c in tuned] == ["rounds=2__local_steps=2", "rounds=2__local_steps=3",
+                                          "rounds=3__local_steps=2", "rounds=3__local_steps=3"]
+    for t in tuned:
+        assert t["picked"] == {"local": "0.01", "fedavg": "0.002"}
+        name = lambda lr: f"rounds={t['shown']['train.rounds']}__lr={lr}__local_steps={t['shown']['train.local_steps']}"
+        local, fedavg = np.array(ppl[name("0.01")]["local"]), np.array(ppl[name("0.002")]["fedavg"])
+        ref = statistics.verdict({"local": local.mean(1), "fedavg": fedavg.mean(1)})
+        assert (t["comparison"]["winner"], t["comparison"]["tied"]) == (ref["winner"], ref["tied"])
+        np.testing.assert_allclose(t["comparison"]["pairs"][0]["ci95"],
+                                   list(stats.ttest_rel(local.mean(1), fedavg.mean(1)).confidence_interval()), rtol=1e-10)
+    found = study_report.findings(summary)
+    assert sum(line.startswith("- **cell ") for line in found) == 4  # the tuned cells, not the 8 grid cells
+    assert "- **cell rounds=2__local_steps=2, each method at its best train.lr (local 0.01, fedavg 0.002)** (5 seeds)" \
+        in "\n".join(found)
+    assert sum(line.startswith("    - user") for line in found) == 8  # per user: 2 users x 4 cells
+    study_report.write_outputs(str(tmp_path), summary, cfg)
+    assert "Each method at its own best `train.lr`" in open(tmp_path / "study.md").read()
+    with pytest.raises(StudyError, match=r"^config.study.tune='train.rank' is not allowed: the key of a grid axis"):
+        study.expand(tiny_study(str(tmp_path / "cache"), **{"study.tune": "train.rank"}))
+
+
+def test_win_map_margin_is_the_closest_pair():
+    from comigs_jax.experiment.study_figure import _margin
+    comp = {"winner": "comigs", "pairs": [
+        {"a": "local", "b": "comigs", "diff": 0.2, "ci95": [0.1, 0.3]},
+        {"a": "comigs", "b": "fedavg", "diff": -0.9, "ci95": [-1.0, -0.8]},
+        {"a": "local", "b": "fedavg", "diff": -0.7, "ci95": [-0.8, -0.6]}]}
+    assert _margin(comp) == "by 0.200 [0.100, 0.300]\nover local"
+    comp["pairs"][0] = {"a": "comigs", "b": "local", "diff": -0.2, "ci95": [-0.3, -0.1]}
+    assert _margin(comp) == "by 0.200 [0.100, 0.300]\nover local"
+
+
+def test_a_study_folder_from_before_an_added_key_resumes(finished):
+    """identity.ADDED_KEYS: a study_identity.json written before data.synthetic.base_knows_shared
+    and target_share_shift existed matches a config that keeps their defaults, and no other."""
+    wd, _, _, cache = finished
+    path = os.path.join(wd, study.IDENTITY_FILE)
+    ident = json.load(open(path))
+    for k in ("data.synthetic.base_knows_shared", "data.synthetic.target_share_shift"):
+        del ident["config"][k]
+    json.dump(ident, open(path, "w"))
+    study.run_study(tiny_study(cache), wd, runner=never)  # finished: summarised again, nothing run
+    with pytest.raises(WorkdirError, match=r"data.synthetic.base_knows_shared: 1.0 there, 0.5 now"):
+        study.run_study(tiny_study(cache, **{"data.synthetic.base_knows_shared": 0.5}), wd, runner=never)
+
+
+def test_compare_without_common_seeds_or_users():
+    from comigs_jax.experiment.study_report import compare
+    row = lambda seeds, users: {"seeds": seeds, "per_seed": np.arange(len(seeds) * users, dtype=float).reshape(
+        len(seeds), users).tolist()}
+    assert compare({"a": row([0, 1], 2), "b": row([2, 3], 2)}) is None  # nothing to pair
+    got = compare({"a": row([0, 1, 2], 2), "b": row([1, 2], 4)})  # different users: overall only
+    assert got["seeds"] == [1, 2] and "per_user" not in got["pairs"][0]
+    assert compare({"a": row([0, 1], 2)}) is None

@@ -10,10 +10,10 @@ from comigs_jax.data.build import InsufficientDataError, UserData, load_user_dat
 from comigs_jax.data.config import (AGNEWS_CATEGORIES, PARTITIONS, SLIMPAJAMA_CATEGORIES, SOURCES,
                                     default_data_config, resolve_categories, validate_data_config)
 from comigs_jax.data.sources import DataSourceError
-from comigs_jax.data.synthetic import general_stream
+from comigs_jax.data.synthetic import base_stream, general_stream
 
 __all__ = [
     "UserData", "load_user_data", "default_data_config", "validate_data_config", "resolve_categories",
-    "general_stream", "DataSourceError", "InsufficientDataError", "SOURCES", "PARTITIONS",
+    "base_stream", "general_stream", "DataSourceError", "InsufficientDataError", "SOURCES", "PARTITIONS",
     "SLIMPAJAMA_CATEGORIES", "AGNEWS_CATEGORIES",
 ]

