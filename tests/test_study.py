@@ -14,6 +14,7 @@ from comigs_jax import cli
 from comigs_jax.errors import WorkdirError
 from comigs_jax.experiment import study
 from comigs_jax.experiment.study import StudyError
+from tiny import TOL64
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -110,24 +111,25 @@ def test_resume_does_not_rerun_finished_cells(finished):
     assert len(grown["cells"]) == 3
 
 
-def test_one_program_equals_the_separate_cells(finished, tmp_path):
+def test_one_program_equals_the_separate_cells(tiny_cache, tmp_path, x64):
     """study.one_program=True: both lr cells x 2 seeds as 4 federations of ONE program (lr a
-    per-row value); every run's results equal the separately run cells' to 1e-6, in the same
-    folders, and a second call reruns nothing."""
-    from comigs_jax.experiment.loop import run_cells
-    wd, summary, _, cache = finished
+    per-row value); every run's results equal the separately run cells', in the same folders,
+    and a second call reruns nothing. Two programs: both in float64 (tests/tiny.py TOL64)."""
+    from comigs_jax.experiment.loop import run, run_cells
+    cache, f64 = tiny_cache, {"model.dtype": "float64"}
+    summary = study.run_study(tiny_study(cache, **f64), str(tmp_path / "separate"), runner=run)
     calls = []
     one = str(tmp_path / "one")
-    got = study.run_study(tiny_study(cache, **{"study.one_program": True}), one, runner=never,
+    got = study.run_study(tiny_study(cache, **{"study.one_program": True, **f64}), one, runner=never,
                           cells_runner=lambda cells: calls.append(len(cells)) or run_cells(cells))
     assert calls == [2] and got["one_program_wall_s"] > 0
     for a, b in zip(summary["cells"], got["cells"]):
         assert a["name"] == b["name"]
-        np.testing.assert_allclose(b["methods"]["local"]["per_seed"], a["methods"]["local"]["per_seed"], rtol=1e-6)
+        np.testing.assert_allclose(b["methods"]["local"]["per_seed"], a["methods"]["local"]["per_seed"], **TOL64)
     rounds = [json.loads(line) for line in open(os.path.join(one, "cells", "lr=0.01", "local_s1", "metrics.jsonl"))]
     assert rounds[0]["stacked_seeds"] == [0, 1, 0, 1] and rounds[0]["lr"] != pytest.approx(
         [json.loads(line) for line in open(os.path.join(one, "cells", "lr=0.002", "local_s1", "metrics.jsonl"))][0]["lr"])
-    study.run_study(tiny_study(cache, **{"study.one_program": True}), one, runner=never,
+    study.run_study(tiny_study(cache, **{"study.one_program": True, **f64}), one, runner=never,
                     cells_runner=lambda cells: never(cells, one))
 
 
