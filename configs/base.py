@@ -30,6 +30,7 @@ def get_config(arg=None):
     c.model.lora_scaling = "rslora"  # rslora: s = alpha/sqrt(r) (reference) | lora: s = alpha/r (peft)
     c.model.dropout = 0.0  # LoRA dropout
     c.model.lb_input = "block_output"  # load-balancing loss on the block output (reference, Q1) | router_input
+    c.model.router_kind = "learned"  # a learned router's kind: learned (bias-free linear, GPT-2 reference) | noisy_topk (Llama only: 2d42464's tanh-MLP noisy top-k gate with its cv^2 balance loss)
     c.model.importance = 0.5  # expert0_importance of the load-balancing factors (scripts: 0.5)
     c.model.remat = "none"  # recomputed in the backward instead of kept: none | block (each transformer block) | moe (the experts' [E, N, 4d] tensors)
     c.model.head_block = 2048  # vocabulary block of the loss and evaluation cross-entropy: never a [batch, seq, vocab] logits array (0 = full logits; 2048 is the fastest on CPU, docs/benchmarks.md)

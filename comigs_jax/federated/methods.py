@@ -187,4 +187,6 @@ def configure_model(model_cfg, method: Method):
     if model_cfg.moe is None:
         raise ValueError("the federated methods need a mixture-of-experts model (model_cfg.moe)")
     router = method.router if method.has_router else "uniform"
+    if router == "learned" and model_cfg.moe.router == "noisy_topk":  # model.router_kind: the Llama reference's gate
+        router = "noisy_topk"
     return dataclasses.replace(model_cfg, moe=dataclasses.replace(model_cfg.moe, router=router))
