@@ -10,7 +10,7 @@ from comigs_jax.data.config import default_data_config
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
-    c.method = arg or "comigs"  # local | fedavg | centralized | pfedmoe | comigs | comigs_2g | comigs_2s | comigs_train | comigs_uniform | comigs_user_router | fedavg_moe | local_moe | fedavg_moe_train | local_moe_train | ffa_lora | fedsa_lora | pcl | pcl_every_round | hetlora | flexlora
+    c.method = arg or "comigs"  # local | fedavg | centralized | pfedmoe | comigs | comigs_2g | comigs_2s | comigs_train | comigs_uniform | comigs_user_router | fedavg_moe | local_moe | fedavg_moe_train | local_moe_train | ffa_lora | ffa_lora_77efb25 | fedsa_lora | pcl | pcl_every_round | hetlora | flexlora
     c.methods = ""  # comparison: comma-separated methods run on the same data, seeds and base ("" = just `method`)
     c.seed = 42  # seeds initialisation, batch sampling and participation
     c.seeds = ""  # comparison: comma-separated seeds ("" = just `seed`)
