@@ -200,6 +200,20 @@ def base_positions(cfg) -> int | None:
     return None if hub is None else hub.config().n_positions
 
 
+def _base_family(cfg) -> str | None:
+    """The configured base's family name when it is known without loading the base, else None."""
+    if cfg.base == "pretrain":
+        return families.PRETRAIN
+    fam = families.family_of_size(cfg.base.lower()) or families.family_of_hub_id(cfg.base)
+    path = os.path.expanduser(cfg.base)
+    if fam is None and os.path.isdir(path):
+        try:
+            fam = families.checkpoint_family(path)
+        except Exception:  # the loader reports a damaged checkpoint, naming the file
+            return None
+    return None if fam is None else fam.name
+
+
 def _x64() -> bool:
     import jax
     return bool(jax.config.jax_enable_x64)
@@ -218,6 +232,10 @@ def validate_model(mo, counts=None, group: str = "model") -> None:
         _fail(k("lora_scaling"), mo.lora_scaling, f"one of {LORA_SCALINGS}")
     if mo.lb_input not in LB_INPUTS:
         _fail(k("lb_input"), mo.lb_input, f"one of {LB_INPUTS}")
+    if mo.get("router_kind", "learned") not in ("learned", "noisy_topk"):
+        _fail(k("router_kind"), mo.router_kind, "learned | noisy_topk (the Llama reference's gate)")
+    if mo.get("router_kind") == "noisy_topk" and mo.expert_counts:
+        _fail(k("router_kind"), mo.router_kind, "learned with model.expert_counts (noisy_topk needs every user at n_experts)")
     if mo.get("remat", "none") not in REMAT:
         _fail(k("remat"), mo.remat, f"one of {REMAT}")
     head_block = mo.get("head_block", 0)
@@ -277,6 +295,8 @@ def validate(cfg) -> None:
     if cfg.data.n_users < 1:
         _fail("data.n_users", cfg.data.n_users, "at least 1 user")
     validate_model(cfg.model, expert_counts_of(cfg))
+    if cfg.model.get("router_kind") == "noisy_topk" and _base_family(cfg) == "gpt2":
+        _fail("model.router_kind", "noisy_topk", "learned with a GPT-2 base (noisy_topk is the Llama reference's gate)")
     validate_train(cfg.train)
     ranks_of(cfg)
     tr = cfg.train
@@ -338,7 +358,8 @@ def model_config(cfg, base_cfg: ModelConfig) -> ModelConfig:
     n_experts = max(expert_counts_of(cfg)) if mo.expert_counts else mo.n_experts
     lora = lambda r: LoRAConfig(rank=r, alpha=mo.alpha, scaling=mo.lora_scaling, dropout=mo.dropout)
     moe = MoEConfig(n_experts=n_experts, n_generalists=mo.n_generalists,
-                    top_k=mo.top_k, lora=lora(mo.rank), lb_input=mo.lb_input, importance=mo.importance)
+                    top_k=mo.top_k, lora=lora(mo.rank), lb_input=mo.lb_input, importance=mo.importance,
+                    router=mo.get("router_kind", "learned"))
     execution = {k: mo[k] for k in ("remat", "head_block") if k in mo}  # the same math, other memory
     return dataclasses.replace(base_cfg, attn_lora=lora(mo.attn_rank) if mo.attn_rank else None, moe=moe,
                                dtype=mo.dtype, **execution)

@@ -10,7 +10,7 @@ from comigs_jax.data.config import default_data_config
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
-    c.method = arg or "comigs"  # local | fedavg | centralized | pfedmoe | comigs | comigs_2g | comigs_2s | comigs_train | comigs_uniform | comigs_user_router | fedavg_moe | local_moe | fedavg_moe_train | local_moe_train | ffa_lora | fedsa_lora | pcl | pcl_every_round | hetlora | flexlora
+    c.method = arg or "comigs"  # local | fedavg | centralized | pfedmoe | comigs | comigs_2g | comigs_2s | comigs_train | comigs_uniform | comigs_user_router | fedavg_moe | local_moe | fedavg_moe_train | local_moe_train | ffa_lora | ffa_lora_77efb25 | fedsa_lora | pcl | pcl_every_round | hetlora | flexlora
     c.methods = ""  # comparison: comma-separated methods run on the same data, seeds and base ("" = just `method`)
     c.seed = 42  # seeds initialisation, batch sampling and participation
     c.seeds = ""  # comparison: comma-separated seeds ("" = just `seed`)
@@ -30,6 +30,7 @@ def get_config(arg=None):
     c.model.lora_scaling = "rslora"  # rslora: s = alpha/sqrt(r) (reference) | lora: s = alpha/r (peft)
     c.model.dropout = 0.0  # LoRA dropout
     c.model.lb_input = "block_output"  # load-balancing loss on the block output (reference, Q1) | router_input
+    c.model.router_kind = "learned"  # a learned router's kind: learned (bias-free linear, GPT-2 reference) | noisy_topk (Llama only: 2d42464's tanh-MLP noisy top-k gate with its cv^2 balance loss)
     c.model.importance = 0.5  # expert0_importance of the load-balancing factors (scripts: 0.5)
     c.model.remat = "none"  # recomputed in the backward instead of kept: none | block (each transformer block) | moe (the experts' [E, N, 4d] tensors)
     c.model.head_block = 2048  # vocabulary block of the loss and evaluation cross-entropy: never a [batch, seq, vocab] logits array (0 = full logits; 2048 is the fastest on CPU, docs/benchmarks.md)

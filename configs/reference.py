@@ -36,6 +36,11 @@ class Script:
     rank: int = 8  # -el: the expert LoRA rank (the padded rank when `ranks` differ)
     ranks: str = ""  # per-user ranks named by the script, e.g. "16,32,32,32" ("" = rank for all)
     prune_lambda: float = 0.0  # -p_lam of the pruning regulariser (0 = off)
+    commit: str = "77efb25"  # the code it runs: epfml/CoMiGS 77efb25, or 2d42464 (the ICML scripts, comigs-icml2025/codebase)
+    lr: float = 2e-3  # -lr: experts (cosine to lr/10); the router's constant lr (2d42464: -learning_rate_scale 1 x lr)
+    router_lr: float = 2e-3
+    base: str = "gpt2"  # -bm; "llama-3.2-1b" names meta-llama/Llama-3.2-1B: run with --config.base=DIR (its HF folder)
+    router_kind: str = "learned"  # model.router_kind: noisy_topk = 2d42464's Llama gate
 
 
 # Values every script passes: 4 users, -el [8,8,8,8] -en [2,2,2,2] -k 2, lr 2e-3, imp 0.5,
@@ -65,6 +70,29 @@ def _table2(kind: str, ranks: str, prune_lambda: float):
                                       ranks=",".join(per_user), prune_lambda=prune_lambda))
 
 
+_ICML = "2d42464"  # ICML scripts (comigs-icml2025/codebase 2ac0eac) running 2d42464's code
+# Table 1's Llama-3.2-1B scripts (method.md Appendix A): the reference's noisy top-k router, -el 8 (the
+# default, also the attention LoRA rank), micro-batch 64. D6: a missing line continuation drops
+# `-lr 2e-4`, so all but pFedMoE_llama.sh ran the default 2e-3 (the router: 1.0 x lr, constant);
+# `_llama` runs as actually run, `_llama_intended` with 2e-4.
+_LLAMA = [("comigs_1g1s", "comigs_1g1s_llama.sh", "comigs", "expert_0", "bilevel", 20, 10),
+          ("comigs_2g", "comigs_2g_llama.sh", "comigs_2g", "experts", "bilevel", 20, 10),
+          ("comigs_2s", "comigs_2s_llama.sh", "comigs_2s", "expert_0", "bilevel", 1, 200),
+          ("fedavg", "baseline_fedavg_llama.sh", "fedavg", "experts", "none", 20, 10),
+          ("local", "baseline_local_llama.sh", "local", "all", "none", 1, 200),
+          ("pfedmoe", "pFedMoE_llama.sh", "pfedmoe", "expert_0", "joint", 20, 10)]
+
+
+def _llama(arg: str, script: str, *rest):
+    """(`<arg>_llama`, as run) and (`<arg>_llama_intended`, lr 2e-4) of a Llama script; pFedMoE_llama.sh
+    passes its -lr 2e-4 (one config)."""
+    llama = dict(commit=_ICML, base="llama-3.2-1b", router_kind="noisy_topk")
+    s = Script(_T1 + script, "1", *rest, **llama)
+    if arg == "pfedmoe":
+        return [(f"{arg}_llama", dataclasses.replace(s, lr=2e-4, router_lr=2e-4))]
+    return [(f"{arg}_llama", s), (f"{arg}_llama_intended", dataclasses.replace(s, lr=2e-4, router_lr=2e-4))]
+
+
 SCRIPTS = {s_arg: s for s_arg, s in [
     ("comigs_1g1s", Script(_T1 + "comigs_1g1s.sh", "1", "comigs", "expert_0", "bilevel", 20, 10)),
     ("comigs_2g", Script(_T1 + "comigs_2g.sh", "1", "comigs_2g", "experts", "bilevel", 20, 10)),
@@ -87,8 +115,15 @@ SCRIPTS = {s_arg: s for s_arg, s in [
     ("local_moe_train", Script(_T4 + "baseline_local_moe_train.sh", "4", "local_moe_train", "all",
                                "alternating_train", 1, 200)),
     # -as ffalora -is_alter -gating_update_iters 0 with one expert: no router step; -p_lam default 0.01
-    ("ffalora_1616", Script(_T4 + "baseline_ffalora_1616.sh", "4", "ffa_lora", "ffalora", "none", 20, 10, **_LORA,
-                            rank=16, prune_lambda=0.01)),
+    # (faithful: 77efb25's Expert0CollaborationStrategy, with one expert FedAvg of A and B)
+    ("ffalora_1616", Script(_T4 + "baseline_ffalora_1616.sh", "4", "ffa_lora_77efb25", "ffalora", "none", 20, 10,
+                            **_LORA, rank=16, prune_lambda=0.01)),
+    # the ICML scripts on 2d42464's code: no --is_pruning; FedSA-LoRA's -is_alter runs 0 router steps
+    ("ffalora_1616_2d42464", Script(_T4 + "baseline_ffalora_1616.sh", "4", "ffa_lora", "ffalora", "none", 20, 10,
+                                    **_LORA, rank=16, commit=_ICML)),
+    ("fedsalora_1616", Script(_T4 + "baseline_fedsalora_1616.sh", "4", "fedsa_lora", "fedsalora", "none", 20, 10,
+                              **_LORA, rank=16, commit=_ICML)),
+    *[pair for arg, script, *rest in _LLAMA for pair in _llama(arg, script, *rest)],
 ]}
 
 # Scripts of those tables with no config here (their engines are not implemented).
@@ -111,7 +146,8 @@ def get_config(arg=None):
     if s.experts == 1:  # one expert: no generalist slot, k = 1 (the reference's one-expert bypass)
         c.model.n_generalists, c.model.top_k = 0, 1
     c.train.prune_lambda = s.prune_lambda
-    c.base = "gpt2"  # --config.base=DIR for a local GPT-2 directory
+    c.train.lr, c.train.router_lr, c.model.router_kind = s.lr, s.router_lr, s.router_kind
+    c.base = s.base  # --config.base=DIR for a local GPT-2 (Llama) directory
     c.seed = 42  # the scripts' seeds: 42, 45, 47 (--config.seeds=42,45,47 runs all three)
     # R = 1 x S = 200 scripts run as 20 rounds x 10 steps without aggregation (one_round methods):
     # the same schedule, optimiser states and router cadence, with evaluations every 20 steps.
@@ -127,7 +163,7 @@ def get_config(arg=None):
     c.checkpoint.every_rounds = 5
     c.data.source = "reference_bins"
     c.data.dir = ""  # --config.data.dir=DIR holding 4/{train,valid,test}_{i}.bin
-    c.data.tokenizer = "gpt2"  # decoding only (routing pictures); the vocabulary ids are checked against
+    c.data.tokenizer = "gpt2" if s.base == "gpt2" else "base"  # decoding only (routing pictures); the vocabulary ids are checked against
     c.data.dtype = "auto"  # uint16 for GPT-2's vocabulary; "uint32" for uint32 files
     return c
 
@@ -141,7 +177,7 @@ BEGIN, END = "<!-- scripts-table: generated by `python -m configs.reference`; do
 
 def markdown_table() -> str:
     """The script -> command table of docs/reproducing.md, from the configs themselves."""
-    head = ("| Reference script (Table) | Command: `--config=configs/reference.py:ARG` | method | strategy (`-as`) "
+    head = ("| Reference script (Table) | code | Command: `--config=configs/reference.py:ARG` | method | strategy (`-as`) "
             "| router | R × S (reference) | rounds × steps here | batch | E, k, rank | lr (experts, router) "
             "| router phase | λ_lb, imp (, λ_p) | faithful |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -152,8 +188,8 @@ def markdown_table() -> str:
                                      if s.clients == 1 else "")
         sync = "" if s.rounds > 1 else ", no sync"
         lines.append(
-            f"| `{os.path.basename(s.script)}` ({s.table}) | `:{arg}` | `{c.method}` | `{s.strategy}` "
-            f"| {_ROUTER_WORDS[s.router]} | {s.rounds} × {s.local_steps} | {t.rounds} × {t.local_steps}{sync} "
+            f"| `{os.path.basename(s.script)}` ({s.table}) | {s.commit}{', Llama' if s.base != 'gpt2' else ''} | `:{arg}` | `{c.method}` | `{s.strategy}` "
+            f"| {_ROUTER_WORDS[s.router]}{', noisy top-k' if s.router_kind == 'noisy_topk' and s.router != 'none' else ''} | {s.rounds} × {s.local_steps} | {t.rounds} × {t.local_steps}{sync} "
             f"| {batch} | {m.n_experts}, {m.top_k}, {m.ranks.replace(',', '/') or m.rank} | {t.lr:g}, {t.router_lr:g} "
             f"| {f'{t.router_steps} every {t.router_every}' if s.router in ('bilevel', 'alternating_train') else '–'} "
             f"| {t.lb_weight:g}, {m.importance:g}{f', {t.prune_lambda:g}' if t.prune_lambda else ''} | {t.faithful} |")

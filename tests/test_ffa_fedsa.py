@@ -27,7 +27,7 @@ def _same_across_users(x):
 
 
 @pytest.mark.parametrize("name, faithful", [("ffa_lora", False), ("ffa_lora", True), ("fedsa_lora", False),
-                                            ("fedsa_lora", True)])
+                                            ("fedsa_lora", True), ("ffa_lora_77efb25", True)])
 def test_factors_train_freeze_and_average_as_the_method_says(name, faithful):
     cfg = tiny_cfg()
     base = tiny_base(cfg)
@@ -61,6 +61,8 @@ def test_factors_train_freeze_and_average_as_the_method_says(name, faithful):
     if name == "ffa_lora":
         attn_a = [k for k in init if role_of(k) == "attn" and factor_of(k) == "A"]
         assert attn_a and ("attn.A" in m.frozen) != faithful  # D4: the reference trains attention A
+    elif name == "ffa_lora_77efb25":  # 77efb25's -as ffalora = expert_0; every role shared here: FedAvg
+        assert (m.frozen, m.shared_factors) == ((), ("A", "B"))
     else:
         assert m.shared_factors == (("A", "B") if faithful else ("A",))  # D5: B averaged too (FedAvg)
 

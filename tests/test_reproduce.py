@@ -177,11 +177,12 @@ def test_reference_configs_match_their_scripts_and_the_docs_table():
     table = doc[doc.index(reference.BEGIN):doc.index(reference.END)]
     roles = {"expert_0": {"attn", "generalist"}, "experts": {"attn", "generalist", "specialist"},
              "all": {"attn", "generalist", "specialist"},  # `all` also averages routers (docs: a difference)
-             "ffalora": {"attn", "generalist", "specialist"}}
+             "ffalora": {"attn", "generalist", "specialist"}, "fedsalora": {"attn", "generalist", "specialist"}}
     for arg, s in reference.SCRIPTS.items():
         c = reference.get_config(arg)
         c.data.dir = "/nonexistent"
-        assert f"`{os.path.basename(s.script)}` ({s.table}) | `:{arg}` | `{s.method}` |" in table
+        code = s.commit + (", Llama" if s.base != "gpt2" else "")
+        assert f"`{os.path.basename(s.script)}` ({s.table}) | {code} | `:{arg}` | `{s.method}` |" in table
         m = get_method(c.method)
         assert c.method == s.method and m.router_mode == s.router
         assert set(m.shared_roles) == (set() if m.pcl is not None else roles[s.strategy])  # PCL: no server
@@ -191,7 +192,8 @@ def test_reference_configs_match_their_scripts_and_the_docs_table():
             assert (c.train.rounds, c.train.local_steps) == (s.rounds, s.local_steps)
         assert c.train.batch_size * (c.data.n_users if m.pooled_data else 1) == s.batch
         assert c.eval.every_rounds * c.train.local_steps == 20
-        own = {"train.lb_weight": s.lb_weight, "model.n_experts": s.experts, "model.rank": s.rank}
+        own = {"train.lb_weight": s.lb_weight, "model.n_experts": s.experts, "model.rank": s.rank,
+               "train.lr": s.lr, "train.router_lr": s.router_lr}
         if s.experts == 1:  # Tables 2 / 4's one-expert LoRA baselines: no generalist slot, k = 1
             own.update({"model.n_generalists": 0, "model.top_k": 1})
         for key, value in reference.COMMON.items():
@@ -200,10 +202,20 @@ def test_reference_configs_match_their_scripts_and_the_docs_table():
         assert (c.model.ranks, c.train.prune_lambda) == (s.ranks, s.prune_lambda)
         ranks = configuration.ranks_of(c)
         assert ranks is None or (len(ranks) == 4 and max(ranks) == c.model.rank), arg
-        assert (c.data.source, c.base, c.seed, c.train.faithful) == ("reference_bins", "gpt2", 42, True)
+        assert (c.data.source, c.base, c.seed, c.train.faithful) == ("reference_bins", s.base, 42, True)
+        assert c.model.router_kind == ("noisy_topk" if s.base != "gpt2" else "learned")
         assert (c.eval.n_windows, c.eval.batch_size) == (6400, 64)
         assert configuration.train_config(c).total_steps == 200
     assert reference.get_config("pcl").train.lb_weight == 0.0  # baseline_PCL.sh: -lb_lam 0.0
+    # FFA-LoRA: 77efb25's script is FedAvg of A and B (faithful), 2d42464's freezes the experts' A (D4)
+    ffa_77 = get_method(reference.get_config("ffalora_1616").method).for_mode(True)
+    ffa_2d = get_method(reference.get_config("ffalora_1616_2d42464").method).for_mode(True)
+    assert (ffa_77.frozen, ffa_77.shared_factors) == ((), ("A", "B"))
+    assert ffa_2d.frozen == ("generalist.A", "specialist.A") and reference.get_config("ffalora_1616").train.prune_lambda == 0.01
+    assert get_method("fedsa_lora").for_mode(True).shared_factors == ("A", "B")  # D5
+    # the Llama scripts: D6's lr as run (2e-3) and as intended (2e-4); pFedMoE_llama.sh ran 2e-4
+    assert [reference.get_config(a).train.lr for a in ("comigs_1g1s_llama", "comigs_1g1s_llama_intended",
+                                                        "pfedmoe_llama")] == [2e-3, 2e-4, 2e-4]
     assert "baseline_PCL.sh" not in reference.NOT_AVAILABLE
     with pytest.raises(ValueError, match="allowed"):
         reference.get_config("no_such_script")

@@ -154,6 +154,12 @@ METHODS = {m.name: m for m in [
     Method("ffa_lora", _ALL_EXPERTS, "none", shared_factors=("B",), frozen=_ALL_A, description="FFA-LoRA: A frozen at the shared init, B trained and averaged",
            faithful=Method("ffa_lora", _ALL_EXPERTS, "none", frozen=("generalist.A", "specialist.A"),
                            description="FFA-LoRA as the reference (D4): attention A trained and averaged")),
+    # FFA-LoRA as 77efb25's table4/baseline_ffalora_1616.sh: clean as ffa_lora; faithful: `-as ffalora` is
+    # Expert0CollaborationStrategy there, with one expert plain FedAvg of A and B (D4)
+    Method("ffa_lora_77efb25", _ALL_EXPERTS, "none", shared_factors=("B",), frozen=_ALL_A,
+           description="FFA-LoRA (clean: as ffa_lora); faithful: 77efb25's -as ffalora, FedAvg of A and B",
+           faithful=Method("ffa_lora_77efb25", _ALL_EXPERTS, "none",
+                           description="FFA-LoRA as 77efb25 (D4): the expert_0 strategy, one expert: A and B averaged")),
     # FedSA-LoRA: A averaged, B kept local. Faithful (D5): every factor averaged, i.e. FedAvg.
     Method("fedsa_lora", _ALL_EXPERTS, "none", shared_factors=("A",),
            description="FedSA-LoRA: A trained and averaged, B trained and kept local",
@@ -190,4 +196,6 @@ def configure_model(model_cfg, method: Method):
     if model_cfg.moe is None:
         raise ValueError("the federated methods need a mixture-of-experts model (model_cfg.moe)")
     router = method.router if method.has_router else "uniform"
+    if router == "learned" and model_cfg.moe.router == "noisy_topk":  # model.router_kind: the Llama reference's gate
+        router = "noisy_topk"
     return dataclasses.replace(model_cfg, moe=dataclasses.replace(model_cfg.moe, router=router))

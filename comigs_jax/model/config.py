@@ -10,7 +10,7 @@ from typing import Optional
 from comigs_jax.model.precision import check_x64
 
 LORA_SCALINGS = ("rslora", "lora")
-ROUTER_KINDS = ("learned", "uniform", "user")
+ROUTER_KINDS = ("learned", "uniform", "user", "noisy_topk")  # noisy_topk: Llama only (model/noisy_gate.py)
 LB_INPUTS = ("block_output", "router_input")
 # float64 needs 64-bit JAX (jax.enable_x64): the tests compare two programs of the same math in it
 # (comigs_jax.model.precision).
@@ -56,7 +56,8 @@ class MoEConfig:
     the rest. Slots [0, n_generalists) are generalists, the others specialists.
     router: "learned" (a bias-free linear router per block), "uniform" (no router: the
     uniform mean of the present experts, as the reference's Local/FedAvg baselines) or "user"
-    (one learned logit vector [E] per block, no token input: the same weights for every token).
+    (one learned logit vector [E] per block, no token input: the same weights for every token)
+    or "noisy_topk" (Llama only: 2d42464's TopKBalancedNoisyGate, comigs_jax.model.noisy_gate).
     lb_input: what the load-balancing loss routes: "block_output" (the reference, quirk Q1)
     or "router_input" (the ln_2 output, the router's own input).
     importance: `expert0_importance` of the reference; 0 disables the expert factors.
@@ -138,6 +139,8 @@ class GPT2Config:
 
     def __post_init__(self):
         _check_model_fields(self, ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"))
+        if self.moe is not None and self.moe.router == "noisy_topk":
+            raise ValueError("router='noisy_topk' (the Llama reference's gate) is for the Llama family only, not GPT-2")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
 

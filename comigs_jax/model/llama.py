@@ -27,6 +27,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from comigs_jax.model import moe as moe_lib
+from comigs_jax.model import noisy_gate
 from comigs_jax.model.config import LlamaConfig, MoEConfig
 from comigs_jax.model.kv_cache import kv_cache_update
 from comigs_jax.model.lora import LoRADense
@@ -229,11 +230,13 @@ class LlamaBlock(nn.Module):
             x = x + LlamaMLP(cfg, name="mlp")(h)
             return (x, {}) if cache is None else (x, {"cache": cache})
 
-        weights, mask, route = moe_lib.mixture_weights(h, expert_mask, cfg.moe)
+        noisy = cfg.moe.router == "noisy_topk"  # the reference's Llama gate (model/noisy_gate.py)
+        weights, mask, route = (noisy_gate.mixture_weights(h, expert_mask, cfg.moe, deterministic) if noisy
+                                else moe_lib.mixture_weights(h, expert_mask, cfg.moe))
         self.sow("intermediates", "gate", weights)  # [B, T, E], only when "intermediates" is mutable
         x = x + LlamaMoEMLP(cfg.moe, cfg.n_embd, cfg.intermediate_size, dtype, remat=cfg.remat,
                             name="mlp")(h, weights, deterministic)
-        aux = moe_lib.mixture_aux(route, x, mask, cfg.moe)
+        aux = noisy_gate.mixture_aux(route, mask) if noisy else moe_lib.mixture_aux(route, x, mask, cfg.moe)
         return (x, aux) if cache is None else (x, {**aux, "cache": cache})
 
 
@@ -250,7 +253,7 @@ def scanned_blocks(cfg: LlamaConfig, cached: bool = False):
     block = RematLlamaBlock if cfg.remat == "block" and not cached else LlamaBlock
     extra = (0, nn.broadcast) if cached else ()
     return nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
-                   split_rngs={"params": True, "dropout": True},
+                   split_rngs={"params": True, "dropout": True, "router_noise": True, "gate_w": True},
                    in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, *extra), length=cfg.n_layer)
 
 

@@ -22,6 +22,7 @@ from comigs_jax.federated.methods import Method
 from comigs_jax.federated.ranks import apply_rank_scale, mask_ranks, prune_rank, pruning_penalty
 from comigs_jax.federated.roles import filter_leaves, merge, role_of
 from comigs_jax.model.head import token_cross_entropy
+from comigs_jax.model import noisy_gate
 from comigs_jax.model.lm import ModelConfig, head_matrix, language_model
 from comigs_jax.train.state import (TrainConfig, UserState, expert_optimizer, hparam, is_expert_leaf,
                                     leaks_active, router_optimizer)
@@ -43,12 +44,16 @@ def lm_loss(trainable: dict, base: dict, windows: jax.Array, mask: jax.Array, mo
     [B, T, V] logits; 0 = full logits).
     """
     rngs = None if dropout_key is None else {"dropout": dropout_key}
+    noisy = model_cfg.moe is not None and model_cfg.moe.router == "noisy_topk"
+    if noisy and rngs is not None:  # the Llama reference's gate: fresh noise, the fixed W_noise (model/noisy_gate.py)
+        rngs.update(router_noise=jax.random.fold_in(dropout_key, 1), gate_w=jax.random.key(noisy_gate.W_NOISE_SEED))
     params = merge(base, trainable)
     hidden, aux = language_model(model_cfg).apply({"params": params}, windows[:, :-1], mask,
                                                   deterministic=dropout_key is None, rngs=rngs, return_hidden=True)
     ce = token_cross_entropy(hidden, head_matrix(params, model_cfg), windows[:, 1:], model_cfg.head_block).mean()
-    lb = aux["lb"].mean() if aux else jnp.zeros((), ce.dtype)
-    loss = ce + lb_weight * lb
+    lb = (aux["lb"].sum() if noisy else aux["lb"].mean()) if aux else jnp.zeros((), ce.dtype)
+    # noisy_topk: the reference's sum over layers, added only when positive
+    loss = ce + (jnp.where(lb_weight * lb > 0, lb_weight * lb, 0.0) if noisy else lb_weight * lb)
     return loss, {"loss": loss, "ce": ce, "lb": lb,
                   "router_prob": aux.get("router_prob"), "selection": aux.get("selection")}
 
@@ -91,7 +96,8 @@ def _prune_weight(tc: TrainConfig, hp):
 
 
 def _needs_dropout_key(model_cfg: ModelConfig) -> bool:
-    return any(l is not None and l.dropout > 0 for l in (model_cfg.attn_lora, model_cfg.moe and model_cfg.moe.lora))
+    noisy = model_cfg.moe is not None and model_cfg.moe.router == "noisy_topk"  # its noise: every training forward
+    return noisy or any(l is not None and l.dropout > 0 for l in (model_cfg.attn_lora, model_cfg.moe and model_cfg.moe.lora))
 
 
 def expert_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
