@@ -90,7 +90,7 @@ def small(argv: list[str], cache: str) -> list[str]:
     if module == "experiments.bench":
         return [*argv, *SMALL_BENCH, "--config.out_dir=runs/bench"]
     if module == "experiments.study":
-        return [*argv, *SMALL, cache_flag, "--config.seeds=0"]
+        return [*argv, *SMALL, cache_flag, "--config.seeds=0,1"]  # a study compares: 2 seeds at least
     if module == "experiments.generate":
         return [*argv, "--tokens=4"] if not any(a.startswith("--tokens") for a in argv) else argv
     return list(argv)

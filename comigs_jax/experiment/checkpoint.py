@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp
 
 from comigs_jax import distributed
 from comigs_jax.errors import ExperimentError
-from comigs_jax.experiment.identity import first_difference
+from comigs_jax.experiment.identity import ADDED_KEYS, first_difference
 
 
 class CheckpointError(ExperimentError):
@@ -129,7 +129,9 @@ class RunCheckpoints:
                 failed.append((r, f"its metadata cannot be read ({_brief(e)})"))
                 continue
             if identity is not None and meta.get("identity") is not None:
-                diff = first_difference(meta["identity"], json.loads(json.dumps(identity, default=str)))
+                new = json.loads(json.dumps(identity, default=str))
+                old = {**{k: v for k, v in ADDED_KEYS.items() if k in new}, **meta["identity"]}  # keys added since
+                diff = first_difference(old, new)
                 if diff:
                     raise CheckpointError(f"checkpoint of round {r} in {self.directory} belongs to a run of "
                                           f"another config ({diff}); use another --workdir")

@@ -139,11 +139,15 @@ def _train_program(method, runs: list[_Run], data, base_cfg, base, layout: Layou
     program (comigs_jax.experiment.program): restore, train, evaluate, checkpoint each as its own
     program would, write each run's outputs."""
     prog = program.open_program(method, runs, data, base_cfg, base, layout, run_layout)
-    start, metas = program.restore_runs(prog)
-    zero_shots = outputs.zero_shot(prog, start)
-    with StopOnSignal(functools.partial(program.second_signal, prog)) as stop:
-        pre_eval = program.train_rounds(prog, start, stop)
-    return outputs.write_outputs(prog, pre_eval, metas, zero_shots)
+    try:
+        start, metas = program.restore_runs(prog)
+        zero_shots = outputs.zero_shot(prog, start)
+        with StopOnSignal(functools.partial(program.second_signal, prog)) as stop:
+            pre_eval = program.train_rounds(prog, start, stop)
+        return outputs.write_outputs(prog, pre_eval, metas, zero_shots)
+    finally:  # TensorBoard's events on disk when the program ends, however it ends (not at collection)
+        for w in prog.writers:
+            w.close()
 
 
 # ----------------------------------------------------------------------------- every run
