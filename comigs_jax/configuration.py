@@ -295,8 +295,11 @@ def validate(cfg) -> None:
     if cfg.data.n_users < 1:
         _fail("data.n_users", cfg.data.n_users, "at least 1 user")
     validate_model(cfg.model, expert_counts_of(cfg))
-    if cfg.model.get("router_kind") == "noisy_topk" and _base_family(cfg) == "gpt2":
-        _fail("model.router_kind", "noisy_topk", "learned with a GPT-2 base (noisy_topk is the Llama reference's gate)")
+    kind, fam = cfg.model.get("router_kind", "learned"), _base_family(cfg)
+    if fam is not None and kind not in families.family_named(fam).router_kinds:  # the family's record says
+        allowed = [r for r in families.family_named(fam).router_kinds if r in ("learned", "noisy_topk")]
+        _fail("model.router_kind", kind, f"{' | '.join(allowed)} with a {families.family_named(fam).label} base "
+              "(noisy_topk is the Llama reference's gate)")
     validate_train(cfg.train)
     ranks_of(cfg)
     tr = cfg.train

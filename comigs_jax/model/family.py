@@ -74,6 +74,8 @@ class Family:
     layer_activations: Callable
     head_norm: Callable
     expert_backward: Callable
+    # the router kinds (config.ROUTER_KINDS) its blocks build: the noisy top-k gate is Llama's only
+    router_kinds: tuple = ("learned", "uniform", "user")
 
     def sized(self, size: str, **fields):
         """The config of a named size (`sizes`), other fields (vocab_size, ...) replaced."""
@@ -190,4 +192,4 @@ LLAMA = register(Family(
     hf_names=HFNames("model.layers.{}", "self_attn", ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate", "up", "down"),
                      False),
     shapes=footprint.llama_shapes, layer_activations=footprint.llama_layer, head_norm=footprint.llama_head_norm,
-    expert_backward=footprint.llama_expert_backward))
+    expert_backward=footprint.llama_expert_backward, router_kinds=("learned", "uniform", "user", "noisy_topk")))
