@@ -14,6 +14,7 @@ from comigs_jax.federated.methods import METHODS, ROUTER_MODES, Method, configur
 from comigs_jax.model import family as families
 from comigs_jax.model.config import DTYPES, LB_INPUTS, LORA_SCALINGS, REMAT, LoRAConfig, MoEConfig
 from comigs_jax.model.lm import ModelConfig
+from comigs_jax.model.precision import missing_x64
 from comigs_jax.train.evaluation import PROTOCOLS
 from comigs_jax.train.state import ROW_HPARAMS, TrainConfig
 
@@ -214,18 +215,13 @@ def _base_family(cfg) -> str | None:
     return None if fam is None else fam.name
 
 
-def _x64() -> bool:
-    import jax
-    return bool(jax.config.jax_enable_x64)
-
-
 def validate_model(mo, counts=None, group: str = "model") -> None:
     """The checks of a `model` group (configs/base.py); `counts`: the per-user expert counts
     (expert_counts_of) when model.expert_counts is set. `group`: its dotted name in messages."""
     k = lambda key: f"{group}.{key}"
     if mo.dtype not in DTYPES:
         _fail(k("dtype"), mo.dtype, f"one of {DTYPES}")
-    if mo.dtype == "float64" and not _x64():
+    if missing_x64(mo.dtype):
         _fail(k("dtype"), mo.dtype, "float64 needs 64-bit JAX (JAX_ENABLE_X64=1 in the environment); without it "
                                     "float32 or bfloat16")
     if mo.lora_scaling not in LORA_SCALINGS:

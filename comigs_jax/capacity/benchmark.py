@@ -20,6 +20,7 @@ from comigs_jax.errors import ConfigError
 from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.sharding import users_mesh
 from comigs_jax.model.config import REMAT
+from comigs_jax.model.precision import missing_x64
 
 FLOP_CONVENTION = ("1 multiply-add = 2 FLOPs; round FLOPs = comigs_jax.capacity.round_flops (matmuls only: "
                    "forward, input gradients on the path to a trainable leaf, trainable weight gradients) "
@@ -44,7 +45,7 @@ def check_config(cfg: ConfigDict, workloads) -> None:
         _fail("method", cfg.method, f"one of {', '.join(sorted(configuration.METHODS))}")
     if cfg.dtype not in ("", "float32", "bfloat16", "float64"):
         _fail("dtype", cfg.dtype, "'' (float32 on CPU, bfloat16 on accelerators) | float32 | bfloat16 | float64")
-    if cfg.dtype == "float64" and not jax.config.jax_enable_x64:
+    if missing_x64(cfg.dtype):
         _fail("dtype", cfg.dtype, "float64 needs 64-bit JAX (JAX_ENABLE_X64=1 in the environment)")
     if cfg.distributed.mode not in distributed.MODES:
         _fail("distributed.mode", cfg.distributed.mode, " | ".join(distributed.MODES))

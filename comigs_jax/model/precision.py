@@ -19,10 +19,15 @@ def wide(dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def missing_x64(dtype_name: str) -> bool:
+    """Whether `dtype_name` is float64 without 64-bit JAX, where it would silently compute in
+    float32 (every config check of a dtype asks this)."""
+    return dtype_name == "float64" and not jax.config.jax_enable_x64
+
+
 def check_x64(dtype_name: str) -> None:
-    """ValueError (one line) for a float64 model without 64-bit JAX, where it would silently
-    compute in float32."""
-    if dtype_name == "float64" and not jax.config.jax_enable_x64:
+    """ValueError (one line) for a float64 model without 64-bit JAX."""
+    if missing_x64(dtype_name):
         raise ValueError("dtype='float64' needs 64-bit JAX: run under jax.enable_x64(True) "
                          "(or set JAX_ENABLE_X64=1); allowed without it: float32, bfloat16")
 
