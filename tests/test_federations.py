@@ -15,7 +15,7 @@ from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.methods import get_method
 from comigs_jax.federated.sharding import single_device_mesh, users_mesh
 from comigs_jax.train.state import TrainConfig
-from tiny import TOL64, assert_mean_close, markov_users, tiny_base, tiny_cfg
+from tiny import TOL64, assert_json_close, assert_mean_close, markov_users, tiny_base, tiny_cfg
 
 TC = TrainConfig(rounds=2, local_steps=3, batch_size=4, seq_len=8, router_every=2, router_steps=2)
 # every scalar that may differ between federations differs (comigs); Centralized: seeds only
@@ -161,20 +161,9 @@ def test_stack_seeds_writes_the_separate_runs_folders(tiny_cache, tmp_path, x64)
         _close(clean(res), clean(load(os.path.join(wd, d))))
 
 
-def _close(a, b, path="results"):
+def _close(a, b):
     """Equal JSON trees, floats to TOL64 (one float64 program for two seeds vs one seed's)."""
-    if isinstance(a, dict):
-        assert sorted(a) == sorted(b), path
-        for k in a:
-            _close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert b == pytest.approx(a, rel=TOL64["rtol"], abs=TOL64["atol"]), path
-    else:
-        assert a == b, path
+    assert_json_close(b, a, TOL64["rtol"], TOL64["atol"])
 
 
 def test_stacked_ranked_runs_resume_as_one_program(tiny_cache, tmp_path, capsys, x64):

@@ -15,9 +15,9 @@ import json
 import os
 import shutil
 
-import numpy as np
 
 from conftest import ASSETS
+from tiny import assert_json_close
 
 FIXTURE = os.path.join(ASSETS, "resume_ca94b6e")
 # the wall clock and the machine (provenance: date, versions, commit, devices), not the run's numbers
@@ -30,23 +30,10 @@ WALL_CLOCK = ("speed", "provenance", "seconds", "tokens_per_s", "expert_tokens_p
 ADDED_SINCE = {"test_ppl_distribution", "test_ppl_quantiles"}
 
 
-def _close(got, want, where=""):
+def _close(got, want):
     """Equal structure, strings, integers and booleans; floats to 2e-5 relative (the same math; a
     machine of another instruction set may round float32 sums differently, issue 27)."""
-    if isinstance(want, dict):
-        diff = (set(got) ^ set(want)) - set(WALL_CLOCK) - (set(got) & ADDED_SINCE)
-        assert not diff, (where, sorted(diff))
-        for k in want:
-            if k not in WALL_CLOCK:
-                _close(got[k], want[k], f"{where}.{k}")
-    elif isinstance(want, list):
-        assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
-            _close(g, w, f"{where}[{i}]")
-    elif isinstance(want, float):
-        np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-7, err_msg=where)
-    else:
-        assert got == want, (where, got, want)
+    assert_json_close(got, want, 2e-5, 1e-7, skip=WALL_CLOCK, added=ADDED_SINCE)
 
 
 def test_a_checkpoint_of_the_code_before_resumes_and_ends_as_its_uninterrupted_run(tmp_path, capsys):

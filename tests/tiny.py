@@ -1,8 +1,10 @@
-"""Tiny models and data shared by the engine tests (milliseconds per step on a CPU)."""
+"""Tiny models and data shared by the engine tests (milliseconds per step on a CPU), and the
+tolerances the tests compare programs and result files with."""
 import functools
 
 import jax
 import numpy as np
+import pytest
 
 from comigs_jax.federated.roles import split_base
 from comigs_jax.model.config import GPT2Config, LoRAConfig, MoEConfig
@@ -36,6 +38,26 @@ def assert_mean_close(got, x, w, err_msg=""):
     bound = (len(w) + 2) * F32_U * np.tensordot(np.abs(w), np.abs(x), axes=1)
     err = np.abs(np.asarray(got, np.float64) - exact)
     assert np.all(err <= bound), f"{err_msg}: |got - mean| up to {err.max():.3g} > the float32 bound (max {bound.max():.3g})"
+
+
+def assert_json_close(got, want, rtol: float, atol: float, skip=(), added=(), where="results"):
+    """`got` is the JSON tree `want` (results.json, metrics lines): the same keys, but `skip` (the
+    wall clock: compared nowhere) and `added` (keys `got` may hold beyond `want`: written by later
+    code), lists of the same length, floats within max(rtol |want|, atol), everything else equal."""
+    if isinstance(want, dict):
+        extra = (set(got) ^ set(want)) - set(skip) - (set(got) & set(added))
+        assert not extra, (where, sorted(extra))
+        for k in want:
+            if k not in skip:
+                assert_json_close(got[k], want[k], rtol, atol, skip, added, f"{where}.{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_json_close(g, w, rtol, atol, skip, added, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=rtol, abs=atol), (where, got, want)
+    else:
+        assert got == want, (where, got, want)
 
 
 def random_like(tree, scale: float, seed: int):
