@@ -323,6 +323,8 @@ def validate(cfg) -> None:
     for key in ("every_rounds", "max_to_keep"):
         if cfg.checkpoint[key] <= 0:
             _fail(f"checkpoint.{key}", cfg.checkpoint[key], "a positive integer")
+    if not isinstance(cfg.checkpoint.get("async_save", True), bool):
+        _fail("checkpoint.async_save", cfg.checkpoint.async_save, "True (write in the background) or False")
     if cfg.base == "pretrain":
         p = cfg.get("pretrain")
         if p is None:

@@ -78,6 +78,7 @@ def get_config(arg=None):
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_rounds = 5  # save the whole state every k rounds (and after the last)
     c.checkpoint.max_to_keep = 2  # checkpoints kept
+    c.checkpoint.async_save = True  # write in a background thread while the next rounds train (False: wait for each)
 
     c.distributed = ml_collections.ConfigDict()  # several JAX processes (pod hosts); see experiments/launch_local.py
     c.distributed.mode = "auto"  # auto: initialise when a multi-process launch is detected | always | never

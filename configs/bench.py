@@ -72,6 +72,10 @@ def get_config(preset: str = "cpu") -> ConfigDict:
     c.out_dir = "runs/bench"        # bench.json and bench.md land here
     c.compilation_cache = True      # JAX's persistent compilation cache in ~/.cache/comigs_jax/data/xla (JAX_COMPILATION_CACHE_DIR wins): a warm cache makes the compile column the load time; False = compile afresh
     c.loss_atol = 1e-4              # modes must agree on first-round losses to this tolerance
+    c.checkpoints = ""              # "" = the modes above; else ways of checkpointing to time instead, of
+                                    # none,sync,async: each model's vmapped round at each U, a checkpoint of every
+                                    # user's state after each round (comigs_jax.capacity.checkpoint_timing)
+    c.checkpoint_rounds = 3         # timed rounds per way (the median is reported)
     # Several JAX processes (pod hosts; experiments/launch_local.py): experiments.run's block and
     # defaults. With more than one process only vmap_sharded runs, over every process's devices.
     c.distributed = base.get_config().distributed

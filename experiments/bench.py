@@ -55,6 +55,11 @@ skipped. Every process builds the same synthetic workload from the seed; process
 and writes the results. The % of peak is then against the sum of the processes' measured peaks
 (CPU) or one device's peak x the devices (accelerators); the output says which.
 
+Checkpoints (`--config.checkpoints=none,sync,async`): instead of the modes, each model's vmapped
+round at each U followed by a checkpoint of every user's state, saved each way
+(comigs_jax.capacity.checkpoint_timing: median round time, the save's blocking part, the last
+save's wait, the ratio to `sync`); {out_dir}/bench_checkpoints.json and .md.
+
 Writes {out_dir}/bench.json and {out_dir}/bench.md (the table) and prints the table. The workload,
 timing, sweep and report code is comigs_jax.capacity's (workload.py, timing.py, sweep.py,
 report.py, benchmark.py); this module is the command line.
@@ -75,6 +80,7 @@ from ml_collections import ConfigDict
 
 from comigs_jax import cli, compilation_cache, distributed
 from comigs_jax.capacity.benchmark import check_config, run_benchmark
+from comigs_jax.capacity.checkpoint_timing import run_checkpoint_bench
 from comigs_jax.capacity.timing import _print
 from configs.bench import WORKLOADS
 
@@ -104,6 +110,12 @@ def bench_main(cfg: ConfigDict, argv=None) -> None:
     # the other processes of a multi-process run print nothing but errors
     logging.set_verbosity(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     t = time.perf_counter()
+    if cfg.checkpoints:  # the checkpoint bench instead of the modes' (comigs_jax.capacity.checkpoint_timing)
+        logging.set_verbosity(logging.WARNING)  # orbax reports every step of every save at INFO
+        result = run_checkpoint_bench(cfg, argv)
+        _print(result["markdown"])
+        _print(f"total {time.perf_counter() - t:.0f} s; wrote {os.path.join(cfg.out_dir, 'bench_checkpoints.json')}")
+        return
     result = run_benchmark(cfg, WORKLOADS, argv)
     _print(result["markdown"])
     _print(f"total {time.perf_counter() - t:.0f} s; wrote {os.path.join(cfg.out_dir, 'bench.json')}")

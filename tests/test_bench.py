@@ -136,6 +136,8 @@ def test_workloads_are_built_as_capacity_builds_them():
     ("--config.sweep_fraction=0", "config.sweep_fraction=0"),
     ("--config.models=tiny,small", "config.models='tiny,small' is not allowed: comma-separated, of tiny, mini, gpt2"),
     ("--config.models=mini --config.mini.users=0", "config.mini.users='0'"),  # a listed workload's U
+    ("--config.checkpoints=sync,fast", "config.checkpoints='sync,fast' is not allowed"),
+    ("--config.checkpoints=sync --config.checkpoint_rounds=0", "config.checkpoint_rounds=0 is not allowed"),
 ])
 def test_bench_command_line_errors_are_one_line(flag, names, capsys, tmp_path):
     assert bench.main(["experiments.bench", *flag.split(), f"--config.out_dir={tmp_path}"]) == 1

@@ -12,6 +12,7 @@ from absl import logging
 from ml_collections import ConfigDict
 
 from comigs_jax import configuration, distributed
+from comigs_jax.capacity.checkpoint_timing import WAYS as CHECKPOINT_WAYS
 from comigs_jax.capacity.report import check_targets, report_markdown
 from comigs_jax.capacity.sweep import sweep_model
 from comigs_jax.capacity.timing import _print, bench_workload, machine_info, peak_all_processes, peak_reference
@@ -35,6 +36,13 @@ def _fail(key: str, value, allowed: str):
 def check_config(cfg: ConfigDict, workloads) -> None:
     """Every check that needs no device work, before the peak matmul: ConfigError (one line).
     `workloads`: the model sizes `models` may list (configs/bench.py's WORKLOADS, each a group of cfg)."""
+    ways = _names(cfg.get("checkpoints", ""))
+    if set(ways) - set(CHECKPOINT_WAYS):
+        _fail("checkpoints", cfg.checkpoints, f"'' or comma-separated, of {', '.join(CHECKPOINT_WAYS)}")
+    if ways and (not isinstance(cfg.checkpoint_rounds, int) or cfg.checkpoint_rounds < 1):
+        _fail("checkpoint_rounds", cfg.checkpoint_rounds, "a positive integer")
+    if ways and cfg.sweep:
+        _fail("sweep", cfg.sweep, "False when timing checkpoints (config.checkpoints)")
     bad = set(_names(cfg.modes)) - set(MODES)
     if bad or not _names(cfg.modes):
         _fail("modes", cfg.modes, f"comma-separated, of {', '.join(MODES)}")

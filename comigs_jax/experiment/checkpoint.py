@@ -7,9 +7,16 @@ are removed when the manager opens). Each checkpoint also records a fingerprint 
 (a wrap-around uint32 sum of every leaf's bits, computed on device, so it works for sharded
 arrays) and the run's identity; `restore_latest` checks both, and the shapes against the current
 model, and falls back to the previous complete checkpoint when the latest cannot be read.
+
+Saves are asynchronous by default (checkpoint.async_save): `save` returns once orbax has copied
+the arrays to host memory (its blocking part) and the fingerprint is computed, and a background
+thread writes and renames the folder while the next rounds train. At most one save is in flight
+(orbax's next save, `wait`, `close` wait for it); until it is renamed the previous complete
+checkpoint is the latest listed on disk, so a kill at any moment still resumes from a complete one.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -60,15 +67,21 @@ def fingerprint(tree) -> list[int]:
 
 class RunCheckpoints:
     """Numbered (by round) checkpoints under `directory`; a context manager that closes orbax's
-    manager on the way out, whatever ends the run."""
+    manager on the way out (waiting for a save in flight), whatever ends the run.
 
-    def __init__(self, directory: str, max_to_keep: int = 2):
+    async_save: `save` returns while its folder is still being written (`wait` for it); False:
+    `save` returns once the checkpoint is complete."""
+
+    def __init__(self, directory: str, max_to_keep: int = 2, async_save: bool = False):
         self.directory = os.path.abspath(directory)
+        self.async_save = bool(async_save)
+        self.pending: int | None = None  # the round of the save that may be in flight
+        self.complete: int | None = None  # the round of the last save known complete (this process's)
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
             options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
-                                                 enable_async_checkpointing=False))
+                                                 enable_async_checkpointing=self.async_save))
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
@@ -77,11 +90,36 @@ class RunCheckpoints:
         return list(self.manager.all_steps())
 
     def save(self, round_index: int, state, meta: dict) -> None:
-        """Checkpoint `round_index` (synchronous); meta is JSON, stored with the state's fingerprint."""
-        meta = dict(meta, fingerprint=fingerprint(state))
+        """Checkpoint `round_index`; meta is JSON, stored with the state's fingerprint. Returns
+        once `state` may change (donated to the next round): its arrays are on the host and meta
+        is copied; asynchronous saves are complete after `wait` (or the next save, or `close`)."""
+        self.wait()  # orbax's save waits for the previous one anyway; this records which is complete
+        meta = json.loads(json.dumps(dict(meta, fingerprint=fingerprint(state))))  # a copy the thread owns
+        self.pending = round_index
         self.manager.save(round_index, args=ocp.args.Composite(
             state=ocp.args.StandardSave(_flat(state)), meta=ocp.args.JsonSave(meta)), force=True)
-        self.manager.wait_until_finished()
+        if not self.async_save:
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is complete: renamed to its final folder. A save
+        that failed in orbax's thread raises here (CheckpointError), never passes for complete."""
+        self.manager.wait_until_finished()  # re-raises an exception of orbax's finalize thread
+        if self.pending is None:
+            return
+        r, self.pending = self.pending, None
+        if not os.path.isdir(os.path.join(self.directory, str(r))):
+            raise CheckpointError(f"the checkpoint of round {r} in {self.directory} was not written (orbax's "
+                                  "background save failed: see the log above); the previous checkpoint is intact")
+        self.complete = r
+
+    def last_complete(self) -> int | None:
+        """The round of the newest complete save, without waiting (any thread: a save in flight
+        is complete once orbax has renamed its folder to the round's number)."""
+        pending = self.pending
+        if pending is not None and os.path.isdir(os.path.join(self.directory, str(pending))):
+            return pending
+        return self.complete
 
     def restore(self, round_index: int, template):
         """(state shaped and sharded like `template`, meta dict) of checkpoint `round_index`."""
@@ -189,6 +227,13 @@ class RunCheckpoints:
             self.manager.delete(r)
 
     def close(self) -> None:
+        """Wait for the save in flight, then end orbax's threads (even when the save failed)."""
+        try:
+            self.wait()
+        except BaseException:
+            with contextlib.suppress(Exception):  # orbax re-raises the same failed save
+                self.manager.close()
+            raise
         self.manager.close()
 
 

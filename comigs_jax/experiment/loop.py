@@ -101,7 +101,8 @@ def train_runs(method_name: str, runs: list[_Run], data, base_cfg, base, layout_
     try:
         for run in runs:
             make_workdir(run.run_dir)
-            run.ckpts = RunCheckpoints(os.path.join(run.run_dir, "checkpoints"), run.cfg.checkpoint.max_to_keep)
+            run.ckpts = RunCheckpoints(os.path.join(run.run_dir, "checkpoints"), run.cfg.checkpoint.max_to_keep,
+                                       async_save=run.cfg.checkpoint.get("async_save", True))
             if not run.resume and run.cfg.resume and run.ckpts.all_rounds():
                 run.resume = True  # checkpoints without a config.json: never wiped unasked (restore checks their identity)
             if not run.resume:
@@ -118,10 +119,20 @@ def train_runs(method_name: str, runs: list[_Run], data, base_cfg, base, layout_
                     break
                 done.update({r.run_dir: res for r, res in zip(group, results)})
         return [done[r.run_dir] for r in runs]
-    finally:
-        for run in runs:
-            if run.ckpts is not None:
-                run.ckpts.close()
+    finally:  # every run's save in flight completes and its manager closes, whatever ended the loop
+        _close_all([run.ckpts for run in runs if run.ckpts is not None])
+
+
+def _close_all(ckpts: list[RunCheckpoints]) -> None:
+    """Close each (waiting for its save in flight), even when one raises; then raise the first."""
+    errors = []
+    for c in ckpts:
+        try:
+            c.close()
+        except Exception as e:  # noqa: BLE001 - the others must still finish their saves
+            errors.append(e)
+    if errors:
+        raise errors[0]
 
 
 def _groups(runs: list[_Run], stack: bool) -> list[list[_Run]]:

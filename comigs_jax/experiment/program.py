@@ -118,6 +118,8 @@ def restore_runs(prog: Program) -> tuple[int, list[dict]]:
     for w in prog.writers:
         w.truncate(start)
     prog.saved = start
+    for r in runs:
+        r.ckpts.complete = start or None
     if start:
         log(f"[{prog.name}] resumed from round {start} ({prog.where})")
     return start, metas
@@ -142,8 +144,12 @@ def fault(prog: Program, what: str, round_index: int, f: int, user=None, step=No
 def second_signal(prog: Program, signum) -> str:
     """What a second SIGINT/SIGTERM prints as it ends the process at once."""
     several = len(prog.runs) > 1
-    kept = (f"the last complete checkpoint{'s are' if several else ' is'} round {prog.saved}"
-            + ("" if several else f" in {prog.runs[0].ckpts.directory}")) if prog.saved else "no checkpoint was written"
+    done = [r.ckpts.last_complete() or 0 for r in prog.runs]  # a save in flight is lost with the process
+    saved = min(done) if done else 0
+    same = len(set(done)) == 1
+    kept = (f"the last complete checkpoint{'s are' if several and same else ' is'} "
+            f"{'round' if same else 'at least round'} {saved}"
+            + ("" if several else f" in {prog.runs[0].ckpts.directory}")) if saved else "no checkpoint was written"
     return (f"stopped at once by a second {signal.Signals(signum).name} ({kept}); running the same command "
             "resumes from it")
 
@@ -167,8 +173,10 @@ def train_rounds(prog: Program, start: int, stop) -> dict | None:
             checkpoint(prog, r + 1, pre_eval if r + 1 == rounds else None)
         if stopping:
             bar.close()
+            wait_for_saves(prog)  # the message says the checkpoint is written: it is, before the exit
             raise _stopped(prog, stop, r + 1)
     bar.close()
+    wait_for_saves(prog)  # the final checkpoint is complete before the outputs that follow it
     return pre_eval
 
 
@@ -248,6 +256,12 @@ def checkpoint(prog: Program, round_index: int, pre_eval: dict | None) -> None:
             meta["pre_eval"] = encode_eval(pick(pre_eval, f))
         run.ckpts.save(round_index, prog.sim.federation_states(f, prog.run_layout), meta)
     prog.saved = round_index
+
+
+def wait_for_saves(prog: Program) -> None:
+    """Block until every run's save in flight (checkpoint.async_save) is complete on disk."""
+    for run in prog.runs:
+        run.ckpts.wait()
 
 
 def _stopped(prog: Program, stop, round_index: int) -> Stopped:
