@@ -86,6 +86,28 @@ def test_close_waits_for_the_save_in_flight(gate, tmp_path):
     assert RunCheckpoints(str(tmp_path / "ck")).all_rounds() == [3]
 
 
+class _Failing:
+    def result(self, timeout=None):
+        raise OSError(28, "No space left on device")
+
+
+def test_a_background_save_that_fails_is_one_line_never_a_checkpoint(monkeypatch, tmp_path):
+    from comigs_jax.experiment.checkpoint import CheckpointError, RunCheckpoints
+    original = ocp.StandardCheckpointHandler.async_save
+
+    async def failing(self, *args, **kwargs):
+        return list(await original(self, *args, **kwargs) or []) + [_Failing()]
+
+    c = RunCheckpoints(str(tmp_path / "ck"), async_save=True)
+    c.save(1, _state(), {"round": 1})
+    monkeypatch.setattr(ocp.StandardCheckpointHandler, "async_save", failing)
+    c.save(2, _state(), {"round": 2})  # returns: the write fails in orbax's thread
+    with pytest.raises(CheckpointError, match=r"checkpoint of round 2 .* could not be written \(.*No space left") as e:
+        c.close()
+    assert "\n" not in str(e.value)
+    assert RunCheckpoints(str(tmp_path / "ck")).all_rounds() == [1]  # round 1 intact, round 2 never listed
+
+
 def test_stop_right_after_an_async_save_waits_for_it_then_resumes_bit_for_bit(gate, monkeypatch, tiny_reference,
                                                                               tiny_cache, tmp_path):
     """A stop requested during round 1: the loop saves round 1 (held in flight by the gate) and

@@ -104,13 +104,17 @@ class RunCheckpoints:
     def wait(self) -> None:
         """Block until the save in flight (if any) is complete: renamed to its final folder. A save
         that failed in orbax's thread raises here (CheckpointError), never passes for complete."""
-        self.manager.wait_until_finished()  # re-raises an exception of orbax's finalize thread
-        if self.pending is None:
-            return
         r, self.pending = self.pending, None
+        try:
+            self.manager.wait_until_finished()  # re-raises an exception of orbax's finalize thread
+        except Exception as e:  # noqa: BLE001 - whatever the write raised (disk full, permissions)
+            raise CheckpointError(f"the checkpoint of round {r} in {self.directory} could not be written "
+                                  f"({_brief(e)}); the previous checkpoints are intact") from e
+        if r is None:
+            return
         if not os.path.isdir(os.path.join(self.directory, str(r))):
             raise CheckpointError(f"the checkpoint of round {r} in {self.directory} was not written (orbax's "
-                                  "background save failed: see the log above); the previous checkpoint is intact")
+                                  "background save failed: see the log above); the previous checkpoints are intact")
         self.complete = r
 
     def last_complete(self) -> int | None:
