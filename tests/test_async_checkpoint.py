@@ -185,3 +185,15 @@ def test_checkpoint_bench_times_each_way_on_one_state(tmp_path, capsys):
     assert rows[1]["round_vs_sync"] == 1.0
     assert not os.listdir(out / "checkpoint_bench")
     assert "| tiny | 2 |" in (out / "bench_checkpoints.md").read_text()
+
+
+def test_async_save_must_be_a_bool():
+    """A config built in Python (no flag parsing to type-check it) names the key and what is allowed."""
+    import ml_collections
+
+    from comigs_jax import configuration
+    from configs import tiny
+    cfg = tiny.get_config()
+    cfg.checkpoint = ml_collections.ConfigDict(dict(cfg.checkpoint.to_dict(), async_save="yes"))
+    with pytest.raises(configuration.ConfigError, match=r"^config\.checkpoint\.async_save='yes' is not allowed: True"):
+        configuration.validate(cfg)
