@@ -23,6 +23,7 @@ from comigs_jax.train.state import ROW_HPARAMS, TrainConfig
 # A federation of a Simulation (FederationConfig.federations) holds them by their last name.
 FEDERATION_KEYS = ("seed", "seeds") + tuple(f"train.{k}" for k in ROW_HPARAMS)
 MODES, WEIGHTINGS = ("vmap", "loop"), ("uniform", "tokens")
+SIT_OUT = ("skip", "train")  # federation.sit_out: what a user does in a round it does not participate in
 
 
 def _federation_names() -> tuple[str, ...]:
@@ -70,7 +71,9 @@ class FederationConfig:
     users) or "loop" (the same round per user in a Python loop). weighting: "uniform" (the
     reference) or "tokens" (by training-set size). participation: the fraction of users that train
     in a round, in (0, 1]. dropout: the probability that a participant stops at a random local step
-    and does not upload, in [0, 1). ranks: each user's expert LoRA rank (None: the padded rank for
+    and does not upload, in [0, 1). sit_out: what a user that does not participate in a round does,
+    "skip" (no local steps: less compute and less collaboration) or "train" (all its local steps,
+    then no upload: less collaboration only). ranks: each user's expert LoRA rank (None: the padded rank for
     all). expert_counts: experts per user (None: all). PCL mixes every user's model: participation
     1 and dropout 0 only."""
     federations: tuple = ({"seed": 0},)
@@ -80,6 +83,7 @@ class FederationConfig:
     dropout: float = 0.0
     ranks: tuple | None = None
     expert_counts: tuple | None = None
+    sit_out: str = "skip"
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -95,6 +99,8 @@ class FederationConfig:
             raise FederationError("federation.participation", self.participation, "in (0, 1]")
         if not 0 <= self.dropout < 1:
             raise FederationError("federation.dropout", self.dropout, "in [0, 1)")
+        if self.sit_out not in SIT_OUT:
+            raise FederationError("federation.sit_out", self.sit_out, " | ".join(SIT_OUT))
 
     @property
     def seeds(self) -> list[int]:
@@ -139,7 +145,8 @@ def federation_config(cfg, federations=None) -> FederationConfig:
     try:
         return FederationConfig(tuple(federations or [{"seed": seeds_of(cfg)[0]}]), fe.mode, fe.weighting,
                                 fe.participation, fe.get("dropout", 0.0), ranks_of(cfg),
-                                tuple(expert_counts_of(cfg)) if cfg.model.expert_counts else None)
+                                tuple(expert_counts_of(cfg)) if cfg.model.expert_counts else None,
+                                fe.get("sit_out", "skip"))
     except FederationError as e:
         raise _config_error(cfg, e) from None
 

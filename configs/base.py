@@ -57,6 +57,7 @@ def get_config(arg=None):
     c.federation.weighting = "uniform"  # aggregation weights: uniform (reference) | tokens (by training-set size)
     c.federation.participation = 1.0  # fraction of users that train in a round
     c.federation.dropout = 0.0  # probability that a participating user stops at a uniformly random local step of a round (keeps its steps, skips that round's aggregation); in [0, 1)
+    c.federation.sit_out = "skip"  # a user that does not participate in a round: skip (no local steps) | train (all its local steps, no upload: separates compute from collaboration)
     c.federation.stack_seeds = False  # True: a method's seeds (config seeds) train as independent federations of ONE program (one compile); the same per-seed folders and results as separate runs
 
     c.eval = ml_collections.ConfigDict()

@@ -194,7 +194,7 @@ def check_round(prog: Program, r: int, m: dict, dt: float, first: bool) -> list[
     """NumericalFault for a non-finite training metric of a user that trained, or non-finite
     parameters / optimizer state; else each run's record of round r + 1."""
     sim, n_feds, n_models = prog.sim, len(prog.runs), prog.n_models
-    active = np.asarray(sim.active)[np.asarray(sim.real)].reshape(n_feds, -1)[:, :n_models]
+    active = np.asarray(sim.trained)[np.asarray(sim.real)].reshape(n_feds, -1)[:, :n_models]
     for f in range(n_feds):
         bad = numerics.first_nonfinite(pick(m, f), active[f])
         if bad is not None:

@@ -49,7 +49,8 @@ def federation_of(kw: dict) -> FederationConfig:
     """A FederationConfig from Simulation's keywords (seed, federations, mode, weighting,
     participation, dropout, ranks, expert_counts), for callers without a config."""
     kw = dict(kw)
-    bad = set(kw) - {"seed", "federations", "mode", "weighting", "participation", "dropout", "ranks", "expert_counts"}
+    bad = set(kw) - {"seed", "federations", "mode", "weighting", "participation", "dropout", "ranks", "expert_counts",
+                        "sit_out"}
     if bad:
         raise TypeError(f"Simulation: unexpected keywords {sorted(bad)}")
     seed, feds = kw.pop("seed", 0), kw.pop("federations", None)
@@ -217,17 +218,28 @@ class Simulation:
         """All users' local steps of one round; returns per-user, per-step metrics (real users only:
         [U, steps, ...], or [F, U, steps, ...] with several federations or by_federation)."""
         participants = self.sample_participants()
+        steps = self.steps_per_round
+        sit_out_trains = self.fed.sit_out == "train"  # users that sit out still make all their local steps
         if self.dropout > 0:  # the program with a per-row step count (comigs_jax.train.rounds.user_round)
             self.steps_made = self.sample_dropouts(participants)
-            self.active = self.steps_made == self.steps_per_round  # drop-outs do not upload
+            if sit_out_trains:
+                self.steps_made = np.where(participants, self.steps_made, steps).astype(np.int32)
+            self.active = participants & (self.steps_made == steps)  # drop-outs and sitting-out users do not upload
             active = jax.device_put(jnp.asarray(self.steps_made), self.layout.users)
         else:
             self.active = participants
-            self.steps_made = np.where(participants, self.steps_per_round, 0).astype(np.int32)
-            active = jax.device_put(jnp.asarray(self.active), self.layout.users)
+            trains = np.ones_like(participants) if sit_out_trains else participants
+            self.steps_made = np.where(trains, steps, 0).astype(np.int32)
+            active = jax.device_put(jnp.asarray(trains), self.layout.users)
         self.states, metrics = self._round(self.base, self.states, self.round_data(), self.masks_dev, active)
         self.round_index += 1
         return jax.tree.map(lambda x: self._outputs(distributed.to_host(x)[self.real], by_federation), metrics)
+
+    @property
+    def trained(self) -> np.ndarray:
+        """[U_pad] bool: the rows that made all their local steps in the last round (those that
+        uploaded, plus with federation.sit_out="train" the users that sat out)."""
+        return self.steps_made == self.steps_per_round
 
     def _outputs(self, x: np.ndarray, by_federation: bool) -> np.ndarray:
         return self.layout.by_federation(x) if by_federation else self.layout.outputs(x)
