@@ -168,13 +168,12 @@ def server_optimizer_of(cfg) -> so.ServerOptimizer | None:
         _fail("server.optimizer", s.optimizer, " | ".join(so.OPTIMIZERS))
     if not so.check_lr(s.lr):
         _fail("server.lr", s.lr, "a positive finite number")
-    if s.optimizer == "none":
-        return None
     values = {k: s[k] for k in ("momentum", "b1", "b2", "tau")}
-    try:
-        return so.ServerOptimizer(s.optimizer, **values)
+    try:  # every setting checked, also those of another rule than the configured one
+        opt = so.ServerOptimizer("sgd" if s.optimizer == "none" else s.optimizer, **values)
     except ValueError as e:
         raise ConfigError(f"config.{e}") from None
+    return None if s.optimizer == "none" else opt
 
 
 def _config_error(cfg, e: FederationError) -> ConfigError:
