@@ -10,6 +10,7 @@ import os
 from comigs_jax.data.config import split_list, validate_data_config
 from comigs_jax import extras
 from comigs_jax.errors import ConfigError
+from comigs_jax import rules
 from comigs_jax.federated import server_optimizer as so
 from comigs_jax.federated.methods import METHODS, ROUTER_MODES, Method, configure_model, get_method  # noqa: F401
 from comigs_jax.model import family as families
@@ -19,11 +20,9 @@ from comigs_jax.model.precision import missing_x64
 from comigs_jax.train.evaluation import PROTOCOLS
 from comigs_jax.train.state import ROW_HPARAMS, TrainConfig
 
-# Config keys whose values may differ between the federations of one program: the seeds, the
-# train hyper-parameters that are per-row values of the round program (train.state.ROW_HPARAMS)
-# and the server optimizer's lr (a per-row value of the server's state). A federation of a
-# Simulation (FederationConfig.federations) holds the train keys by their last name, the others
-# by their config name ("server.lr").
+# Config keys whose values may differ between the federations of one program: the seeds, the per-row
+# values of the round program (train.state.ROW_HPARAMS) and of the server state (the server optimizer's
+# lr). A federation's dict (FederationConfig.federations) names train keys by their last name.
 FEDERATION_KEYS = ("seed", "seeds") + tuple(f"train.{k}" for k in ROW_HPARAMS) + ("server.lr",)
 MODES, WEIGHTINGS = ("vmap", "loop"), ("uniform", "tokens")
 
@@ -121,7 +120,7 @@ class FederationConfig:
                                   "mixes every user's model every mixing round; partial participation is not "
                                   "supported)", "PCL: only participation=1 is supported")
         opt = self.server_optimizer
-        why = _no_server_step(method)
+        why = rules.no_server_step(method)
         if opt is not None and why:
             raise FederationError("server.optimizer", opt.name, f"none for method {method.name} ({why})")
         for key, values, lo, hi in (("model.expert_counts", self.expert_counts, max(n_generalists, 1), n_experts),
@@ -140,42 +139,6 @@ class FederationConfig:
                                       f"{n_generalists}) and at most {hi} experts", f"expert count {bad[0]}")
 
 
-def shares_after_round(method: Method) -> bool:
-    """Whether a server aggregates some of `method`'s leaves after its rounds (not one-round
-    methods, not PCL's serverless mixing)."""
-    return bool(method.shared_roles) and not method.one_round and method.pcl is None
-
-
-def _no_server_step(method: Method) -> str:
-    """Why `method` cannot end its aggregation with a server optimizer ("" when it can)."""
-    if method.pcl is not None:
-        return "PCL mixes whole models, with no server"
-    if not shares_after_round(method):
-        return "it shares nothing after round 0"
-    if method.server != "mean":
-        return (f"its {method.server} server gives each user its own aggregate; a server optimizer steps one "
-                "server value per federation: the mean or the rank-masked mean")
-    return ""
-
-
-def server_optimizer_of(cfg) -> so.ServerOptimizer | None:
-    """The config's server optimizer (the `server` group), None for server.optimizer=none or a
-    config without the group; ConfigError (one line) for a value outside its limits."""
-    s = cfg.get("server")
-    if s is None:
-        return None
-    if s.optimizer not in so.OPTIMIZERS:
-        _fail("server.optimizer", s.optimizer, " | ".join(so.OPTIMIZERS))
-    if not so.check_lr(s.lr):
-        _fail("server.lr", s.lr, "a positive finite number")
-    values = {k: s[k] for k in ("momentum", "b1", "b2", "tau")}
-    try:  # every setting checked, also those of another rule than the configured one
-        opt = so.ServerOptimizer("sgd" if s.optimizer == "none" else s.optimizer, **values)
-    except ValueError as e:
-        raise ConfigError(f"config.{e}") from None
-    return None if s.optimizer == "none" else opt
-
-
 def _config_error(cfg, e: FederationError) -> ConfigError:
     """A FederationError as the config's one line, quoting the value as the config holds it."""
     raw = {"model.ranks": cfg.model.get("ranks"), "model.expert_counts": cfg.model.expert_counts}
@@ -184,10 +147,10 @@ def _config_error(cfg, e: FederationError) -> ConfigError:
 
 def federation_config(cfg, federations=None) -> FederationConfig:
     """The FederationConfig of `cfg` (its seed alone, or `federations`): built and checked here."""
-    fe, opt = cfg.federation, server_optimizer_of(cfg)
+    fe, opt = cfg.federation, rules.server_optimizer_of(cfg)
     try:
-        return FederationConfig(tuple(federations or [_server_lr(cfg, {"seed": seeds_of(cfg)[0]})]), fe.mode,
-                                fe.weighting, fe.participation, fe.get("dropout", 0.0), ranks_of(cfg),
+        feds = federations or [rules.with_server_lr(cfg, {"seed": seeds_of(cfg)[0]})]
+        return FederationConfig(tuple(feds), fe.mode, fe.weighting, fe.participation, fe.get("dropout", 0.0), ranks_of(cfg),
                                 tuple(expert_counts_of(cfg)) if cfg.model.expert_counts else None, opt)
     except FederationError as e:
         raise _config_error(cfg, e) from None
@@ -356,14 +319,8 @@ def validate(cfg) -> None:
         _fail("train.seq_len", tr.seq_len, f"at most the base's {pos} positions")
     fed = federation_config(cfg)  # mode, weighting, participation, drop-outs, the server optimizer
     n_experts = max(expert_counts_of(cfg)) if cfg.model.expert_counts else cfg.model.n_experts
-    mu = tr.get("prox_mu", 0.0)
     for m in methods_of(cfg):  # PCL's limits, expert counts, ranks, what the server optimizer and FedProx need
-        if METHODS[m].proximal and mu == 0:
-            _fail("train.prox_mu", mu, f"> 0 for method {m} (FedAvg with the proximal term mu/2 ||w - w_round_start||^2 "
-                  "on the shared leaves; e.g. 0.01)")
-        if mu > 0 and not shares_after_round(METHODS[m]):
-            _fail("train.prox_mu", mu, f"0 for method {m} (it shares nothing after round 0: no round-start "
-                  "server value to stay near)")
+        rules.check_prox(tr.get("prox_mu", 0.0), METHODS[m])
         try:
             fed.check(METHODS[m], cfg.data.n_users, n_experts, cfg.model.n_generalists, cfg.model.rank)
         except FederationError as e:
@@ -433,12 +390,8 @@ def federation_of(cfg, seed: int) -> dict:
     """The run (cfg, seed) as a federation of a Simulation: its seed, row hyper-parameters and
     server lr."""
     tc = train_config(cfg)
-    return _server_lr(cfg, {"seed": int(seed), **{k: getattr(tc, k) for k in ROW_HPARAMS}})
+    return rules.with_server_lr(cfg, {"seed": int(seed), **{k: getattr(tc, k) for k in ROW_HPARAMS}})
 
-
-def _server_lr(cfg, fed: dict) -> dict:
-    """fed with the config's server.lr (a config without a `server` group: as it is)."""
-    return {**fed, "server.lr": cfg.server.lr} if cfg.get("server") is not None else fed
 
 
 # ----------------------------------------------------------------------------- without a base

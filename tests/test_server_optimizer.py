@@ -94,10 +94,10 @@ def test_none_is_the_mean_record_and_sgd_at_lr_1_is_the_mean_to_float32_rounding
     mean bit for bit). sgd with lr 1 and no momentum computes x - (x - a), a the mean (the same
     float32 a: the stage calls the mean); two roundings of relative size <= u = 2^-24 give
     |(x - (x - a)) - a| <= u |x - a| + u |a| (to first order; the factor 1.0001 covers the rest)."""
-    from comigs_jax import configuration
+    from comigs_jax import rules
     from configs import tiny
     c = tiny.get_config("fedavg")
-    assert c.server.optimizer == "none" and configuration.server_optimizer_of(c) is None
+    assert c.server.optimizer == "none" and rules.server_optimizer_of(c) is None
     assert server_for(get_method("fedavg"), False, None) is SERVERS["mean"]
     server, setup, _ = _server(ServerOptimizer("sgd"))
     rows = Rows(len(GROUPS), GROUPS, ({"seed": 0, "server.lr": 1.0}, {"seed": 1, "server.lr": 1.0}))
@@ -117,6 +117,40 @@ def test_none_is_the_mean_record_and_sgd_at_lr_1_is_the_mean_to_float32_rounding
         a, xt = np.asarray(mean[p], np.float64), x[p][GROUPS].astype(np.float64)
         bound = 1.0001 * 2.0 ** -24 * (np.abs(xt - a) + np.abs(a))
         assert np.all(np.abs(np.asarray(got[p], np.float64) - a) <= bound), p
+
+
+def test_on_the_rank_masked_mean_each_row_steps_its_own_components(x64):
+    """With per-user ranks (model.ranks) the aggregate is the rank-masked mean: each row's server
+    value and step cover its own rank components (Algorithm 2's FedAdam per row on the masked
+    mean's output, NumPy), and the components beyond a row's rank stay 0."""
+    from comigs_jax.federated.server import rank_state
+    from comigs_jax.model.config import LoRAConfig
+    lora, ranks = LoRAConfig(rank=2, alpha=16.0), np.array([2, 1, 2, 2, 2, 2, 1, 2, 2])
+    opt = ServerOptimizer("adam", b1=0.5)
+    server = server_for(get_method("fedavg"), ranked=True, optimizer=opt)
+    assert server.name == "masked_mean+adam" and server.ranked
+    setup = Setup(get_method("fedavg"), n_shared_specialists=1, n_groups=2, lora=lora)
+    rows = Rows(len(GROUPS), GROUPS, tuple({"seed": s, "server.lr": lr} for s, lr in enumerate(LRS)), ranks)
+    on = (np.arange(2) < ranks[:, None]).astype(np.float64)[:, None, None, :]  # [rows, 1, 1, r]: the row's components
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 1, 5, 2))[GROUPS] * on
+    state = {"ranks": rank_state(ranks, lora)} | server.init(setup, rows)
+    state = server.start(setup, {"h_0": {"mlp": {"specialists": {"fc_A": jnp.asarray(x)}}}},
+                         jax.tree.map(jnp.asarray, state))
+    m, v = np.zeros_like(x), np.full_like(x, opt.tau ** 2)
+    for w in (np.array([1, 2, 1, 1, 1, 1, 3, 1, 0.0]), np.array([0, 1, 1, 1, 2, 0, 1, 1, 0.0])):
+        local = {"h_0": {"mlp": {"specialists": {"fc_A": jnp.asarray((x + 0.1 * rng.standard_normal(x.shape)) * on)}}}}
+        up = Uploads(jnp.asarray(w), jnp.asarray(w), jnp.asarray(GROUPS, jnp.int32))
+        agg = np.asarray(SERVERS["masked_mean"].apply(setup, local, up, {"ranks": state["ranks"]})[0]["h_0"]["mlp"]
+                         ["specialists"]["fc_A"])
+        out, state = server.apply(setup, local, up, state)
+        g = x - agg  # each row's pseudo-gradient on its own components
+        m = opt.b1 * m + (1 - opt.b1) * g
+        v = opt.b2 * v + (1 - opt.b2) * g ** 2
+        x = x - np.array(LRS)[GROUPS][:, None, None, None] * m / (np.sqrt(v) + opt.tau)
+        got = np.asarray(out["h_0"]["mlp"]["specialists"]["fc_A"])
+        np.testing.assert_allclose(got, x, **TOL64)
+        assert np.all(got * (1 - on) == 0)  # beyond each row's rank: 0
 
 
 def _sim(method, rounds, opt, **kw):
