@@ -267,3 +267,34 @@ def test_fedprox_and_server_optimizers_validate_where_they_apply():
     assert "server.lr" in configuration.FEDERATION_KEYS and "train.prox_mu" in configuration.FEDERATION_KEYS
     with pytest.raises(ValueError, match=r"server.lr=0 is not allowed"):
         dataclasses.replace(fed, federations=({"seed": 0, "server.lr": 0},))
+
+
+def test_a_fedprox_run_with_fedadam_and_stacked_seeds_resumes_bit_for_bit(tiny_cache, tmp_path):
+    """experiments.run of method=fedprox (mu 0.01) with FedAdam, two seeds as one program: each
+    seed's checkpoint holds its server value and optax state; killed after round 2, the same
+    command resumes and ends with the uninterrupted run's results, bit for bit."""
+    import json
+    import os
+    import shutil
+
+    from entrypoint import main as run
+    wd = str(tmp_path / "wd")
+    args = ["--config=configs/tiny.py:fedprox", f"--workdir={wd}", "--config.train.prox_mu=0.01",
+            "--config.server.optimizer=adam", "--config.server.lr=0.1", "--config.seeds=0,7",
+            "--config.federation.stack_seeds=True"]
+    p = run(args, tiny_cache)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    load = lambda d: json.load(open(os.path.join(wd, d, "results.json")))
+    clean = lambda r: {k: v for k, v in r.items() if k not in ("speed", "provenance")}
+    first = {d: clean(load(d)) for d in ("fedprox_s0", "fedprox_s7")}
+    for d in first:
+        shutil.rmtree(os.path.join(wd, d, "checkpoints", "4"))
+        for f in ("results.json", "results.md"):
+            os.remove(os.path.join(wd, d, f))
+    p = run(args, tiny_cache)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resumed from round 2" in p.stdout
+    for d, res in first.items():
+        assert clean(load(d)) == res, d
+    saved = json.load(open(os.path.join(wd, "fedprox_s7", "config.json")))["config"]
+    assert saved["server"]["optimizer"] == "adam" and saved["train"]["prox_mu"] == 0.01
