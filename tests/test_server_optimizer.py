@@ -153,13 +153,35 @@ def test_on_the_rank_masked_mean_each_row_steps_its_own_components(x64):
         assert np.all(got * (1 - on) == 0)  # beyond each row's rank: 0
 
 
-def _sim(method, rounds, opt, **kw):
+FEDS = [{"seed": 1, "server.lr": 0.1, "prox_mu": 0.0}, {"seed": 2, "server.lr": 0.5, "prox_mu": 0.1}]
+
+
+def _sim(method, rounds, opt, feds=FEDS, dtype="float32", **kw):
     from comigs_jax.experiment.simulation import Simulation
     from comigs_jax.train.state import TrainConfig
-    cfg, tc = tiny_cfg(), TrainConfig(rounds=rounds, local_steps=2, batch_size=2, seq_len=8)
-    feds = [{"seed": 1, "server.lr": 0.1, "prox_mu": 0.0}, {"seed": 2, "server.lr": 0.5, "prox_mu": 0.1}]
+    cfg, tc = tiny_cfg(dtype=dtype), TrainConfig(rounds=rounds, local_steps=2, batch_size=2, seq_len=8)
     return Simulation(cfg, tc, get_method(method), tiny_base(cfg), markov_users(3, 200, 0), markov_users(3, 100, 100),
                       federations=feds, dropout=0.3, server_optimizer=opt, **kw)
+
+
+def test_federations_with_their_own_server_lr_and_prox_mu_equal_their_runs_alone(x64):
+    """An lr / mu sweep as one program: each federation's rows after two rounds of FedYogi equal
+    the run of that federation alone (float64: the two programs agree to TOL64)."""
+    from comigs_jax.federated.layout import Layout
+    from comigs_jax.federated.sharding import single_device_mesh
+    opt = ServerOptimizer("yogi")
+    both = _sim("pfedmoe", 2, opt, dtype="float64")
+    alone = [_sim("pfedmoe", 2, opt, feds=[f], dtype="float64") for f in FEDS]
+    for sim in (both, *alone):
+        for _ in range(2):
+            sim.run_round()
+            sim.aggregate()
+    layout = Layout(3, single_device_mesh())
+    for f, one in enumerate(alone):
+        got = both.federation_states(f, layout)
+        for (p, x), y in zip(jax.tree_util.tree_flatten_with_path(one._saved())[0], jax.tree.leaves(got)):
+            if jnp.issubdtype(x.dtype, jnp.floating):
+                np.testing.assert_allclose(np.asarray(y), np.asarray(x), **TOL64, err_msg=jax.tree_util.keystr(p))
 
 
 def test_server_state_resumes_bit_for_bit_through_a_checkpoint(tmp_path):

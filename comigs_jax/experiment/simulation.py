@@ -47,7 +47,7 @@ from comigs_jax.train.state import ROW_HPARAMS, TrainConfig
 
 def federation_of(kw: dict) -> FederationConfig:
     """A FederationConfig from Simulation's keywords (seed, federations, mode, weighting,
-    participation, dropout, ranks, expert_counts), for callers without a config."""
+    participation, dropout, ranks, expert_counts, server_optimizer), for callers without a config."""
     kw = dict(kw)
     bad = set(kw) - {"seed", "federations", "mode", "weighting", "participation", "dropout", "ranks", "expert_counts",
                      "server_optimizer"}
