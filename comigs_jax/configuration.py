@@ -10,6 +10,8 @@ import os
 from comigs_jax.data.config import split_list, validate_data_config
 from comigs_jax import extras
 from comigs_jax.errors import ConfigError
+from comigs_jax import rules
+from comigs_jax.federated import server_optimizer as so
 from comigs_jax.federated.methods import METHODS, ROUTER_MODES, Method, configure_model, get_method  # noqa: F401
 from comigs_jax.model import family as families
 from comigs_jax.model.config import DTYPES, LB_INPUTS, LORA_SCALINGS, REMAT, LoRAConfig, MoEConfig
@@ -18,10 +20,10 @@ from comigs_jax.model.precision import missing_x64
 from comigs_jax.train.evaluation import PROTOCOLS
 from comigs_jax.train.state import ROW_HPARAMS, TrainConfig
 
-# Config keys whose values may differ between the federations of one program: the seeds, and the
-# train hyper-parameters that are per-row values of the round program (train.state.ROW_HPARAMS).
-# A federation of a Simulation (FederationConfig.federations) holds them by their last name.
-FEDERATION_KEYS = ("seed", "seeds") + tuple(f"train.{k}" for k in ROW_HPARAMS)
+# Config keys whose values may differ between the federations of one program: the seeds, the per-row
+# values of the round program (train.state.ROW_HPARAMS) and of the server state (the server optimizer's
+# lr). A federation's dict (FederationConfig.federations) names train keys by their last name.
+FEDERATION_KEYS = ("seed", "seeds") + tuple(f"train.{k}" for k in ROW_HPARAMS) + ("server.lr",)
 MODES, WEIGHTINGS = ("vmap", "loop"), ("uniform", "tokens")
 SIT_OUT = ("skip", "train")  # federation.sit_out: what a user does in a round it does not participate in
 
@@ -67,7 +69,7 @@ class FederationConfig:
     """How the users of a Simulation federate, checked here once (FederationError, one line).
 
     federations: F dicts {"seed": int, and optionally lr / router_lr / lb_weight / weight_decay /
-    prune_lambda} trained as one program (F = 1: a run alone). mode: "vmap" (one program for all
+    prune_lambda / prox_mu / "server.lr"} trained as one program (F = 1: a run alone). mode: "vmap" (one program for all
     users) or "loop" (the same round per user in a Python loop). weighting: "uniform" (the
     reference) or "tokens" (by training-set size). participation: the fraction of users that train
     in a round, in (0, 1]. dropout: the probability that a participant stops at a random local step
@@ -75,7 +77,9 @@ class FederationConfig:
     "skip" (no local steps: less compute and less collaboration) or "train" (all its local steps,
     then no upload: less collaboration only). ranks: each user's expert LoRA rank (None: the padded rank for
     all). expert_counts: experts per user (None: all). PCL mixes every user's model: participation
-    1 and dropout 0 only."""
+    1 and dropout 0 only. server_optimizer: the step after the aggregation
+    (comigs_jax.federated.server_optimizer.ServerOptimizer; its lr: each federation's
+    "server.lr", default 1); None: the aggregate is the new value (today's mean)."""
     federations: tuple = ({"seed": 0},)
     mode: str = "vmap"
     weighting: str = "uniform"
@@ -83,6 +87,7 @@ class FederationConfig:
     dropout: float = 0.0
     ranks: tuple | None = None
     expert_counts: tuple | None = None
+    server_optimizer: so.ServerOptimizer | None = None
     sit_out: str = "skip"
 
     def __post_init__(self):
@@ -101,6 +106,9 @@ class FederationConfig:
             raise FederationError("federation.dropout", self.dropout, "in [0, 1)")
         if self.sit_out not in SIT_OUT:
             raise FederationError("federation.sit_out", self.sit_out, " | ".join(SIT_OUT))
+        for fed in self.federations:
+            if "server.lr" in fed and not so.check_lr(fed["server.lr"]):
+                raise FederationError("server.lr", fed["server.lr"], "a positive finite number")
 
     @property
     def seeds(self) -> list[int]:
@@ -117,6 +125,10 @@ class FederationConfig:
             raise FederationError("federation.participation", self.participation, f"1 for method {method.name} (PCL "
                                   "mixes every user's model every mixing round; partial participation is not "
                                   "supported)", "PCL: only participation=1 is supported")
+        opt = self.server_optimizer
+        why = rules.no_server_step(method)
+        if opt is not None and why:
+            raise FederationError("server.optimizer", opt.name, f"none for method {method.name} ({why})")
         for key, values, lo, hi in (("model.expert_counts", self.expert_counts, max(n_generalists, 1), n_experts),
                                     ("model.ranks", self.ranks, 1, rank)):
             if values is None:
@@ -141,11 +153,11 @@ def _config_error(cfg, e: FederationError) -> ConfigError:
 
 def federation_config(cfg, federations=None) -> FederationConfig:
     """The FederationConfig of `cfg` (its seed alone, or `federations`): built and checked here."""
-    fe = cfg.federation
+    fe, opt = cfg.federation, rules.server_optimizer_of(cfg)
     try:
-        return FederationConfig(tuple(federations or [{"seed": seeds_of(cfg)[0]}]), fe.mode, fe.weighting,
-                                fe.participation, fe.get("dropout", 0.0), ranks_of(cfg),
-                                tuple(expert_counts_of(cfg)) if cfg.model.expert_counts else None,
+        feds = federations or [rules.with_server_lr(cfg, {"seed": seeds_of(cfg)[0]})]
+        return FederationConfig(tuple(feds), fe.mode, fe.weighting, fe.participation, fe.get("dropout", 0.0), ranks_of(cfg),
+                                tuple(expert_counts_of(cfg)) if cfg.model.expert_counts else None, opt,
                                 fe.get("sit_out", "skip"))
     except FederationError as e:
         raise _config_error(cfg, e) from None
@@ -281,7 +293,7 @@ def validate_train(tr, group: str = "train") -> None:
             _fail(k(key), tr[key], "a positive finite number")
     if not 0 <= tr.lr_final_ratio <= 1:
         _fail(k("lr_final_ratio"), tr.lr_final_ratio, "in [0, 1]")
-    for key in ("weight_decay", "lb_weight", "prune_lambda"):
+    for key in ("weight_decay", "lb_weight", "prune_lambda", "prox_mu"):
         if key in tr and not (tr[key] >= 0 and math.isfinite(tr[key])):
             _fail(k(key), tr[key], "a non-negative finite number")
     chunk = tr.get("user_chunk", 0)
@@ -312,9 +324,10 @@ def validate(cfg) -> None:
     pos = base_positions(cfg)
     if pos is not None and tr.seq_len > pos:
         _fail("train.seq_len", tr.seq_len, f"at most the base's {pos} positions")
-    fed = federation_config(cfg)  # mode, weighting, participation, drop-outs
+    fed = federation_config(cfg)  # mode, weighting, participation, drop-outs, the server optimizer
     n_experts = max(expert_counts_of(cfg)) if cfg.model.expert_counts else cfg.model.n_experts
-    for m in methods_of(cfg):  # PCL's limits, expert counts, ranks
+    for m in methods_of(cfg):  # PCL's limits, expert counts, ranks, what the server optimizer and FedProx need
+        rules.check_prox(tr.get("prox_mu", 0.0), METHODS[m])
         try:
             fed.check(METHODS[m], cfg.data.n_users, n_experts, cfg.model.n_generalists, cfg.model.rank)
         except FederationError as e:
@@ -376,13 +389,16 @@ def train_config(cfg) -> TrainConfig:
     return TrainConfig(rounds=tr.rounds, local_steps=tr.local_steps, batch_size=tr.batch_size, seq_len=tr.seq_len,
                        lr=tr.lr, lr_final_ratio=tr.lr_final_ratio, router_lr=tr.router_lr,
                        weight_decay=tr.weight_decay, router_every=tr.router_every, router_steps=tr.router_steps,
-                       lb_weight=tr.lb_weight, faithful=tr.faithful, prune_lambda=tr.get("prune_lambda", 0.0))
+                       lb_weight=tr.lb_weight, faithful=tr.faithful, prune_lambda=tr.get("prune_lambda", 0.0),
+                       prox_mu=tr.get("prox_mu", 0.0))
 
 
 def federation_of(cfg, seed: int) -> dict:
-    """The run (cfg, seed) as a federation of a Simulation: its seed and row hyper-parameters."""
+    """The run (cfg, seed) as a federation of a Simulation: its seed, row hyper-parameters and
+    server lr."""
     tc = train_config(cfg)
-    return {"seed": int(seed), **{k: getattr(tc, k) for k in ROW_HPARAMS}}
+    return rules.with_server_lr(cfg, {"seed": int(seed), **{k: getattr(tc, k) for k in ROW_HPARAMS}})
+
 
 
 # ----------------------------------------------------------------------------- without a base

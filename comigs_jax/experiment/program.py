@@ -28,6 +28,7 @@ from comigs_jax.experiment import metrics, numerics, tracking
 from comigs_jax.experiment.log import log
 from comigs_jax.experiment.simulation import Simulation
 from comigs_jax.federated.layout import Layout
+from comigs_jax.train.state import ROW_HPARAMS
 
 
 class Regroup(Exception):
@@ -84,7 +85,7 @@ def open_program(method, runs: list, data, base_cfg, base, layout: Layout, run_l
     sim = Simulation(model_cfg, configuration.train_config(cfg), method, base, data.train, data.valid,
                      configuration.federation_config(cfg, feds), layout=layout, user_indices=data.indices)
     # each run's train config as it would be alone (its hyper-parameters; Centralized's pooled batch)
-    tcs = [dataclasses.replace(sim.tc, **{k: v for k, v in fed.items() if k != "seed"}) for fed in sim.federations]
+    tcs = [dataclasses.replace(sim.tc, **{k: v for k, v in fed.items() if k in ROW_HPARAMS}) for fed in sim.federations]
     main = distributed.is_main_process()
     writers = [metrics.MetricsWriter(os.path.join(r.run_dir, "metrics.jsonl") if main else None,
                                      tensorboard=cfg.output.get("tensorboard", False), users=data.users,

@@ -47,10 +47,10 @@ from comigs_jax.train.state import ROW_HPARAMS, TrainConfig
 
 def federation_of(kw: dict) -> FederationConfig:
     """A FederationConfig from Simulation's keywords (seed, federations, mode, weighting,
-    participation, dropout, ranks, expert_counts), for callers without a config."""
+    participation, dropout, ranks, expert_counts, server_optimizer, sit_out), for callers without a config."""
     kw = dict(kw)
     bad = set(kw) - {"seed", "federations", "mode", "weighting", "participation", "dropout", "ranks", "expert_counts",
-                        "sit_out"}
+                     "server_optimizer", "sit_out"}
     if bad:
         raise TypeError(f"Simulation: unexpected keywords {sorted(bad)}")
     seed, feds = kw.pop("seed", 0), kw.pop("federations", None)
@@ -134,7 +134,7 @@ class Simulation:
         """The method's server, its state at round 0 (per-row ranks when users have them or the
         rule needs them), the rank masks applied to the initial expert LoRA."""
         moe = self.model_cfg.moe
-        self.server = server_for(self.method, ranks is not None)
+        self.server = server_for(self.method, ranks is not None, self.fed.server_optimizer)
         self.setup = Setup(self.method, self.n_shared_specialists, self.n_federations, moe.lora)
         full = None
         if ranks is not None or self.server.ranked:
@@ -150,6 +150,9 @@ class Simulation:
         if "ranks" in state:
             mask = programs.rows_program(mask_ranks, self.mesh)
             self.states = self.states.replace(params=mask(self.states.params, self.server_state["ranks"]["scale"]))
+        if self.server.start is not None:  # what the rule takes from the round-0 parameters
+            start = programs.server_program(self.server, self.setup, self.mesh, "start")
+            self.server_state = start(self.states.params, self.server_state)
         self._server = programs.server_program(self.server, self.setup, self.mesh)
 
     def _model_rows(self, split: Sequence[np.ndarray]) -> dict:

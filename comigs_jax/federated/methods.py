@@ -56,6 +56,9 @@ class Method:
     router: the model's router kind when the method has one (router_mode != "none"), one of
       ROUTERS: "learned" (token-level, a linear map of each token's hidden state) or "user" (one
       learned logit vector per block: every token of the user mixes its experts alike).
+    proximal: the method is defined by FedProx's proximal term (train.prox_mu / 2 ||w -
+      w_round_start||^2 on the shared leaves in every expert step, comigs_jax.train.steps), so
+      it needs train.prox_mu > 0; the term itself applies to any method that shares leaves.
     """
 
     name: str
@@ -70,6 +73,7 @@ class Method:
     pcl: PCL | None = None
     server: str = ""
     router: str = "learned"
+    proximal: bool = False
 
     def __post_init__(self):
         if self.router_mode not in ROUTER_MODES:
@@ -129,6 +133,9 @@ METHODS = {m.name: m for m in [
     Method("local", _ALL_EXPERTS, "none", one_round=True,
            description="uniform mixture of experts, trained alone after one round-0 sync"),
     Method("fedavg", _ALL_EXPERTS, "none", description="uniform mixture of experts, all averaged every round"),
+    Method("fedprox", _ALL_EXPERTS, "none", proximal=True,
+           description="FedProx: FedAvg with train.prox_mu/2 ||w - w_round_start||^2 on the shared leaves in every "
+                       "local expert step (needs train.prox_mu > 0)"),
     Method("centralized", _ALL_EXPERTS, "none", one_round=True, pooled_data=True,
            description="one model on the pooled data of all users"),
     Method("pfedmoe", _GENERALISTS, "joint", description="generalist shared, router trained jointly on train data"),

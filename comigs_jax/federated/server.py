@@ -3,6 +3,7 @@
 A server is pure functions over pytrees, jitted by the Simulation with the rows split over users:
 
     state = server.init(setup, rows)                          # round 0: host arrays [rows, ...]
+    state = server.start(setup, params, state)                # round 0, when the rule has `start`
     params, state = server.apply(setup, params, inputs, state)  # after a round (server.after_round)
 
 `setup` (a hashable `Setup`) holds what is static: the method's shared roles and factors, the
@@ -86,7 +87,9 @@ class Server:
     ranked: the rule needs per-row expert ranks even when model.ranks is unset. saved: the keys of
     its state that checkpoints keep with the users' states (arrays [rows, ...]: each federation's
     rows are its run's, as the users' rows) and a resume restores; the rest is rebuilt by `init`
-    (the ranks are the host state's, as before this interface)."""
+    (the ranks are the host state's, as before this interface). start(setup, params, state) ->
+    state: what the rule takes from the round-0 parameters (jitted on the rows; a server
+    optimizer's server value and optax state), None: nothing."""
     name: str
     apply: Callable
     init: Callable = no_state
@@ -96,6 +99,7 @@ class Server:
     ranked: bool = False
     saved: tuple = ()
     description: str = ""
+    start: Callable | None = None
 
     def __post_init__(self):
         if self.inputs not in INPUTS:

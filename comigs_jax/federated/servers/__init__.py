@@ -1,7 +1,8 @@
 """The registry of servers (comigs_jax.federated.server.Server): name -> rule, one module each.
 
 A new rule is a module here defining SERVER and one line in SERVERS; a method names it in
-`Method.server` (comigs_jax/federated/methods.py).
+`Method.server` (comigs_jax/federated/methods.py). A stage that any averaging rule can end with
+(the server optimizers, servers/optimizer.py) wraps the rule's record instead (`server_for`).
 """
 from __future__ import annotations
 
@@ -19,13 +20,18 @@ SERVERS: dict[str, Server] = {s.name: s for s in (
 )}
 
 
-def server_for(method, ranked: bool) -> Server:
+def server_for(method, ranked: bool, optimizer=None) -> Server:
     """The server of `method`'s run: its `server`, the rank-masked mean for the mean when the
-    users have ranks (model.ranks). The one place a server is chosen."""
+    users have ranks (model.ranks), followed by the server optimizer `optimizer`
+    (comigs_jax.federated.server_optimizer.ServerOptimizer; None: none). The one place a server
+    is chosen."""
     name = method.server
     if name == "mean" and ranked:
         name = ranked_mean_name()
-    return SERVERS[name]
+    if optimizer is None:
+        return SERVERS[name]
+    from comigs_jax.federated.servers.optimizer import with_optimizer
+    return with_optimizer(SERVERS[name], optimizer)
 
 
 def ranked_mean_name() -> str:
