@@ -19,7 +19,7 @@ from comigs_jax.model.precision import missing_x64
 from comigs_jax.train.evaluation import PROTOCOLS
 from comigs_jax.train.state import ROW_HPARAMS, TrainConfig
 
-from comigs_jax.federated.federation import (  # noqa: F401 (the names callers import from here)
+from comigs_jax.federation_config import (  # noqa: F401 (the names callers import from here)
     FEDERATION_KEYS, MODES, SIT_OUT, WEIGHTINGS, FederationConfig, FederationError, check_federations)
 
 
