@@ -386,6 +386,13 @@ def test_faithful_tiny_run_cuts_a_module_to_zero_counts_it_and_resumes_stacked(t
     counts = [shared_params_per_user(run.model_cfg, method, experts, m) for m in modules]
     assert res["communication"]["download_params"] == sum(counts).tolist()
     assert res["communication"]["final_ranks"] == modules[-1].tolist()
+    # the restored users (what export and generate read): each module zero beyond its own rank
+    from comigs_jax.federated.ranks import leaf_modules, module_layout
+    rows = traverse_util.flatten_dict(restore.restore_rows(run))
+    for p, lead, off in module_layout(rows, rows=True):
+        ranks = leaf_modules(modules[-1], lead, off)                                # [U, *lead]
+        beyond = np.arange(rows[p].shape[-1]) >= ranks[..., None]                    # [U, *lead, r]
+        assert not np.any(rows[p][:3] * beyond[:, ..., None, :]), p
     for s in (0, 1):
         d = os.path.join(wd, f"hetlora_s{s}")
         shutil.rmtree(os.path.join(d, "checkpoints", "4"))
