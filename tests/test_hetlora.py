@@ -54,7 +54,8 @@ class RefHetLora:
     def _to_pruned_client_data(self, name_a, a, name_b, b, server_states, strength):
         k = int(strength * a.shape[0])
         own = np.linalg.norm(a[k:, :]) * np.linalg.norm(b[:, k:])
-        srv = np.linalg.norm(server_states[name_a][k:a.shape[0], :]) * np.linalg.norm(server_states[name_b][:, k:b.shape[1]])
+        srv = (np.linalg.norm(server_states[name_a][k:a.shape[0], :])
+               * np.linalg.norm(server_states[name_b][:, k:b.shape[1]]))
         if own < srv:
             return a[:k, :].copy(), b[:, :k].copy()
         return a, b

@@ -85,11 +85,12 @@ def hetlora_aggregate(params: dict, weights: jax.Array, groups: jax.Array, n_gro
         t = _tail_product(flat[p], flat[_pair(p)], leaf_modules(q, lead, off), leaf_modules(ranks, lead, off))
         own = _put(own, off, t.astype(own.dtype))
         shared[off:off + t[0].size] = shared_slots(p, lead, n_shared_specialists).reshape(-1)
-    below = own < server_tail                                                      # [U, M]
-    if not reference:  # one decision per user over its shared modules
-        below = jnp.broadcast_to((jnp.where(shared, own, 0).sum(1) < jnp.where(shared, server_tail, 0).sum(1))[:, None],
-                                 below.shape)
-    cut = up[:, None] & below & (q >= FLOOR[reference]) & (jnp.asarray(shared)[None] | (not reference))
+    if reference:  # each uploaded module on its own
+        cut = (own < server_tail) & jnp.asarray(shared)[None]                      # [U, M]
+    else:  # one decision per user, on the sums over its uploaded modules, for all its modules
+        below = jnp.where(shared, own, 0).sum(1) < jnp.where(shared, server_tail, 0).sum(1)
+        cut = jnp.broadcast_to(below[:, None], own.shape)
+    cut = cut & up[:, None] & (q >= FLOOR[reference])
     new_ranks = jnp.where(cut, q, ranks).astype(ranks.dtype)
     has = group_has_uploads(weights, groups, n_groups)
     new_tail, out = server_tail, dict(flat)

@@ -243,8 +243,8 @@ def aggregate_ranked(params: dict, weights: jax.Array, n_tokens: jax.Array, rank
                      scale: jax.Array, form: jax.Array, back: jax.Array, *, rule: str, is_shared,
                      n_shared_specialists: int | None, groups: jax.Array, n_groups: int) -> tuple[dict, jax.Array]:
     """The ranked (expert LoRA) shared leaves of stacked params [U, ...] by `rule` ("mean":
-    masked_mean, "flexlora", "flexlora_reference"; HetLoRA: comigs_jax.federated.hetlora); other leaves returned as given
-    (the caller averages them with comigs_jax.federated.aggregate). weights [U]: participation (x tokens) weights;
+    masked_mean, "flexlora", "flexlora_reference"; HetLoRA: comigs_jax.federated.hetlora); other
+    leaves returned as given (the caller averages them with comigs_jax.federated.aggregate). weights [U]: participation (x tokens) weights;
     n_tokens [U]: FlexLoRA's weights; ranks [U] current ranks; scale [U, r] rank scales;
     form / back [U]: FlexLoRA's scales. Rows of a group with no weight (nobody uploaded) keep their
     leaves, as comigs_jax.federated.aggregate's. Returns (params, new ranks [U])."""
