@@ -228,12 +228,15 @@ def check_test_loss(prog: Program, r: int, ev: dict, records: list[dict]) -> Non
 
 def write_records(prog: Program, records: list[dict]) -> None:
     """Each run's metrics line of the round, with what the server did: each user's expert LoRA
-    rank after it (HetLoRA's cuts), PCL's perplexities and mixing weights."""
+    rank after it (HetLoRA's cuts; per LoRA module too where the server keeps them), PCL's
+    perplexities and mixing weights."""
     sim, per = prog.sim, prog.sim.layout.models_per_federation
-    ranks = sim.current_ranks()
+    ranks, modules = sim.current_ranks(), sim.current_module_ranks()
     for f, (w, rec) in enumerate(zip(prog.writers, records)):
         if ranks is not None:
             rec["expert_ranks"] = [int(x) for x in ranks[f * per:f * per + prog.n_models]]
+        if modules is not None:  # a rank per LoRA module: the communication counts them
+            rec["expert_module_ranks"] = modules[f * per:f * per + prog.n_models].tolist()
         if sim.last_mixing is not None:
             rec["pcl"] = {k: v if k == "round" else v[f] for k, v in sim.last_mixing.items()}
         w.write(rec)

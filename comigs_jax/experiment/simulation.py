@@ -144,7 +144,8 @@ class Simulation:
             rows = ranks * self.n_federations if not self.method.pooled_data else [moe.lora.rank]
             full = np.array(rows + [moe.lora.rank] * (self.n_padded - len(rows)), np.int32)
         state = {"ranks": rank_state(full, moe.lora)} if full is not None else {}
-        rows = Rows(self.n_padded, self.layout.federation_of_rows(), tuple(self.federations), full)
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), self.states.params)
+        rows = Rows(self.n_padded, self.layout.federation_of_rows(), tuple(self.federations), full, shapes)
         state.update(self.server.init(self.setup, rows))
         self.server_state = jax.tree.map(lambda a: self.layout.place(np.asarray(a)[self.local_rows]), state)
         if "ranks" in state:
@@ -265,6 +266,13 @@ class Simulation:
         if "ranks" not in self.server_state:
             return None
         return np.asarray(distributed.to_host(self.server_state["ranks"]["current"]), np.int32)
+
+    def current_module_ranks(self) -> np.ndarray | None:
+        """[rows, M] int32: each row's rank per LoRA module (HetLoRA as the reference; order
+        comigs_jax.federated.ranks.module_layout), None where the server keeps no such ranks."""
+        if "module_ranks" not in self.server_state:
+            return None
+        return np.asarray(distributed.to_host(self.server_state["module_ranks"]), np.int32)
 
     # ------------------------------------------------------------------ checkpoints
     def host_states(self, layout: Layout) -> list[dict]:

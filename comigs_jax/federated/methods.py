@@ -174,8 +174,13 @@ METHODS = {m.name: m for m in [
                            description="FedSA-LoRA as the reference (D5): A and B averaged (FedAvg)")),
     # HetLoRA / FlexLoRA (Table 2): one expert per user at its own rank (model.ranks), method.md §7.
     Method("hetlora", _ALL_EXPERTS, "none", server="hetlora",
-           description="HetLoRA: zero-padded mean of the expert LoRA weighted by each user's norm share, "
-                       "rank self-pruning (q = floor(0.99 r)); attention LoRA averaged"),
+           description="HetLoRA (the paper): each user cuts its rank to floor(0.99 r) when its tail is below "
+                       "the global modules' it received; zero-padded mean weighted by |dW| shares; attention "
+                       "LoRA averaged",
+           faithful=Method("hetlora", _ALL_EXPERTS, "none", server="hetlora_reference",
+                           description="HetLoRA as the reference: a rank per LoRA module, each cut against the "
+                                       "server's pre-aggregation state before the mean weighted by each "
+                                       "factor's norm share")),
     Method("flexlora", _ALL_EXPERTS, "none", server="flexlora",
            description="FlexLoRA: SVD of the token-weighted mean of the users' A B s(r_i); each user takes its "
                        "leading r_i components; attention LoRA averaged",

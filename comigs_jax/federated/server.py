@@ -37,11 +37,14 @@ INPUTS = ("uploads", "mixing")
 class Rows(NamedTuple):
     """What a server's `init` knows of the rows (host NumPy): how many, each row's federation, each
     federation's settings (its dict: seed and the values that may differ between federations,
-    configuration.FEDERATION_KEYS) and each row's configured expert LoRA rank (None: no ranks)."""
+    configuration.FEDERATION_KEYS), each row's configured expert LoRA rank (None: no ranks) and the
+    shapes of a row's trainable leaves (a tree of jax.ShapeDtypeStruct without the row axis; None
+    where not given)."""
     n_rows: int
     groups: np.ndarray  # [rows] int32
     federations: tuple = ()
     full_ranks: np.ndarray | None = None
+    params: Any = None
 
 
 class Uploads(NamedTuple):
@@ -128,7 +131,11 @@ def with_current(ranks: dict, current: jax.Array) -> dict:
 
 
 def round_data(state: dict) -> dict:
-    """What the round program reads of the server state: the rank scale and configured ranks."""
+    """What the round program reads of the server state: the rank scale and configured ranks, and
+    each module's rank where a server keeps them ("module_ranks": HetLoRA as the reference)."""
     if "ranks" not in state:
         return {}
-    return {"rank_full": state["ranks"]["full"], "rank_scale": state["ranks"]["scale"]}
+    out = {"rank_full": state["ranks"]["full"], "rank_scale": state["ranks"]["scale"]}
+    if "module_ranks" in state:
+        out["rank_modules"] = state["module_ranks"]
+    return out

@@ -10,7 +10,8 @@ for this row. With FedProx's term on (`prox_weight`), data["prox_anchor"] holds 
 leaves as the round started (comigs_jax.train.rounds adds it, `with_prox_anchor`).
 With per-user LoRA ranks (comigs_jax.federated.ranks), data["rank_scale"] [r_max] is the row's rank
 scale (the model sees A * scale, B masked; masked components are zeroed after every expert
-step) and data["rank_full"] its configured rank (the pruning regulariser's tail).
+step) and data["rank_full"] its configured rank (the pruning regulariser's tail); with a rank per
+LoRA module (HetLoRA as the reference), data["rank_modules"] [M] masks each module to its own.
 """
 from __future__ import annotations
 
@@ -90,7 +91,8 @@ def _grads(keep, params, base, windows, mask, model_cfg, lb_weight, dropout_key,
 
     def fn(p):
         full = merge(p, rest)
-        loss, metrics = lm_loss(full if scale is None else apply_rank_scale(full, scale), base, windows, mask,
+        view = full if scale is None else apply_rank_scale(full, scale, data.get("rank_modules"))
+        loss, metrics = lm_loss(view, base, windows, mask,
                                 model_cfg, lb_weight, dropout_key)
         if prune is not None:
             r_full = data.get("rank_full", model_cfg.moe.lora.rank)
@@ -155,7 +157,7 @@ def expert_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
     updates, opt = expert_optimizer(tc, hp).update(g, state.opt_expert, p)
     params = merge(optax.apply_updates(p, updates), filter_leaves(state.params, lambda q: not trains(q)))
     if "rank_scale" in data:  # components beyond the row's rank stay 0 (Adam's momentum would move them)
-        params = mask_ranks(params, data["rank_scale"])
+        params = mask_ranks(params, data["rank_scale"], data.get("rank_modules"))
     return state.replace(params=params, opt_expert=opt, step=state.step + 1, key=key, leak=leak), metrics
 
 

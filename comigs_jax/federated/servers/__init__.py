@@ -7,12 +7,13 @@ A new rule is a module here defining SERVER and one line in SERVERS; a method na
 from __future__ import annotations
 
 from comigs_jax.federated.server import Server
-from comigs_jax.federated.servers import mean, none, pcl, ranked
+from comigs_jax.federated.servers import hetlora, mean, none, pcl, ranked
 
 SERVERS: dict[str, Server] = {s.name: s for s in (
     mean.SERVER,                   # the masked mean of the shared leaves (FedAvg, CoMiGS's generalists)
     ranked.MASKED_MEAN,            # the mean per rank component (users of different ranks)
-    ranked.HETLORA,                # HetLoRA: norm-share mean with rank self-pruning
+    hetlora.HETLORA,               # HetLoRA (the paper): a rank per user, self-pruning, |dW|-share mean
+    hetlora.HETLORA_REFERENCE,     # HetLoRA as the reference code: a rank per LoRA module (faithful)
     ranked.FLEXLORA,               # FlexLoRA: SVD of the token-weighted mean of the products
     ranked.FLEXLORA_REFERENCE,     # FlexLoRA as the reference code (D3, D3b)
     pcl.SERVER,                    # PCL: no server; softmax(-ppl) mixing of whole models
