@@ -3,6 +3,7 @@
 A server is pure functions over pytrees, jitted by the Simulation with the rows split over users:
 
     state = server.init(setup, rows)                          # round 0: host arrays [rows, ...]
+    state = server.start(setup, params, state)                # round 0, when the rule has `start`
     params, state = server.apply(setup, params, inputs, state)  # after a round (server.after_round)
 
 `setup` (a hashable `Setup`) holds what is static: the method's shared roles and factors, the
@@ -36,11 +37,14 @@ INPUTS = ("uploads", "mixing")
 class Rows(NamedTuple):
     """What a server's `init` knows of the rows (host NumPy): how many, each row's federation, each
     federation's settings (its dict: seed and the values that may differ between federations,
-    configuration.FEDERATION_KEYS) and each row's configured expert LoRA rank (None: no ranks)."""
+    configuration.FEDERATION_KEYS), each row's configured expert LoRA rank (None: no ranks) and the
+    shapes of a row's trainable leaves (a tree of jax.ShapeDtypeStruct without the row axis; None
+    where not given)."""
     n_rows: int
     groups: np.ndarray  # [rows] int32
     federations: tuple = ()
     full_ranks: np.ndarray | None = None
+    params: Any = None
 
 
 class Uploads(NamedTuple):
@@ -86,7 +90,9 @@ class Server:
     ranked: the rule needs per-row expert ranks even when model.ranks is unset. saved: the keys of
     its state that checkpoints keep with the users' states (arrays [rows, ...]: each federation's
     rows are its run's, as the users' rows) and a resume restores; the rest is rebuilt by `init`
-    (the ranks are the host state's, as before this interface)."""
+    (the ranks are the host state's, as before this interface). start(setup, params, state) ->
+    state: what the rule takes from the round-0 parameters (jitted on the rows; a server
+    optimizer's server value and optax state), None: nothing."""
     name: str
     apply: Callable
     init: Callable = no_state
@@ -96,6 +102,7 @@ class Server:
     ranked: bool = False
     saved: tuple = ()
     description: str = ""
+    start: Callable | None = None
 
     def __post_init__(self):
         if self.inputs not in INPUTS:
@@ -124,7 +131,11 @@ def with_current(ranks: dict, current: jax.Array) -> dict:
 
 
 def round_data(state: dict) -> dict:
-    """What the round program reads of the server state: the rank scale and configured ranks."""
+    """What the round program reads of the server state: the rank scale and configured ranks, and
+    each module's rank where a server keeps them ("module_ranks": HetLoRA as the reference)."""
     if "ranks" not in state:
         return {}
-    return {"rank_full": state["ranks"]["full"], "rank_scale": state["ranks"]["scale"]}
+    out = {"rank_full": state["ranks"]["full"], "rank_scale": state["ranks"]["scale"]}
+    if "module_ranks" in state:
+        out["rank_modules"] = state["module_ranks"]
+    return out
