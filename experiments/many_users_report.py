@@ -1,0 +1,158 @@
+"""The many-users study, per language / domain group of users: from a study folder's study.json
+and the population's manifest.json, each group's methods compared paired by seed (the mean over
+the group's users of the test perplexity, comigs_jax/experiment/statistics.py), beside the overall
+comparison; written as groups.json, a markdown report and a figure.
+
+    python -m experiments.many_users_report --study=runs/study_many_users --corpus=data/many_users \\
+        --out=docs/many_users.md --assets=docs/many_users
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+
+from comigs_jax.experiment import statistics
+from experiments.many_users_corpus import GROUPS, user_groups
+
+
+def group_table(cell: dict, groups: dict) -> list[dict]:
+    """Per group of users (then "all"): {group, n_users, methods: {m: describe}, verdict}, each a
+    statistic over seeds of the mean over the group's users of a method's test perplexity; the
+    methods paired on their common seeds. groups: {user: group} (users without one: 'other')."""
+    methods = cell["methods"]
+    seeds = sorted(set.intersection(*(set(r["seeds"]) for r in methods.values())))
+    per = {m: np.asarray(r["per_seed"], np.float64)[[r["seeds"].index(s) for s in seeds]] for m, r in methods.items()}
+    labels = [groups.get(u, "other") for u in cell["users"]]
+    out = []
+    for g in sorted(set(labels)) + ["all"]:
+        idx = [i for i, lab in enumerate(labels) if g in ("all", lab)]
+        arms = {m: v[:, idx].mean(axis=1) for m, v in per.items()}
+        out.append({"group": g, "n_users": len(idx), "seeds": seeds,
+                    "methods": {m: statistics.describe(a) for m, a in arms.items()},
+                    "verdict": statistics.verdict(arms)})
+    return out
+
+
+def _ci(d: dict) -> str:
+    return f"{d['mean']:.2f} [{d['ci95'][0]:.2f}, {d['ci95'][1]:.2f}]" if d.get("ci95") else f"{d['mean']:.2f}"
+
+
+def _pair(p: dict) -> str:
+    ci = p["ci95"]
+    mark = "" if p["beats"] is None else " ✓" if p["beats"] == p["a"] else " ✗"
+    return f"{p['diff']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]{mark}" if ci else f"{p['diff']:+.2f}"
+
+
+def markdown(rows: list[dict], manifest: dict) -> list[str]:
+    methods = list(rows[0]["methods"])
+    pairs = [(p["a"], p["b"]) for p in rows[0]["verdict"]["pairs"]]
+    lines = ["| group | language | domain | users | median tokens | " + " | ".join(methods) + " | "
+             + " | ".join(f"{a} − {b}" for a, b in pairs) + " | winner or tie |",
+             "|---|---|---|---|---|" + "---|" * (len(methods) + len(pairs)) + "---|"]
+    users = manifest.get("users", {})
+    for r in rows:
+        lang, dom = GROUPS.get(r["group"], ("all", "all") if r["group"] == "all" else ("?", "?"))
+        toks = [v["tokens"] for v in users.values() if r["group"] in ("all", v.get("group"))]
+        v = r["verdict"]
+        lines.append(f"| {r['group']} | {lang} | {dom} | {r['n_users']} | {int(np.median(toks)) if toks else '—'} | "
+                     + " | ".join(_ci(r["methods"][m]) for m in methods) + " | "
+                     + " | ".join(_pair(p) for p in v["pairs"]) + " | "
+                     + (v["winner"] or "tie: " + ", ".join(v["tied"])) + " |")
+    return lines
+
+
+def figure(path: str, rows: list[dict]) -> None:
+    """Per group, every pair's paired difference of the mean test perplexity with its 95 % interval."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = [(p["a"], p["b"]) for p in rows[0]["verdict"]["pairs"]]
+    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(rows), 3.6))
+    w = 0.8 / len(pairs)
+    for k, (a, b) in enumerate(pairs):
+        ps = [next(p for p in r["verdict"]["pairs"] if (p["a"], p["b"]) == (a, b)) for r in rows]
+        x = np.arange(len(rows)) + (k - (len(pairs) - 1) / 2) * w
+        d = np.array([p["diff"] for p in ps])
+        lo = np.array([p["ci95"][0] if p["ci95"] else p["diff"] for p in ps])
+        hi = np.array([p["ci95"][1] if p["ci95"] else p["diff"] for p in ps])
+        ax.bar(x, d, w, label=f"{a} − {b}", yerr=[d - lo, hi - d], capsize=2)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(np.arange(len(rows)), [f"{r['group']}\n({r['n_users']})" for r in rows], fontsize=7)
+    ax.set_ylabel("paired difference of test ppl (95 % CI)")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _load(path: str) -> str:
+    """The mean of the 1-minute load averages logged in `path` (lines of /proc/loadavg), or ''."""
+    try:
+        vals = [float(line.split()[0]) for line in open(path) if line.strip()]
+    except (OSError, ValueError, IndexError):
+        return ""
+    return f"{np.mean(vals):.1f} (min {min(vals):.1f}, max {max(vals):.1f}, {len(vals)} samples)" if vals else ""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--study", required=True, help="the study folder (study.json, study.md)")
+    ap.add_argument("--corpus", default="data/many_users", help="the population folder (manifest.json)")
+    ap.add_argument("--out", default="", help="the markdown report (default <study>/groups.md)")
+    ap.add_argument("--assets", default="", help="folder for study.md/json, groups.json and figures (default <study>)")
+    args = ap.parse_args(argv)
+    try:
+        study = json.load(open(os.path.join(args.study, "study.json")))
+        manifest = json.load(open(os.path.join(args.corpus, "manifest.json"), encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    cell = study["cells"][0]
+    rows = group_table(cell, user_groups(args.corpus))
+    assets = args.assets or args.study
+    os.makedirs(assets, exist_ok=True)
+    with open(os.path.join(assets, "groups.json"), "w") as f:
+        json.dump({"cell": cell["name"], "statistics": statistics.__doc__.strip().splitlines()[0], "groups": rows}, f,
+                  indent=1)
+    figure(os.path.join(assets, "groups.png"), rows)
+    for name in ("study.md", "study.json", "study.png"):
+        if os.path.exists(os.path.join(args.study, name)) and os.path.abspath(assets) != os.path.abspath(args.study):
+            shutil.copy(os.path.join(args.study, name), os.path.join(assets, name))
+    out = args.out or os.path.join(args.study, "groups.md")
+    text = render(study, cell, rows, manifest, _load(os.path.join(args.study, "loadavg.txt")),
+                  os.path.relpath(assets, os.path.dirname(os.path.abspath(out)) or "."))
+    with open(out, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {out} and {assets}/groups.json, groups.png")
+    return 0
+
+
+def render(study: dict, cell: dict, rows: list[dict], manifest: dict, load: str, rel: str) -> str:
+    pop = manifest.get("population", {})
+    wall = cell.get("wall_s") or cell.get("one_program_wall_s")
+    head = [f"# {study['study']}: {study['description']}", "",
+            "Generated by `experiments/many_users_report.py` from the study's `study.json` and the population's "
+            "`manifest.json`; do not edit.", "",
+            f"Population: {len(manifest.get('users', {}))} users (floor {pop.get('min_tokens')} tokens, a "
+            f"{pop.get('vocab')}-token byte-level BPE), {pop.get('heldout_units')} units held out for the base "
+            f"(of {pop.get('units')}); seeds {', '.join(map(str, rows[0]['seeds']))}."]
+    if wall:
+        head.append(f"Wall time of the cell: {wall:.0f} s" + (f"; load average during it {load}." if load else "."))
+    head += ["", "## Per language / domain group", "",
+             "Mean over the group's users of the test perplexity, per seed; the 95 % Student t interval over "
+             "seeds; the differences paired by seed (✓: the first beats the second, ✗: the second beats the "
+             "first, neither: no detectable difference).", ""]
+    head += markdown(rows, manifest)
+    head += ["", f"![paired differences per group]({rel}/groups.png)", "",
+             f"The study's own report (every method's numbers, findings) is [study.md]({rel}/study.md); "
+             f"each run's per-user quantiles and histogram are in its results.md and test_ppl_histogram.png.", ""]
+    return "\n".join(head)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
