@@ -30,10 +30,11 @@ def get_config(arg=None):
     c.data.text_files.root = ROOT
     c.data.tokenizer = ROOT + "/.tokenizer"  # the byte-level BPE trained on the held-out units (1,024 tokens)
     c.data.n_users = 256
-    c.data.train_tokens = 24_000  # caps: a smaller user keeps all its text, split in these proportions
-    c.data.valid_tokens = 3_000
-    c.data.test_tokens = 3_000
+    c.data.train_tokens = 16_000  # caps: a smaller user keeps all its text, split in these proportions
+    c.data.valid_tokens = 1_024
+    c.data.test_tokens = 1_024  # 16 windows per user and seed: each evaluation scores 3 x 256 x 16 windows
     c.data.allow_fewer_tokens = True  # sizes follow the corpus (>= --min-tokens each), not the caps
+    c.data.min_tokens = 65  # a split holds at least one window (seq_len + 1)
 
     c.base = "pretrain"
     c.pretrain.text = ROOT + "/.heldout"  # units no user holds: every language and domain, other texts
@@ -46,16 +47,16 @@ def get_config(arg=None):
 
     c.model.rank = 4
     c.model.attn_rank = 4
-    c.train.rounds = 10
+    c.train.rounds = 12
     c.train.local_steps = 4
-    c.train.batch_size = 4
+    c.train.batch_size = 2
     c.train.seq_len = 64
     c.train.lr = 5e-3
     c.train.router_lr = 5e-3
-    c.train.router_every = 4
-    c.train.router_steps = 2
-    c.eval.every_rounds = 5
-    c.eval.batch_size = 64
-    c.checkpoint.every_rounds = 5
+    c.train.router_every = 4  # a router step after every round's expert steps
+    c.train.router_steps = 1
+    c.eval.every_rounds = 6
+    c.eval.batch_size = 16  # one batch per user: a chunk of 64 users scores 64 x 16 windows at a time (vocab-wide logits)
+    c.checkpoint.every_rounds = 6
     c.output.progress = False
     return c

@@ -18,7 +18,8 @@ population's sizes are heavy-tailed by construction. `split_population` turns th
     <out>/manifest.json               per user: group, language, domain, documents, bytes, tokens
 
 A seeded share of each group's units is held out first (so the base sees every language and
-domain), then units under the `min_tokens` floor go to the held-out text, then a seeded sample of
+domain), then units under the `min_tokens` floor (or with fewer than 3 documents: the splits are
+dealt whole documents) go to the held-out text, then a seeded sample of
 n_users of the rest are the users (the unsampled ones are held out as well). Fewer than n_users
 above the floor is an error naming the fix.
 """
@@ -57,6 +58,21 @@ class Unit:
 def slug(text: str) -> str:
     """A folder-safe unit name: runs of other characters become '_'."""
     return re.sub(r"[^A-Za-z0-9_-]+", "_", text).strip("_") or "_"
+
+
+def split_long(pieces, max_chars: int) -> list[str]:
+    """Each piece longer than max_chars cut at its last line break before the limit (or at the
+    limit): a file that is one long paragraph (pydoc_data/topics.py) becomes many documents, as
+    splits are dealt whole documents."""
+    out = []
+    for p in pieces:
+        while len(p) > max_chars:
+            cut = p.rfind("\n", 0, max_chars)
+            cut = cut if cut > 0 else max_chars
+            out.append(p[:cut])
+            p = p[cut:].lstrip("\n")
+        out.append(p)
+    return [p for p in out if p.strip()]
 
 
 def group_units(group: str, keyed_docs) -> list[Unit]:
@@ -161,11 +177,12 @@ def split_population(units: list[Unit], out: str, n_users: int, min_tokens: int,
     tok = train_tokenizer((d for u in held for d in u.docs), vocab, os.path.join(out, ".tokenizer"))
     sizes = {u.folder: sum(len(ids) + 1 for ids in tok(u.docs, add_special_tokens=False)["input_ids"])
              for u in kept}
-    above = [u for u in kept if sizes[u.folder] >= min_tokens]
+    above = [u for u in kept if sizes[u.folder] >= min_tokens and len(u.docs) >= 3]  # a document per split
     if len(above) < n_users:
         why = "; ".join(f"{k}: {v}" for k, v in sorted((skipped or {}).items()))
         raise PopulationError(
-            f"only {len(above)} units hold >= min_tokens={min_tokens} tokens (n_users={n_users} asked): lower "
+            f"only {len(above)} units hold >= min_tokens={min_tokens} tokens in >= 3 documents (n_users={n_users} "
+            f"asked): lower "
             f"--min-tokens or --n-users" + (f", or install the missing sources ({why})" if why else ""))
     users = sorted(rng.sample(above, n_users), key=lambda u: u.folder)
     chosen = {u.folder for u in users}

@@ -90,6 +90,22 @@ def figure(path: str, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def distributions(study_dir: str) -> list[dict]:
+    """Each run's final quantiles of per-user test perplexity (results.json's test_ppl_distribution),
+    with the path of its histogram: [{run, p10, p50, p90, worst10_mean, histogram}]."""
+    import glob
+    out = []
+    for path in sorted(glob.glob(os.path.join(study_dir, "cells", "*", "*", "results.json"))):
+        res = json.load(open(path))
+        q = (res.get("test_ppl_distribution") or {}).get("final")
+        if q:
+            run = os.path.basename(os.path.dirname(path))
+            hist = os.path.join(os.path.dirname(path), "test_ppl_histogram.png")
+            out.append({"run": run, **{k: q[k] for k in ("p10", "p50", "p90", "worst10_mean") if k in q},
+                        "histogram": hist if os.path.exists(hist) else None})
+    return out
+
+
 def _load(path: str) -> str:
     """The mean of the 1-minute load averages logged in `path` (lines of /proc/loadavg), or ''."""
     try:
@@ -123,16 +139,21 @@ def main(argv=None) -> int:
     for name in ("study.md", "study.json", "study.png"):
         if os.path.exists(os.path.join(args.study, name)) and os.path.abspath(assets) != os.path.abspath(args.study):
             shutil.copy(os.path.join(args.study, name), os.path.join(assets, name))
+    dists = distributions(args.study)
+    for d in dists:  # each run's histogram beside the report
+        if d["histogram"]:
+            shutil.copy(d["histogram"], os.path.join(assets, f"{d['run']}_test_ppl_histogram.png"))
     out = args.out or os.path.join(args.study, "groups.md")
     text = render(study, cell, rows, manifest, _load(os.path.join(args.study, "loadavg.txt")),
-                  os.path.relpath(assets, os.path.dirname(os.path.abspath(out)) or "."))
+                  os.path.relpath(assets, os.path.dirname(os.path.abspath(out)) or "."), dists)
     with open(out, "w", encoding="utf-8") as f:
         f.write(text)
     print(f"wrote {out} and {assets}/groups.json, groups.png")
     return 0
 
 
-def render(study: dict, cell: dict, rows: list[dict], manifest: dict, load: str, rel: str) -> str:
+def render(study: dict, cell: dict, rows: list[dict], manifest: dict, load: str, rel: str,
+           dists: list[dict] = ()) -> str:
     pop = manifest.get("population", {})
     wall = cell.get("wall_s") or cell.get("one_program_wall_s")
     head = [f"# {study['study']}: {study['description']}", "",
@@ -148,7 +169,16 @@ def render(study: dict, cell: dict, rows: list[dict], manifest: dict, load: str,
              "seeds; the differences paired by seed (✓: the first beats the second, ✗: the second beats the "
              "first, neither: no detectable difference).", ""]
     head += markdown(rows, manifest)
-    head += ["", f"![paired differences per group]({rel}/groups.png)", "",
+    head += ["", f"![paired differences per group]({rel}/groups.png)", ""]
+    if dists:
+        head += ["## Per-user distribution of each run", "",
+                 "Final test perplexity over the users (results.json's test_ppl_distribution): p10, p50, p90 and "
+                 "the mean of the worst 10 % of users.", "", "| run | p10 | p50 | p90 | worst 10 % mean | histogram |",
+                 "|---|---|---|---|---|---|"]
+        head += [f"| {d['run']} | {d['p10']:.2f} | {d['p50']:.2f} | {d['p90']:.2f} | {d['worst10_mean']:.2f} | "
+                 + (f"[png]({rel}/{d['run']}_test_ppl_histogram.png)" if d["histogram"] else "—") + " |" for d in dists]
+        head.append("")
+    head += [
              f"The study's own report (every method's numbers, findings) is [study.md]({rel}/study.md); "
              f"each run's per-user quantiles and histogram are in its results.md and test_ppl_histogram.png.", ""]
     return "\n".join(head)

