@@ -144,7 +144,11 @@ def main(argv=None) -> int:
         if d["histogram"]:
             shutil.copy(d["histogram"], os.path.join(assets, f"{d['run']}_test_ppl_histogram.png"))
     out = args.out or os.path.join(args.study, "groups.md")
-    text = render(study, cell, rows, manifest, _load(os.path.join(args.study, "loadavg.txt")),
+    try:  # the wrapper's record of the whole command (docs/many_users.md: how it was run)
+        timing = json.load(open(os.path.join(args.study, "timing.json")))
+    except (OSError, ValueError):
+        timing = {}
+    text = render(study, cell, rows, manifest, _load(os.path.join(args.study, "loadavg.txt")), timing,
                   os.path.relpath(assets, os.path.dirname(os.path.abspath(out)) or "."), dists)
     with open(out, "w", encoding="utf-8") as f:
         f.write(text)
@@ -152,7 +156,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def render(study: dict, cell: dict, rows: list[dict], manifest: dict, load: str, rel: str,
+def render(study: dict, cell: dict, rows: list[dict], manifest: dict, load: str, timing: dict, rel: str,
            dists: list[dict] = ()) -> str:
     pop = manifest.get("population", {})
     wall = cell.get("wall_s") or cell.get("one_program_wall_s")
@@ -162,7 +166,11 @@ def render(study: dict, cell: dict, rows: list[dict], manifest: dict, load: str,
             f"Population: {len(manifest.get('users', {}))} users (floor {pop.get('min_tokens')} tokens, a "
             f"{pop.get('vocab')}-token byte-level BPE), {pop.get('heldout_units')} units held out for the base "
             f"(of {pop.get('units')}); seeds {', '.join(map(str, rows[0]['seeds']))}."]
-    if wall:
+    if timing.get("wall_s"):
+        head.append(f"Wall time of `{timing['command']}`: {timing['wall_s'] / 60:.1f} min on {timing.get('cpus', '?')} "
+                    f"CPU cores ({timing['started']} to {timing['ended']}, exit code {timing.get('exit')})"
+                    + (f"; the machine's 1-minute load average during it {load}." if load else "."))
+    elif wall:
         head.append(f"Wall time of the cell: {wall:.0f} s" + (f"; load average during it {load}." if load else "."))
     head += ["", "## Per language / domain group", "",
              "Mean over the group's users of the test perplexity, per seed; the 95 % Student t interval over "

@@ -185,3 +185,39 @@ def test_group_table_matches_scipy():
         assert rows[g]["methods"]["comigs"]["mean"] == pytest.approx(m.mean(), rel=1e-12)
     lines = report.markdown(list(rows.values()), {"users": {u: {"group": g, "tokens": 100} for u, g in groups.items()}})
     assert len(lines) == 2 + 3 and "| man-de | de | man | 3 | 100 |" in lines[3]
+
+
+def test_report_writes_groups_table_and_figure(tmp_path):
+    study, corpus = tmp_path / "study", tmp_path / "corpus"
+    study.mkdir(), corpus.mkdir()
+    rng = np.random.default_rng(1)
+    users = ["code.a", "code.b", "man-de.c"]
+    methods = {m: {"seeds": [0, 1, 2], "per_seed": rng.uniform(5, 9, (3, 3)).tolist()} for m in ("local", "comigs")}
+    json.dump({"study": "many_users", "description": "d", "cells": [{"name": "all", "users": users, "methods": methods}]},
+              open(study / "study.json", "w"))
+    json.dump({"population": {"min_tokens": 10, "vocab": 300, "units": 5, "heldout_units": 2},
+               "users": {u: {"group": u.split(".")[0], "tokens": 50} for u in users}}, open(corpus / "manifest.json", "w"))
+    out = tmp_path / "docs" / "many_users.md"
+    assert report.main([f"--study={study}", f"--corpus={corpus}", f"--out={out}", f"--assets={tmp_path / 'docs' / 'a'}"]) == 0
+    text = out.read_text()
+    assert "| code | python | code | 2 | 50 |" in text and "| all | all | all | 3 |" in text and "(a/groups.png)" in text
+    assert os.path.getsize(tmp_path / "docs" / "a" / "groups.png") > 1000
+    assert json.load(open(tmp_path / "docs" / "a" / "groups.json"))["groups"][-1]["n_users"] == 3
+
+
+def test_text_base_is_keyed_on_its_text_and_tokenizer(population, tmp_path):
+    import shutil
+    from configs import many_users
+    from comigs_jax.experiment.base_model import pretrained_base_dir
+    out, _ = population
+    c = many_users.get_config()
+    text = tmp_path / "heldout"
+    shutil.copytree(out / ".heldout", text)
+    c.pretrain.text, c.data.tokenizer = str(text), str(out / ".tokenizer")
+    first = pretrained_base_dir(c)
+    assert pretrained_base_dir(c) == first
+    with open(text / "docs.jsonl", "a") as f:
+        f.write(json.dumps({"text": "one more held-out document"}) + "\n")
+    second = pretrained_base_dir(c)
+    c.data.tokenizer = "gpt2"
+    assert len({first, second, pretrained_base_dir(c)}) == 3
