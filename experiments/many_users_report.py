@@ -106,6 +106,17 @@ def distributions(study_dir: str) -> list[dict]:
     return out
 
 
+def run_config(study_dir: str) -> dict | None:
+    """The resolved config of the study's first run (its config.json), or None."""
+    import glob
+    for path in sorted(glob.glob(os.path.join(study_dir, "cells", "*", "*", "config.json"))):
+        try:
+            return json.load(open(path))["config"]
+        except (OSError, ValueError, KeyError):
+            continue
+    return None
+
+
 def _load(path: str) -> str:
     """The mean of the 1-minute load averages logged in `path` (lines of /proc/loadavg), or ''."""
     try:
@@ -149,15 +160,26 @@ def main(argv=None) -> int:
     except (OSError, ValueError):
         timing = {}
     text = render(study, cell, rows, manifest, _load(os.path.join(args.study, "loadavg.txt")), timing,
-                  os.path.relpath(assets, os.path.dirname(os.path.abspath(out)) or "."), dists)
+                  os.path.relpath(assets, os.path.dirname(os.path.abspath(out)) or "."), dists, run_config(args.study))
     with open(out, "w", encoding="utf-8") as f:
         f.write(text)
     print(f"wrote {out} and {assets}/groups.json, groups.png")
     return 0
 
 
+def schedule(cfg: dict) -> list[str]:
+    """One line of what was run, from a run's config.json."""
+    t, f, p, d = cfg["train"], cfg["federation"], cfg["pretrain"], cfg["data"]
+    return ["", f"Run: methods {cfg['methods']}, seeds {cfg['seeds']} (stack_seeds={f['stack_seeds']}); "
+            f"{d['n_users']} users, participation {f['participation']}, user_chunk {t['user_chunk']}; "
+            f"{t['rounds']} rounds x {t['local_steps']} local steps of {t['batch_size']} x {t['seq_len']} tokens, "
+            f"lr {t['lr']}, router {t['router_steps']} step(s) every {t['router_every']}; rank {cfg['model']['rank']}; "
+            f"split caps {d['train_tokens']} / {d['valid_tokens']} / {d['test_tokens']} tokens; base: a "
+            f"{p['n_layer']}-layer, {p['n_embd']}-wide GPT-2 pretrained {p['steps']} steps on {p['text']}."]
+
+
 def render(study: dict, cell: dict, rows: list[dict], manifest: dict, load: str, timing: dict, rel: str,
-           dists: list[dict] = ()) -> str:
+           dists: list[dict] = (), cfg: dict | None = None) -> str:
     pop = manifest.get("population", {})
     wall = cell.get("wall_s") or cell.get("one_program_wall_s")
     head = [f"# {study['study']}: {study['description']}", "",
@@ -172,6 +194,7 @@ def render(study: dict, cell: dict, rows: list[dict], manifest: dict, load: str,
                     + (f"; the machine's 1-minute load average during it {load}." if load else "."))
     elif wall:
         head.append(f"Wall time of the cell: {wall:.0f} s" + (f"; load average during it {load}." if load else "."))
+    head += schedule(cfg) if cfg else []
     head += ["", "## Per language / domain group", "",
              "Mean over the group's users of the test perplexity, per seed; the 95 % Student t interval over "
              "seeds; the differences paired by seed (✓: the first beats the second, ✗: the second beats the "
