@@ -44,7 +44,7 @@ def _ci(d: dict) -> str:
 
 def _pair(p: dict) -> str:
     ci = p["ci95"]
-    mark = "" if p["beats"] is None else " ✓" if p["beats"] == p["a"] else " ✗"
+    mark = "" if p["beats"] is None else f" **{p['beats']}**"  # the arm whose interval says it is lower
     return f"{p['diff']:+.2f} [{ci[0]:+.2f}, {ci[1]:+.2f}]{mark}" if ci else f"{p['diff']:+.2f}"
 
 
@@ -84,7 +84,7 @@ def figure(path: str, rows: list[dict]) -> None:
         ax.bar(x, d, w, label=f"{a} − {b}", yerr=[d - lo, hi - d], capsize=2)
     ax.axhline(0, color="k", lw=0.6)
     ax.set_xticks(np.arange(len(rows)), [f"{r['group']}\n({r['n_users']})" for r in rows], fontsize=7)
-    ax.set_ylabel("paired difference of test ppl (95 % CI)")
+    ax.set_ylabel("A − B of test ppl, paired by seed\n(95 % CI; > 0: B is lower)", fontsize=8)
     ax.legend(fontsize=7)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -194,11 +194,21 @@ def render(study: dict, cell: dict, rows: list[dict], manifest: dict, load: str,
                     + (f"; the machine's 1-minute load average during it {load}." if load else "."))
     elif wall:
         head.append(f"Wall time of the cell: {wall:.0f} s" + (f"; load average during it {load}." if load else "."))
+    toks = np.array([v["tokens"] for v in manifest.get("users", {}).values()], np.float64)
+    if len(toks):
+        head.append(f"Users' sizes in tokens (all their text, before the split caps): p10 {np.quantile(toks, 0.1):,.0f}, "
+                    f"median {np.median(toks):,.0f}, p90 {np.quantile(toks, 0.9):,.0f}, largest {toks.max():,.0f}.")
     head += schedule(cfg) if cfg else []
+    head += ["", "Reproduce (docs/data.md: the population; README: the set-up):", "", "```bash",
+             "python -m experiments.prepare_local_corpus --many-users --out data/many_users",
+             "python -m experiments.study --config=configs/studies/many_users.py --workdir=runs/study_many_users",
+             "python -m experiments.many_users_report --study=runs/study_many_users --corpus=data/many_users \\",
+             "    --out=docs/many_users.md --assets=docs/many_users", "```"]
     head += ["", "## Per language / domain group", "",
              "Mean over the group's users of the test perplexity, per seed; the 95 % Student t interval over "
-             "seeds; the differences paired by seed (✓: the first beats the second, ✗: the second beats the "
-             "first, neither: no detectable difference).", ""]
+             "seeds; the differences A − B paired by seed, with the 95 % interval; a name in bold beats the other "
+             "(its interval excludes 0), none: no detectable difference. Seeds change the initialisation, the "
+             "batches and the participating users; the users and their data are the same in every seed.", ""]
     head += markdown(rows, manifest)
     head += ["", f"![paired differences per group]({rel}/groups.png)", ""]
     if dists:

@@ -291,7 +291,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data/local_corpus", help="output folder (one sub-folder per user)")
     ap.add_argument("--users", default=",".join(ALL_USERS), help=f"comma-separated subset of {','.join(ALL_USERS)}")
-    ap.add_argument("--max-mb", type=float, default=4.0, help="cap of clean text per user, in MB")
+    ap.add_argument("--max-mb", type=float, default=None,
+                    help="cap of clean text per user, in MB (4; --many-users: 100 per man-page language, every page)")
     ap.add_argument("--chunk-kb", type=float, default=None, help="maximum document size, in KB (8; --many-users: 2)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel groff renderers")
     ap.add_argument("--seed", type=int, default=0)
@@ -302,6 +303,8 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab", type=int, default=1024, help="--many-users: byte-level BPE trained on the held-out text")
     ap.add_argument("--heldout-share", type=float, default=0.2, help="--many-users: units of each group held out")
     args = ap.parse_args(argv)
+    if args.max_mb is None:
+        args.max_mb = 100.0 if args.many_users else 4.0
     if args.chunk_kb is None:
         args.chunk_kb = 2.0 if args.many_users else 8.0
     if args.many_users:
