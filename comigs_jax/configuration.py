@@ -236,6 +236,10 @@ def validate(cfg) -> None:
             _fail("pretrain.lr", p.lr, "a positive finite number")
         if p.tokens < tr.seq_len + 1:
             _fail("pretrain.tokens", p.tokens, f"at least one window: train.seq_len + 1 = {tr.seq_len + 1}")
+        text = p.get("text", "")
+        if text and not os.path.isdir(os.path.expanduser(text)):
+            _fail("pretrain.text", text, "'' (the synthetic base chain) or an existing folder of .jsonl/.txt text "
+                  "(e.g. the .heldout folder of `prepare_local_corpus --many-users`)")
     try:  # the data first: an unknown source is the error, not the base that needs another one
         validate_data_config(cfg.data)
     except ValueError as e:
@@ -244,9 +248,9 @@ def validate(cfg) -> None:
         _fail("distributed.mode", cfg.distributed.mode, "auto | always | never")
     if cfg.distributed.num_processes < 0:
         _fail("distributed.num_processes", cfg.distributed.num_processes, "0 (detect) or the number of processes")
-    if cfg.base == "pretrain" and cfg.data.source != "synthetic":
-        _fail("base", cfg.base, "'pretrain' only with data.source='synthetic'; else a GPT-2 or Llama directory or "
-              "hub id, 'smollm2-135m' or a .gguf file")
+    if cfg.base == "pretrain" and cfg.data.source != "synthetic" and not cfg.pretrain.get("text", ""):
+        _fail("base", cfg.base, "'pretrain' only with data.source='synthetic' or a pretrain.text folder; else a GPT-2 "
+              "or Llama directory or hub id, 'smollm2-135m' or a .gguf file")
     extras.check_config(cfg)  # an optional package the config needs (gguf, tensorboardX, wandb): one line
 
 

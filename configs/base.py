@@ -83,7 +83,8 @@ def get_config(arg=None):
     c.pretrain.steps = 600  # full-parameter steps on the synthetic base chain
     c.pretrain.batch_size = 32  # windows per step (seq_len as train.seq_len)
     c.pretrain.lr = 3e-3  # peak lr (warm-up, cosine)
-    c.pretrain.tokens = 500_000  # length of the general-chain stream
+    c.pretrain.tokens = 500_000  # length of the general-chain stream (with pretrain.text: tokens of that text read, at most)
+    c.pretrain.text = ""  # "" = the synthetic base chain; a folder of .jsonl/.txt files = pretrain on that text (held-out text of a real corpus, tokenised as data.tokenizer)
 
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_rounds = 5  # save the whole state every k rounds (and after the last)

