@@ -44,7 +44,7 @@ def test_the_demo_config_is_planned(capsys):
     cfg = demo.get_config()
     assert out == "".join(expected_plan(cfg, demo_base(cfg), m, 4) for m in ("local", "fedavg", "comigs"))
     out = expected_plan(cfg, demo_base(cfg), "comigs", 4)
-    assert out.startswith("# Capacity plan: 4 users, GPT-2 2L x 128 (V 256), comigs (1G + 1S), batch 16 x 64, float32")
+    assert out.startswith("# Capacity plan: 4 users, GPT-2 2L x 128 (V 256), comigs (1G + 1S), batch 8 x 64, float32")
     assert "| tokens (40,000 + 20,000 x 2 B) |" in out
 
 
@@ -78,8 +78,8 @@ def test_methods_stacked_seeds_centralized_and_expert_counts(capsys):
     cfg.model.n_experts = 3
     local, central = expected_plan(cfg, demo_base(cfg), "local", 12), expected_plan(cfg, demo_base(cfg), "centralized", 3, 4)
     assert out == local + central
-    assert local.startswith("# Capacity plan: 12 users, GPT-2 2L x 128 (V 256), local (1G + 2S), batch 16 x 64")
-    assert central.startswith("# Capacity plan: 3 users, GPT-2 2L x 128 (V 256), centralized (1G + 2S), batch 64 x 64")
+    assert local.startswith("# Capacity plan: 12 users, GPT-2 2L x 128 (V 256), local (1G + 2S), batch 8 x 64")
+    assert central.startswith("# Capacity plan: 3 users, GPT-2 2L x 128 (V 256), centralized (1G + 2S), batch 32 x 64")
     assert "| tokens (160,000 + 80,000 x 2 B) |" in central
 
 
@@ -90,7 +90,7 @@ def test_experiment_plans_keep_the_capacity_defaults():
                                                                                           40_000, 20_000)
     assert (c.targets, c.mfu, c.usable, c.profile, c.measure) == ("h100,h200,tpu-v4,tpu-v5e", 0.35, 0.9,
                                                                   "accelerator", "")
-    assert cfg.train.batch_size == 16 and cfg.model.n_experts == 2  # the experiment config is not changed
+    assert cfg.train.batch_size == 8 and cfg.model.n_experts == 2  # the experiment config is not changed
 
 
 def _neither(tmp_path):
