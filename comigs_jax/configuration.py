@@ -10,6 +10,7 @@ import os
 from comigs_jax.data.config import split_list, validate_data_config
 from comigs_jax import extras
 from comigs_jax.errors import ConfigError
+from comigs_jax.federated import accounting, privacy
 from comigs_jax.federated.methods import METHODS, ROUTER_MODES, Method, configure_model, get_method  # noqa: F401
 from comigs_jax.model import family as families
 from comigs_jax.model.config import DTYPES, LB_INPUTS, LORA_SCALINGS, REMAT, LoRAConfig, MoEConfig
@@ -72,7 +73,9 @@ class FederationConfig:
     in a round, in (0, 1]. dropout: the probability that a participant stops at a random local step
     and does not upload, in [0, 1). ranks: each user's expert LoRA rank (None: the padded rank for
     all). expert_counts: experts per user (None: all). PCL mixes every user's model: participation
-    1 and dropout 0 only."""
+    1 and dropout 0 only. sampling: "fixed" (round(participation x users) drawn without replacement
+    each round) or "poisson" (each user with probability participation). dp: user-level DP of the
+    shared leaves (comigs_jax.federated.privacy.DP, its sampling and q this config's), None: none."""
     federations: tuple = ({"seed": 0},)
     mode: str = "vmap"
     weighting: str = "uniform"
@@ -80,6 +83,8 @@ class FederationConfig:
     dropout: float = 0.0
     ranks: tuple | None = None
     expert_counts: tuple | None = None
+    sampling: str = "fixed"
+    dp: privacy.DP | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -95,6 +100,10 @@ class FederationConfig:
             raise FederationError("federation.participation", self.participation, "in (0, 1]")
         if not 0 <= self.dropout < 1:
             raise FederationError("federation.dropout", self.dropout, "in [0, 1)")
+        if self.sampling not in privacy.SAMPLINGS:
+            raise FederationError("federation.sampling", self.sampling, " | ".join(privacy.SAMPLINGS))
+        if self.dp is not None:
+            privacy.check_federation(self.dp, self.weighting, self.sampling, self.participation)
 
     @property
     def seeds(self) -> list[int]:
@@ -107,6 +116,8 @@ class FederationConfig:
         if method.pcl is not None and self.dropout > 0:
             raise FederationError("federation.dropout", self.dropout, f"0 for method {method.name} (PCL mixes every "
                                   "user's model every mixing round; drop-outs are not supported)")
+        if self.dp is not None:
+            privacy.check_method(self.dp, method, self.ranks)
         if method.pcl is not None and self.participation < 1:
             raise FederationError("federation.participation", self.participation, f"1 for method {method.name} (PCL "
                                   "mixes every user's model every mixing round; partial participation is not "
@@ -134,13 +145,15 @@ def _config_error(cfg, e: FederationError) -> ConfigError:
 
 
 def federation_config(cfg, federations=None) -> FederationConfig:
-    """The FederationConfig of `cfg` (its seed alone, or `federations`): built and checked here."""
+    """The FederationConfig of `cfg` (its seed alone, or `federations`): built and checked here,
+    with its DP settings (sigma calibrated to dp.target_epsilon when set)."""
     fe = cfg.federation
     try:
         return FederationConfig(tuple(federations or [{"seed": seeds_of(cfg)[0]}]), fe.mode, fe.weighting,
                                 fe.participation, fe.get("dropout", 0.0), ranks_of(cfg),
-                                tuple(expert_counts_of(cfg)) if cfg.model.expert_counts else None)
-    except FederationError as e:
+                                tuple(expert_counts_of(cfg)) if cfg.model.expert_counts else None,
+                                fe.get("sampling", "fixed"), accounting.from_config(cfg))
+    except (FederationError, privacy.PrivacyError) as e:
         raise _config_error(cfg, e) from None
 
 
@@ -310,7 +323,7 @@ def validate(cfg) -> None:
     for m in methods_of(cfg):  # PCL's limits, expert counts, ranks
         try:
             fed.check(METHODS[m], cfg.data.n_users, n_experts, cfg.model.n_generalists, cfg.model.rank)
-        except FederationError as e:
+        except (FederationError, privacy.PrivacyError) as e:
             raise _config_error(cfg, e) from None
     if cfg.eval.protocol not in PROTOCOLS:
         _fail("eval.protocol", cfg.eval.protocol, f"one of {PROTOCOLS}")

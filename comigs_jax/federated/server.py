@@ -48,6 +48,8 @@ class Uploads(NamedTuple):
     weights: jax.Array  # participation weights (x training tokens with weighting="tokens"); 0: no upload
     n_tokens: jax.Array  # training tokens of the rows that uploaded (FlexLoRA's weights), 0 elsewhere
     groups: jax.Array  # int32: each row's federation
+    start: Any = None  # servers with needs_start: the shared leaves at the round's start (nested as params)
+    noise_keys: Any = None  # with DP (Setup.dp): [F, 2] uint32, each federation's noise key of the round
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Setup:
     n_shared_specialists: int
     n_groups: int = 1  # federations on the row axis
     lora: Any = None  # the experts' LoRAConfig (rank scales)
+    dp: Any = None  # comigs_jax.federated.privacy.DP: user-level DP of the shared leaves; None: none
 
 
 def no_state(setup: Setup, rows: Rows) -> dict:
@@ -86,7 +89,9 @@ class Server:
     ranked: the rule needs per-row expert ranks even when model.ranks is unset. saved: the keys of
     its state that checkpoints keep with the users' states (arrays [rows, ...]: each federation's
     rows are its run's, as the users' rows) and a resume restores; the rest is rebuilt by `init`
-    (the ranks are the host state's, as before this interface)."""
+    (the ranks are the host state's, as before this interface). needs_start: its Uploads carry the
+    shared leaves as they were at the round's start (the server value; the Simulation copies them
+    before the round's program, which donates the states)."""
     name: str
     apply: Callable
     init: Callable = no_state
@@ -96,6 +101,7 @@ class Server:
     ranked: bool = False
     saved: tuple = ()
     description: str = ""
+    needs_start: bool = False
 
     def __post_init__(self):
         if self.inputs not in INPUTS:

@@ -6,10 +6,11 @@ A new rule is a module here defining SERVER and one line in SERVERS; a method na
 from __future__ import annotations
 
 from comigs_jax.federated.server import Server
-from comigs_jax.federated.servers import mean, none, pcl, ranked
+from comigs_jax.federated.servers import dp_mean, mean, none, pcl, ranked
 
 SERVERS: dict[str, Server] = {s.name: s for s in (
     mean.SERVER,                   # the masked mean of the shared leaves (FedAvg, CoMiGS's generalists)
+    dp_mean.SERVER,                # the mean under user-level DP: clipped updates, Gaussian noise (dp.enabled)
     ranked.MASKED_MEAN,            # the mean per rank component (users of different ranks)
     ranked.HETLORA,                # HetLoRA: norm-share mean with rank self-pruning
     ranked.FLEXLORA,               # FlexLoRA: SVD of the token-weighted mean of the products
@@ -19,11 +20,14 @@ SERVERS: dict[str, Server] = {s.name: s for s in (
 )}
 
 
-def server_for(method, ranked: bool) -> Server:
+def server_for(method, ranked: bool, private: bool = False) -> Server:
     """The server of `method`'s run: its `server`, the rank-masked mean for the mean when the
-    users have ranks (model.ranks). The one place a server is chosen."""
+    users have ranks (model.ranks), DP-FedAvg's for the mean under DP (`private`; configuration
+    refuses DP with any other server). The one place a server is chosen."""
     name = method.server
-    if name == "mean" and ranked:
+    if name == "mean" and private:
+        name = dp_mean.SERVER.name
+    elif name == "mean" and ranked:
         name = ranked_mean_name()
     return SERVERS[name]
 
