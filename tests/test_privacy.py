@@ -304,7 +304,7 @@ def test_a_dp_run_logs_epsilon_each_round_reports_privacy_and_resumes_bit_for_bi
         [_direct_epsilon("poisson", 0.67, 3, None, sigma, t, 0.01) for t in (1, 2, 3, 4)], rel=1e-12)
     assert priv["epsilon"] == records[-1]["dp_epsilon"] <= 8.0 and priv["target_epsilon"] == 8.0
     assert priv["sampling"] == "poisson" and priv["expected_participants"] == pytest.approx(0.67 * 3)
-    assert priv["local"].startswith("specialist, router: these leaves never leave the device and cost no privacy")
+    assert priv["local"] == "specialist, router: never leave the device and cost no privacy"
     assert "User-level DP of the shared leaves: epsilon" in open(os.path.join(wd, "results.md")).read()
     wd2 = str(tmp_path / "resumed")
     shutil.copytree(wd, wd2)

@@ -111,7 +111,8 @@ def from_config(cfg) -> DP | None:
 def report(dp: DP, rounds: int, method) -> dict:
     """results.json's `privacy`: epsilon at delta after the run's rounds, the mechanism, the event
     and accountant, and what is protected (the shared leaves) and what never leaves the device."""
-    local = [r for r in ("attn", "generalist", "specialist", "router") if r not in method.shared_roles]
+    roles = ("attn", "generalist", "specialist") + (("router",) if method.has_router else ())
+    local = [r for r in roles if r not in method.shared_roles]
     local += [f"{r}.{f}" for r in method.shared_roles if r != "router" for f in "AB" if f not in method.shared_factors]
     return {
         "epsilon": epsilon(dp, rounds), "delta": dp.delta, "rounds": rounds,
@@ -124,5 +125,6 @@ def report(dp: DP, rounds: int, method) -> dict:
         "accountant": ACCOUNTANT, "unit": "user (all of a user's data, every round)",
         "protected": f"the shared leaves ({', '.join(method.shared_roles)}): each upload's update clipped to C, "
                      "Gaussian noise on their sum",
-        "local": f"{', '.join(local) or 'nothing'}: these leaves never leave the device and cost no privacy",
+        "local": (f"{', '.join(local)}: never leave the device and cost no privacy" if local else
+                  "none: every trained leaf is shared, clipped and noised"),
     }
