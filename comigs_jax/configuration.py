@@ -323,6 +323,8 @@ def validate(cfg) -> None:
     for m in methods_of(cfg):  # PCL's limits, expert counts, ranks
         try:
             fed.check(METHODS[m], cfg.data.n_users, n_experts, cfg.model.n_generalists, cfg.model.rank)
+            if fed.dp is not None:  # a model where the method's shared roles hold no leaf shares nothing
+                privacy.check_shares(METHODS[m], cfg.model.attn_rank, n_experts, cfg.model.n_generalists)
         except (FederationError, privacy.PrivacyError) as e:
             raise _config_error(cfg, e) from None
     if cfg.eval.protocol not in PROTOCOLS:

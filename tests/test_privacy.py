@@ -260,6 +260,8 @@ def test_dp_server_is_chosen_only_for_the_mean():
     ({"method": "pcl"}, "config.dp.enabled=True is not allowed: False for method pcl, which mixes whole models"),
     ({"method": "hetlora"}, "config.dp.enabled=True is not allowed: False for method hetlora"),
     ({"model.ranks": "2,4,4"}, "config.dp.enabled=True is not allowed: False for method fedavg, which has per-user"),
+    ({"method": "comigs", "model.n_generalists": 0, "model.attn_rank": 0},
+     "config.dp.enabled=True is not allowed: False for method comigs with model.attn_rank=0, model.n_generalists=0"),
     ({"federation.weighting": "tokens"}, "config.federation.weighting='tokens' is not allowed: uniform with dp"),
 ])
 def test_bad_dp_input_is_one_line_before_any_work(overrides, message):

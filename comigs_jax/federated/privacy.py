@@ -112,6 +112,16 @@ def check_method(dp: DP, method, ranks) -> None:
                                            "the mean of the shared leaves (methods whose server is the mean)")
 
 
+def check_shares(method, attn_rank: int, n_experts: int, n_generalists: int) -> None:
+    """PrivacyError (one line) when the model has no leaf of the method's shared roles (e.g. CoMiGS
+    with model.n_generalists=0 and model.attn_rank=0): there is nothing to privatise."""
+    held = {"attn": attn_rank > 0, "generalist": n_generalists > 0, "specialist": n_experts > n_generalists,
+            "router": method.has_router}
+    if not any(held[r] for r in method.shared_roles):
+        raise PrivacyError("dp.enabled", True, f"False for method {method.name} with model.attn_rank={attn_rank}, "
+                                               f"model.n_generalists={n_generalists}: it shares no leaf")
+
+
 def noise_keys(seeds, round_index: int) -> np.ndarray:
     """[F, 2] uint32: federation f's noise key of the 0-indexed round, fold_in(fold_in(PRNGKey(seed_f),
     NOISE_STREAM), round): a function of the run's seed and the round only (resumes draw the same)."""
