@@ -4,7 +4,7 @@ participants) at epsilon = inf (no DP), 8 and 2 after the run's rounds at delta 
 (every expert and the attention LoRA shared, so all of it is noised) and CoMiGS (only the generalist
 and the attention LoRA; specialists and router never leave the device and cost no privacy). The
 clip C = 0.5 binds for most uploads (the median update norm of the shared leaves was 0.7-1.1 for
-CoMiGS and 1.0-1.5 for FedAvg per round in a measured run), so the epsilon = 8 and 2 cells differ
+CoMiGS and 1.0-1.5 for FedAvg per round in a measured run of 10 rounds x 5 steps), so the epsilon = 8 and 2 cells differ
 from the inf cells by clipping as well as noise.
 
 256 synthetic users (user-level DP needs many: the noise on the mean is sigma C / (q N)), each round
