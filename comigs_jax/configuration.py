@@ -10,6 +10,7 @@ import os
 from comigs_jax.data.config import split_list, validate_data_config
 from comigs_jax import extras
 from comigs_jax.errors import ConfigError
+from comigs_jax import rules
 from comigs_jax.federated import accounting, privacy
 from comigs_jax.federated.methods import METHODS, ROUTER_MODES, Method, configure_model, get_method  # noqa: F401
 from comigs_jax.model import family as families
@@ -19,123 +20,8 @@ from comigs_jax.model.precision import missing_x64
 from comigs_jax.train.evaluation import PROTOCOLS
 from comigs_jax.train.state import ROW_HPARAMS, TrainConfig
 
-# Config keys whose values may differ between the federations of one program: the seeds, and the
-# train hyper-parameters that are per-row values of the round program (train.state.ROW_HPARAMS).
-# A federation of a Simulation (FederationConfig.federations) holds them by their last name.
-FEDERATION_KEYS = ("seed", "seeds") + tuple(f"train.{k}" for k in ROW_HPARAMS)
-MODES, WEIGHTINGS = ("vmap", "loop"), ("uniform", "tokens")
-
-
-def _federation_names() -> tuple[str, ...]:
-    """The keys of one federation's dict: "seed", the train keys of FEDERATION_KEYS by their last
-    name (the round program's per-row hyper-parameters), any other key by its config name."""
-    return ("seed",) + tuple(k[len("train."):] if k.startswith("train.") else k
-                             for k in FEDERATION_KEYS if k not in ("seed", "seeds"))
-
-
-class FederationError(ValueError):
-    """A federation setting outside its limits: `key` (its config key), `value`, what is allowed
-    (the config's one-line refusal), and what else a caller without a config is told (`detail`)."""
-
-    def __init__(self, key: str, value, allowed: str, detail: str = ""):
-        super().__init__(f"{key}={value!r} is not allowed: {allowed}" + (f"; {detail}" if detail else ""))
-        self.key, self.value, self.allowed = key, value, allowed
-
-
-def check_federations(federations) -> list[dict]:
-    """Validated copies of `federations` (each a dict: "seed" and optional per-federation
-    hyper-parameters); ValueError (one line) for a key that cannot vary inside one program."""
-    names, out = _federation_names(), []
-    for i, fed in enumerate(federations):
-        fed = dict(fed)
-        for k in fed:
-            if k not in names:
-                raise ValueError(f"federation {i}: {k!r} cannot differ between federations of one program (it "
-                                 f"changes shapes or the schedule); allowed: {', '.join(names)}; run each "
-                                 f"value of {k!r} as its own program")
-        if "seed" not in fed:
-            raise ValueError(f"federation {i}: no 'seed'")
-        fed["seed"] = int(fed["seed"])
-        out.append(fed)
-    if not out:
-        raise ValueError("federations: at least one federation is needed")
-    return out
-
-
-@dataclasses.dataclass(frozen=True)
-class FederationConfig:
-    """How the users of a Simulation federate, checked here once (FederationError, one line).
-
-    federations: F dicts {"seed": int, and optionally lr / router_lr / lb_weight / weight_decay /
-    prune_lambda} trained as one program (F = 1: a run alone). mode: "vmap" (one program for all
-    users) or "loop" (the same round per user in a Python loop). weighting: "uniform" (the
-    reference) or "tokens" (by training-set size). participation: the fraction of users that train
-    in a round, in (0, 1]. dropout: the probability that a participant stops at a random local step
-    and does not upload, in [0, 1). ranks: each user's expert LoRA rank (None: the padded rank for
-    all). expert_counts: experts per user (None: all). PCL mixes every user's model: participation
-    1 and dropout 0 only. sampling: "fixed" (round(participation x users) drawn without replacement
-    each round) or "poisson" (each user with probability participation). dp: user-level DP of the
-    shared leaves (comigs_jax.federated.privacy.DP, its sampling and q this config's), None: none."""
-    federations: tuple = ({"seed": 0},)
-    mode: str = "vmap"
-    weighting: str = "uniform"
-    participation: float = 1.0
-    dropout: float = 0.0
-    ranks: tuple | None = None
-    expert_counts: tuple | None = None
-    sampling: str = "fixed"
-    dp: privacy.DP | None = None
-
-    def __post_init__(self):
-        set_ = lambda k, v: object.__setattr__(self, k, v)
-        set_("federations", tuple(check_federations(self.federations)))
-        for k in ("ranks", "expert_counts"):
-            if getattr(self, k) is not None:
-                set_(k, tuple(int(x) for x in getattr(self, k)))
-        if self.mode not in MODES:
-            raise FederationError("federation.mode", self.mode, " | ".join(MODES))
-        if self.weighting not in WEIGHTINGS:
-            raise FederationError("federation.weighting", self.weighting, " | ".join(WEIGHTINGS))
-        if not 0 < self.participation <= 1:
-            raise FederationError("federation.participation", self.participation, "in (0, 1]")
-        if not 0 <= self.dropout < 1:
-            raise FederationError("federation.dropout", self.dropout, "in [0, 1)")
-        if self.sampling not in privacy.SAMPLINGS:
-            raise FederationError("federation.sampling", self.sampling, " | ".join(privacy.SAMPLINGS))
-        if self.dp is not None:
-            privacy.check_federation(self.dp, self.weighting, self.sampling, self.participation)
-
-    @property
-    def seeds(self) -> list[int]:
-        return [f["seed"] for f in self.federations]
-
-    def check(self, method: Method, n_users: int, n_experts: int, n_generalists: int, rank: int) -> None:
-        """FederationError for limits that need the method and the model: PCL's participation and
-        drop-outs, expert counts in [max(1, n_generalists), n_experts], ranks in [1, rank], one of
-        each per user."""
-        if method.pcl is not None and self.dropout > 0:
-            raise FederationError("federation.dropout", self.dropout, f"0 for method {method.name} (PCL mixes every "
-                                  "user's model every mixing round; drop-outs are not supported)")
-        if self.dp is not None:
-            privacy.check_method(self.dp, method, self.ranks)
-        if method.pcl is not None and self.participation < 1:
-            raise FederationError("federation.participation", self.participation, f"1 for method {method.name} (PCL "
-                                  "mixes every user's model every mixing round; partial participation is not "
-                                  "supported)", "PCL: only participation=1 is supported")
-        for key, values, lo, hi in (("model.expert_counts", self.expert_counts, max(n_generalists, 1), n_experts),
-                                    ("model.ranks", self.ranks, 1, rank)):
-            if values is None:
-                continue
-            if len(values) != n_users:
-                raise FederationError(key, list(values), f"{n_users} entries (data.n_users)",
-                                      f"{len(values)} entries for {n_users} users")
-            bad = [v for v in values if not lo <= v <= hi]
-            if bad and key == "model.ranks":
-                raise FederationError(key, list(values), f"every rank in [1, model.rank={hi}] (the padded rank)",
-                                      f"rank {bad[0]} does not fit the padded rank {hi}")
-            if bad:
-                raise FederationError(key, list(values), f"every user needs at least max(1, n_generalists="
-                                      f"{n_generalists}) and at most {hi} experts", f"expert count {bad[0]}")
+from comigs_jax.federation_config import (  # noqa: F401 (the names callers import from here)
+    FEDERATION_KEYS, MODES, SIT_OUT, WEIGHTINGS, FederationConfig, FederationError, check_federations)
 
 
 def _config_error(cfg, e: FederationError) -> ConfigError:
@@ -147,12 +33,12 @@ def _config_error(cfg, e: FederationError) -> ConfigError:
 def federation_config(cfg, federations=None) -> FederationConfig:
     """The FederationConfig of `cfg` (its seed alone, or `federations`): built and checked here,
     with its DP settings (sigma calibrated to dp.target_epsilon when set)."""
-    fe = cfg.federation
+    fe, opt = cfg.federation, rules.server_optimizer_of(cfg)
     try:
-        return FederationConfig(tuple(federations or [{"seed": seeds_of(cfg)[0]}]), fe.mode, fe.weighting,
-                                fe.participation, fe.get("dropout", 0.0), ranks_of(cfg),
-                                tuple(expert_counts_of(cfg)) if cfg.model.expert_counts else None,
-                                fe.get("sampling", "fixed"), accounting.from_config(cfg))
+        feds = federations or [rules.with_server_lr(cfg, {"seed": seeds_of(cfg)[0]})]
+        return FederationConfig(tuple(feds), fe.mode, fe.weighting, fe.participation, fe.get("dropout", 0.0), ranks_of(cfg),
+                                tuple(expert_counts_of(cfg)) if cfg.model.expert_counts else None, opt,
+                                fe.get("sit_out", "skip"), fe.get("sampling", "fixed"), accounting.from_config(cfg))
     except (FederationError, privacy.PrivacyError) as e:
         raise _config_error(cfg, e) from None
 
@@ -287,7 +173,7 @@ def validate_train(tr, group: str = "train") -> None:
             _fail(k(key), tr[key], "a positive finite number")
     if not 0 <= tr.lr_final_ratio <= 1:
         _fail(k("lr_final_ratio"), tr.lr_final_ratio, "in [0, 1]")
-    for key in ("weight_decay", "lb_weight", "prune_lambda"):
+    for key in ("weight_decay", "lb_weight", "prune_lambda", "prox_mu"):
         if key in tr and not (tr[key] >= 0 and math.isfinite(tr[key])):
             _fail(k(key), tr[key], "a non-negative finite number")
     chunk = tr.get("user_chunk", 0)
@@ -318,9 +204,10 @@ def validate(cfg) -> None:
     pos = base_positions(cfg)
     if pos is not None and tr.seq_len > pos:
         _fail("train.seq_len", tr.seq_len, f"at most the base's {pos} positions")
-    fed = federation_config(cfg)  # mode, weighting, participation, drop-outs
+    fed = federation_config(cfg)  # mode, weighting, participation, drop-outs, the server optimizer
     n_experts = max(expert_counts_of(cfg)) if cfg.model.expert_counts else cfg.model.n_experts
-    for m in methods_of(cfg):  # PCL's limits, expert counts, ranks
+    for m in methods_of(cfg):  # PCL's limits, expert counts, ranks, what the server optimizer and FedProx need
+        rules.check_prox(tr.get("prox_mu", 0.0), METHODS[m])
         try:
             fed.check(METHODS[m], cfg.data.n_users, n_experts, cfg.model.n_generalists, cfg.model.rank)
             if fed.dp is not None:  # a model where the method's shared roles hold no leaf shares nothing
@@ -384,13 +271,16 @@ def train_config(cfg) -> TrainConfig:
     return TrainConfig(rounds=tr.rounds, local_steps=tr.local_steps, batch_size=tr.batch_size, seq_len=tr.seq_len,
                        lr=tr.lr, lr_final_ratio=tr.lr_final_ratio, router_lr=tr.router_lr,
                        weight_decay=tr.weight_decay, router_every=tr.router_every, router_steps=tr.router_steps,
-                       lb_weight=tr.lb_weight, faithful=tr.faithful, prune_lambda=tr.get("prune_lambda", 0.0))
+                       lb_weight=tr.lb_weight, faithful=tr.faithful, prune_lambda=tr.get("prune_lambda", 0.0),
+                       prox_mu=tr.get("prox_mu", 0.0))
 
 
 def federation_of(cfg, seed: int) -> dict:
-    """The run (cfg, seed) as a federation of a Simulation: its seed and row hyper-parameters."""
+    """The run (cfg, seed) as a federation of a Simulation: its seed, row hyper-parameters and
+    server lr."""
     tc = train_config(cfg)
-    return {"seed": int(seed), **{k: getattr(tc, k) for k in ROW_HPARAMS}}
+    return rules.with_server_lr(cfg, {"seed": int(seed), **{k: getattr(tc, k) for k in ROW_HPARAMS}})
+
 
 
 # ----------------------------------------------------------------------------- without a base

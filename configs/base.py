@@ -10,7 +10,7 @@ from comigs_jax.data.config import default_data_config
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
-    c.method = arg or "comigs"  # local | fedavg | centralized | pfedmoe | comigs | comigs_2g | comigs_2s | comigs_train | comigs_uniform | comigs_user_router | fedavg_moe | local_moe | fedavg_moe_train | local_moe_train | ffa_lora | ffa_lora_77efb25 | fedsa_lora | pcl | pcl_every_round | hetlora | flexlora
+    c.method = arg or "comigs"  # local | fedavg | fedprox | centralized | pfedmoe | comigs | comigs_2g | comigs_2s | comigs_train | comigs_uniform | comigs_user_router | fedavg_moe | local_moe | fedavg_moe_train | local_moe_train | ffa_lora | ffa_lora_77efb25 | fedsa_lora | pcl | pcl_every_round | hetlora | flexlora
     c.methods = ""  # comparison: comma-separated methods run on the same data, seeds and base ("" = just `method`)
     c.seed = 42  # seeds initialisation, batch sampling and participation
     c.seeds = ""  # comparison: comma-separated seeds ("" = just `seed`)
@@ -50,6 +50,7 @@ def get_config(arg=None):
     c.train.user_chunk = 0  # vmap mode: each device trains and scores its users this many at a time (0 = all at once); live activations are a chunk's, not every user's
     c.train.faithful = False  # reproduce the reference's gradient leaks D1, D2 (method.md §8)
     c.train.prune_lambda = 0.0  # weight of the rank-tail pruning regulariser sum |A[:, q:]| |B[q:, :]|, q = floor(0.99 r) (HetLoRA/FlexLoRA/FFA-LoRA scripts; 0 = off)
+    c.train.prox_mu = 0.0  # FedProx (Li et al., MLSys 2020): mu/2 ||w - w_round_start||^2 on the shared leaves in every local expert step, any method that shares leaves (method=fedprox: FedAvg with it, needs > 0); 0 = off; may differ between federations of one program
 
     c.federation = ml_collections.ConfigDict()
     c.federation.mode = "vmap"  # vmap: all users in one program | loop: a Python loop over users (same math)
@@ -58,10 +59,19 @@ def get_config(arg=None):
     c.federation.participation = 1.0  # fraction of users that train in a round (q)
     c.federation.sampling = "fixed"  # fixed: round(q N) users drawn without replacement each round | poisson: each user independently with probability q
     c.federation.dropout = 0.0  # probability that a participating user stops at a uniformly random local step of a round (keeps its steps, skips that round's aggregation); in [0, 1)
+    c.federation.sit_out = "skip"  # a user that does not participate in a round: skip (no local steps) | train (all its local steps, no upload: separates compute from collaboration)
     c.federation.stack_seeds = False  # True: a method's seeds (config seeds) train as independent federations of ONE program (one compile); the same per-seed folders and results as separate runs
 
+    c.server = ml_collections.ConfigDict()  # a server optimizer after the aggregation (Reddi et al., ICLR 2021): x <- x + opt(x - mean of the uploads)
+    c.server.optimizer = "none"  # none: the aggregate is the new value (the mean) | sgd (FedAvgM with server.momentum > 0; lr 1, momentum 0 = the mean) | adam (FedAdam) | yogi (FedYogi) | adagrad (FedAdagrad): Algorithm 2, m/(sqrt(v) + tau), v starts at tau^2
+    c.server.lr = 1.0  # server learning rate eta (> 0); may differ between federations of one program (an lr sweep as one program)
+    c.server.momentum = 0.0  # sgd: server momentum beta in [0, 1) (FedAvgM; Hsu et al. 2019 use 0.9)
+    c.server.b1 = 0.9  # adam / yogi / adagrad: first-moment decay beta1 in [0, 1)
+    c.server.b2 = 0.99  # adam / yogi: second-moment decay beta2 in [0, 1) (adagrad sums the squares)
+    c.server.tau = 1e-3  # adam / yogi / adagrad: adaptivity tau > 0 (sqrt(v) + tau; v starts at tau^2)
+
     c.dp = ml_collections.ConfigDict()  # user-level differential privacy of the shared leaves (DP-FedAvg, McMahan et al. 2018; the `dp` extra)
-    c.dp.enabled = False  # True: each upload's update of the shared leaves clipped to dp.clip, Gaussian noise on their sum, / expected participants; epsilon at dp.delta each round (methods whose server is the mean)
+    c.dp.enabled = False  # True: each upload's update of the shared leaves clipped to dp.clip, Gaussian noise on their sum, / expected participants (before any server.optimizer step); epsilon at dp.delta each round (methods whose server is the mean)
     c.dp.clip = 1.0  # C: the L2 bound of a user's update over all its shared leaves (> 0; inf: no clipping)
     c.dp.noise_multiplier = 1.0  # sigma: the noise on the sum has std sigma * C (>= 0); replaced by the calibrated one when dp.target_epsilon > 0
     c.dp.delta = 1e-5  # delta of the reported (epsilon, delta), in (0, 1); below 1 / data.n_users

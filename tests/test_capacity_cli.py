@@ -37,11 +37,13 @@ def demo_base(cfg) -> GPT2Config:
 
 
 def test_the_demo_config_is_planned(capsys):
-    """The issue's traceback (`AttributeError: 'users'`): the demo's 4 users of its 2-layer base."""
+    """The issue's traceback (`AttributeError: 'users'`): the demo's 4 users of its 2-layer base, one
+    plan per method it compares (local, fedavg, comigs)."""
     assert capacity.main(["comigs_jax.capacity", f"--config={REPO}/configs/demo.py"]) == 0
     out = capsys.readouterr().out
     cfg = demo.get_config()
-    assert out == expected_plan(cfg, demo_base(cfg), "comigs", 4)
+    assert out == "".join(expected_plan(cfg, demo_base(cfg), m, 4) for m in ("local", "fedavg", "comigs"))
+    out = expected_plan(cfg, demo_base(cfg), "comigs", 4)
     assert out.startswith("# Capacity plan: 4 users, GPT-2 2L x 128 (V 256), comigs (1G + 1S), batch 16 x 64, float32")
     assert "| tokens (40,000 + 20,000 x 2 B) |" in out
 
@@ -82,7 +84,7 @@ def test_methods_stacked_seeds_centralized_and_expert_counts(capsys):
 
 
 def test_experiment_plans_keep_the_capacity_defaults():
-    cfg = demo.get_config()
+    cfg = demo.get_config("comigs")
     (c,) = capacity.experiment_plans(cfg, capacity_config.get_config())
     assert (c.users, c.method, c.base, c.vocab_size, c.train_tokens, c.valid_tokens) == (4, "comigs", "pretrain", 256,
                                                                                           40_000, 20_000)
@@ -101,7 +103,8 @@ def _neither(tmp_path):
 @pytest.mark.parametrize("flags, names", [
     (["--config=configs/demo.py", "--config.base=/no/such/base"], "config.base='/no/such/base' is not allowed"),
     (["--config=configs/demo.py", "--config.data.n_users=0"], "config.data.n_users=0 is not allowed"),
-    (["--config=configs/demo.py", "--config.method=fedavgg"], "config.method='fedavgg' is not allowed"),
+    (["--config=configs/demo.py:comigs", "--config.method=fedavgg"], "config.method='fedavgg' is not allowed"),
+    (["--config=configs/demo.py", "--config.methods=local,fedavgg"], "config.methods='fedavgg' is not allowed"),
     (["--config=configs/demo.py", "--config.userz=3"], "the top-level keys are defined in configs/base.py"),
     (["--config=configs/demo.py", "--config.data.n_userz=3"], "are defined in comigs_jax/data/config.py"),
     (["--config.data.n_users=3"], "the top-level keys are defined in configs/capacity.py"),

@@ -149,3 +149,48 @@ def test_a_federation_whose_users_all_dropped_out_keeps_its_leaves(setup):
         np.testing.assert_array_equal(x[N:2 * N], before[k][N:2 * N], err_msg=str(k))
         if role_of(k) == "attn":  # fedavg's shared leaves: federation 0's mean on each of its rows
             np.testing.assert_allclose(x[:N], np.broadcast_to(before[k][:N].mean(0), x[:N].shape), **TOL64)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_sit_out_train_trains_every_user_and_averages_only_the_uploads(setup, dropout):
+    """federation.sit_out="train": a user that does not participate makes all its local steps (the
+    same steps, on the same keys, as at participation 1) and does not upload; the shared leaves are
+    the mean over the users that participated and finished."""
+    cfg, base, train, valid = setup
+    method = get_method("comigs")
+    sim = Simulation(cfg, TC, method, base, train, valid, seed=3, participation=0.34, dropout=dropout,
+                     sit_out="train")
+    full = Simulation(cfg, TC, method, base, train, valid, seed=3)
+    sim.run_round(); full.run_round()
+    uploads = np.asarray(sim.active)
+    assert uploads.sum() <= 1 and sim.trained.sum() >= N - 1  # 1 of 3 participates; the others train
+    dropped = ~uploads & (sim.steps_made < TC.local_steps)
+    trained, ref = _flat(sim.states.params), _flat(full.states.params)
+    done = ~dropped  # users that made all 3 steps: what participation 1 made, two programs in float64
+    for k in trained:
+        np.testing.assert_allclose(trained[k][done], ref[k][done], **TOL64, err_msg=str(k))
+    sim.aggregate()
+    after = _flat(sim.states.params)
+    for k in (k for k in after if method.is_shared(k)):
+        want = trained[k][uploads].mean(0) if uploads.any() else trained[k]  # nobody uploaded: rows keep theirs
+        np.testing.assert_allclose(after[k], np.broadcast_to(want, after[k].shape), **TOL64, err_msg=str(k))
+    for k in (k for k in after if not method.is_shared(k)):  # local leaves: what each user trained
+        np.testing.assert_array_equal(after[k], trained[k], err_msg=str(k))
+
+
+def test_sit_out_skip_is_todays_program_and_unknown_values_are_refused(setup):
+    cfg, base, train, valid = setup
+    a = Simulation(cfg, TC, get_method("comigs"), base, train, valid, seed=3, participation=0.34)
+    b = Simulation(cfg, TC, get_method("comigs"), base, train, valid, seed=3, participation=0.34, sit_out="skip")
+    a.run_round(); b.run_round()
+    np.testing.assert_array_equal(a.active, b.active)
+    np.testing.assert_array_equal(b.steps_made, np.where(b.active, TC.local_steps, 0))
+    for (k, x), y in zip(_flat(a.states.params).items(), _flat(b.states.params).values()):
+        np.testing.assert_array_equal(x, y, err_msg=str(k))
+    from comigs_jax import configuration
+    from comigs_jax.errors import ConfigError
+    from configs import tiny
+    c = tiny.get_config("comigs")
+    c.federation.sit_out = "idle"
+    with pytest.raises(ConfigError, match=r"^config.federation.sit_out='idle' is not allowed: skip \| train$"):
+        configuration.validate(c)

@@ -319,3 +319,29 @@ def test_a_dp_run_logs_epsilon_each_round_reports_privacy_and_resumes_bit_for_bi
     for key in ("speed", "provenance"):  # wall-clock timings, and when and where it ran
         res.pop(key), again.pop(key)
     assert again == res
+
+
+def test_a_server_optimizer_steps_with_the_noised_mean():
+    """DP then FedAvgM-style sgd at lr 1, momentum 0: x - 1 (x - noised mean) is the noised mean
+    (float32: |x| + |mean| ~ 4, a difference of two such numbers within 4e-6); the composed server
+    is chosen in the one place (dp_mean, then the optimizer)."""
+    from comigs_jax.federated.server import Rows
+    from comigs_jax.federated.server_optimizer import ServerOptimizer
+    m = get_method("comigs")
+    composed = server_for(m, ranked=False, optimizer=ServerOptimizer("sgd"), private=True)
+    assert composed.name == "dp_mean+sgd" and composed.needs_start
+    start = {k: np.broadcast_to(v[[0, 0, 0, 3, 3, 3, 3]], v.shape).copy() for k, v in _flat(5).items()}
+    flat = {k: start[k] + _flat(6, 0.3)[k] for k in start}
+    w = np.array([1, 1, 0, 1, 1, 0, 0.0])
+    dp = privacy.DP(clip=0.5, noise_multiplier=1.0, q=2 / 3, n_users=3)
+    setup = Setup(m, n_shared_specialists=1, n_groups=2, dp=dp)
+    nest = lambda f: traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in f.items()})
+    state = composed.init(setup, Rows(7, GROUPS, ({"seed": 0, "server.lr": 1.0}, {"seed": 1, "server.lr": 1.0})))
+    state = composed.start(setup, nest(start), jax.tree.map(jnp.asarray, state))
+    up = Uploads(jnp.asarray(w, jnp.float32), jnp.asarray(w, jnp.float32), jnp.asarray(GROUPS, jnp.int32),
+                 nest({k: v for k, v in start.items() if m.is_shared(k)}), jnp.asarray(privacy.noise_keys([0, 1], 0)))
+    out, _ = jax.jit(lambda p, u, s: composed.apply(setup, p, u, s))(nest(flat), up, state)
+    got = {k: np.asarray(v) for k, v in traverse_util.flatten_dict(out).items()}
+    want = _server(m, dp, flat, start, w)
+    for k in flat:
+        np.testing.assert_allclose(got[k], want[k], rtol=0, atol=4e-6, err_msg=str(k))

@@ -91,43 +91,6 @@ def test_masked_mean_gives_masked_components_no_weight():
         np.testing.assert_allclose(out[k], mean[None] * m.reshape(shape), rtol=1e-5, atol=1e-6, err_msg=str(k))
 
 
-def _np_hetlora(flat, w, ranks):
-    server = {}
-    for k, x in flat.items():
-        wn = w[:, None] * _fro(x)                                                  # [U, modules]
-        server[k] = (wn[..., None, None] * x).sum(0) / wn.sum(0)[..., None, None]
-    q = np.array([prune_rank(r) for r in ranks])
-    own, srv = np.zeros(len(ranks)), np.zeros(len(ranks))
-    for n in ("fc", "proj"):
-        ka, kb = ("h_0", "mlp", "specialists", f"{n}_A"), ("h_0", "mlp", "specialists", f"{n}_B")
-        for u, r in enumerate(ranks):
-            own[u] += (_fro(flat[ka][u][..., q[u]:r]) * _fro(flat[kb][u][..., q[u]:r, :])).sum()
-            srv[u] += (_fro(server[ka][..., q[u]:r]) * _fro(server[kb][..., q[u]:r, :])).sum()
-    new = np.where((w > 0) & (own < srv), q, ranks)
-    out = {}
-    for k, s in server.items():
-        ax = -1 if k[-1].endswith("_A") else -2
-        shape = [len(ranks), 1, 1, 1]
-        shape[ax] = R
-        out[k] = s[None] * (np.arange(R) < new[:, None]).reshape(shape)
-    return out, new
-
-
-def test_hetlora_rule_matches_numpy_and_ranks_shrink_never_grow():
-    # user 1's tail is tiny: it is cut (4 -> 3); user 4 sits out (weight 0): never cut, no weight
-    ranks, w = np.array([2, 4, 3, 4, 4]), np.array([1.0, 1.0, 1.0, 1.0, 0.0])
-    for rnd in range(2):  # a second round of trained users at the cut ranks: it shrinks further, never grows
-        flat = _stack(list(ranks), seed=1 + rnd, tiny_tail=(1, 4))
-        out, new = _run(flat, "hetlora", w, list(ranks))
-        want, want_new = _np_hetlora(flat, w, list(ranks))
-        np.testing.assert_array_equal(new, want_new)
-        for k in flat:
-            np.testing.assert_allclose(out[k], want[k], rtol=2e-5, atol=1e-6, err_msg=str(k))
-        assert np.all(new <= ranks)
-        ranks = new
-    assert new[1] == 2 and new[4] == 4
-
-
 @pytest.mark.parametrize("reference, n", [(False, [300.0, 100.0, 200.0]), (True, [300.0, 100.0, 200.0]),
                                           (True, [300.0, 100.0, 0.0])])
 def test_flexlora_rule_matches_numpy_clean_and_reference(reference, n):
@@ -166,7 +129,7 @@ def test_flexlora_rule_matches_numpy_clean_and_reference(reference, n):
                                    rtol=1e-4, atol=1e-5)
     assert get_method("flexlora").for_mode(True).server == "flexlora_reference"
     # nobody uploaded: no rule averages over no one; every leaf stays as it was
-    for r in ("mean", "hetlora", rule):
+    for r in ("mean", rule):  # HetLoRA's servers: tests/test_servers.py
         out0, new0 = _run(flat, r, np.zeros(3), ranks, n_tokens=np.zeros(3), form=form, back=back)
         np.testing.assert_array_equal(new0, ranks)
         for k, x in flat.items():

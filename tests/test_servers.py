@@ -11,11 +11,12 @@ import pytest
 from flax import traverse_util
 
 from comigs_jax.federated.methods import METHODS, get_method
-from comigs_jax.federated.ranks import lora_scale, prune_rank, rank_scales
+from comigs_jax.federated.ranks import lora_scale, mask_ranks, prune_rank, rank_scales
 from comigs_jax.federated.server import Rows, Setup, Uploads, rank_state, round_data
 from comigs_jax.federated.servers import SERVERS, server_for
 from comigs_jax.model.config import LoRAConfig
-from test_ranks import _np_hetlora
+
+from tiny import TOL64
 
 R, D_IN, D_OUT = 4, 5, 6
 LORA = LoRAConfig(rank=R, alpha=16.0)
@@ -95,24 +96,68 @@ def test_masked_mean_server_weighs_each_rank_component_by_the_rows_that_have_it(
             np.testing.assert_allclose(out[k][sel], mean[None] * m[sel].reshape(wm.shape), rtol=1e-5, atol=1e-6)
 
 
-def test_hetlora_server_cuts_ranks_per_federation_and_its_state_holds_them():
-    method = get_method("hetlora")
-    flat, w = _params(2, tiny_tail=(1, 4)), np.array([1, 1, 1, 1, 1, 1, 0.0])
-    out, state = _apply("hetlora", method, flat, w)
-    new = np.asarray(state["ranks"]["current"])
-    for g in (0, 1):
-        sel = np.flatnonzero(GROUPS == g)
-        spec = {k: x[sel] for k, x in flat.items() if k[:3] == SPEC}
-        want, want_new = _np_hetlora(spec, w[sel], [RANKS[i] for i in sel])
-        np.testing.assert_array_equal(new[sel], want_new)
-        for k in spec:
-            np.testing.assert_allclose(out[k][sel], want[k], rtol=2e-5, atol=1e-6, err_msg=f"{g} {k}")
-    assert new.tolist() == [4, 3, 3, 2, 3, 4, 4]  # the tiny tails cut (and row 2 here), the padding row never
-    # the rank scale follows the new ranks, as rank_scales computes it placed on a device (bit for
-    # bit: float64 values, float32 on a device without 64-bit JAX)
-    want = np.asarray(jnp.asarray(rank_scales(new, RANKS, LORA, R)))
-    np.testing.assert_array_equal(np.asarray(state["ranks"]["scale"]), want)
-    np.testing.assert_array_equal(np.asarray(round_data(state)["rank_scale"]), want)
+@pytest.mark.parametrize("name", ["hetlora", "hetlora_reference"])
+def test_hetlora_servers_work_within_each_federation_and_their_state_holds_the_ranks(name, x64):
+    """Both HetLoRA servers (checked against NumPy oracles of the paper and of the reference code
+    in tests/test_hetlora.py) over three rounds of two federations on one row axis: every
+    federation's rows, ranks and server tails are those of the server run on that federation
+    alone; round 0 cuts nobody; a federation none of whose users uploaded keeps everything;
+    the padding row (weight 0) is never cut; the rank scale follows the ranks. Float64 (x64):
+    the two programs sum the same rows in other orders."""
+    reference = name == "hetlora_reference"
+    method = get_method("hetlora").for_mode(reference)
+    server = SERVERS[name]
+    assert server is SERVERS[method.server]
+
+    def init(groups, feds, ranks, flat):
+        shapes = traverse_util.unflatten_dict({k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in flat.items()})
+        setup = Setup(method, n_shared_specialists=1, n_groups=len(feds), lora=LORA)
+        state = {"ranks": rank_state(ranks, LORA)}
+        state.update(server.init(setup, Rows(len(ranks), groups, feds, np.asarray(ranks), shapes)))
+        return setup, jax.tree.map(jnp.asarray, state)
+
+    def apply(setup, flat, w, groups, state):
+        up = Uploads(jnp.asarray(w), jnp.asarray(w), jnp.asarray(groups, jnp.int32))
+        params = traverse_util.unflatten_dict({k: jnp.asarray(v) for k, v in flat.items()})
+        out, state = jax.jit(lambda p, u, s: server.apply(setup, p, u, s))(params, up, state)
+        return {k: np.asarray(v) for k, v in traverse_util.flatten_dict(out).items()}, state
+
+    flat = {k: v.astype(np.float64) for k, v in _params(2).items()}
+    both = init(GROUPS, ({"seed": 0}, {"seed": 1}), RANKS, flat)
+    alone = [init(np.zeros(int((GROUPS == g).sum()), np.int32), ({"seed": g},), [RANKS[i] for i in np.flatnonzero(
+        GROUPS == g)], flat) for g in (0, 1)]
+    states = [both[1], alone[0][1], alone[1][1]]
+    weights = [np.array([1, 1, 1, 1, 1, 1, 0.0]), np.array([0, 0, 0, 1, 1, 1, 0.0]), np.array([1, 1, 1, 1, 1, 1, 0.0])]
+    for rnd, w in enumerate(weights):
+        flat = {k: v if k[-2] == "router" else v * (1 + (k[:3] == SPEC) * 0.5 * np.random.default_rng(rnd).random(
+            v.shape[:1] + (1,) * (v.ndim - 1))) for k, v in _params(10 + rnd, tiny_tail=(0, 1, 2, 3, 4)).items()}
+        flat = traverse_util.flatten_dict(mask_ranks(  # the rows' current ranks: zero beyond
+            traverse_util.unflatten_dict(flat), states[0]["ranks"]["scale"], states[0].get("module_ranks")))
+        flat = {k: np.asarray(v, np.float64) for k, v in flat.items()}
+        out, states[0] = apply(both[0], flat, w, GROUPS, states[0])
+        for g in (0, 1):
+            sel = np.flatnonzero(GROUPS == g)
+            got, states[1 + g] = apply(alone[g][0], {k: v[sel] for k, v in flat.items()}, w[sel],
+                                       np.zeros(len(sel)), states[1 + g])
+            for k in got:
+                if k[-2] != "router":  # hetlora shares every role but the router
+                    np.testing.assert_allclose(out[k][sel], got[k], **TOL64, err_msg=f"{rnd} {g} {k}")
+            for key in ("server_tail",) + (("module_ranks",) if reference else ()):
+                np.testing.assert_allclose(np.asarray(states[0][key])[sel], np.asarray(states[1 + g][key]), **TOL64)
+            np.testing.assert_array_equal(np.asarray(states[0]["ranks"]["current"])[sel],
+                                          np.asarray(states[1 + g]["ranks"]["current"]))
+        new = np.asarray(states[0]["ranks"]["current"])
+        if rnd == 0:
+            assert new.tolist() == RANKS  # the server's B is 0 before the first aggregation
+        if rnd == 1:  # federation 0 silent: its rows keep their leaves
+            for k in flat:
+                np.testing.assert_array_equal(out[k][:3], flat[k][:3])
+    assert new[6] == RANKS[6] and (new < RANKS).any()
+    np.testing.assert_array_equal(np.asarray(states[0]["ranks"]["scale"]), rank_scales(new, RANKS, LORA, R))
+    data = round_data(states[0])
+    assert ("rank_modules" in data) == reference
+    if reference:
+        np.testing.assert_array_equal(data["rank_modules"], states[0]["module_ranks"])
 
 
 @pytest.mark.parametrize("name", ["flexlora", "flexlora_reference"])

@@ -93,3 +93,36 @@ def test_sentences():
     tie = dict(win, diff=0.1, ci95=[-0.2, 0.4], beats=None)
     assert statistics.sentence(tie) == ("no detectable difference between comigs and local "
                                         "(CI [-0.200, 0.400] of comigs − local)")
+
+
+def _results(method, seed, ppls, bayes=None):
+    users = [{"user": f"user{u}", "test_ppl": p, **({"bayes_ppl": bayes[u]} if bayes else {})}
+             for u, p in enumerate(ppls)]
+    return {"method": method, "seed": seed, "users": users}
+
+
+def test_run_comparison_reports_sample_std_intervals_and_paired_findings():
+    """experiments.run's comparison (several methods x seeds) uses the studies' statistics."""
+    from comigs_jax.experiment import metrics
+    a = np.array([[10.0, 20.0], [11.0, 19.5], [10.4, 21.0]])  # [seeds, users]
+    b = a + np.array([[1.0, 1.2], [0.7, 0.9], [1.1, 1.4]])
+    res = [_results("local", s, a[i], [5.0, 6.0]) for i, s in enumerate((0, 1, 2))]
+    res += [_results("comigs", s, b[i], [5.0, 6.0]) for i, s in enumerate((0, 1, 2))]
+    table = metrics.comparison(res)
+    row = table["methods"]["local"]
+    np.testing.assert_allclose(row["std"], a.std(0, ddof=1), rtol=1e-12)
+    np.testing.assert_allclose(row["ci95"][1], stats.t.interval(0.95, 2, loc=a[:, 1].mean(), scale=stats.sem(a[:, 1])),
+                               rtol=1e-12)
+    assert row["user_mean_std"] == pytest.approx(a.mean(1).std(ddof=1), rel=1e-12)
+    (pair,) = table["comparison"]["pairs"]
+    ci = stats.ttest_rel(b.mean(1), a.mean(1)).confidence_interval(0.95)
+    assert (pair["a"], pair["b"]) == ("comigs", "local") or (pair["a"], pair["b"]) == ("local", "comigs")
+    sign = 1 if pair["a"] == "comigs" else -1
+    np.testing.assert_allclose(sign * np.asarray(pair["ci95"])[::sign], [ci.low, ci.high], rtol=1e-10)
+    assert table["comparison"]["winner"] == "local"
+    md = metrics.comparison_markdown(table)
+    assert f"local beats comigs by {(b - a).mean(1).mean():.3f} [{ci.low:.3f}, {ci.high:.3f}]" in md
+    one = metrics.comparison([r for r in res if r["seed"] == 0])
+    assert one["comparison"] is None and one["methods"]["local"]["std"] == [None, None]
+    md1 = metrics.comparison_markdown(one)
+    assert "One seed: no interval" in md1 and "experiments.study" in md1 and "beats" not in md1

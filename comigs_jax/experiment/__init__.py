@@ -4,7 +4,7 @@
     from configs import demo
     results = experiment.run(demo.get_config(), "runs/demo")
     per_cell = experiment.run_cells([(cfg_a, "runs/a"), (cfg_b, "runs/b")])  # configs that differ
-    # only in seeds / lr / router_lr / lb_weight / weight_decay / prune_lambda: one program per method
+    # only in seeds / lr / router_lr / lb_weight / weight_decay / prune_lambda / prox_mu / server.lr: one program per method
 
 Layers below it (model, data, federated, train) know nothing of it; experiments/ only parses
 flags and calls it (docs/architecture.md).

@@ -253,7 +253,7 @@ def run(config, workdir: str) -> dict:
 def run_cells(cells: list[tuple]) -> list[dict]:
     """Several configs ("cells" of a hyper-parameter grid: [(config, workdir), ...]) that differ
     only in FEDERATION_KEYS (seeds, train.lr / router_lr / lb_weight / weight_decay /
-    prune_lambda), trained as ONE program per method: every (cell, seed) a federation. Each
+    prune_lambda / prox_mu, server.lr), trained as ONE program per method: every (cell, seed) a federation. Each
     workdir gets what experiment.run(config, workdir) writes (and either resumes the other's);
     returns each cell's {(method, seed): results}. ConfigError (one line) before any work for
     cells that differ in another key."""

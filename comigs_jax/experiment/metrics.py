@@ -11,7 +11,7 @@ import weakref
 import numpy as np
 import optax
 
-from comigs_jax.experiment import distribution
+from comigs_jax.experiment import distribution, statistics, study_report
 from comigs_jax.experiment.provenance import provenance
 from comigs_jax.train.state import TrainConfig
 
@@ -358,18 +358,24 @@ def write_results(run_dir: str, res: dict) -> None:
     _atomic_write(os.path.join(run_dir, "results.md"), results_markdown(res) + "\n")
 
 
+STUDY_HINT = ("python -m experiments.study --config=configs/studies/where_comigs_wins.py (5 seeds, methods "
+              "paired by seed, 95 % intervals; docs/studies.md)")
+
+
 def comparison(all_results: list[dict]) -> dict:
-    """Method x user test perplexity, mean and std over seeds (and the mean over users)."""
+    """Method x user test perplexity over seeds, as a study's cell reports it
+    (study_report.method_row: per user and for the mean over users n_seeds, mean, std (ddof 1),
+    ci95), and the methods compared paired by seed on their common seeds (`comparison`, None with
+    one method or fewer than 2 common seeds: a comparison needs an interval)."""
     users = [u["user"] for u in all_results[0]["users"]]
-    table = {"users": users, "methods": {}}
-    for res in all_results:
-        entry = table["methods"].setdefault(res["method"], {"seeds": [], "per_seed": []})
-        entry["seeds"].append(res["seed"])
-        entry["per_seed"].append([u["test_ppl"] for u in res["users"]])
-    for entry in table["methods"].values():
-        a = np.asarray(entry["per_seed"])  # [seeds, users]
-        entry["mean"], entry["std"] = a.mean(0).tolist(), a.std(0).tolist()
-        entry["user_mean"], entry["user_mean_std"] = float(a.mean(1).mean()), float(a.mean(1).std())
+    runs = {(r["method"], r["seed"]): r for r in all_results}
+    seeds = {}
+    for r in all_results:
+        seeds.setdefault(r["method"], []).append(r["seed"])
+    table = {"users": users, "statistics": study_report.STATISTICS,
+             "methods": {m: study_report.method_row(runs, m, s) for m, s in seeds.items()}}
+    comp = study_report.compare(table["methods"])
+    table["comparison"] = comp if comp is not None and len(comp["seeds"]) >= 2 else None
     if "bayes_ppl" in all_results[0]["users"][0]:
         table["bayes_ppl"] = [u["bayes_ppl"] for u in all_results[0]["users"]]
     zero = [r for r in all_results if "zero_shot_ppl" in r["users"][0]]
@@ -378,20 +384,37 @@ def comparison(all_results: list[dict]) -> dict:
     return table
 
 
+def _pm(mean: float, std, ci) -> str:
+    return f"{mean:.3f}" if std is None else f"{mean:.3f} ± {std:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def comparison_markdown(table: dict) -> str:
-    users = table["users"]
-    head = "| method | " + " | ".join(users) + " | mean |"
-    lines = ["### Test perplexity (mean ± std over seeds; local models before the final aggregation)", "",
-             head, "|" + "---|" * (len(users) + 2)]
-    for name, e in table["methods"].items():
-        cells = [f"{m:.3f} ± {s:.3f}" for m, s in zip(e["mean"], e["std"])]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{e['user_mean']:.3f} ± {e['user_mean_std']:.3f}** |")
+    """The comparison as markdown: per method and user the mean over seeds ± the sample std [95 %
+    interval]; with several methods and >= 2 common seeds the paired findings
+    (statistics.sentence), else a line saying the table states no difference and naming the study
+    command that does."""
+    users, rows = table["users"], table["methods"]
+    n = sorted({r["n_seeds"] for r in rows.values()})
+    spread = "mean ± sample std (ddof 1) [95 % t interval] over seeds" if n[-1] > 1 else "one seed"
+    lines = [f"### Test perplexity ({spread}; local models before the final aggregation)", "",
+             "| method | " + " | ".join(users) + " | mean |", "|" + "---|" * (len(users) + 2)]
+    for name, e in rows.items():
+        cells = [_pm(m, s, c) for m, s, c in zip(e["mean"], e["std"], e["ci95"])]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | **{_pm(e['user_mean'], e['user_mean_std'], e['user_mean_ci95'])}** |")
     if "zero_shot_ppl" in table:
         lines.append("| base, zero-shot | " + " | ".join(f"{z:.3f}" for z in table["zero_shot_ppl"])
                      + f" | {np.mean(table['zero_shot_ppl']):.3f} |")
     if "bayes_ppl" in table:
         lines.append("| Bayes-optimal | " + " | ".join(f"{b:.3f}" for b in table["bayes_ppl"])
                      + f" | {np.mean(table['bayes_ppl']):.3f} |")
+    comp = table.get("comparison")
+    if comp is not None:
+        lines += ["", f"Paired by seed ({len(comp['seeds'])} seeds), the mean over users: "
+                      + (f"{comp['winner']} wins." if comp["winner"] else "tie: " + ", ".join(comp["tied"]) + ".")]
+        lines += [f"- {statistics.sentence(p)}" for p in comp["pairs"]]
+    elif len(rows) > 1:
+        lines += ["", f"{'One seed' if n[0] < 2 else 'No common seeds'}: no interval, so this table states no "
+                      f"difference between the methods. Whether a difference is real: {STUDY_HINT}."]
     return "\n".join(lines)
 
 

@@ -50,7 +50,8 @@ def communication(cfg, sim, records: list, n_models: int) -> dict:
     ranks = configuration.ranks_of(cfg)
     kw = {"ranks": ranks[:n_models] if ranks is not None and len(ranks) >= n_models else None}
     if records and all("expert_ranks" in r for r in records):
-        kw["round_ranks"] = [r["expert_ranks"] for r in records]
+        per_module = all("expert_module_ranks" in r for r in records)  # [U, M] per round: counted per module
+        kw["round_ranks"] = [r["expert_module_ranks" if per_module else "expert_ranks"] for r in records]
         kw["round_taken"] = [[x > 0 for x in r["expert_tokens_per_s_per_user"][:n_models]] for r in records]
     return sim.server.communication(sim.model_cfg, sim.method, sim.expert_counts[:n_models], sim.tc.rounds, taken,
                                     **kw)

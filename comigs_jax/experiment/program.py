@@ -29,6 +29,7 @@ from comigs_jax.experiment.log import log
 from comigs_jax.experiment.simulation import Simulation
 from comigs_jax.federated import accounting
 from comigs_jax.federated.layout import Layout
+from comigs_jax.train.state import ROW_HPARAMS
 
 
 class Regroup(Exception):
@@ -85,7 +86,7 @@ def open_program(method, runs: list, data, base_cfg, base, layout: Layout, run_l
     sim = Simulation(model_cfg, configuration.train_config(cfg), method, base, data.train, data.valid,
                      configuration.federation_config(cfg, feds), layout=layout, user_indices=data.indices)
     # each run's train config as it would be alone (its hyper-parameters; Centralized's pooled batch)
-    tcs = [dataclasses.replace(sim.tc, **{k: v for k, v in fed.items() if k != "seed"}) for fed in sim.federations]
+    tcs = [dataclasses.replace(sim.tc, **{k: v for k, v in fed.items() if k in ROW_HPARAMS}) for fed in sim.federations]
     main = distributed.is_main_process()
     writers = [metrics.MetricsWriter(os.path.join(r.run_dir, "metrics.jsonl") if main else None,
                                      tensorboard=cfg.output.get("tensorboard", False), users=data.users,
@@ -201,7 +202,7 @@ def check_round(prog: Program, r: int, m: dict, dt: float, first: bool) -> list[
     """NumericalFault for a non-finite training metric of a user that trained, or non-finite
     parameters / optimizer state; else each run's record of round r + 1."""
     sim, n_feds, n_models = prog.sim, len(prog.runs), prog.n_models
-    active = np.asarray(sim.active)[np.asarray(sim.real)].reshape(n_feds, -1)[:, :n_models]
+    active = np.asarray(sim.trained)[np.asarray(sim.real)].reshape(n_feds, -1)[:, :n_models]
     for f in range(n_feds):
         bad = numerics.first_nonfinite(pick(m, f), active[f])
         if bad is not None:
@@ -234,12 +235,15 @@ def check_test_loss(prog: Program, r: int, ev: dict, records: list[dict]) -> Non
 
 def write_records(prog: Program, records: list[dict]) -> None:
     """Each run's metrics line of the round, with what the server did: each user's expert LoRA
-    rank after it (HetLoRA's cuts), PCL's perplexities and mixing weights."""
+    rank after it (HetLoRA's cuts; per LoRA module too where the server keeps them), PCL's
+    perplexities and mixing weights."""
     sim, per = prog.sim, prog.sim.layout.models_per_federation
-    ranks = sim.current_ranks()
+    ranks, modules = sim.current_ranks(), sim.current_module_ranks()
     for f, (w, rec) in enumerate(zip(prog.writers, records)):
         if ranks is not None:
             rec["expert_ranks"] = [int(x) for x in ranks[f * per:f * per + prog.n_models]]
+        if modules is not None:  # a rank per LoRA module: the communication counts them
+            rec["expert_module_ranks"] = modules[f * per:f * per + prog.n_models].tolist()
         if sim.last_mixing is not None:
             rec["pcl"] = {k: v if k == "round" else v[f] for k, v in sim.last_mixing.items()}
         w.write(rec)

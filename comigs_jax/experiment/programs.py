@@ -45,10 +45,11 @@ def round_program(model_cfg: ModelConfig, tc: TrainConfig, method, steps: int, m
 
 
 @functools.lru_cache(maxsize=64)
-def server_program(server: Server, setup: Setup, mesh):
+def server_program(server: Server, setup: Setup, mesh, fn: str = "apply"):
     """jit(server.apply with its setup): (params, inputs, state) -> (params, state), the rows
-    split over users (the mean over them is an all-reduce)."""
-    return jax.jit(functools.partial(server.apply, setup), out_shardings=sharding.user_sharded(mesh))
+    split over users (the mean over them is an all-reduce); fn="start": jit(server.start),
+    (params, state) -> state at round 0."""
+    return jax.jit(functools.partial(getattr(server, fn), setup), out_shardings=sharding.user_sharded(mesh))
 
 
 @functools.lru_cache(maxsize=16)

@@ -151,7 +151,8 @@ def open_run(workdir: str, users: Optional[Iterable[str]] = None) -> FinishedRun
 def restore_rows(run: FinishedRun, model_view: bool = True) -> dict:
     """The trainable params of the run's latest checkpoint (host arrays, every leaf [U, ...] with
     U the checkpoint's user axis), as a nested dict (the checkpoint's flat keys are keystr paths of
-    the state: ".params['h_0']['attn']...").
+    the state: ".params['h_0']['attn']...", or "['states'].params[...]" when the server keeps state
+    in the checkpoint, Server.saved).
 
     model_view (the default): as the trained model sees them. With per-user expert LoRA ranks
     (model.ranks, HetLoRA, FlexLoRA) every row is held at the padded rank and the model applies
@@ -183,9 +184,10 @@ def restore_rows(run: FinishedRun, model_view: bool = True) -> dict:
         mgr.close()
     out: dict = {}
     for key, value in flat.items():
-        if not key.startswith(".params"):
+        prefix = next((p for p in (".params[", "['states'].params[") if key.startswith(p)), None)
+        if prefix is None:
             continue
-        path = [ast.literal_eval(part.rstrip("]")) for part in key[len(".params["):].split("][")]
+        path = [ast.literal_eval(part.rstrip("]")) for part in key[len(prefix):].split("][")]
         node = out
         for p in path[:-1]:
             node = node.setdefault(p, {})

@@ -47,10 +47,10 @@ from comigs_jax.train.state import ROW_HPARAMS, TrainConfig
 
 def federation_of(kw: dict) -> FederationConfig:
     """A FederationConfig from Simulation's keywords (seed, federations, mode, weighting,
-    participation, dropout, ranks, expert_counts), for callers without a config."""
+    participation, dropout, ranks, expert_counts, server_optimizer, sit_out), for callers without a config."""
     kw = dict(kw)
     bad = set(kw) - {"seed", "federations", "mode", "weighting", "participation", "dropout", "ranks", "expert_counts",
-                     "sampling", "dp"}
+                     "server_optimizer", "sit_out", "sampling", "dp"}
     if bad:
         raise TypeError(f"Simulation: unexpected keywords {sorted(bad)}")
     seed, feds = kw.pop("seed", 0), kw.pop("federations", None)
@@ -134,7 +134,7 @@ class Simulation:
         """The method's server, its state at round 0 (per-row ranks when users have them or the
         rule needs them), the rank masks applied to the initial expert LoRA."""
         moe = self.model_cfg.moe
-        self.server = server_for(self.method, ranks is not None, self.fed.dp is not None)
+        self.server = server_for(self.method, ranks is not None, self.fed.server_optimizer, self.fed.dp is not None)
         self.setup = Setup(self.method, self.n_shared_specialists, self.n_federations, moe.lora, self.fed.dp)
         full = None
         if ranks is not None or self.server.ranked:
@@ -144,12 +144,16 @@ class Simulation:
             rows = ranks * self.n_federations if not self.method.pooled_data else [moe.lora.rank]
             full = np.array(rows + [moe.lora.rank] * (self.n_padded - len(rows)), np.int32)
         state = {"ranks": rank_state(full, moe.lora)} if full is not None else {}
-        rows = Rows(self.n_padded, self.layout.federation_of_rows(), tuple(self.federations), full)
+        shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), self.states.params)
+        rows = Rows(self.n_padded, self.layout.federation_of_rows(), tuple(self.federations), full, shapes)
         state.update(self.server.init(self.setup, rows))
         self.server_state = jax.tree.map(lambda a: self.layout.place(np.asarray(a)[self.local_rows]), state)
         if "ranks" in state:
             mask = programs.rows_program(mask_ranks, self.mesh)
             self.states = self.states.replace(params=mask(self.states.params, self.server_state["ranks"]["scale"]))
+        if self.server.start is not None:  # what the rule takes from the round-0 parameters
+            start = programs.server_program(self.server, self.setup, self.mesh, "start")
+            self.server_state = start(self.states.params, self.server_state)
         self._server = programs.server_program(self.server, self.setup, self.mesh)
 
     def _model_rows(self, split: Sequence[np.ndarray]) -> dict:
@@ -223,19 +227,30 @@ class Simulation:
         """All users' local steps of one round; returns per-user, per-step metrics (real users only:
         [U, steps, ...], or [F, U, steps, ...] with several federations or by_federation)."""
         participants = self.sample_participants()
+        steps = self.steps_per_round
+        sit_out_trains = self.fed.sit_out == "train"  # users that sit out still make all their local steps
         if self.dropout > 0:  # the program with a per-row step count (comigs_jax.train.rounds.user_round)
             self.steps_made = self.sample_dropouts(participants)
-            self.active = self.steps_made == self.steps_per_round  # drop-outs do not upload
+            if sit_out_trains:
+                self.steps_made = np.where(participants, self.steps_made, steps).astype(np.int32)
+            self.active = participants & (self.steps_made == steps)  # drop-outs and sitting-out users do not upload
             active = jax.device_put(jnp.asarray(self.steps_made), self.layout.users)
         else:
             self.active = participants
-            self.steps_made = np.where(participants, self.steps_per_round, 0).astype(np.int32)
-            active = jax.device_put(jnp.asarray(self.active), self.layout.users)
+            trains = np.ones_like(participants) if sit_out_trains else participants
+            self.steps_made = np.where(trains, steps, 0).astype(np.int32)
+            active = jax.device_put(jnp.asarray(trains), self.layout.users)
         if self.server.needs_start:  # the server value, copied: the round's program donates the states
             self.round_start = programs.start_program(self.method, self.mesh)(self.states.params)
         self.states, metrics = self._round(self.base, self.states, self.round_data(), self.masks_dev, active)
         self.round_index += 1
         return jax.tree.map(lambda x: self._outputs(distributed.to_host(x)[self.real], by_federation), metrics)
+
+    @property
+    def trained(self) -> np.ndarray:
+        """[U_pad] bool: the rows that made all their local steps in the last round (those that
+        uploaded, plus with federation.sit_out="train" the users that sat out)."""
+        return self.steps_made == self.steps_per_round
 
     def _outputs(self, x: np.ndarray, by_federation: bool) -> np.ndarray:
         return self.layout.by_federation(x) if by_federation else self.layout.outputs(x)
@@ -258,6 +273,13 @@ class Simulation:
         if "ranks" not in self.server_state:
             return None
         return np.asarray(distributed.to_host(self.server_state["ranks"]["current"]), np.int32)
+
+    def current_module_ranks(self) -> np.ndarray | None:
+        """[rows, M] int32: each row's rank per LoRA module (HetLoRA as the reference; order
+        comigs_jax.federated.ranks.module_layout), None where the server keeps no such ranks."""
+        if "module_ranks" not in self.server_state:
+            return None
+        return np.asarray(distributed.to_host(self.server_state["module_ranks"]), np.int32)
 
     # ------------------------------------------------------------------ checkpoints
     def host_states(self, layout: Layout) -> list[dict]:

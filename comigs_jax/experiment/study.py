@@ -66,7 +66,7 @@ def default_study_group(name: str = "study") -> ConfigDict:
     s.figure = "lines"  # lines (mean ppl per cell and method) | win_map (rows: the first axis, columns: the others; the winner or tie per cell) | ppl_vs_communication
     s.tune = ""  # a grid key on an axis of its own (e.g. train.lr): each method compared at its own best value of it (lowest mean test ppl over seeds) in every combination of the other axes
     s.per_user_findings = False  # True: study.md's findings also give every pair's paired difference per user
-    s.one_program = False  # True: cells that differ only in seed(s), train.lr/router_lr/lb_weight/weight_decay/prune_lambda train as ONE program per method (every cell x seed a federation)
+    s.one_program = False  # True: cells that differ only in seed(s), train.lr/router_lr/lb_weight/weight_decay/prune_lambda/prox_mu, server.lr train as ONE program per method (every cell x seed a federation)
     s.unavailable = ""  # cells the engine cannot run yet: 'AXIS VALUE: why; ...' listed in study.md, not run
     return s
 
@@ -305,7 +305,7 @@ def read_finished(cell_dir: str, cell_cfg) -> dict | None:
 
 def program_groups(cells: list[dict]) -> list[list[dict]]:
     """The cells in groups that can train as one program: equal but for FEDERATION_KEYS (seeds,
-    train.lr / router_lr / lb_weight / weight_decay / prune_lambda), in the grid's order."""
+    train.lr / router_lr / lb_weight / weight_decay / prune_lambda / prox_mu, server.lr), in the grid's order."""
     groups = {}
     for c in cells:
         rest = {k: v for k, v in flat_config(c["config"]).items() if k not in configuration.FEDERATION_KEYS}

@@ -53,7 +53,8 @@ def aggregate(params: dict, weights: jax.Array, shared_roles: tuple[str, ...],
         w = weights / jnp.where(total > 0, total, 1)
         mean_of = lambda x: jnp.where(total > 0, _mean_over_users(x, w), x)
     else:
-        wg = (groups[None, :] == jnp.arange(n_groups)[:, None]) * weights.astype(jnp.float32)[None, :]
+        # float32 weights (float64 ones kept, as the one-group path keeps them)
+        wg = (groups[None, :] == jnp.arange(n_groups)[:, None]) * weights.astype(wide(weights.dtype))[None, :]
         total = jnp.sum(wg, axis=1, keepdims=True)
         wg = wg / jnp.where(total > 0, total, 1)
         has = jnp.take(total[:, 0] > 0, groups)  # [U]: the row's group has weight

@@ -14,8 +14,10 @@ components below its rank and receive the server's truncated to it, FlexLoRA sen
 factors and receives the server's SVD factors at r_i. HetLoRA's self-pruning lowers a user's rank
 during the run: in round t it uploads at the rank it trained at (its rank after round t - 1's cut)
 and downloads at its rank after round t's cut (the server's leaves truncated to it), from the
-per-round ranks the run logs (metrics.jsonl `expert_ranks`, after each aggregation). The attention
-LoRA is not ranked (every user model.attn_rank).
+per-round ranks the run logs (metrics.jsonl `expert_ranks`, after each aggregation). HetLoRA as
+the reference keeps a rank per LoRA module (each layer's fc and proj of each expert) and is counted
+per module, from metrics.jsonl `expert_module_ranks` (a module cut to rank 0 exchanges nothing).
+The attention LoRA is not ranked (every user model.attn_rank).
 
 Not counted: the round-0 synchronisation of the shared leaves (one broadcast, or none when the
 users share a seed), control messages, and Centralized, which pools the users' data instead of
@@ -29,8 +31,8 @@ import numpy as np
 from flax import traverse_util
 
 from comigs_jax.federated.methods import Method
-from comigs_jax.federated.ranks import is_ranked
-from comigs_jax.federated.roles import role_of
+from comigs_jax.federated.ranks import _pair, is_ranked, leaf_modules, module_layout, n_modules, shared_slots
+from comigs_jax.federated.roles import factor_of, role_of
 from comigs_jax.model.lm import ModelConfig, param_shapes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -39,33 +41,42 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 def shared_params_per_user(model_cfg: ModelConfig, method: Method, expert_counts, ranks=None) -> np.ndarray:
     """[U] int64: parameters each user uploads (and downloads) in one aggregation round: its
     leaves of the shared roles, of the specialist slots only the min(E_i) - G that `aggregate`
-    averages. `expert_counts` [U]: each user's experts E_i (<= model_cfg.moe.n_experts). `ranks`
-    [U]: each user's expert LoRA rank r_i (<= moe.lora.rank, the padded rank; None: that rank for
-    all): of each shared expert LoRA factor only its r_i components count."""
+    averages. `expert_counts` [U]: each user's experts E_i (<= model_cfg.moe.n_experts). `ranks`:
+    [U] each user's expert LoRA rank r_i, or [U, M] its rank per LoRA module (HetLoRA as the
+    reference; comigs_jax.federated.ranks.module_layout's order), each in [0, the padded rank
+    moe.lora.rank] (None: that rank for all; 0: a module whose adapter a cut removed): of each
+    shared expert LoRA factor only the components below its module's rank count."""
     moe = model_cfg.moe
     counts = np.asarray(expert_counts, np.int64)
     if counts.ndim != 1 or (counts > moe.n_experts).any() or (counts < max(moe.n_generalists, 1)).any():
         raise ValueError(f"expert_counts={counts.tolist()}: each in [max(1, n_generalists={moe.n_generalists}), "
                          f"n_experts={moe.n_experts}]")
-    r_max = moe.lora.rank
+    shapes = traverse_util.flatten_dict(param_shapes(model_cfg))
+    layout = {p: (lead, off) for p, lead, off in module_layout(shapes, rows=False)}
+    n_mod, r_max = n_modules(shapes), moe.lora.rank
     r = np.full(len(counts), r_max, np.int64) if ranks is None else np.asarray(ranks, np.int64)
-    if r.shape != counts.shape or (r < 1).any() or (r > r_max).any():
-        raise ValueError(f"ranks={r.tolist()}: one per user, each in [1, the padded rank {r_max}]")
-    # parameters every user sends, and those of all specialist slots: [U] each (ranked leaves scale with r_i)
-    fixed, specialist = np.zeros(len(counts), np.int64), np.zeros(len(counts), np.int64)
-    for path, s in traverse_util.flatten_dict(param_shapes(model_cfg)).items():
-        role = role_of(path)
+    if r.ndim == 1 and r.shape == counts.shape:
+        r = np.repeat(r[:, None], n_mod, axis=1)
+    if r.shape != (len(counts), n_mod) or (r < 0).any() or (r > r_max).any():
+        raise ValueError(f"ranks of shape {list(r.shape)} (max {r.max(initial=0)}, min {r.min(initial=0)}): one per "
+                         f"user ([{len(counts)}]) or per user and LoRA module ([{len(counts)}, {n_mod}]), each in "
+                         f"[0, the padded rank {r_max}]")
+    shared_slots_n = max(int(counts.min()) - moe.n_generalists, 0)  # Simulation's n_shared_specialists
+    total = np.zeros(len(counts), np.int64)
+    for path, s in shapes.items():
         if not method.is_shared(path):  # another role, an unshared factor (FedSA's B), a frozen one (FFA's A)
             continue
-        size = int(np.prod(s.shape))
-        n = size // r_max * r if is_ranked(path) else np.full(len(counts), size, np.int64)
-        if role == "specialist":
-            specialist += n
+        if is_ranked(path):  # per module: its rank's components, each of `in` (A) or `out` (B) parameters
+            lead, off = layout[path if factor_of(path) == "A" else _pair(path)]
+            per_component = s.shape[-2] if factor_of(path) == "A" else s.shape[-1]
+            rk = leaf_modules(r, lead, off)                                         # [U, *lead]
+            on = shared_slots(path, lead, shared_slots_n if role_of(path) == "specialist" else None)
+            total += per_component * (rk * on).reshape(len(counts), -1).sum(1)
+        elif role_of(path) == "specialist":
+            total += int(np.prod(s.shape)) // moe.n_specialists * shared_slots_n
         else:
-            fixed += n
-    per_slot = specialist // moe.n_specialists if moe.n_specialists else 0
-    shared_slots = max(int(counts.min()) - moe.n_generalists, 0)  # Simulation's n_shared_specialists
-    return (fixed + per_slot * shared_slots).astype(np.int64)
+            total += int(np.prod(s.shape))
+    return total
 
 
 def accounting(model_cfg: ModelConfig, method: Method, expert_counts, rounds: int, rounds_taken, ranks=None,
@@ -76,7 +87,8 @@ def accounting(model_cfg: ModelConfig, method: Method, expert_counts, rounds: in
     bfloat16. Methods that synchronise only at round 0 (`one_round`) communicate nothing per round.
 
     Per-user ranks: `ranks` [U] the configured expert LoRA ranks (per_round_params counts them);
-    `round_ranks` [rounds, U] each round's ranks after its aggregation (HetLoRA's cuts) with
+    `round_ranks` [rounds, U] (or [rounds, U, M], a rank per LoRA module: HetLoRA as the reference)
+    each round's ranks after its aggregation (HetLoRA's cuts) with
     `round_taken` [rounds, U] bool, whether the user trained (uploaded) in that round: round t's
     upload counts at the ranks after round t - 1 (round 0: `ranks`), its download at round t's.
     The totals are then `upload_params` / `download_params`, and the bytes follow them."""
@@ -95,13 +107,17 @@ def accounting(model_cfg: ModelConfig, method: Method, expert_counts, rounds: in
     if ranks is not None:
         out["ranks"] = [int(r) for r in ranks]
     if round_ranks is not None and not method.one_round:
-        after = np.asarray(round_ranks, np.int64).reshape(-1, n_users)
-        took = np.asarray(round_taken, bool).reshape(after.shape)
-        before = np.concatenate([np.asarray(ranks if ranks is not None else after[0], np.int64)[None], after[:-1]])
+        after = np.asarray(round_ranks, np.int64)
+        after = after.reshape((-1, n_users) + (after.shape[2:] if after.ndim == 3 else ()))
+        took = np.asarray(round_taken, bool).reshape(after.shape[:2])
+        first = np.asarray(ranks if ranks is not None else after[0], np.int64)
+        if after.ndim == 3 and first.ndim == 1:  # the configured ranks: every module of a user at its rank
+            first = np.repeat(first[:, None], after.shape[2], axis=1)
+        before = np.concatenate([first[None], after[:-1]])
         count = {}  # per distinct rank vector, the per-user counts (few: ranks only fall)
 
         def params(rk):
-            key = tuple(int(x) for x in rk)
+            key = tuple(int(x) for x in np.ravel(rk))
             if key not in count:
                 count[key] = shared_params_per_user(model_cfg, method, expert_counts, rk)
             return count[key]

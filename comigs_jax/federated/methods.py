@@ -56,6 +56,9 @@ class Method:
     router: the model's router kind when the method has one (router_mode != "none"), one of
       ROUTERS: "learned" (token-level, a linear map of each token's hidden state) or "user" (one
       learned logit vector per block: every token of the user mixes its experts alike).
+    proximal: the method is defined by FedProx's proximal term (train.prox_mu / 2 ||w -
+      w_round_start||^2 on the shared leaves in every expert step, comigs_jax.train.steps), so
+      it needs train.prox_mu > 0; the term itself applies to any method that shares leaves.
     """
 
     name: str
@@ -70,6 +73,7 @@ class Method:
     pcl: PCL | None = None
     server: str = ""
     router: str = "learned"
+    proximal: bool = False
 
     def __post_init__(self):
         if self.router_mode not in ROUTER_MODES:
@@ -129,6 +133,9 @@ METHODS = {m.name: m for m in [
     Method("local", _ALL_EXPERTS, "none", one_round=True,
            description="uniform mixture of experts, trained alone after one round-0 sync"),
     Method("fedavg", _ALL_EXPERTS, "none", description="uniform mixture of experts, all averaged every round"),
+    Method("fedprox", _ALL_EXPERTS, "none", proximal=True,
+           description="FedProx: FedAvg with train.prox_mu/2 ||w - w_round_start||^2 on the shared leaves in every "
+                       "local expert step (needs train.prox_mu > 0)"),
     Method("centralized", _ALL_EXPERTS, "none", one_round=True, pooled_data=True,
            description="one model on the pooled data of all users"),
     Method("pfedmoe", _GENERALISTS, "joint", description="generalist shared, router trained jointly on train data"),
@@ -167,8 +174,13 @@ METHODS = {m.name: m for m in [
                            description="FedSA-LoRA as the reference (D5): A and B averaged (FedAvg)")),
     # HetLoRA / FlexLoRA (Table 2): one expert per user at its own rank (model.ranks), method.md §7.
     Method("hetlora", _ALL_EXPERTS, "none", server="hetlora",
-           description="HetLoRA: zero-padded mean of the expert LoRA weighted by each user's norm share, "
-                       "rank self-pruning (q = floor(0.99 r)); attention LoRA averaged"),
+           description="HetLoRA (the paper): each user cuts its rank to floor(0.99 r) when its tail is below "
+                       "the global modules' it received; zero-padded mean weighted by |dW| shares; attention "
+                       "LoRA averaged",
+           faithful=Method("hetlora", _ALL_EXPERTS, "none", server="hetlora_reference",
+                           description="HetLoRA as the reference: a rank per LoRA module, each cut against the "
+                                       "server's pre-aggregation state before the mean weighted by each "
+                                       "factor's norm share")),
     Method("flexlora", _ALL_EXPERTS, "none", server="flexlora",
            description="FlexLoRA: SVD of the token-weighted mean of the users' A B s(r_i); each user takes its "
                        "leading r_i components; attention LoRA averaged",

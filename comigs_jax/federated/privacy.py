@@ -151,14 +151,14 @@ def clip_divisors(updates: list, clip: float) -> jax.Array:
 def noisy_mean(setup, params: dict, up) -> dict:
     """`params` with every shared leaf replaced by its federation's DP estimate s + (sum of clipped
     updates + noise) / D (module docstring); other leaves unchanged. setup.dp: the DP record;
-    up: Uploads with `start` (the round-start shared leaves, nested as params) and `noise_keys`.
+    up: Uploads with `round_start` (the round-start shared leaves, nested as params) and `noise_keys`.
 
     Written as sum_i (w_i / D) u_i + (1 - W / D) s + (sigma C / D) z, with u_i = x_i - (1 - 1/d_i)
     delta_i the clipped upload (d_i the clip divisor) and W = sum_i w_i the uploads, the same sums
     as the mean's (comigs_jax.federated.aggregate): with sigma = 0, C = inf and D = W (fixed-size
     sampling, everyone uploads) every extra term is an exact 0 and the result is the mean bit for bit."""
     dp, m = setup.dp, setup.method
-    flat, start = traverse_util.flatten_dict(params), traverse_util.flatten_dict(up.start)
+    flat, start = traverse_util.flatten_dict(params), traverse_util.flatten_dict(up.round_start)
     paths = [p for p in flat if m.is_shared(p)]
     masks = {p: _slot_mask(p, flat[p], setup.n_shared_specialists) for p in paths}
     deltas = {p: flat[p] - start[p] if masks[p] is None else jnp.where(masks[p], flat[p] - start[p], 0) for p in paths}

@@ -18,10 +18,7 @@ LoRA keeps model.attn_rank for every user, as the reference (method.md §1.2).
 Server rules (stacked rows [U, ...], pure and jittable, `groups` [U] the federation of each row):
 
 - masked_mean: the weighted mean of each rank component over the users that have it.
-- hetlora: zero-padded mean, each user's leaf weighted by its Frobenius-norm share, then each user
-  compares its rank tail product T_i = sum over modules of |A_i[:, q_i:r_i]|_F |B_i[q_i:r_i, :]|_F
-  (q_i = floor(0.99 rank_i)) with the server's over the same components, and is cut to rank q_i
-  when its own is smaller. Every user then takes the server's leaves truncated to its rank.
+- hetlora, hetlora_reference: comigs_jax.federated.hetlora (a rank per user, or per LoRA module).
 - flexlora: per user dW_i = c_i A_i B_i, averaged by training tokens; the server's SVD
   dW = U S V^T; user i takes its leading rank_i components: A_i = U[:, :r_i],
   B_i = S V^T[:r_i] / c'_i. Clean: c_i = c'_i = s(r_i), the model's scale.
@@ -49,7 +46,9 @@ def is_ranked(path: tuple) -> bool:
 
 def prune_rank(r):
     """q = floor(0.99 r): the rank a HetLoRA cut leaves, and where the pruning tail starts. In
-    integers, (99 r) // 100 (exact; Python ints, NumPy or JAX integer arrays)."""
+    integers, (99 r) // 100 (exact; Python ints, NumPy or JAX integer arrays). prune_rank(1) = 0:
+    the reference (`int(0.99 * 1)`) then drops the module's adapter; whether a cut may go there is
+    the server's floor (comigs_jax.federated.hetlora)."""
     return (99 * r) // 100
 
 
@@ -82,26 +81,75 @@ def _rank_vec(scale: jax.Array, factor: str, ndim: int) -> jax.Array:
     return scale.reshape(shape)
 
 
-def apply_rank_scale(params: dict, scale: jax.Array) -> dict:
+def module_layout(flat: dict, rows: bool) -> list[tuple]:
+    """The LoRA modules of a flat tree of expert leaves (arrays or shapes), in a fixed order: one
+    entry (A path, lead shape, offset) per ranked A leaf, sorted by path; its modules are the
+    elements of the lead shape (layers x expert slots: each layer's fc or proj of one expert, as
+    the reference's named tensors) at offsets [offset, offset + prod(lead)) of a module axis.
+    rows: the leaves lead with a row axis [U, ...]."""
+    out, off = [], 0
+    for p in sorted(q for q in flat if is_ranked(q) and factor_of(q) == "A"):
+        lead = tuple(flat[p].shape)[int(rows):-2]
+        out.append((p, lead, off))
+        off += int(np.prod(lead, dtype=np.int64))
+    return out
+
+
+def n_modules(flat: dict, rows: bool = False) -> int:
+    """M: the number of LoRA modules of a flat tree (module_layout)."""
+    return sum(int(np.prod(lead, dtype=np.int64)) for _, lead, _ in module_layout(flat, rows))
+
+
+def leaf_modules(values: jax.Array, lead: tuple, offset: int) -> jax.Array:
+    """values [..., M] (per module) -> [..., *lead]: one ranked leaf's modules."""
+    n = int(np.prod(lead, dtype=np.int64))
+    return values[..., offset:offset + n].reshape(values.shape[:-1] + lead)
+
+
+def _module_rank_masks(flat: dict, modules: jax.Array, dtype_of) -> dict:
+    """{path: mask} broadcasting over each ranked leaf: component c of a module kept when c < the
+    module's rank. modules [M] (one user) or [U, M] (stacked rows, then the leaves lead with U)."""
+    rows = modules.ndim == 2
+    out = {}
+    for p, lead, off in module_layout(flat, rows):
+        r = flat[p].shape[-1]
+        on = jnp.arange(r) < leaf_modules(modules, lead, off)[..., None]          # [(U,) *lead, r]
+        out[p] = on[..., None, :].astype(dtype_of(p))
+        out[_pair(p)] = on[..., :, None].astype(dtype_of(_pair(p)))
+    return out
+
+
+def apply_rank_scale(params: dict, scale: jax.Array, modules: jax.Array | None = None) -> dict:
     """The model's view of one user's (scale [r]) or stacked users' (scale [U, r]) params: each
-    expert A times the rank scale, each expert B masked to the rank."""
+    expert A times the rank scale, each expert B masked to the rank; with per-module ranks
+    (modules [M] or [U, M], HetLoRA as the reference) also each module masked to its own rank."""
     flat = traverse_util.flatten_dict(params)
+    per = {} if modules is None else _module_rank_masks(flat, modules, lambda p: flat[p].dtype)
     out = {}
     for p, x in flat.items():
         if is_ranked(p):
             f = factor_of(p)
             v = scale if f == "A" else (scale > 0).astype(x.dtype)
             x = x * _rank_vec(v, f, x.ndim).astype(x.dtype)
+            if p in per:
+                x = x * per[p]
         out[p] = x
     return traverse_util.unflatten_dict(out)
 
 
-def mask_ranks(params: dict, scale: jax.Array) -> dict:
-    """Expert LoRA components beyond each user's rank set to 0 (scale [r] or [U, r])."""
+def mask_ranks(params: dict, scale: jax.Array, modules: jax.Array | None = None) -> dict:
+    """Expert LoRA components beyond each user's rank set to 0 (scale [r] or [U, r]), and beyond
+    each module's rank when per-module ranks are given (modules [M] or [U, M])."""
     flat = traverse_util.flatten_dict(params)
-    return traverse_util.unflatten_dict(
-        {p: x * _rank_vec((scale > 0).astype(x.dtype), factor_of(p), x.ndim) if is_ranked(p) else x
-         for p, x in flat.items()})
+    per = {} if modules is None else _module_rank_masks(flat, modules, lambda p: flat[p].dtype)
+    out = {}
+    for p, x in flat.items():
+        if is_ranked(p):
+            x = x * _rank_vec((scale > 0).astype(x.dtype), factor_of(p), x.ndim)
+            if p in per:
+                x = x * per[p]
+        out[p] = x
+    return traverse_util.unflatten_dict(out)
 
 
 def safe_norm(x: jax.Array, axes) -> jax.Array:
@@ -160,30 +208,6 @@ def masked_mean(x: jax.Array, factor: str, weights: jax.Array, scale: jax.Array,
     return _group_mean(x, _lead(weights, x.ndim) * m, groups, n_groups) * m.astype(x.dtype)
 
 
-def hetlora_mean(x: jax.Array, weights: jax.Array, groups, n_groups) -> jax.Array:
-    """Zero-padded mean, each user's module weighted by weights_i |x_i|_F (its norm share); a
-    group whose norms are all 0 falls back to weights alone. x [U, ..., d1, d2] -> [U, ...]."""
-    wn = _lead(weights, x.ndim - 2) * safe_norm(x, (-2, -1))                   # [U, ...modules]
-    has = jnp.take(jax.ops.segment_sum(wn, groups, n_groups), groups, axis=0) > 0
-    w = jnp.where(has, wn, jnp.broadcast_to(_lead(weights, wn.ndim), wn.shape))
-    return _group_mean(x, w[..., None, None], groups, n_groups)
-
-
-def hetlora_prune(users: dict, server: dict, ranks: jax.Array, weights: jax.Array) -> jax.Array:
-    """New ranks [U]: user i (weight > 0) is cut to q_i = floor(0.99 rank_i) when its tail product
-    over the components [q_i, rank_i) of all its ranked leaf pairs is below the server's (its
-    row of `server`, the mean) over the same components; otherwise it keeps rank_i."""
-    q = prune_rank(ranks)
-    own = srv = jnp.zeros(ranks.shape)  # float32 (float64 under 64-bit JAX)
-    for p, a in users.items():
-        if factor_of(p) != "A":
-            continue
-        b = users[_pair(p)]
-        own += _tail_product(a, b, q, ranks).reshape(ranks.shape[0], -1).sum(1)
-        srv += _tail_product(server[p], server[_pair(p)], q, ranks).reshape(ranks.shape[0], -1).sum(1)
-    return jnp.where((weights > 0) & (own < srv), q, ranks)
-
-
 def last_in_group(weights: jax.Array, groups: jax.Array, n_groups: int) -> jax.Array:
     """[U] bool: the row of its group with the largest index among those with weight > 0."""
     idx = jnp.arange(weights.shape[0])
@@ -219,8 +243,8 @@ def aggregate_ranked(params: dict, weights: jax.Array, n_tokens: jax.Array, rank
                      scale: jax.Array, form: jax.Array, back: jax.Array, *, rule: str, is_shared,
                      n_shared_specialists: int | None, groups: jax.Array, n_groups: int) -> tuple[dict, jax.Array]:
     """The ranked (expert LoRA) shared leaves of stacked params [U, ...] by `rule` ("mean":
-    masked_mean, "hetlora", "flexlora", "flexlora_reference"); other leaves returned as given
-    (the caller averages them with comigs_jax.federated.aggregate). weights [U]: participation (x tokens) weights;
+    masked_mean, "flexlora", "flexlora_reference"; HetLoRA: comigs_jax.federated.hetlora); other
+    leaves returned as given (the caller averages them with comigs_jax.federated.aggregate). weights [U]: participation (x tokens) weights;
     n_tokens [U]: FlexLoRA's weights; ranks [U] current ranks; scale [U, r] rank scales;
     form / back [U]: FlexLoRA's scales. Rows of a group with no weight (nobody uploaded) keep their
     leaves, as comigs_jax.federated.aggregate's. Returns (params, new ranks [U])."""
@@ -230,20 +254,39 @@ def aggregate_ranked(params: dict, weights: jax.Array, n_tokens: jax.Array, rank
     new_ranks = ranks
     if rule == "mean":
         new = {p: masked_mean(x, factor_of(p), weights, scale, groups, n_groups) for p, x in ranked.items()}
-    elif rule == "hetlora":
-        server = {p: hetlora_mean(x, weights, groups, n_groups) for p, x in ranked.items()}
-        new_ranks = hetlora_prune(ranked, server, ranks, weights)
-        m = (jnp.arange(scale.shape[-1])[None, :] < new_ranks[:, None]).astype(jnp.float32)
-        new = {p: x * _rank_vec(m, factor_of(p), x.ndim).astype(x.dtype) for p, x in server.items()}
     elif rule in ("flexlora", "flexlora_reference"):
         for p, a in ranked.items():
             if factor_of(p) == "A":
                 new[p], new[_pair(p)] = flexlora_factors(a, ranked[_pair(p)], n_tokens, ranks, form, back,
                                                          groups, n_groups, last_only=rule == "flexlora_reference")
     else:
-        raise ValueError(f"rank rule {rule!r}: allowed mean, hetlora, flexlora, flexlora_reference")
+        raise ValueError(f"rank rule {rule!r}: allowed mean, flexlora, flexlora_reference")
+    return traverse_util.unflatten_dict(keep_unshared(new, flat, weights, groups, n_groups,
+                                                      n_shared_specialists)), new_ranks
+
+
+def group_has_uploads(weights: jax.Array, groups: jax.Array, n_groups: int) -> jax.Array:
+    """[U] bool: whether the row's group (federation) has a row with weight > 0."""
+    return jnp.take(jax.ops.segment_sum(weights.astype(jnp.float32), groups, n_groups) > 0, groups)
+
+
+def shared_slots(path: tuple, lead: tuple, n_shared_specialists: int | None) -> np.ndarray:
+    """[*lead] bool (a leaf's modules, without the row axis): whether each module's expert slot is
+    averaged (specialist slots >= n_shared_specialists are not)."""
+    on = np.ones(lead, bool)
+    axis = slot_axis(path)
+    if role_of(path) == "specialist" and n_shared_specialists is not None and n_shared_specialists < lead[axis]:
+        shape = [1] * len(lead)
+        shape[axis] = -1
+        on = on & (np.arange(lead[axis]) < n_shared_specialists).reshape(shape)
+    return on
+
+
+def keep_unshared(new: dict, flat: dict, weights, groups, n_groups: int, n_shared_specialists) -> dict:
+    """flat (stacked [U, ...]) with the leaves in `new` replaced, except in the rows of a group with
+    no upload and in the specialist slots that are not averaged (those keep their old values)."""
     out = dict(flat)
-    has = jnp.take(jax.ops.segment_sum(weights.astype(jnp.float32), groups, n_groups) > 0, groups)  # [U]
+    has = group_has_uploads(weights, groups, n_groups)
     for p, x in new.items():
         old = flat[p]
         x = jnp.where(_lead(has, x.ndim), x, old)
@@ -253,4 +296,4 @@ def aggregate_ranked(params: dict, weights: jax.Array, n_tokens: jax.Array, rank
             shape[axis] = -1
             x = jnp.where((jnp.arange(old.shape[axis]) < n_shared_specialists).reshape(shape), x, old)
         out[p] = x
-    return traverse_util.unflatten_dict(out), new_ranks
+    return out

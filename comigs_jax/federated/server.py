@@ -3,6 +3,7 @@
 A server is pure functions over pytrees, jitted by the Simulation with the rows split over users:
 
     state = server.init(setup, rows)                          # round 0: host arrays [rows, ...]
+    state = server.start(setup, params, state)                # round 0, when the rule has `start`
     params, state = server.apply(setup, params, inputs, state)  # after a round (server.after_round)
 
 `setup` (a hashable `Setup`) holds what is static: the method's shared roles and factors, the
@@ -36,11 +37,14 @@ INPUTS = ("uploads", "mixing")
 class Rows(NamedTuple):
     """What a server's `init` knows of the rows (host NumPy): how many, each row's federation, each
     federation's settings (its dict: seed and the values that may differ between federations,
-    configuration.FEDERATION_KEYS) and each row's configured expert LoRA rank (None: no ranks)."""
+    configuration.FEDERATION_KEYS), each row's configured expert LoRA rank (None: no ranks) and the
+    shapes of a row's trainable leaves (a tree of jax.ShapeDtypeStruct without the row axis; None
+    where not given)."""
     n_rows: int
     groups: np.ndarray  # [rows] int32
     federations: tuple = ()
     full_ranks: np.ndarray | None = None
+    params: Any = None
 
 
 class Uploads(NamedTuple):
@@ -48,7 +52,7 @@ class Uploads(NamedTuple):
     weights: jax.Array  # participation weights (x training tokens with weighting="tokens"); 0: no upload
     n_tokens: jax.Array  # training tokens of the rows that uploaded (FlexLoRA's weights), 0 elsewhere
     groups: jax.Array  # int32: each row's federation
-    start: Any = None  # servers with needs_start: the shared leaves at the round's start (nested as params)
+    round_start: Any = None  # servers with needs_start: the shared leaves at the round's start (nested as params)
     noise_keys: Any = None  # with DP (Setup.dp): [F, 2] uint32, each federation's noise key of the round
 
 
@@ -89,9 +93,11 @@ class Server:
     ranked: the rule needs per-row expert ranks even when model.ranks is unset. saved: the keys of
     its state that checkpoints keep with the users' states (arrays [rows, ...]: each federation's
     rows are its run's, as the users' rows) and a resume restores; the rest is rebuilt by `init`
-    (the ranks are the host state's, as before this interface). needs_start: its Uploads carry the
-    shared leaves as they were at the round's start (the server value; the Simulation copies them
-    before the round's program, which donates the states)."""
+    (the ranks are the host state's, as before this interface). start(setup, params, state) ->
+    state: what the rule takes from the round-0 parameters (jitted on the rows; a server
+    optimizer's server value and optax state), None: nothing. needs_start: its Uploads carry the
+    shared leaves as they were at the start of every round (the server value; the Simulation copies
+    them before the round's program, which donates the states)."""
     name: str
     apply: Callable
     init: Callable = no_state
@@ -101,6 +107,7 @@ class Server:
     ranked: bool = False
     saved: tuple = ()
     description: str = ""
+    start: Callable | None = None
     needs_start: bool = False
 
     def __post_init__(self):
@@ -130,7 +137,11 @@ def with_current(ranks: dict, current: jax.Array) -> dict:
 
 
 def round_data(state: dict) -> dict:
-    """What the round program reads of the server state: the rank scale and configured ranks."""
+    """What the round program reads of the server state: the rank scale and configured ranks, and
+    each module's rank where a server keeps them ("module_ranks": HetLoRA as the reference)."""
     if "ranks" not in state:
         return {}
-    return {"rank_full": state["ranks"]["full"], "rank_scale": state["ranks"]["scale"]}
+    out = {"rank_full": state["ranks"]["full"], "rank_scale": state["ranks"]["scale"]}
+    if "module_ranks" in state:
+        out["rank_modules"] = state["module_ranks"]
+    return out

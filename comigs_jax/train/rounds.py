@@ -22,7 +22,7 @@ from comigs_jax.federated.sharding import USERS, replicated, user_sharded
 from comigs_jax.model.lm import ModelConfig
 from comigs_jax.train.chunks import CHUNK, chunked
 from comigs_jax.train.state import TrainConfig, UserState
-from comigs_jax.train.steps import expert_step, router_step
+from comigs_jax.train.steps import expert_step, router_step, with_prox_anchor
 
 def _tree_where(cond, new, old):
     return jax.tree.map(lambda a, b: jnp.where(cond, a, b), new, old)
@@ -48,6 +48,7 @@ def user_round(base: dict, state: UserState, data: dict, mask: jax.Array, active
     With axis_name (inside vmap), the phase runs when any user is due, so that lax.cond keeps
     an unbatched predicate; users not due keep their state. Metrics: per step [steps, ...].
     """
+    data = with_prox_anchor(data, state.params, tc, method)  # FedProx's w_round_start, when its term is on
     kw = dict(base=base, data=data, mask=mask, model_cfg=model_cfg, tc=tc, method=method)
     run_router = method.alternating and tc.router_steps > 0
 
@@ -136,6 +137,7 @@ def loop_step_round(model_cfg: ModelConfig, tc: TrainConfig, method: Method, ste
 
     def one_user(base, state, data, mask, active, stop, step0):
         new, metrics = state, []
+        data = with_prox_anchor(data, state.params, tc, method)
         for i in range(steps):
             kept = new
             new, m = e_step(new, base, data, mask)

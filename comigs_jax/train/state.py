@@ -38,6 +38,7 @@ class TrainConfig:
     lb_weight: float = 0.01
     faithful: bool = False       # reproduce the reference's gradient leaks D1, D2 (method.md §8)
     prune_lambda: float = 0.0    # weight of the rank-tail pruning regulariser (HetLoRA/FlexLoRA, method.md §7); 0: off
+    prox_mu: float = 0.0         # FedProx's mu: mu/2 ||w - w_round_start||^2 on the shared leaves; 0: off
 
     def __post_init__(self):
         for name in ("rounds", "local_steps", "batch_size", "seq_len", "router_every"):
@@ -48,8 +49,9 @@ class TrainConfig:
         for name in ("lr", "router_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)}: must be > 0")
-        if not self.prune_lambda >= 0:
-            raise ValueError(f"prune_lambda={self.prune_lambda}: must be >= 0")
+        for name in ("prune_lambda", "prox_mu"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)}: must be >= 0")
 
     @property
     def total_steps(self) -> int:
@@ -85,7 +87,7 @@ def is_expert_leaf(method: Method):
 
 # The scalar hyper-parameters that may differ between federations run as one program (traced
 # per-row values, comigs_jax.train.steps); they change neither shapes nor the optimizer states.
-ROW_HPARAMS = ("lr", "router_lr", "lb_weight", "weight_decay", "prune_lambda")
+ROW_HPARAMS = ("lr", "router_lr", "lb_weight", "weight_decay", "prune_lambda", "prox_mu")
 
 
 def hparam(tc: TrainConfig, hp: dict | None, name: str):

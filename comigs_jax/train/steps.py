@@ -5,10 +5,13 @@ or calls them in a Python loop. Shapes: tokens [N] (padded), length scalar, mask
 
 `data` is the row's inputs: tokens and lengths of its splits and, when federations with different
 hyper-parameters share one program, data["hparams"]: {name: scalar} overriding the static
-TrainConfig's lr / router_lr / lb_weight / weight_decay / prune_lambda (state.ROW_HPARAMS) for this row.
+TrainConfig's lr / router_lr / lb_weight / weight_decay / prune_lambda / prox_mu (state.ROW_HPARAMS)
+for this row. With FedProx's term on (`prox_weight`), data["prox_anchor"] holds the row's shared
+leaves as the round started (comigs_jax.train.rounds adds it, `with_prox_anchor`).
 With per-user LoRA ranks (comigs_jax.federated.ranks), data["rank_scale"] [r_max] is the row's rank
 scale (the model sees A * scale, B masked; masked components are zeroed after every expert
-step) and data["rank_full"] its configured rank (the pruning regulariser's tail).
+step) and data["rank_full"] its configured rank (the pruning regulariser's tail); with a rank per
+LoRA module (HetLoRA as the reference), data["rank_modules"] [M] masks each module to its own.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 
 from comigs_jax.federated.methods import Method
 from comigs_jax.federated.ranks import apply_rank_scale, mask_ranks, prune_rank, pruning_penalty
@@ -24,6 +28,7 @@ from comigs_jax.federated.roles import filter_leaves, merge, role_of
 from comigs_jax.model.head import token_cross_entropy
 from comigs_jax.model import noisy_gate
 from comigs_jax.model.lm import ModelConfig, head_matrix, language_model
+from comigs_jax.model.precision import wide
 from comigs_jax.train.state import (TrainConfig, UserState, expert_optimizer, hparam, is_expert_leaf,
                                     leaks_active, router_optimizer)
 
@@ -66,23 +71,38 @@ def _is_router(path) -> bool:
     return role_of(path) == "router"
 
 
-def _grads(keep, params, base, windows, mask, model_cfg, lb_weight, dropout_key, data=None, prune=None):
+def proximal_term(params: dict, anchor: dict) -> jax.Array:
+    """FedProx's 1/2 ||w - w_round_start||^2 (Li et al., MLSys 2020) over the leaves of `anchor`
+    (the shared leaves at the round's start; `params` holds them and others), summed in float32
+    (float64 for float64 leaves)."""
+    flat = traverse_util.flatten_dict(params)
+    sq = [jnp.sum(jnp.square((flat[p] - a).astype(wide(a.dtype)))) for p, a in traverse_util.flatten_dict(anchor).items()]
+    return 0.5 * sum(sq) if sq else jnp.zeros(())
+
+
+def _grads(keep, params, base, windows, mask, model_cfg, lb_weight, dropout_key, data=None, prune=None, prox=None):
     """Loss and gradients with respect to the leaves whose path satisfies keep(path) only (the rest
     held fixed). data["rank_scale"] (when given): the row's rank scale, applied to the model's
-    view of the params. prune: the pruning regulariser's weight (None: off)."""
+    view of the params. prune: the pruning regulariser's weight (None: off). prox: FedProx's mu
+    (None: off), the term's anchor data["prox_anchor"]."""
     wrt = filter_leaves(params, keep)
     rest = filter_leaves(params, lambda p: not keep(p))
     scale = (data or {}).get("rank_scale")
 
     def fn(p):
         full = merge(p, rest)
-        loss, metrics = lm_loss(full if scale is None else apply_rank_scale(full, scale), base, windows, mask,
+        view = full if scale is None else apply_rank_scale(full, scale, data.get("rank_modules"))
+        loss, metrics = lm_loss(view, base, windows, mask,
                                 model_cfg, lb_weight, dropout_key)
         if prune is not None:
             r_full = data.get("rank_full", model_cfg.moe.lora.rank)
             penalty = pruning_penalty(full, prune_rank(r_full), r_full, mask)
             loss = loss + prune * penalty
             metrics = {**metrics, "prune": penalty}
+        if prox is not None:
+            term = proximal_term(full, data["prox_anchor"])
+            loss = loss + prox * term
+            metrics = {**metrics, "prox": term}
         return loss, metrics
 
     (_, metrics), grads = jax.value_and_grad(fn, has_aux=True)(wrt)
@@ -93,6 +113,20 @@ def _prune_weight(tc: TrainConfig, hp):
     """The pruning regulariser's weight (a per-row value when federations differ in it), or None
     when it is off."""
     return hparam(tc, hp, "prune_lambda") if (hp and "prune_lambda" in hp) or tc.prune_lambda > 0 else None
+
+
+def prox_weight(tc: TrainConfig, hp):
+    """FedProx's mu (a per-row value when federations differ in it), or None when it is off: then
+    the step is the program without the term."""
+    return hparam(tc, hp, "prox_mu") if (hp and "prox_mu" in hp) or tc.prox_mu > 0 else None
+
+
+def with_prox_anchor(data: dict, params: dict, tc: TrainConfig, method: Method) -> dict:
+    """data with the row's shared leaves at the round's start (FedProx's w_round_start) when the
+    proximal term is on, else data as it is (one row: no user axis)."""
+    if prox_weight(tc, data.get("hparams")) is None:
+        return data
+    return {**data, "prox_anchor": filter_leaves(params, method.is_shared)}
 
 
 def _needs_dropout_key(model_cfg: ModelConfig) -> bool:
@@ -112,7 +146,7 @@ def expert_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
     trains = is_expert_leaf(method)
     metrics, grads = _grads(_every_leaf if leaks else trains, state.params, base, windows, mask,
                             model_cfg, hparam(tc, hp, "lb_weight"), k_drop if _needs_dropout_key(model_cfg) else None,
-                            data, _prune_weight(tc, hp))
+                            data, _prune_weight(tc, hp), prox_weight(tc, hp))
     g = filter_leaves(grads, trains)
     leak = state.leak
     if leaks:
@@ -123,7 +157,7 @@ def expert_step(state: UserState, base: dict, data: dict, mask: jax.Array, *,
     updates, opt = expert_optimizer(tc, hp).update(g, state.opt_expert, p)
     params = merge(optax.apply_updates(p, updates), filter_leaves(state.params, lambda q: not trains(q)))
     if "rank_scale" in data:  # components beyond the row's rank stay 0 (Adam's momentum would move them)
-        params = mask_ranks(params, data["rank_scale"])
+        params = mask_ranks(params, data["rank_scale"], data.get("rank_modules"))
     return state.replace(params=params, opt_expert=opt, step=state.step + 1, key=key, leak=leak), metrics
 
 

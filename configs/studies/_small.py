@@ -19,6 +19,8 @@ def get_config(arg=None, name: str = "study"):
     c.data.valid_tokens = 5_000
     c.data.test_tokens = 5_000
     c.data.synthetic.vocab_size = 128
+    c.data.synthetic.base_knows_shared = 1.0  # the base pretrained on the users' shared chain (the demo sets 0)
+    c.train.lr = 5e-3  # fixed here: the demo's lr may change without changing this config
     c.model.rank = 4
     c.model.attn_rank = 4
     c.train.rounds = 20

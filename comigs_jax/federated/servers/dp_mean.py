@@ -1,7 +1,7 @@
 """DP-FedAvg's aggregation (comigs_jax.federated.privacy): the shared leaves become the round-start
 server value plus the clipped, noised mean update of the users that uploaded, within each
 federation. Chosen by servers.server_for for a method whose server is the mean when the run has
-DP (dp.enabled); needs the round-start shared leaves (Uploads.start) and the noise keys."""
+DP (dp.enabled); needs the round-start shared leaves (Uploads.round_start) and the noise keys."""
 from __future__ import annotations
 
 from comigs_jax.federated.privacy import noisy_mean

@@ -1,6 +1,6 @@
 """The rank-aware servers of the expert LoRA leaves (the math: comigs_jax.federated.ranks): the
-mean per rank component, HetLoRA, FlexLoRA and FlexLoRA as the reference. The attention LoRA
-and routers are averaged by the plain mean; the state holds each row's ranks (HetLoRA cuts them)
+mean per rank component, FlexLoRA and FlexLoRA as the reference (HetLoRA: servers/hetlora.py).
+The attention LoRA and routers are averaged by the plain mean; the state holds each row's ranks
 and FlexLoRA's scales (form c_i, back c'_i)."""
 from __future__ import annotations
 
@@ -39,8 +39,6 @@ def _flexlora_scales(reference: bool):
 
 MASKED_MEAN = Server("masked_mean", _apply("mean"), ranked=True,
                      description="each rank component averaged over the users that have it")
-HETLORA = Server("hetlora", _apply("hetlora"), ranked=True,
-                 description="HetLoRA: zero-padded norm-share mean with rank self-pruning")
 FLEXLORA = Server("flexlora", _apply("flexlora"), init=_flexlora_scales(False), ranked=True,
                   description="FlexLoRA: SVD of the token-weighted mean of the users' products")
 FLEXLORA_REFERENCE = Server("flexlora_reference", _apply("flexlora_reference"), init=_flexlora_scales(True),

@@ -1,0 +1,61 @@
+"""HetLoRA's servers (the rule: comigs_jax.federated.hetlora): `hetlora`, the paper's rule (one rank
+per user), and `hetlora_reference`, the reference code's (a rank per user per LoRA module, the
+faithful mode's). The attention LoRA and routers are averaged by the plain mean. The state holds,
+besides the per-row ranks (`rank_state`: the user's rank, for the reference its largest module
+rank), the server's pre-aggregation tails per module ("server_tail" [rows, M]) and, for the
+reference, every module's rank ("module_ranks" [rows, M], which the round masks each module to);
+checkpoints keep both with the users' states."""
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from comigs_jax.federated.hetlora import hetlora_aggregate
+from comigs_jax.federated.ranks import is_ranked, module_layout, n_modules
+from comigs_jax.federated.server import Rows, Server, Setup, Uploads, with_current
+from comigs_jax.federated.servers.mean import mean_of_shared
+from comigs_jax.model.precision import wide
+
+
+def _init(reference: bool):
+    def init(setup: Setup, rows: Rows) -> dict:
+        if rows.params is None:
+            raise ValueError("the hetlora servers need the rows' parameter shapes (Rows.params)")
+        flat = traverse_util.flatten_dict(rows.params)
+        layout = module_layout(flat, rows=False)
+        dtype = wide(jnp.dtype(flat[layout[0][0]].dtype)) if layout else jnp.float32
+        m = n_modules(flat)
+        state = {"server_tail": np.zeros((rows.n_rows, m), dtype)}  # round 0: the server's B is 0
+        if reference:
+            state["module_ranks"] = np.repeat(np.asarray(rows.full_ranks, np.int32)[:, None], m, axis=1)
+        return state
+    return init
+
+
+def _apply(reference: bool):
+    def apply(setup: Setup, params: dict, up: Uploads, state: dict):
+        m, rk = setup.method, state["ranks"]
+        plain = mean_of_shared(setup, params, up)
+        tail = state["server_tail"]
+        ranks = state["module_ranks"] if reference else jnp.broadcast_to(rk["current"][:, None], tail.shape)
+        ranked, new, tail = hetlora_aggregate(params, up.weights, up.groups, setup.n_groups, ranks, tail,
+                                              reference=reference, is_shared=m.is_shared,
+                                              n_shared_specialists=setup.n_shared_specialists)
+        a, b = traverse_util.flatten_dict(plain), traverse_util.flatten_dict(ranked)
+        out = {p: b[p] if is_ranked(p) and m.is_shared(p) else x for p, x in a.items()}
+        current = new.max(axis=1) if new.shape[1] else rk["current"]  # the reference: its largest module
+        state = {**state, "ranks": with_current(rk, current), "server_tail": tail}
+        if reference:
+            state["module_ranks"] = new
+        return traverse_util.unflatten_dict(out), state
+    return apply
+
+
+HETLORA = Server("hetlora", _apply(False), init=_init(False), ranked=True, saved=("server_tail",),
+                 description="HetLoRA (the paper): self-pruning of each user's rank against the global "
+                             "modules it received, then the zero-padded mean weighted by |dW| shares")
+HETLORA_REFERENCE = Server("hetlora_reference", _apply(True), init=_init(True), ranked=True,
+                           saved=("module_ranks", "server_tail"),
+                           description="HetLoRA as the reference: per-module ranks, cut against the server's "
+                                       "pre-aggregation state, then the mean weighted by each factor's norm share")

@@ -1,0 +1,93 @@
+"""A server optimizer stage on top of an averaging server: uploads -> the inner rule's aggregate
+(the weighted mean, or the rank-masked mean) -> pseudo-gradient (server value - aggregate) ->
+optax step (comigs_jax.federated.server_optimizer) -> the new server value on every row.
+
+The state adds, per row (each federation's rows hold copies of one server): "server_value" (the
+shared leaves as the server holds them, from the round-0 parameters: `start`), "server_opt" (the
+optax state) and "server_lr" (the federation's server.lr). The first two are checkpointed with the
+users' states; the lr comes from the federation's settings. Elements the method does not share
+(local leaves, the specialist slots past the shared ones) are the inner rule's. A federation none
+of whose users uploaded takes no step (value and state kept) and its rows get the server value.
+Another stage that changes what is aggregated (e.g. a clipped, noised sum) goes before this one:
+the step reads only the aggregate.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from comigs_jax.federated import server_optimizer as so
+from comigs_jax.federated.roles import role_of, slot_axis
+from comigs_jax.federated.server import Rows, Server, Setup, Uploads
+
+OWN = ("server_value", "server_opt", "server_lr")
+LR_KEY = "server.lr"  # the federation's key (configuration.FEDERATION_KEYS)
+
+
+def _shared(setup: Setup, params: dict) -> dict:
+    """{path: leaf} of the leaves the method shares (flat)."""
+    return {p: x for p, x in traverse_util.flatten_dict(params).items() if setup.method.is_shared(p)}
+
+
+def _slots(setup: Setup, path: tuple, x: jax.Array):
+    """Which elements of the shared leaf x [rows, ...] are shared: True, or a specialist leaf's
+    mask of its first n_shared_specialists slots (heterogeneous expert counts; aggregate's rule)."""
+    axis = 1 + slot_axis(path)
+    n = setup.n_shared_specialists
+    if role_of(path) != "specialist" or n is None or n >= x.shape[axis]:
+        return True
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return (jnp.arange(x.shape[axis]) < n).reshape(shape)
+
+
+def _with_optimizer(inner: Server, opt: so.ServerOptimizer) -> Server:
+    def init(setup: Setup, rows: Rows) -> dict:
+        lr = [float(f.get(LR_KEY, 1.0)) for f in rows.federations] or [1.0]
+        groups = np.asarray(rows.groups)
+        # float64: float32 on a device without 64-bit JAX (the float64 models' full precision with it)
+        return {**inner.init(setup, rows), "server_lr": np.asarray(lr, np.float64)[np.minimum(groups, len(lr) - 1)]}
+
+    def start(setup: Setup, params: dict, state: dict) -> dict:
+        value = traverse_util.unflatten_dict(_shared(setup, params))
+        return {**state, "server_value": value, "server_opt": so.init_rows(opt, value)}
+
+    def apply(setup: Setup, params: dict, up: Uploads, state: dict):
+        agg, rest = inner.apply(setup, params, up, {k: v for k, v in state.items() if k not in OWN})
+        x = traverse_util.flatten_dict(state["server_value"])
+        flat = traverse_util.flatten_dict(agg)
+        mean = {p: jnp.where(_slots(setup, p, x[p]), flat[p], x[p]) for p in x}  # unshared slots: no step
+        new, opt_state = so.step_rows(opt, traverse_util.unflatten_dict(x), traverse_util.unflatten_dict(mean),
+                                      state["server_opt"], state["server_lr"])
+        uploaded = jax.ops.segment_sum(up.weights, up.groups, setup.n_groups) > 0
+        has = jnp.take(uploaded, up.groups)  # [rows]: the row's federation had uploads
+        keep = lambda a, b: jnp.where(has.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+        new = jax.tree.map(keep, new, state["server_value"])
+        opt_state = jax.tree.map(keep, opt_state, state["server_opt"])
+        for p, v in traverse_util.flatten_dict(new).items():
+            flat[p] = jnp.where(_slots(setup, p, v), v, flat[p])
+        return traverse_util.unflatten_dict(flat), {**state, **rest, "server_value": new, "server_opt": opt_state}
+
+    return dataclasses.replace(inner, name=f"{inner.name}+{opt.name}", apply=apply, init=init, start=start,
+                               saved=inner.saved + OWN[:2],
+                               description=f"{inner.description}, then a server {opt.name} step on the shared leaves")
+
+
+@functools.lru_cache(maxsize=64)
+def with_optimizer(inner: Server, opt: so.ServerOptimizer) -> Server:
+    """`inner` (an averaging server) followed by the server optimizer `opt`: one record per pair,
+    so that Simulations of one config share its compiled program."""
+    if inner.inputs != "uploads" or inner.name in UNSUPPORTED:
+        raise ValueError(f"server.optimizer={opt.name!r}: not on server {inner.name!r} ({UNSUPPORTED_WHY})")
+    return _with_optimizer(inner, opt)
+
+
+# HetLoRA cuts ranks and FlexLoRA gives every user its own SVD truncation: there is no one server
+# value per federation to step; PCL and the one-round methods aggregate nothing after a round.
+UNSUPPORTED = ("hetlora", "flexlora", "flexlora_reference", "pcl", "none")
+UNSUPPORTED_WHY = "a server optimizer steps one server value per federation: the mean or the rank-masked mean"
