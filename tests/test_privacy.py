@@ -345,3 +345,9 @@ def test_a_server_optimizer_steps_with_the_noised_mean():
     want = _server(m, dp, flat, start, w)
     for k in flat:
         np.testing.assert_allclose(got[k], want[k], rtol=0, atol=4e-6, err_msg=str(k))
+    silent = np.array([1, 1, 0, 0, 0, 0, 0.0])  # federation 1 without uploads: its noised mean still released
+    up = up._replace(weights=jnp.asarray(silent, jnp.float32), n_tokens=jnp.asarray(silent, jnp.float32))
+    out, _ = jax.jit(lambda p, u, s: composed.apply(setup, p, u, s))(nest(flat), up, state)
+    got = np.asarray(traverse_util.flatten_dict(out)[ATTN])
+    np.testing.assert_allclose(got, _server(m, dp, flat, start, silent)[ATTN], rtol=0, atol=4e-6)
+    assert not np.allclose(got[3:], start[ATTN][3:], atol=1e-3)
