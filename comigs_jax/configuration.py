@@ -11,6 +11,7 @@ from comigs_jax.data.config import split_list, validate_data_config
 from comigs_jax import extras
 from comigs_jax.errors import ConfigError
 from comigs_jax import rules
+from comigs_jax.federated import accounting, privacy
 from comigs_jax.federated.methods import METHODS, ROUTER_MODES, Method, configure_model, get_method  # noqa: F401
 from comigs_jax.model import family as families
 from comigs_jax.model.config import DTYPES, LB_INPUTS, LORA_SCALINGS, REMAT, LoRAConfig, MoEConfig
@@ -30,14 +31,15 @@ def _config_error(cfg, e: FederationError) -> ConfigError:
 
 
 def federation_config(cfg, federations=None) -> FederationConfig:
-    """The FederationConfig of `cfg` (its seed alone, or `federations`): built and checked here."""
+    """The FederationConfig of `cfg` (its seed alone, or `federations`): built and checked here,
+    with its DP settings (sigma calibrated to dp.target_epsilon when set)."""
     fe, opt = cfg.federation, rules.server_optimizer_of(cfg)
     try:
         feds = federations or [rules.with_server_lr(cfg, {"seed": seeds_of(cfg)[0]})]
         return FederationConfig(tuple(feds), fe.mode, fe.weighting, fe.participation, fe.get("dropout", 0.0), ranks_of(cfg),
                                 tuple(expert_counts_of(cfg)) if cfg.model.expert_counts else None, opt,
-                                fe.get("sit_out", "skip"))
-    except FederationError as e:
+                                fe.get("sit_out", "skip"), fe.get("sampling", "fixed"), accounting.from_config(cfg))
+    except (FederationError, privacy.PrivacyError) as e:
         raise _config_error(cfg, e) from None
 
 
@@ -208,7 +210,9 @@ def validate(cfg) -> None:
         rules.check_prox(tr.get("prox_mu", 0.0), METHODS[m])
         try:
             fed.check(METHODS[m], cfg.data.n_users, n_experts, cfg.model.n_generalists, cfg.model.rank)
-        except FederationError as e:
+            if fed.dp is not None:  # a model where the method's shared roles hold no leaf shares nothing
+                privacy.check_shares(METHODS[m], cfg.model.attn_rank, n_experts, cfg.model.n_generalists)
+        except (FederationError, privacy.PrivacyError) as e:
             raise _config_error(cfg, e) from None
     if cfg.eval.protocol not in PROTOCOLS:
         _fail("eval.protocol", cfg.eval.protocol, f"one of {PROTOCOLS}")

@@ -22,7 +22,7 @@ EXTRAS = {
     "gguf": ("gguf", "llama", "a llama.cpp GGUF base (base=smollm2-135m or a .gguf file)"),
     "tensorboardX": ("tensorboardX", "tensorboard", "TensorBoard events (output.tensorboard=True)"),
     "wandb": ("wandb", "wandb", "Weights & Biases logging (output.wandb=True)"),
-    "dp_accounting": ("dp-accounting", "dp", "differential-privacy accounting"),
+    "dp_accounting": ("dp-accounting", "dp", "user-level differential privacy (dp.enabled=True)"),
 }
 
 
@@ -67,6 +67,9 @@ def needed_by(cfg) -> list[str]:
         out.append("tensorboardX")
     if output is not None and output.get("wandb", False):
         out.append("wandb")
+    dp = cfg.get("dp")
+    if dp is not None and dp.get("enabled", False):
+        out.append("dp_accounting")
     return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from comigs_jax import rules
-from comigs_jax.federated import server_optimizer as so
+from comigs_jax.federated import privacy, server_optimizer as so
 from comigs_jax.federated.methods import Method
 from comigs_jax.train.state import ROW_HPARAMS
 
@@ -69,7 +69,10 @@ class FederationConfig:
     all). expert_counts: experts per user (None: all). PCL mixes every user's model: participation
     1 and dropout 0 only. server_optimizer: the step after the aggregation
     (comigs_jax.federated.server_optimizer.ServerOptimizer; its lr: each federation's
-    "server.lr", default 1); None: the aggregate is the new value (today's mean)."""
+    "server.lr", default 1); None: the aggregate is the new value (today's mean). sampling: "fixed"
+    (round(participation x users) drawn without replacement each round) or "poisson" (each user with
+    probability participation). dp: user-level DP of the shared leaves
+    (comigs_jax.federated.privacy.DP, its sampling and q this config's); None: none."""
     federations: tuple = ({"seed": 0},)
     mode: str = "vmap"
     weighting: str = "uniform"
@@ -79,6 +82,8 @@ class FederationConfig:
     expert_counts: tuple | None = None
     server_optimizer: so.ServerOptimizer | None = None
     sit_out: str = "skip"
+    sampling: str = "fixed"
+    dp: privacy.DP | None = None
 
     def __post_init__(self):
         set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -96,6 +101,10 @@ class FederationConfig:
             raise FederationError("federation.dropout", self.dropout, "in [0, 1)")
         if self.sit_out not in SIT_OUT:
             raise FederationError("federation.sit_out", self.sit_out, " | ".join(SIT_OUT))
+        if self.sampling not in privacy.SAMPLINGS:
+            raise FederationError("federation.sampling", self.sampling, " | ".join(privacy.SAMPLINGS))
+        if self.dp is not None:
+            privacy.check_federation(self.dp, self.weighting, self.sampling, self.participation)
         for fed in self.federations:
             if "server.lr" in fed and not so.check_lr(fed["server.lr"]):
                 raise FederationError("server.lr", fed["server.lr"], "a positive finite number")
@@ -115,6 +124,8 @@ class FederationConfig:
             raise FederationError("federation.participation", self.participation, f"1 for method {method.name} (PCL "
                                   "mixes every user's model every mixing round; partial participation is not "
                                   "supported)", "PCL: only participation=1 is supported")
+        if self.dp is not None:
+            privacy.check_method(self.dp, method, self.ranks)
         opt = self.server_optimizer
         why = rules.no_server_step(method)
         if opt is not None and why:

@@ -56,7 +56,8 @@ def get_config(arg=None):
     c.federation.mode = "vmap"  # vmap: all users in one program | loop: a Python loop over users (same math)
     c.federation.shard = True  # split users over all devices (mesh axis `users`); padding users are masked
     c.federation.weighting = "uniform"  # aggregation weights: uniform (reference) | tokens (by training-set size)
-    c.federation.participation = 1.0  # fraction of users that train in a round
+    c.federation.participation = 1.0  # fraction of users that train in a round (q)
+    c.federation.sampling = "fixed"  # fixed: round(q N) users drawn without replacement each round | poisson: each user independently with probability q
     c.federation.dropout = 0.0  # probability that a participating user stops at a uniformly random local step of a round (keeps its steps, skips that round's aggregation); in [0, 1)
     c.federation.sit_out = "skip"  # a user that does not participate in a round: skip (no local steps) | train (all its local steps, no upload: separates compute from collaboration)
     c.federation.stack_seeds = False  # True: a method's seeds (config seeds) train as independent federations of ONE program (one compile); the same per-seed folders and results as separate runs
@@ -68,6 +69,13 @@ def get_config(arg=None):
     c.server.b1 = 0.9  # adam / yogi / adagrad: first-moment decay beta1 in [0, 1)
     c.server.b2 = 0.99  # adam / yogi: second-moment decay beta2 in [0, 1) (adagrad sums the squares)
     c.server.tau = 1e-3  # adam / yogi / adagrad: adaptivity tau > 0 (sqrt(v) + tau; v starts at tau^2)
+
+    c.dp = ml_collections.ConfigDict()  # user-level differential privacy of the shared leaves (DP-FedAvg, McMahan et al. 2018; the `dp` extra)
+    c.dp.enabled = False  # True: each upload's update of the shared leaves clipped to dp.clip, Gaussian noise on their sum, / expected participants (before any server.optimizer step); epsilon at dp.delta each round (methods whose server is the mean)
+    c.dp.clip = 1.0  # C: the L2 bound of a user's update over all its shared leaves (> 0; inf: no clipping)
+    c.dp.noise_multiplier = 1.0  # sigma: the noise on the sum has std sigma * C (>= 0); replaced by the calibrated one when dp.target_epsilon > 0
+    c.dp.delta = 1e-5  # delta of the reported (epsilon, delta), in (0, 1); below 1 / data.n_users
+    c.dp.target_epsilon = 0.0  # > 0: calibrate sigma before training so that epsilon after train.rounds rounds is at most this (RDP accountant); 0: use dp.noise_multiplier
 
     c.eval = ml_collections.ConfigDict()
     c.eval.protocol = "full"  # full: every non-overlapping window of the split (exact, seed-free) | fixed: n_windows evenly spaced | reference: n_windows random (docs/reproducing.md)

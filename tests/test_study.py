@@ -286,6 +286,9 @@ def test_summary_compares_the_methods_of_a_cell_paired_by_seed(tmp_path):
     assert "| lr=0.002__rounds=2 | local **wins** |" in md and "| lr=0.01__rounds=2 | fedavg (tied) |" in md
     study_report.write_outputs(str(tmp_path), summary, cfg)  # the win map draws the tie
     assert os.path.getsize(tmp_path / "study.png") > 0
+    few = study_report.markdown({**summary, "per_user_limit": 1})  # 2 users: above the limit, none listed
+    assert "user0: " not in few and "| 2 users (above output.per_user_limit): in study.json |" in few
+    assert "user0: " in md
 
 
 def test_findings_are_generated_from_study_json(tmp_path):

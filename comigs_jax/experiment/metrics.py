@@ -344,6 +344,11 @@ def results_markdown(res: dict) -> str:
         up = max(comm["upload_bytes_float32"]) / 2**20
         lines += ["", f"Communication per user per aggregation round: {span} parameters each way; the run's "
                       f"largest upload {up:,.2f} MiB in float32 ({up / 2:,.2f} MiB in bfloat16)."]
+    if res.get("privacy"):
+        p = res["privacy"]
+        lines += ["", f"User-level DP of the shared leaves: epsilon {p['epsilon']:.3g} at delta {p['delta']:g} after "
+                      f"{p['rounds']} rounds (sigma {p['noise_multiplier']:.4g}, clip {p['clip']:g}, {p['sampling']} "
+                      f"sampling q={p['q']:g}); {p['local']}."]
     return "\n".join(lines)
 
 

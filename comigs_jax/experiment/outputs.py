@@ -12,6 +12,7 @@ from comigs_jax.errors import WorkdirError
 from comigs_jax.experiment import metrics, plot
 from comigs_jax.experiment.log import log
 from comigs_jax.experiment.program import Program, decode_eval, evaluate, pick
+from comigs_jax.federated import accounting
 
 
 def zero_shot(prog: Program, start: int) -> list:
@@ -96,6 +97,8 @@ def _write_run(prog: Program, f: int, pre: dict, post: dict, zero_shot_ce) -> di
     comm = communication(run.cfg, prog.sim, records, prog.n_models)
     results = metrics.results(run.cfg, prog.sim.method, run.seed, prog.data, prog.model_cfg, pre, post,
                               records=records, zero_shot=zero_shot_ce, communication=comm)
+    if prog.sim.setup.dp is not None:  # epsilon after every round the run made; local leaves cost nothing
+        results["privacy"] = accounting.report(prog.sim.setup.dp, len(records), prog.sim.method)
     if cfg.output.figures:
         plot.run_figures(run.run_dir, results, records, prog.sim, prog.data, cfg.output.routing_tokens,
                          write=distributed.is_main_process(), federation=f)

@@ -27,6 +27,7 @@ from comigs_jax.errors import Stopped
 from comigs_jax.experiment import metrics, numerics, tracking
 from comigs_jax.experiment.log import log
 from comigs_jax.experiment.simulation import Simulation
+from comigs_jax.federated import accounting
 from comigs_jax.federated.layout import Layout
 from comigs_jax.train.state import ROW_HPARAMS
 
@@ -194,8 +195,14 @@ def one_round(prog: Program, r: int, start: int, bar, pre_eval):
         pre_eval = evaluate(prog)  # local models before aggregation, as the reference
         check_test_loss(prog, r, pre_eval, records)
     sim.aggregate()
+    eps = {}
+    if sim.setup.dp is not None:  # the privacy spent after this round's release (the same for every run)
+        eps = {"eps": f"{accounting.epsilon(sim.setup.dp, r + 1):.3g}"}
+        for rec in records:
+            rec["dp_epsilon"], rec["dp_delta"] = accounting.epsilon(sim.setup.dp, r + 1), sim.setup.dp.delta
     write_records(prog, records)
-    bar.set_postfix(loss=f"{np.mean(records[0]['train_ce']):.3f}", tok_s=f"{records[0]['tokens_per_s']:,.0f}")
+    bar.set_postfix(loss=f"{np.mean(records[0]['train_ce']):.3f}", tok_s=f"{records[0]['tokens_per_s']:,.0f}",
+                    **eps)
     return pre_eval
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from comigs_jax.federated import sharding
+from comigs_jax.federated.privacy import shared_start
 from comigs_jax.federated.server import Server, Setup
 from comigs_jax.model.lm import ModelConfig
 from comigs_jax.train.chunks import chunked
@@ -55,6 +56,12 @@ def server_program(server: Server, setup: Setup, mesh, fn: str = "apply"):
 def rows_program(fn, mesh):
     """jit(fn) with its outputs split over users (a gather, mask or view of the rows)."""
     return jax.jit(fn, out_shardings=sharding.user_sharded(mesh))
+
+
+@functools.lru_cache(maxsize=16)
+def start_program(method, mesh):
+    """params -> a copy of their shared leaves (the server value at a round's start), split over users."""
+    return jax.jit(functools.partial(shared_start, method), out_shardings=sharding.user_sharded(mesh))
 
 
 @functools.lru_cache(maxsize=64)

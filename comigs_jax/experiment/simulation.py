@@ -50,7 +50,7 @@ def federation_of(kw: dict) -> FederationConfig:
     participation, dropout, ranks, expert_counts, server_optimizer, sit_out), for callers without a config."""
     kw = dict(kw)
     bad = set(kw) - {"seed", "federations", "mode", "weighting", "participation", "dropout", "ranks", "expert_counts",
-                     "server_optimizer", "sit_out"}
+                     "server_optimizer", "sit_out", "sampling", "dp"}
     if bad:
         raise TypeError(f"Simulation: unexpected keywords {sorted(bad)}")
     seed, feds = kw.pop("seed", 0), kw.pop("federations", None)
@@ -116,7 +116,7 @@ class Simulation:
         self.active = np.ones(self.n_padded, bool)  # the users that uploaded in the last round
         self.steps_made = np.full(self.n_padded, self.steps_per_round, np.int32)  # ... and their local steps
         self._init_server(fed.ranks)
-        self.last_mixing = None
+        self.last_mixing = self.round_start = None
 
     # ------------------------------------------------------------------ set-up
     def _place_data(self, train, valid) -> None:
@@ -134,8 +134,8 @@ class Simulation:
         """The method's server, its state at round 0 (per-row ranks when users have them or the
         rule needs them), the rank masks applied to the initial expert LoRA."""
         moe = self.model_cfg.moe
-        self.server = server_for(self.method, ranks is not None, self.fed.server_optimizer)
-        self.setup = Setup(self.method, self.n_shared_specialists, self.n_federations, moe.lora)
+        self.server = server_for(self.method, ranks is not None, self.fed.server_optimizer, self.fed.dp is not None)
+        self.setup = Setup(self.method, self.n_shared_specialists, self.n_federations, moe.lora, self.fed.dp)
         full = None
         if ranks is not None or self.server.ranked:
             ranks = list(ranks) if ranks is not None else [moe.lora.rank] * self.n_users
@@ -191,11 +191,16 @@ class Simulation:
     # ------------------------------------------------------------------ rounds
     def sample_participants(self) -> np.ndarray:
         """[U_pad] bool: the users that train this round (all, unless participation < 1); each
-        federation samples its own with its own generator."""
+        federation samples its own with its own generator: k = round(participation x users) of them
+        without replacement (sampling "fixed"), or each user with probability participation
+        ("poisson": one uniform per user every round; a round may have no participant)."""
         n_real = self.layout.models_per_federation
         active = np.zeros(self.n_padded, bool)
         k = max(1, int(round(self.participation * n_real)))
         for f, rng in enumerate(self._rngs):
+            if self.fed.sampling == "poisson":
+                active[f * n_real:(f + 1) * n_real] = rng.random(n_real) < self.participation
+                continue
             active[f * n_real + (rng.choice(n_real, k, replace=False) if k < n_real else np.arange(n_real))] = True
         active[~self.real] = True  # padding users compute anyway; they weigh nothing
         return active
@@ -235,6 +240,8 @@ class Simulation:
             trains = np.ones_like(participants) if sit_out_trains else participants
             self.steps_made = np.where(trains, steps, 0).astype(np.int32)
             active = jax.device_put(jnp.asarray(trains), self.layout.users)
+        if self.server.needs_start:  # the server value, copied: the round's program donates the states
+            self.round_start = programs.start_program(self.method, self.mesh)(self.states.params)
         self.states, metrics = self._round(self.base, self.states, self.round_data(), self.masks_dev, active)
         self.round_index += 1
         return jax.tree.map(lambda x: self._outputs(distributed.to_host(x)[self.real], by_federation), metrics)
@@ -259,7 +266,7 @@ class Simulation:
             return
         inputs, self.last_mixing = server_inputs.INPUTS[self.server.inputs](self, self.round_index - 1)
         params, self.server_state = self._server(self.states.params, inputs, self.server_state)
-        self.states = self.states.replace(params=params)
+        self.states, self.round_start = self.states.replace(params=params), None
 
     def current_ranks(self) -> np.ndarray | None:
         """[rows] int32: each row's expert LoRA rank now (HetLoRA's cuts), None without ranks."""

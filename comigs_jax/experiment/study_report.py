@@ -114,7 +114,8 @@ def summarise(cfg, cells: list[dict], results: dict, unavailable: list[dict], ti
             "methods": configuration.methods_of(strip_study(cfg)) if not any(
                 "methods" in k for k, _ in axes) else None,
             "statistics": STATISTICS, "cells": out_cells, "tuned": tuned, "across_cells": across,
-            "per_user_findings": bool(cfg.study.get("per_user_findings", False)), "unavailable": unavailable}
+            "per_user_findings": bool(cfg.study.get("per_user_findings", False)), "unavailable": unavailable,
+            "per_user_limit": cfg.output.get("per_user_limit", 64)}
 
 
 def outcome(comparison: dict) -> str:
@@ -188,6 +189,8 @@ def markdown(summary: dict) -> str:
     for c in summary["cells"]:
         for m, r in c["methods"].items():
             users = "; ".join(f"{u}: {_pm(a, b, ci)}" for u, a, b, ci in zip(c["users"], r["mean"], r["std"], r["ci95"]))
+            if len(c["users"]) > summary.get("per_user_limit", len(c["users"])):  # 256 users: study.json only
+                users = f"{len(c['users'])} users (above output.per_user_limit): in study.json"
             lines.append(f"| {c['name']} | {m}{_mark(c, m)} | {r['n_seeds']} | "
                          f"**{_pm(r['user_mean'], r['user_mean_std'], r['user_mean_ci95'])}** | "
                          + (f"{_pm(r['over_bayes'], r['over_bayes_std'], r['over_bayes_ci95'])} | " if bayes else "")

@@ -52,6 +52,8 @@ class Uploads(NamedTuple):
     weights: jax.Array  # participation weights (x training tokens with weighting="tokens"); 0: no upload
     n_tokens: jax.Array  # training tokens of the rows that uploaded (FlexLoRA's weights), 0 elsewhere
     groups: jax.Array  # int32: each row's federation
+    round_start: Any = None  # servers with needs_start: the shared leaves at the round's start (nested as params)
+    noise_keys: Any = None  # with DP (Setup.dp): [F, 2] uint32, each federation's noise key of the round
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +63,7 @@ class Setup:
     n_shared_specialists: int
     n_groups: int = 1  # federations on the row axis
     lora: Any = None  # the experts' LoRAConfig (rank scales)
+    dp: Any = None  # comigs_jax.federated.privacy.DP: user-level DP of the shared leaves; None: none
 
 
 def no_state(setup: Setup, rows: Rows) -> dict:
@@ -92,7 +95,9 @@ class Server:
     rows are its run's, as the users' rows) and a resume restores; the rest is rebuilt by `init`
     (the ranks are the host state's, as before this interface). start(setup, params, state) ->
     state: what the rule takes from the round-0 parameters (jitted on the rows; a server
-    optimizer's server value and optax state), None: nothing."""
+    optimizer's server value and optax state), None: nothing. needs_start: its Uploads carry the
+    shared leaves as they were at the start of every round (the server value; the Simulation copies
+    them before the round's program, which donates the states)."""
     name: str
     apply: Callable
     init: Callable = no_state
@@ -103,6 +108,7 @@ class Server:
     saved: tuple = ()
     description: str = ""
     start: Callable | None = None
+    needs_start: bool = False
 
     def __post_init__(self):
         if self.inputs not in INPUTS:

@@ -7,10 +7,11 @@ A new rule is a module here defining SERVER and one line in SERVERS; a method na
 from __future__ import annotations
 
 from comigs_jax.federated.server import Server
-from comigs_jax.federated.servers import hetlora, mean, none, pcl, ranked
+from comigs_jax.federated.servers import dp_mean, hetlora, mean, none, pcl, ranked
 
 SERVERS: dict[str, Server] = {s.name: s for s in (
     mean.SERVER,                   # the masked mean of the shared leaves (FedAvg, CoMiGS's generalists)
+    dp_mean.SERVER,                # the mean under user-level DP: clipped updates, Gaussian noise (dp.enabled)
     ranked.MASKED_MEAN,            # the mean per rank component (users of different ranks)
     hetlora.HETLORA,               # HetLoRA (the paper): a rank per user, self-pruning, |dW|-share mean
     hetlora.HETLORA_REFERENCE,     # HetLoRA as the reference code: a rank per LoRA module (faithful)
@@ -21,13 +22,16 @@ SERVERS: dict[str, Server] = {s.name: s for s in (
 )}
 
 
-def server_for(method, ranked: bool, optimizer=None) -> Server:
+def server_for(method, ranked: bool, optimizer=None, private: bool = False) -> Server:
     """The server of `method`'s run: its `server`, the rank-masked mean for the mean when the
-    users have ranks (model.ranks), followed by the server optimizer `optimizer`
-    (comigs_jax.federated.server_optimizer.ServerOptimizer; None: none). The one place a server
-    is chosen."""
+    users have ranks (model.ranks), DP-FedAvg's clipped, noised mean for the mean under DP
+    (`private`; configuration refuses DP with any other server), followed by the server optimizer
+    `optimizer` (comigs_jax.federated.server_optimizer.ServerOptimizer; None: none), whose
+    pseudo-gradient is then the server value minus the noised mean. The one place a server is chosen."""
     name = method.server
-    if name == "mean" and ranked:
+    if name == "mean" and private:
+        name = dp_mean.SERVER.name
+    elif name == "mean" and ranked:
         name = ranked_mean_name()
     if optimizer is None:
         return SERVERS[name]

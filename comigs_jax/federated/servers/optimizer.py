@@ -7,7 +7,8 @@ shared leaves as the server holds them, from the round-0 parameters: `start`), "
 optax state) and "server_lr" (the federation's server.lr). The first two are checkpointed with the
 users' states; the lr comes from the federation's settings. Elements the method does not share
 (local leaves, the specialist slots past the shared ones) are the inner rule's. A federation none
-of whose users uploaded takes no step (value and state kept) and its rows get the server value.
+of whose users uploaded takes no step (value and state kept) and its rows get the server value,
+except under DP, whose noised mean is released (and stepped with) every round.
 Another stage that changes what is aggregated (e.g. a clipped, noised sum) goes before this one:
 the step reads only the aggregate.
 """
@@ -65,6 +66,8 @@ def _with_optimizer(inner: Server, opt: so.ServerOptimizer) -> Server:
         new, opt_state = so.step_rows(opt, traverse_util.unflatten_dict(x), traverse_util.unflatten_dict(mean),
                                       state["server_opt"], state["server_lr"])
         uploaded = jax.ops.segment_sum(up.weights, up.groups, setup.n_groups) > 0
+        if setup.dp is not None:  # DP releases its noised mean every round, uploads or not (privacy.py)
+            uploaded = jnp.ones_like(uploaded)
         has = jnp.take(uploaded, up.groups)  # [rows]: the row's federation had uploads
         keep = lambda a, b: jnp.where(has.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
         new = jax.tree.map(keep, new, state["server_value"])
