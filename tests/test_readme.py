@@ -110,5 +110,5 @@ def test_the_light_chain_runs_on_a_small_schedule(tmp_path, monkeypatch, tiny_ca
     for argv in light:
         code, out, err = _main(rc.small(argv, tiny_cache))
         assert code == 0, (argv, out[-2000:], err[-2000:])
-    assert (tmp_path / "runs" / "demo" / "results.json").exists() and (tmp_path / "exported" / "user0").is_dir()
+    assert (tmp_path / "runs" / "demo" / "comigs_s0" / "results.json").exists() and (tmp_path / "exported" / "user0").is_dir()
     assert (tmp_path / "runs" / "tiny" / "results.json").exists()
