@@ -95,7 +95,7 @@ def test_vmap_sharded_chunked_and_loop_agree(x64):
 # ----------------------------------------------------------------------------- experiment.run
 def _run_cfg(workdir_base, **over):
     from configs import demo
-    c = demo.get_config()
+    c = demo.get_config("comigs")  # one method: the run writes into its workdir
     c.base = workdir_base
     c.data.n_users = 2
     c.data.synthetic.vocab_size = 96

@@ -21,7 +21,7 @@ ADDED_KEYS = {"data.train_shares": "", "model.ranks": "", "train.prune_lambda": 
               "model.router_kind": "learned", "train.prox_mu": 0.0, "server.optimizer": "none", "server.lr": 1.0,
               "server.momentum": 0.0, "server.b1": 0.9, "server.b2": 0.99, "server.tau": 1e-3,
               "federation.sit_out": "skip", "federation.sampling": "fixed", "dp.enabled": False, "dp.clip": 1.0,
-              "dp.noise_multiplier": 1.0, "dp.delta": 1e-5, "dp.target_epsilon": 0.0}
+              "dp.noise_multiplier": 1.0, "dp.delta": 1e-5, "dp.target_epsilon": 0.0, "pretrain.text": ""}
 
 
 def first_difference(old: dict, new: dict) -> str | None:
