@@ -3,8 +3,6 @@ measured): the config's checks, and every configured model size, U and mode run,
 written as bench.json and bench.md."""
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import jax
@@ -13,7 +11,7 @@ from ml_collections import ConfigDict
 
 from comigs_jax import configuration, distributed
 from comigs_jax.capacity.checkpoint_timing import WAYS as CHECKPOINT_WAYS
-from comigs_jax.capacity.report import check_targets, report_markdown
+from comigs_jax.capacity.report import check_targets, report_markdown, write_report
 from comigs_jax.capacity.sweep import sweep_model
 from comigs_jax.capacity.timing import _print, bench_workload, machine_info, peak_all_processes, peak_reference
 from comigs_jax.capacity.workload import MODES, _ints, _names, _users_key, _users_of, build_workload, workload_configs
@@ -147,9 +145,5 @@ def run_benchmark(cfg: ConfigDict, workloads, argv=None) -> dict:
     result["markdown"] = report_markdown(result)
     if jax.process_index() != 0:
         return result
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "bench.json"), "w") as f:
-        json.dump({k: v for k, v in result.items() if k != "markdown"}, f, indent=1, default=float)
-    with open(os.path.join(cfg.out_dir, "bench.md"), "w") as f:
-        f.write(result["markdown"])
+    write_report(cfg.out_dir, "bench", result)
     return result

@@ -73,8 +73,7 @@ def run_checkpoint_bench(cfg, argv=None) -> dict:
     """Every configured model and U, each way of cfg.checkpoints; bench_checkpoints.json / .md in
     cfg.out_dir (process 0). One process only (the bench's other keys: models, users, dtype,
     user_chunk, method, seed)."""
-    import json
-
+    from comigs_jax.capacity.report import write_report
     from comigs_jax.capacity.timing import machine_info
     from comigs_jax.capacity.workload import _ints, _names, _users_of, build_workload
     ways = _names(cfg.checkpoints)
@@ -92,11 +91,7 @@ def run_checkpoint_bench(cfg, argv=None) -> dict:
               "load_at_end": ", ".join(f"{x:.2f}" for x in os.getloadavg()), "rows": rows}
     result["markdown"] = checkpoints_markdown(rows, load, result["load_at_end"])
     if jax.process_index() == 0:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        with open(os.path.join(cfg.out_dir, "bench_checkpoints.json"), "w") as f:
-            json.dump({k: v for k, v in result.items() if k != "markdown"}, f, indent=1, default=str)
-        with open(os.path.join(cfg.out_dir, "bench_checkpoints.md"), "w") as f:
-            f.write(result["markdown"])
+        write_report(cfg.out_dir, "bench_checkpoints", result, default=str)
     return result
 
 

@@ -1,6 +1,18 @@
 """The bench's report: the markdown table, the issue's targets as measured, the page."""
 from __future__ import annotations
 
+import json
+import os
+
+
+def write_report(out_dir: str, name: str, result: dict, default=float) -> None:
+    """out_dir/<name>.json (the result without its page) and out_dir/<name>.md (result["markdown"])."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
+        json.dump({k: v for k, v in result.items() if k != "markdown"}, f, indent=1, default=default)
+    with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
+        f.write(result["markdown"])
+
 
 def _fmt(x, spec):
     return "–" if x is None else format(x, spec)
