@@ -291,6 +291,7 @@ def test_a_dp_run_logs_epsilon_each_round_reports_privacy_and_resumes_bit_for_bi
     import shutil
 
     from entrypoint import main as run
+    from tiny import as_if_killed_after_round
     wd = str(tmp_path / "dp")
     args = ["--config=configs/tiny.py", "--config.method=comigs", "--config.dp.enabled=True",
             "--config.dp.target_epsilon=8", "--config.dp.delta=0.01", "--config.dp.clip=0.5",
@@ -310,9 +311,7 @@ def test_a_dp_run_logs_epsilon_each_round_reports_privacy_and_resumes_bit_for_bi
     assert "User-level DP of the shared leaves: epsilon" in open(os.path.join(wd, "results.md")).read()
     wd2 = str(tmp_path / "resumed")
     shutil.copytree(wd, wd2)
-    shutil.rmtree(os.path.join(wd2, "checkpoints", "4"))  # as if killed after round 2's checkpoint
-    for f in ("results.json", "results.md"):
-        os.remove(os.path.join(wd2, f))
+    as_if_killed_after_round(wd2)  # as if killed after round 2's checkpoint
     p = run([*args, f"--workdir={wd2}"], tiny_cache)
     assert p.returncode == 0 and "resumed from round 2" in p.stdout, p.stderr[-3000:]
     again = json.load(open(os.path.join(wd2, "results.json")))

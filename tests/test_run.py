@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from entrypoint import main as run
+from tiny import as_if_killed_after_round
 
 
 @pytest.fixture
@@ -45,9 +46,7 @@ def test_resume_from_a_checkpoint_gives_the_same_results(finished, cache, tmp_pa
     wd, _ = finished
     wd2 = str(tmp_path / "resumed")
     shutil.copytree(wd, wd2)
-    shutil.rmtree(os.path.join(wd2, "checkpoints", "4"))  # as if killed after round 2's checkpoint
-    for f in ("results.json", "results.md"):
-        os.remove(os.path.join(wd2, f))
+    as_if_killed_after_round(wd2)  # as if killed after round 2's checkpoint
     p = run(["--config=configs/tiny.py", f"--workdir={wd2}"], cache)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "resumed from round 2" in p.stdout

@@ -13,7 +13,7 @@ from comigs_jax.federated.methods import get_method
 from comigs_jax.federated.server import Rows, Setup, Uploads
 from comigs_jax.federated.server_optimizer import ServerOptimizer
 from comigs_jax.federated.servers import SERVERS, server_for
-from tiny import TOL64, markov_users, tiny_base, tiny_cfg
+from tiny import TOL64, as_if_killed_after_round, markov_users, tiny_base, tiny_cfg
 
 # two federations of 4 users and one padding row (the last federation's, weight 0)
 GROUPS = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1])
@@ -298,7 +298,6 @@ def test_a_fedprox_run_with_fedadam_and_stacked_seeds_resumes_bit_for_bit(tiny_c
     command resumes and ends with the uninterrupted run's results, bit for bit."""
     import json
     import os
-    import shutil
 
     from entrypoint import main as run
     wd = str(tmp_path / "wd")
@@ -311,9 +310,7 @@ def test_a_fedprox_run_with_fedadam_and_stacked_seeds_resumes_bit_for_bit(tiny_c
     clean = lambda r: {k: v for k, v in r.items() if k not in ("speed", "provenance")}
     first = {d: clean(load(d)) for d in ("fedprox_s0", "fedprox_s7")}
     for d in first:
-        shutil.rmtree(os.path.join(wd, d, "checkpoints", "4"))
-        for f in ("results.json", "results.md"):
-            os.remove(os.path.join(wd, d, f))
+        as_if_killed_after_round(os.path.join(wd, d))
     p = run(args, tiny_cache)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "resumed from round 2" in p.stdout

@@ -10,6 +10,7 @@ import struct
 import numpy as np
 import pytest
 from entrypoint import main
+from tiny import as_if_killed_after_round
 
 from comigs_jax.experiment.metrics import MetricsWriter, tensorboard_scalars
 
@@ -67,9 +68,7 @@ def resumed(tiny_reference, tiny_cache, tmp_path):
     round 2 with TensorBoard on (rounds 1-2 replayed from metrics.jsonl, 3-4 written live)."""
     wd = str(tmp_path / "tb")
     shutil.copytree(tiny_reference[0], wd)
-    shutil.rmtree(os.path.join(wd, "checkpoints", "4"))
-    for f in ("results.json", "results.md"):
-        os.remove(os.path.join(wd, f))
+    as_if_killed_after_round(wd)
     p = main([TINY, f"--workdir={wd}", "--config.output.tensorboard=True", "--config.output.figures=False"],
              tiny_cache)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

@@ -105,3 +105,14 @@ def markov_users(n_users, n_tokens, seed=0, sharpness=4.0):
             x[t] = min(np.searchsorted(cdf[x[t - 1]], u[t]), VOCAB - 1)
         out.append(x)
     return out
+
+
+def as_if_killed_after_round(run_dir: str, lost_checkpoint: int = 4) -> str:
+    """A finished run's folder as a kill left it: without its checkpoint `lost_checkpoint` (the one
+    written after the last checkpoint it keeps) and without results.json / results.md."""
+    import os
+    import shutil
+    shutil.rmtree(os.path.join(run_dir, "checkpoints", str(lost_checkpoint)))
+    for f in ("results.json", "results.md"):
+        os.remove(os.path.join(run_dir, f))
+    return run_dir
