@@ -3,6 +3,7 @@
 docs/*.md appears word for word in a file the code generated (docs/studies/*.md and the other
 generated outputs kept under docs/), so a number edited by hand, or a claim left behind by a
 re-run, fails here."""
+import functools
 import glob
 import os
 import re
@@ -17,6 +18,7 @@ def _norm(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
+@functools.lru_cache(maxsize=None)  # read once for every doc file checked
 def _generated() -> str:
     """Every generated markdown kept under docs/: the studies' study.md and the runs' results."""
     files = [f for f in glob.glob(os.path.join(REPO, "docs", "**", "*.md"), recursive=True)
