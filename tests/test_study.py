@@ -308,7 +308,7 @@ def test_findings_are_generated_from_study_json(tmp_path):
     study_report.write_outputs(str(tmp_path), study_report.summarise(cfg, cells, fake_results(cells, FAKE), []), cfg)
     md = open(tmp_path / "study.md").read()
     on_disk = json.load(open(tmp_path / "study.json"))
-    assert md.endswith("\n".join(study_report.findings(on_disk)) + "\n")
+    assert md.endswith("\n".join(study_report.findings(on_disk) + [""] + study_report.per_method_findings(on_disk)) + "\n")
     f = lambda v: f"{v:.3f}"
     lines = []
     for name in ("lr=0.002", "lr=0.01"):

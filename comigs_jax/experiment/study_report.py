@@ -10,12 +10,14 @@ its tied set (statistics.verdict).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
 import numpy as np
 
 from comigs_jax import configuration
+from comigs_jax.errors import ExperimentError
 from comigs_jax.experiment import statistics
 
 STATISTICS = ("std: sample std over seeds (ddof 1); ci95: 95 % Student t interval of the mean; "
@@ -88,8 +90,8 @@ def tuned_cells(out_cells: list[dict], key: str) -> list[dict]:
 
 
 def summarise(cfg, cells: list[dict], results: dict, unavailable: list[dict], timings: dict | None = None) -> dict:
-    """study.json's content: per cell and method the statistics of method_row, each cell's paired
-    comparison of its methods, and (cells of one method each) the paired comparison of the cells."""
+    """study.json's content: per cell and method the statistics of method_row, then the
+    comparisons of with_comparisons (computed from those rows alone)."""
     from comigs_jax.experiment.study import parse_grid, strip_study
     out_cells = []
     for cell in cells:
@@ -99,23 +101,77 @@ def summarise(cfg, cells: list[dict], results: dict, unavailable: list[dict], ti
         entry = {"name": cell["name"], "values": cell["values"], "shown": cell["shown"],
                  "methods": {m: method_row(res, m, seeds) for m in methods}}
         entry["users"] = list(res[methods[0], seeds[0]]["data"]["users"])
-        entry["comparison"] = compare(entry["methods"])
+        entry["comparison"] = None  # with_comparisons
         if timings and cell["name"] in timings:
             entry["wall_s"] = round(timings[cell["name"]], 1)
         out_cells.append(entry)
     tune = cfg.study.get("tune", "")
-    tuned = {"key": tune, "cells": tuned_cells(out_cells, tune)} if tune else None
-    across = None
-    if not tune and len(out_cells) > 1 and all(len(c["methods"]) == 1 for c in out_cells):
-        across = compare({c["name"]: next(iter(c["methods"].values())) for c in out_cells})
     axes = parse_grid(cfg.study.grid)
-    return {"study": cfg.study.name, "description": cfg.study.description, "grid": cfg.study.grid,
-            "axes": [{"keys": list(k), "values": [list(v) for v in vals]} for k, vals in axes],
-            "methods": configuration.methods_of(strip_study(cfg)) if not any(
-                "methods" in k for k, _ in axes) else None,
-            "statistics": STATISTICS, "cells": out_cells, "tuned": tuned, "across_cells": across,
-            "per_user_findings": bool(cfg.study.get("per_user_findings", False)), "unavailable": unavailable,
-            "per_user_limit": cfg.output.get("per_user_limit", 64)}
+    summary = {"study": cfg.study.name, "description": cfg.study.description, "grid": cfg.study.grid,
+               "axes": [{"keys": list(k), "values": [list(v) for v in vals]} for k, vals in axes],
+               "methods": configuration.methods_of(strip_study(cfg)) if not any(
+                   "methods" in k for k, _ in axes) else None,
+               "statistics": STATISTICS, "cells": out_cells, "tuned": {"key": tune, "cells": None} if tune else None,
+               "across_cells": None, "per_method_across_cells": None,
+               "per_user_findings": bool(cfg.study.get("per_user_findings", False)), "unavailable": unavailable,
+               "per_user_limit": cfg.output.get("per_user_limit", 64), "figure": cfg.study.figure}
+    return with_comparisons(summary)
+
+
+def with_comparisons(summary: dict) -> dict:
+    """Set study.json's comparisons from its cells' method rows alone (a run and `regenerate` alike):
+    each cell's methods (`comparison`), the tuned rows (study.tune), the cells of one method each
+    (`across_cells`, not with study.tune), and otherwise each method between the cells that differ
+    in one grid axis (`per_method_across_cells`). Returns `summary`, updated in place."""
+    cells = summary["cells"]
+    for c in cells:
+        c["comparison"] = compare(c["methods"])
+    tuned = summary.get("tuned")
+    if tuned:
+        tuned["cells"] = tuned_cells(cells, tuned["key"])
+    one_each = len(cells) > 1 and all(len(c["methods"]) == 1 for c in cells)
+    summary["across_cells"] = (compare({c["name"]: next(iter(c["methods"].values())) for c in cells})
+                               if one_each and not tuned else None)
+    summary["per_method_across_cells"] = None if one_each else per_method_across_cells(summary)
+    return summary
+
+
+def _shown(cell: dict, key: str) -> str:
+    """The grid value of `key` in `cell` as typed in the grid."""
+    return cell["shown"][key] if "shown" in cell else str(cell["values"][key])
+
+
+def per_method_across_cells(summary: dict) -> dict | None:
+    """Each method compared with itself between cells that differ in exactly one grid axis (linked
+    keys K1&K2 are one axis), the other axes at equal values: per method, axis and values of the
+    other axes (a line of cells), `compare` of the method's rows in the line's cells, paired by seed,
+    each arm named by its values on the axis. Pairing by seed needs equal seeds: a line whose cells
+    ran different seeds is compared only within the groups of equal seeds and listed in `skipped`.
+    {"blocks": [{"method", "axis", "at": {key: shown value}, "cells": {arm: cell}, "comparison"}],
+    "skipped": [{"method", "axis", "at", "seeds": {"0,1,2": [cell, ...]}}]}; None without a line of
+    two cells. With study.tune its axis is one of the axes (the raw cells, no selection)."""
+    from comigs_jax.experiment.study import cell_name
+    axes = [a["keys"] for a in summary["axes"]]
+    methods = list(dict.fromkeys(m for c in summary["cells"] for m in c["methods"]))
+    blocks, skipped = [], []
+    for m, (i, keys) in itertools.product(methods, enumerate(axes)):
+        others = [k for j, ks in enumerate(axes) if j != i for k in ks]
+        lines: dict = {}
+        for c in summary["cells"]:
+            if m in c["methods"]:
+                lines.setdefault(tuple(_shown(c, k) for k in others), []).append(c)
+        for at, members in lines.items():
+            where = {"method": m, "axis": "&".join(keys), "at": dict(zip(others, at))}
+            groups: dict = {}
+            for c in members:
+                groups.setdefault(",".join(map(str, sorted(c["methods"][m]["seeds"]))), []).append(c)
+            if len(members) > 1 and len(groups) > 1:
+                skipped.append({**where, "seeds": {s: [c["name"] for c in g] for s, g in groups.items()}})
+            for group in (g for g in groups.values() if len(g) > 1):
+                arms = {cell_name({k: _shown(c, k) for k in keys}): c for c in group}
+                blocks.append({**where, "cells": {a: c["name"] for a, c in arms.items()},
+                               "comparison": compare({a: c["methods"][m] for a, c in arms.items()})})
+    return {"blocks": blocks, "skipped": skipped} if blocks or skipped else None
 
 
 def outcome(comparison: dict) -> str:
@@ -150,10 +206,59 @@ def findings(summary: dict) -> list[str]:
     for what, comp, users in blocks:
         lines.append(f"- **{what}** ({len(comp['seeds'])} seeds): {outcome(comp)}.")
         for p in comp["pairs"]:
-            lines.append(f"  - {statistics.sentence(p)}")
-            if summary.get("per_user_findings") and "per_user" in p:
-                lines += [f"    - {u}: " + statistics.sentence({**p, **pu, "beats": _winner_of(p, pu)})
-                          for u, pu in zip(users, p["per_user"])]
+            lines += _pair_lines(p, "  ", users if summary.get("per_user_findings") else None)
+    return lines
+
+
+def _pair_lines(p: dict, indent: str, users: list | None, head: str = "- ") -> list[str]:
+    """A pair's sentence at `indent` after `head`, and with `users` its per-user sentences below."""
+    lines = [f"{indent}{head}{statistics.sentence(p)}"]
+    if users is not None and "per_user" in p:
+        lines += [f"{indent}  - {u}: " + statistics.sentence({**p, **pu, "beats": _winner_of(p, pu)})
+                  for u, pu in zip(users, p["per_user"])]
+    return lines
+
+
+PER_METHOD_HEADER = ("Generated from study.json (study_report.per_method_across_cells): each method against itself "
+                     "in the cells that differ in one grid axis, the other axes at the values named after 'at', "
+                     "paired by seed on the test perplexity, mean over users; the arms are named by their values "
+                     "on that axis, and read as the findings above.")
+
+
+DATA_AXIS = (" (a `data.*` axis: its cells may be tested on different data, so a difference there is the data's "
+             "as much as the method's)")
+
+
+def per_method_findings(summary: dict) -> list[str]:
+    """The section of study.md that compares each method across cells (per_method_across_cells),
+    in markdown lines: per method and axis, per line of cells its outcome and every pair as a
+    sentence (one sentence for a line of two cells), and the lines not paired for their seeds."""
+    per = summary.get("per_method_across_cells")
+    if not per:
+        return []
+    from comigs_jax.experiment.study import cell_name
+    users = {c["name"]: c["users"] for c in summary["cells"]}
+    lines = ["## Findings per method across cells", "", PER_METHOD_HEADER]
+    heading = None
+    for b in per["blocks"]:
+        if (b["method"], b["axis"]) != heading:
+            if heading is None or b["method"] != heading[0]:
+                lines += ["", f"### {b['method']}", ""]
+            heading = b["method"], b["axis"]
+            lines.append(f"- **along `{b['axis']}`**" + (DATA_AXIS if b["axis"].startswith("data.") or "&data." in b["axis"] else ""))
+        comp = b["comparison"]
+        at = f"at {cell_name(b['at'])}" if b["at"] else "no other axis"
+        pu = users[next(iter(b["cells"].values()))] if summary.get("per_user_findings") else None
+        if len(comp["pairs"]) == 1:
+            lines += _pair_lines(comp["pairs"][0], "  ", pu, f"- {at} ({len(comp['seeds'])} seeds): ")
+            continue
+        lines.append(f"  - {at} ({len(comp['seeds'])} seeds): {outcome(comp)}.")
+        for p in comp["pairs"]:
+            lines += _pair_lines(p, "    ", pu)
+    if per["skipped"]:
+        lines += ["", "Not paired (the cells of a line ran different seeds; compared only within equal seeds):", ""]
+        lines += [f"- {s['method']} along `{s['axis']}` at {cell_name(s['at']) if s['at'] else 'no other axis'}: "
+                  + "; ".join(f"seeds {k}: {', '.join(v)}" for k, v in s["seeds"].items()) for s in per["skipped"]]
     return lines
 
 
@@ -202,9 +307,9 @@ def markdown(summary: dict) -> str:
     if summary["unavailable"]:
         lines += ["", "Not available (not run):", ""]
         lines += [f"- {u['cell']}: {u['why']}" for u in summary["unavailable"]]
-    found = findings(summary)
-    if found:
-        lines += [""] + found
+    for found in (findings(summary), per_method_findings(summary)):
+        if found:
+            lines += [""] + found
     return "\n".join(lines) + "\n"
 
 
@@ -222,11 +327,72 @@ def tuned_table(summary: dict, bayes: bool) -> list[str]:
     return lines
 
 
-def write_outputs(workdir: str, summary: dict, cfg) -> None:
+def write_outputs(workdir: str, summary: dict, cfg=None, stem: str = "study") -> None:
+    """<stem>.json, <stem>.md and <stem>.png in `workdir`; the figure kind is cfg.study.figure, else
+    the summary's `figure`."""
     from comigs_jax.experiment.study_figure import figure
-    for name, text in (("study.json", json.dumps(summary, indent=1)), ("study.md", markdown(summary))):
+    for name, text in ((stem + ".json", json.dumps(summary, indent=1)), (stem + ".md", markdown(summary))):
         tmp = os.path.join(workdir, name + ".tmp")
         with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, os.path.join(workdir, name))
-    figure(os.path.join(workdir, "study.png"), summary, cfg.study.figure)
+    figure(os.path.join(workdir, stem + ".png"), summary, cfg.study.figure if cfg is not None else summary["figure"])
+
+
+class ReportError(ExperimentError):
+    """A file `regenerate` cannot rewrite the outputs of: not a study.json."""
+
+
+STUDY_JSON_KEYS = ("study", "description", "grid", "axes", "statistics", "cells", "unavailable")
+ROW_KEYS = ("seeds", "per_seed", "n_seeds", "user_mean", "user_mean_std", "user_mean_ci95")
+
+
+def read_study_json(path: str) -> dict:
+    """The content of a study.json (what summarise wrote); ReportError (one line) for anything else."""
+    bad = lambda what: ReportError(f"--report={path} is not a study.json ({what}); allowed: the study.json of "
+                                   "a study run (or its copy, docs/studies/<name>.json)")
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except OSError as e:
+        raise bad(f"cannot be read: {e.strerror or type(e).__name__}") from None
+    except ValueError:
+        raise bad("not JSON") from None
+    if not isinstance(summary, dict) or any(k not in summary for k in STUDY_JSON_KEYS):
+        missing = [k for k in STUDY_JSON_KEYS if not isinstance(summary, dict) or k not in summary]
+        raise bad(f"no {missing[0]!r} key")
+    for c in summary["cells"] if isinstance(summary["cells"], list) else [None]:
+        ok = isinstance(c, dict) and all(k in c for k in ("name", "shown", "methods", "users")) and isinstance(
+            c["methods"], dict) and all(
+            isinstance(r, dict) and all(k in r for k in ROW_KEYS) for r in c["methods"].values())
+        if not ok:
+            raise bad("a cell without name, shown, users or its methods' per-seed rows")
+    return summary
+
+
+def _figure_of(summary: dict) -> str:
+    """The summary's figure kind; for a study.json from before it was recorded, the figure of the
+    shipped configs/studies/<study>.py of that name, else lines."""
+    if summary.get("figure"):
+        return summary["figure"]
+    from comigs_jax import cli
+    path = os.path.join(cli.ROOT, "configs", "studies", summary["study"] + ".py")
+    if os.path.isfile(path):
+        cfg = cli.load_config_file(path)
+        if cfg.study.name == summary["study"]:
+            return cfg.study.figure
+    return "lines"
+
+
+def regenerate(path: str) -> dict:
+    """A study's outputs rewritten from its study.json alone, no run: the comparisons recomputed from
+    the cells' per-seed rows (with_comparisons; the rows, timings and the rest kept as they are),
+    then <stem>.json, <stem>.md and <stem>.png beside `path` (docs/studies/participation.json ->
+    docs/studies/participation.{json,md,png}). ReportError (one line) before writing anything for a
+    file that is not a study.json. Returns the new content."""
+    summary = read_study_json(path)
+    summary["figure"] = _figure_of(summary)
+    with_comparisons(summary)
+    stem = os.path.splitext(os.path.basename(path))[0]
+    write_outputs(os.path.dirname(os.path.abspath(path)), summary, stem=stem)
+    return summary
