@@ -4,9 +4,11 @@
 Per cell and method, over the seeds: n_seeds, mean, the sample std (ddof 1) and the 95 % Student
 t interval of the mean, per user and for the mean over users (comigs_jax.experiment.statistics).
 The methods of a cell are compared paired by seed on the mean over users of the test perplexity;
-a study whose cells hold one method each compares its cells the same way (on their common seeds).
-A comparison names a winner (it beats every other arm with an interval excluding 0) or a tie and
-its tied set (statistics.verdict).
+a study whose cells hold one method each compares its cells the same way (on their common seeds),
+and otherwise each method is compared with itself between the cells that differ in one grid axis
+(on equal seeds). A comparison names a winner (it beats every other arm with an interval excluding
+0) or a tie and its tied set (statistics.verdict). The comparisons are functions of study.json's
+rows alone, so `regenerate` rewrites a study's outputs from its study.json without a run.
 """
 from __future__ import annotations
 
