@@ -21,6 +21,7 @@ import numpy as np
 from comigs_jax import configuration
 from comigs_jax.errors import ExperimentError
 from comigs_jax.experiment import statistics
+from comigs_jax.experiment.study_figure import _shown
 
 STATISTICS = ("std: sample std over seeds (ddof 1); ci95: 95 % Student t interval of the mean; "
               "comparisons: paired by seed, mean difference a - b of the mean over users of the test "
@@ -136,11 +137,6 @@ def with_comparisons(summary: dict) -> dict:
                                if one_each and not tuned else None)
     summary["per_method_across_cells"] = None if one_each else per_method_across_cells(summary)
     return summary
-
-
-def _shown(cell: dict, key: str) -> str:
-    """The grid value of `key` in `cell` as typed in the grid."""
-    return cell["shown"][key] if "shown" in cell else str(cell["values"][key])
 
 
 def per_method_across_cells(summary: dict) -> dict | None:
