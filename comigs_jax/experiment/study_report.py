@@ -20,7 +20,7 @@ import numpy as np
 
 from comigs_jax import configuration
 from comigs_jax.errors import ExperimentError
-from comigs_jax.experiment import statistics
+from comigs_jax.experiment import statistics, study_interactions
 from comigs_jax.experiment.study_figure import _shown
 
 STATISTICS = ("std: sample std over seeds (ddof 1); ci95: 95 % Student t interval of the mean; "
@@ -125,7 +125,8 @@ def with_comparisons(summary: dict) -> dict:
     """Set study.json's comparisons from its cells' method rows alone (a run and `regenerate` alike):
     each cell's methods (`comparison`), the tuned rows (study.tune), the cells of one method each
     (`across_cells`, not with study.tune), and otherwise each method between the cells that differ
-    in one grid axis (`per_method_across_cells`). Returns `summary`, updated in place."""
+    in one grid axis (`per_method_across_cells`) and each pair of methods' changes between those
+    cells (`interactions`, study_interactions). Returns `summary`, updated in place."""
     cells = summary["cells"]
     for c in cells:
         c["comparison"] = compare(c["methods"])
@@ -136,6 +137,7 @@ def with_comparisons(summary: dict) -> dict:
     summary["across_cells"] = (compare({c["name"]: next(iter(c["methods"].values())) for c in cells})
                                if one_each and not tuned else None)
     summary["per_method_across_cells"] = None if one_each else per_method_across_cells(summary)
+    summary["interactions"] = study_interactions.interactions(summary)
     return summary
 
 
@@ -305,7 +307,7 @@ def markdown(summary: dict) -> str:
     if summary["unavailable"]:
         lines += ["", "Not available (not run):", ""]
         lines += [f"- {u['cell']}: {u['why']}" for u in summary["unavailable"]]
-    for found in (findings(summary), per_method_findings(summary)):
+    for found in (findings(summary), per_method_findings(summary), study_interactions.findings(summary)):
         if found:
             lines += [""] + found
     return "\n".join(lines) + "\n"
