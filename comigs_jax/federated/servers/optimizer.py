@@ -47,7 +47,35 @@ def _slots(setup: Setup, path: tuple, x: jax.Array):
     return (jnp.arange(x.shape[axis]) < n).reshape(shape)
 
 
+def _step(setup: Setup, opt: so.ServerOptimizer, up: Uploads, state: dict, agg: dict) -> tuple[dict, dict]:
+    """The optax step of every row's server value toward the aggregate agg (flat {path: [rows, ...]},
+    keyed as the value): (new value (flat), new optax state). Unshared slots take no step; nor do
+    the rows of a federation without uploads (except under DP, whose noised mean is released)."""
+    x = traverse_util.flatten_dict(state["server_value"])
+    mean = {p: jnp.where(_slots(setup, p, x[p]), agg[p], x[p]) for p in x}  # unshared slots: no step
+    new, opt_state = so.step_rows(opt, traverse_util.unflatten_dict(x), traverse_util.unflatten_dict(mean),
+                                  state["server_opt"], state["server_lr"])
+    uploaded = jax.ops.segment_sum(up.weights, up.groups, setup.n_groups) > 0
+    if setup.dp is not None:  # DP releases its noised mean every round, uploads or not (privacy.py)
+        uploaded = jnp.ones_like(uploaded)
+    has = jnp.take(uploaded, up.groups)  # [rows]: the row's federation had uploads
+    keep = lambda a, b: jnp.where(has.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
+    new = jax.tree.map(keep, new, state["server_value"])
+    return traverse_util.flatten_dict(new), jax.tree.map(keep, opt_state, state["server_opt"])
+
+
+def _put_value(setup: Setup, flat: dict, value: dict) -> dict:
+    """flat params with the value's leaves that are parameters written in their shared elements."""
+    out = dict(flat)
+    for p, v in value.items():
+        if p in out:
+            out[p] = jnp.where(_slots(setup, p, v), v, out[p])
+    return traverse_util.unflatten_dict(out)
+
+
 def _with_optimizer(inner: Server, opt: so.ServerOptimizer) -> Server:
+    rule = inner.stepped
+
     def init(setup: Setup, rows: Rows) -> dict:
         lr = [float(f.get(LR_KEY, 1.0)) for f in rows.federations] or [1.0]
         groups = np.asarray(rows.groups)
@@ -55,42 +83,39 @@ def _with_optimizer(inner: Server, opt: so.ServerOptimizer) -> Server:
         return {**inner.init(setup, rows), "server_lr": np.asarray(lr, np.float64)[np.minimum(groups, len(lr) - 1)]}
 
     def start(setup: Setup, params: dict, state: dict) -> dict:
-        value = traverse_util.unflatten_dict(_shared(setup, params))
+        flat = rule.start(setup, params, state) if rule is not None else _shared(setup, params)
+        value = traverse_util.unflatten_dict(flat)
         return {**state, "server_value": value, "server_opt": so.init_rows(opt, value)}
 
     def apply(setup: Setup, params: dict, up: Uploads, state: dict):
-        agg, rest = inner.apply(setup, params, up, {k: v for k, v in state.items() if k not in OWN})
-        x = traverse_util.flatten_dict(state["server_value"])
-        flat = traverse_util.flatten_dict(agg)
-        mean = {p: jnp.where(_slots(setup, p, x[p]), flat[p], x[p]) for p in x}  # unshared slots: no step
-        new, opt_state = so.step_rows(opt, traverse_util.unflatten_dict(x), traverse_util.unflatten_dict(mean),
-                                      state["server_opt"], state["server_lr"])
-        uploaded = jax.ops.segment_sum(up.weights, up.groups, setup.n_groups) > 0
-        if setup.dp is not None:  # DP releases its noised mean every round, uploads or not (privacy.py)
-            uploaded = jnp.ones_like(uploaded)
-        has = jnp.take(uploaded, up.groups)  # [rows]: the row's federation had uploads
-        keep = lambda a, b: jnp.where(has.reshape((-1,) + (1,) * (a.ndim - 1)), a, b)
-        new = jax.tree.map(keep, new, state["server_value"])
-        opt_state = jax.tree.map(keep, opt_state, state["server_opt"])
-        for p, v in traverse_util.flatten_dict(new).items():
-            flat[p] = jnp.where(_slots(setup, p, v), v, flat[p])
-        return traverse_util.unflatten_dict(flat), {**state, **rest, "server_value": new, "server_opt": opt_state}
+        own = {k: v for k, v in state.items() if k not in OWN}
+        if rule is None:  # the means: the rows' aggregate is the value
+            agg, rest = inner.apply(setup, params, up, own)
+            new, opt_state = _step(setup, opt, up, state, traverse_util.flatten_dict(agg))
+            out = _put_value(setup, traverse_util.flatten_dict(agg), new)
+        else:  # HetLoRA, FlexLoRA: every row its view of the stepped value
+            agg, ctx = rule.aggregate(setup, params, up, own)
+            new, opt_state = _step(setup, opt, up, state, agg)
+            out, rest, new = rule.distribute(setup, params, up, own, new, ctx)
+            out = _put_value(setup, traverse_util.flatten_dict(out), new)
+        value = traverse_util.unflatten_dict(new)
+        return out, {**state, **rest, "server_value": value, "server_opt": opt_state}
 
     return dataclasses.replace(inner, name=f"{inner.name}+{opt.name}", apply=apply, init=init, start=start,
-                               saved=inner.saved + OWN[:2],
+                               saved=inner.saved + OWN[:2], stepped=None,
                                description=f"{inner.description}, then a server {opt.name} step on the shared leaves")
 
 
 @functools.lru_cache(maxsize=64)
 def with_optimizer(inner: Server, opt: so.ServerOptimizer) -> Server:
-    """`inner` (an averaging server) followed by the server optimizer `opt`: one record per pair,
-    so that Simulations of one config share its compiled program."""
+    """`inner` (an averaging server, or a rule split around its server value: `Server.stepped`)
+    followed by the server optimizer `opt`: one record per pair, so that Simulations of one
+    config share its compiled program."""
     if inner.inputs != "uploads" or inner.name in UNSUPPORTED:
         raise ValueError(f"server.optimizer={opt.name!r}: not on server {inner.name!r} ({UNSUPPORTED_WHY})")
     return _with_optimizer(inner, opt)
 
 
-# HetLoRA cuts ranks and FlexLoRA gives every user its own SVD truncation: there is no one server
-# value per federation to step; PCL and the one-round methods aggregate nothing after a round.
-UNSUPPORTED = ("hetlora", "flexlora", "flexlora_reference", "pcl", "none")
-UNSUPPORTED_WHY = "a server optimizer steps one server value per federation: the mean or the rank-masked mean"
+# PCL and the one-round methods aggregate nothing after a round: no server value to step.
+UNSUPPORTED = ("pcl", "none")
+UNSUPPORTED_WHY = "a server optimizer steps the server value of a rule that aggregates after every round"
