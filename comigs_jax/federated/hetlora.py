@@ -21,6 +21,10 @@ clean (the HetLoRA paper, Cho et al. 2024): one rank per user, cut when the sum 
   modules of its tails is below the server's sum; each module's A and B weighted by
   |A_i B_i|_F / sum_j |A_j B_j|_F (the norm of the module's dW, the paper's sparsity weight);
   a rank never goes below 1.
+
+With a server optimizer (servers/optimizer.py) the global of step 2 (`hetlora_global`) is the
+aggregate of an optax step of the server's global, and step 3 (`hetlora_distribute`) gives the
+rows the stepped global: the tails of later cuts are the stepped global's.
 """
 from __future__ import annotations
 

@@ -25,6 +25,8 @@ Server rules (stacked rows [U, ...], pure and jittable, `groups` [U] the federat
 - flexlora_reference: as the reference. Its server accumulator is re-created for every user, so
   only the last uploading user's term (n_U / sum_i n_i) dW_U reaches the SVD (D3), and c_i =
   alpha / r_i, c'_i = alpha / r_max (`merge_rate`, `Server._svd`; D3b).
+  With a server optimizer (servers/optimizer.py) the SVD is of the stepped server dW instead of
+  the mean (`flexlora_mean`, then `flexlora_split`).
 """
 from __future__ import annotations
 

@@ -4,7 +4,8 @@ faithful mode's). The attention LoRA and routers are averaged by the plain mean.
 besides the per-row ranks (`rank_state`: the user's rank, for the reference its largest module
 rank), the server's pre-aggregation tails per module ("server_tail" [rows, M]) and, for the
 reference, every module's rank ("module_ranks" [rows, M], which the round masks each module to);
-checkpoints keep both with the users' states."""
+checkpoints keep both with the users' states. `stepped`: the rule split around the server's
+global for a server optimizer (servers/optimizer.py)."""
 from __future__ import annotations
 
 import jax.numpy as jnp
@@ -89,7 +90,8 @@ def _stepped(reference: bool) -> Stepped:
     return Stepped(_start, aggregate, distribute)
 
 
-HETLORA = Server("hetlora", _apply(False), init=_init(False), ranked=True, saved=("server_tail",), stepped=_stepped(False),
+HETLORA = Server("hetlora", _apply(False), init=_init(False), ranked=True, saved=("server_tail",),
+                 stepped=_stepped(False),
                  description="HetLoRA (the paper): self-pruning of each user's rank against the global "
                              "modules it received, then the zero-padded mean weighted by |dW| shares")
 HETLORA_REFERENCE = Server("hetlora_reference", _apply(True), init=_init(True), ranked=True,

@@ -1,16 +1,35 @@
-"""A server optimizer stage on top of an averaging server: uploads -> the inner rule's aggregate
-(the weighted mean, or the rank-masked mean) -> pseudo-gradient (server value - aggregate) ->
-optax step (comigs_jax.federated.server_optimizer) -> the new server value on every row.
+"""A server optimizer stage on top of a server: uploads -> the inner rule's aggregate -> pseudo-
+gradient (server value - aggregate) -> optax step (comigs_jax.federated.server_optimizer) -> the
+new server value -> every row's view of it.
 
-The state adds, per row (each federation's rows hold copies of one server): "server_value" (the
-shared leaves as the server holds them, from the round-0 parameters: `start`), "server_opt" (the
-optax state) and "server_lr" (the federation's server.lr). The first two are checkpointed with the
-users' states; the lr comes from the federation's settings. Elements the method does not share
-(local leaves, the specialist slots past the shared ones) are the inner rule's. A federation none
-of whose users uploaded takes no step (value and state kept) and its rows get the server value,
-except under DP, whose noised mean is released (and stepped with) every round.
-Another stage that changes what is aggregated (e.g. a clipped, noised sum) goes before this one:
-the step reads only the aggregate.
+The means (mean, masked_mean, dp_mean): the rows' aggregate is the server value (the rank-masked
+mean's per row on its own rank components) and every row gets the new value. The rules split
+around their server value (`Server.stepped`, comigs_jax.federated.server.Stepped):
+
+- hetlora, hetlora_reference: the value is the federation's global LoRA at the padded rank (the
+  zero-padded, norm-share weighted mean of the cut uploads is the aggregate); every row receives
+  the stepped global truncated to its rank (after this round's cuts), and the server's tails that
+  the next round's cuts compare with are the stepped global's at those ranks. Each row keeps the
+  global truncated to its rank (all the row ever reads: ranks only fall), so the value needs no
+  cross-row reduction; at round 0 that is the row's own leaves (the synchronised init, B = 0).
+- flexlora, flexlora_reference: the value lives in product space, per shared LoRA pair dW [rows,
+  ..., d_in, d_out] under the path (..., "<matmul>_dW") (the aggregate: the token-weighted mean
+  of the products c_i A_i B_i, or the reference's last-user term, D3); every row receives the
+  rank-r_i SVD truncation of its federation's stepped dW with the scales of today (c'_i). dW
+  starts at the round-0 product (0: B = 0). Memory: the value and each optax moment hold d_in x
+  d_out per module per row, against (d_in + d_out) r of the factors (not in the capacity model).
+
+The attention LoRA and other shared leaves that a rule averages plainly are stepped as the mean's.
+The state adds, per row (each federation's rows hold copies of one server): "server_value" (from
+the round-0 parameters: `start`), "server_opt" (the optax state) and "server_lr" (the
+federation's server.lr). The first two are checkpointed with the users' states; the lr comes from
+the federation's settings. Elements the method does not share (local leaves, the specialist slots
+past the shared ones) are the inner rule's. A federation none of whose users uploaded takes no
+step (value and state kept) and its rows get their view of the server value (the rule alone
+leaves them their own leaves: there sgd at lr 1 differs from it), except under DP, whose noised
+mean is released (and stepped with) every round. PCL and the one-round methods aggregate nothing
+after a round and are refused. Another stage that changes what is aggregated (e.g. a clipped,
+noised sum) goes before this one: the step reads only the aggregate.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The rank-aware servers of the expert LoRA leaves (the math: comigs_jax.federated.ranks): the
 mean per rank component, FlexLoRA and FlexLoRA as the reference (HetLoRA: servers/hetlora.py).
 The attention LoRA and routers are averaged by the plain mean; the state holds each row's ranks
-and FlexLoRA's scales (form c_i, back c'_i)."""
+and FlexLoRA's scales (form c_i, back c'_i). FlexLoRA's `stepped`: the rule split around the
+server's dW per LoRA pair (product space) for a server optimizer (servers/optimizer.py)."""
 from __future__ import annotations
 
 import jax
