@@ -228,7 +228,7 @@ def test_flexlora_with_a_server_optimizer_steps_the_product_per_federation(opt, 
             want = np.stack([_truncated_svd(dw[a][GROUPS[u], 0], r) for u, r in enumerate(RANKS)])[:, None]
             np.testing.assert_allclose(got[a], want, **TOL64, err_msg=f"round {rnd} {a}")
             np.testing.assert_array_equal(ours[a] * (1 - _mask(RANKS, "A")), 0)  # nothing past the rank
-            kept = traverse_util.flatten_dict(state["server_value"])[a[:-1] + ("fc_dW" if a[-1] == "fc_A" else "proj_dW",)]
+            kept = traverse_util.flatten_dict(state["server_value"])[a[:-1] + (a[-1][:-2] + "_dW",)]
             np.testing.assert_allclose(np.asarray(kept), dw[a][GROUPS], **TOL64)  # the state: dW per row
         for k in ATTN:
             np.testing.assert_allclose(ours[k], dw[k][GROUPS], **TOL64, err_msg=f"round {rnd} {k}")

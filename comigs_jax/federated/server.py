@@ -70,9 +70,12 @@ class Stepped(NamedTuple):
                                                          # every row its view of `value` (a stepped agg)
 
     `state` is the rule's own (no server optimizer's keys); `ctx` what distribute needs of the
-    aggregation (e.g. HetLoRA's new ranks). Distribute gives every row the view of `value`, also
-    rows whose federation had no uploads (a server optimizer's convention: they get the server's
-    value), and returns the value as the server keeps it."""
+    aggregation (e.g. HetLoRA's new ranks). Distribute gives every row its view of `value` (HetLoRA:
+    the truncation to its rank; FlexLoRA: the factors of its SVD truncation), also the rows whose
+    federation had no uploads (a server optimizer's convention: they get the server's value),
+    updates the rule's state (ranks, tails) and returns the value as the server keeps it (HetLoRA:
+    truncated to each row's new ranks); the stage then writes the value's leaves that are
+    parameters (the plainly averaged ones, e.g. the attention LoRA) into the rows."""
     start: Callable
     aggregate: Callable
     distribute: Callable
