@@ -24,10 +24,7 @@ def no_server_step(method: Method) -> str:
         return "PCL mixes whole models, with no server"
     if not shares_after_round(method):
         return "it shares nothing after round 0"
-    if method.server != "mean":
-        return (f"its {method.server} server gives each user its own aggregate; a server optimizer steps one "
-                "server value per federation: the mean or the rank-masked mean")
-    return ""
+    return ""  # the means, HetLoRA and FlexLoRA (servers/optimizer.py)
 
 
 def server_optimizer_of(cfg) -> so.ServerOptimizer | None:

@@ -62,7 +62,7 @@ def get_config(arg=None):
     c.federation.sit_out = "skip"  # a user that does not participate in a round: skip (no local steps) | train (all its local steps, no upload: separates compute from collaboration)
     c.federation.stack_seeds = False  # True: a method's seeds (config seeds) train as independent federations of ONE program (one compile); the same per-seed folders and results as separate runs
 
-    c.server = ml_collections.ConfigDict()  # a server optimizer after the aggregation (Reddi et al., ICLR 2021): x <- x + opt(x - mean of the uploads)
+    c.server = ml_collections.ConfigDict()  # a server optimizer after the aggregation (Reddi et al., ICLR 2021): x <- x + opt(x - mean of the uploads); HetLoRA: x the padded-rank global, FlexLoRA: x each module's dW (product space); not PCL or one-round methods
     c.server.optimizer = "none"  # none: the aggregate is the new value (the mean) | sgd (FedAvgM with server.momentum > 0; lr 1, momentum 0 = the mean) | adam (FedAdam) | yogi (FedYogi) | adagrad (FedAdagrad): Algorithm 2, m/(sqrt(v) + tau), v starts at tau^2
     c.server.lr = 1.0  # server learning rate eta (> 0); may differ between federations of one program (an lr sweep as one program)
     c.server.momentum = 0.0  # sgd: server momentum beta in [0, 1) (FedAvgM; Hsu et al. 2019 use 0.9)

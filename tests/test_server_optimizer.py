@@ -263,8 +263,6 @@ def test_proximal_term_adds_mu_times_the_distance_to_the_round_start_on_shared_l
     ("local", "server.optimizer", "adam", r"^config.server.optimizer='adam' is not allowed: none for method local "
                                           r"\(it shares nothing after round 0\)$"),
     ("pcl", "server.optimizer", "sgd", r"^config.server.optimizer='sgd' is not allowed: none for method pcl \(PCL"),
-    ("hetlora", "server.optimizer", "yogi", r"^config.server.optimizer='yogi' is not allowed: none for method hetlora "
-                                            r"\(its hetlora server gives each user its own aggregate"),
 ])
 def test_bad_server_and_prox_settings_are_one_line_before_any_compile(method, key, value, match):
     from comigs_jax import configuration

@@ -49,6 +49,10 @@ Shared (replicated on every device, not per user): the frozen base in float32, i
 activation dtype (XLA converts each frozen kernel once per step and keeps it for the backward),
 and the transposed embedding of the tied LM head.
 
+Not counted: the server's state (a server optimizer's server value and optax moments, 2-3 copies
+of the shared leaves per row; with FlexLoRA in product space, [rows, ..., d_in, d_out] per LoRA
+module each: servers/optimizer.py).
+
 FLOP convention: a matmul [m, k] x [k, n] is 2mkn FLOPs; elementwise ops, softmax, LayerNorm and
 the optimizer are not counted. Forward: every matmul. Backward: the
 input gradient of every matmul that lies between a trainable leaf and the loss (frozen matmuls

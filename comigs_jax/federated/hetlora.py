@@ -21,6 +21,10 @@ clean (the HetLoRA paper, Cho et al. 2024): one rank per user, cut when the sum 
   modules of its tails is below the server's sum; each module's A and B weighted by
   |A_i B_i|_F / sum_j |A_j B_j|_F (the norm of the module's dW, the paper's sparsity weight);
   a rank never goes below 1.
+
+With a server optimizer (servers/optimizer.py) the global of step 2 (`hetlora_global`) is the
+aggregate of an optax step of the server's global, and step 3 (`hetlora_distribute`) gives the
+rows the stepped global: the tails of later cuts are the stepped global's.
 """
 from __future__ import annotations
 
@@ -67,21 +71,19 @@ def _norm_share_mean(x: jax.Array, norm: jax.Array, weights: jax.Array, groups, 
     return _group_mean(x, w[..., None, None], groups, n_groups)
 
 
-def hetlora_aggregate(params: dict, weights: jax.Array, groups: jax.Array, n_groups: int, ranks: jax.Array,
-                      server_tail: jax.Array, *, reference: bool, is_shared, n_shared_specialists: int | None):
-    """One HetLoRA aggregation of stacked params [U, ...]. weights [U] (0: no upload), ranks
-    [U, M] int (per module, module_layout's order; clean: every module of a row at the row's
-    rank), server_tail [U, M] the server's tails at those ranks (before this round). Returns
-    (params with the shared expert LoRA leaves replaced, new ranks [U, M], new server_tail [U, M]).
-    Rows of a federation with no upload keep their leaves, ranks and server tails; expert slots
-    that are not averaged (specialists >= n_shared_specialists) keep their leaves and ranks."""
-    flat = traverse_util.flatten_dict(params)
-    layout = [(p, lead, off) for p, lead, off in module_layout(flat, rows=True) if is_shared(p)]
+def _layout(flat: dict, is_shared) -> list[tuple]:
+    return [(p, lead, off) for p, lead, off in module_layout(flat, rows=True) if is_shared(p)]
+
+
+def hetlora_cut(flat: dict, weights: jax.Array, ranks: jax.Array, server_tail: jax.Array, *, reference: bool,
+                is_shared, n_shared_specialists: int | None) -> jax.Array:
+    """Step 1: every uploading user's new ranks [U, M] (flat: stacked leaves [U, ...]; ranks,
+    server_tail [U, M] as hetlora_aggregate's)."""
     up = weights > 0
     q = prune_rank(ranks)
     own = jnp.zeros(server_tail.shape, server_tail.dtype)
     shared = np.zeros(ranks.shape[1], bool)  # modules that are uploaded (and so compared)
-    for p, lead, off in layout:
+    for p, lead, off in _layout(flat, is_shared):
         t = _tail_product(flat[p], flat[_pair(p)], leaf_modules(q, lead, off), leaf_modules(ranks, lead, off))
         own = _put(own, off, t.astype(own.dtype))
         shared[off:off + t[0].size] = shared_slots(p, lead, n_shared_specialists).reshape(-1)
@@ -91,10 +93,16 @@ def hetlora_aggregate(params: dict, weights: jax.Array, groups: jax.Array, n_gro
         below = jnp.where(shared, own, 0).sum(1) < jnp.where(shared, server_tail, 0).sum(1)
         cut = jnp.broadcast_to(below[:, None], own.shape)
     cut = cut & up[:, None] & (q >= FLOOR[reference])
-    new_ranks = jnp.where(cut, q, ranks).astype(ranks.dtype)
-    has = group_has_uploads(weights, groups, n_groups)
-    new_tail, out = server_tail, dict(flat)
-    for p, lead, off in layout:
+    return jnp.where(cut, q, ranks).astype(ranks.dtype)
+
+
+def hetlora_global(flat: dict, weights: jax.Array, groups: jax.Array, n_groups: int, new_ranks: jax.Array, *,
+                   reference: bool, is_shared) -> dict:
+    """Step 2: the federation's global LoRA at the padded rank, {path: [U, ...]} for every shared
+    expert factor (each row its federation's copy): the cut uploads averaged zero-padded, each
+    weighted by its norm share."""
+    out = {}
+    for p, lead, off in _layout(flat, is_shared):
         pb = _pair(p)
         rk = leaf_modules(new_ranks, lead, off)
         a = flat[p] * _on(rk, flat[p].shape[-1], "A", flat[p].dtype)          # the cut uploads
@@ -103,11 +111,53 @@ def hetlora_aggregate(params: dict, weights: jax.Array, groups: jax.Array, n_gro
             wa, wb = safe_norm(a, (-2, -1)), safe_norm(b, (-2, -1))
         else:
             wa = wb = product_norm(a, b)
-        sa, sb = _norm_share_mean(a, wa, weights, groups, n_groups), _norm_share_mean(b, wb, weights, groups, n_groups)
+        out[p], out[pb] = (_norm_share_mean(a, wa, weights, groups, n_groups),
+                           _norm_share_mean(b, wb, weights, groups, n_groups))
+    return out
+
+
+def hetlora_distribute(flat: dict, glob: dict, new_ranks: jax.Array, server_tail: jax.Array, keep_rows: jax.Array,
+                       *, is_shared, n_shared_specialists: int | None) -> tuple[dict, jax.Array]:
+    """Step 3: rows in keep_rows [U] take the global `glob` (hetlora_global's, or a server
+    optimizer's step of it) truncated to their new ranks, and the server's tails at those ranks
+    for the next round's comparison; other rows, and the specialist slots that are not averaged,
+    keep their leaves and tails. Returns (flat, new server_tail [U, M])."""
+    new_tail, out = server_tail, dict(flat)
+    for p, lead, off in _layout(flat, is_shared):
+        pb, sa, sb = _pair(p), glob[p], glob[_pair(p)]
+        rk = leaf_modules(new_ranks, lead, off)
         t = _tail_product(sa, sb, prune_rank(rk), rk).astype(new_tail.dtype)      # next round's comparison
         slot = jnp.asarray(shared_slots(p, lead, n_shared_specialists))[None]      # [1, *lead]
-        keep = _lead(has, rk.ndim) & slot                                          # [U, *lead]
+        keep = _lead(keep_rows, rk.ndim) & slot                                    # [U, *lead]
         new_tail = _put(new_tail, off, jnp.where(keep, t, leaf_modules(server_tail, lead, off)))
         out[p] = jnp.where(keep[..., None, None], sa * _on(rk, sa.shape[-1], "A", sa.dtype), flat[p])
         out[pb] = jnp.where(keep[..., None, None], sb * _on(rk, sb.shape[-2], "B", sb.dtype), flat[pb])
+    return out, new_tail
+
+
+def hetlora_aggregate(params: dict, weights: jax.Array, groups: jax.Array, n_groups: int, ranks: jax.Array,
+                      server_tail: jax.Array, *, reference: bool, is_shared, n_shared_specialists: int | None):
+    """One HetLoRA aggregation of stacked params [U, ...]. weights [U] (0: no upload), ranks
+    [U, M] int (per module, module_layout's order; clean: every module of a row at the row's
+    rank), server_tail [U, M] the server's tails at those ranks (before this round). Returns
+    (params with the shared expert LoRA leaves replaced, new ranks [U, M], new server_tail [U, M]).
+    Rows of a federation with no upload keep their leaves, ranks and server tails; expert slots
+    that are not averaged (specialists >= n_shared_specialists) keep their leaves and ranks."""
+    flat = traverse_util.flatten_dict(params)
+    new_ranks = hetlora_cut(flat, weights, ranks, server_tail, reference=reference, is_shared=is_shared,
+                            n_shared_specialists=n_shared_specialists)
+    glob = hetlora_global(flat, weights, groups, n_groups, new_ranks, reference=reference, is_shared=is_shared)
+    has = group_has_uploads(weights, groups, n_groups)
+    out, new_tail = hetlora_distribute(flat, glob, new_ranks, server_tail, has, is_shared=is_shared,
+                                       n_shared_specialists=n_shared_specialists)
     return traverse_util.unflatten_dict(out), new_ranks, new_tail
+
+
+def truncate(glob: dict, new_ranks: jax.Array, is_shared) -> dict:
+    """The global factors {path: [U, ...]} truncated to each row's ranks [U, M] (zero beyond)."""
+    out = dict(glob)
+    for p, lead, off in _layout(glob, is_shared):
+        rk = leaf_modules(new_ranks, lead, off)
+        out[p] = glob[p] * _on(rk, glob[p].shape[-1], "A", glob[p].dtype)
+        out[_pair(p)] = glob[_pair(p)] * _on(rk, glob[_pair(p)].shape[-2], "B", glob[_pair(p)].dtype)
+    return out

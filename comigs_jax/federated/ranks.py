@@ -25,6 +25,8 @@ Server rules (stacked rows [U, ...], pure and jittable, `groups` [U] the federat
 - flexlora_reference: as the reference. Its server accumulator is re-created for every user, so
   only the last uploading user's term (n_U / sum_i n_i) dW_U reaches the SVD (D3), and c_i =
   alpha / r_i, c'_i = alpha / r_max (`merge_rate`, `Server._svd`; D3b).
+  With a server optimizer (servers/optimizer.py) the SVD is of the stepped server dW instead of
+  the mean (`flexlora_mean`, then `flexlora_split`).
 """
 from __future__ import annotations
 
@@ -215,14 +217,13 @@ def last_in_group(weights: jax.Array, groups: jax.Array, n_groups: int) -> jax.A
     return idx == jnp.take(last, groups)
 
 
-def flexlora_factors(a: jax.Array, b: jax.Array, weights: jax.Array, ranks: jax.Array, form: jax.Array,
-                     back: jax.Array, groups, n_groups, last_only: bool = False) -> tuple[jax.Array, jax.Array]:
-    """FlexLoRA for one leaf pair. a [U, ..., in, r], b [U, ..., r, out] (masked to each rank),
-    weights [U] (training tokens; 0 for users that sit out), ranks [U], form / back [U] the scales
-    c_i, c'_i -> (A, B) [U, ...]: A_i = U[:, :r_i], B_i = S V^T[:r_i] / c'_i, zero beyond r_i.
-    last_only (the reference, D3): the SVD of (n_U / sum_i n_i) dW_U, U the group's last row with
-    weight, instead of the weighted mean of every dW_i."""
-    r = a.shape[-1]
+def flexlora_mean(a: jax.Array, b: jax.Array, weights: jax.Array, form: jax.Array, groups, n_groups,
+                  last_only: bool = False) -> jax.Array:
+    """FlexLoRA's aggregate of one leaf pair: a [U, ..., in, r], b [U, ..., r, out] (masked to
+    each rank), weights [U] (training tokens; 0 for users that sit out), form [U] the scales c_i ->
+    [G, ..., in, out] the weighted mean of dW_i = c_i A_i B_i per group (float32; float64 for
+    float64 leaves). last_only (the reference, D3): (n_U / sum_i n_i) dW_U, U the group's last
+    row with weight, instead of the weighted mean of every dW_i."""
     f32 = wide(a.dtype)  # float32 accumulation (float64 for float64 leaves)
     dw = jnp.einsum("u...ir,u...ro->u...io", a.astype(f32), b.astype(f32)) * _lead(form, a.ndim)
     w = weights.astype(f32)
@@ -230,13 +231,27 @@ def flexlora_factors(a: jax.Array, b: jax.Array, weights: jax.Array, ranks: jax.
     if last_only:
         w = jnp.where(last_in_group(w, groups, n_groups), w, 0.0)
     mean = jax.ops.segment_sum(_lead(w, dw.ndim) * dw, groups, n_groups)
-    mean = mean / _lead(jnp.where(wsum > 0, wsum, 1.0), dw.ndim)                  # [G, ..., in, out]
-    u, s, vt = jnp.linalg.svd(mean, full_matrices=False)
+    return mean / _lead(jnp.where(wsum > 0, wsum, 1.0), dw.ndim)
+
+
+def flexlora_split(dw: jax.Array, ranks: jax.Array, back: jax.Array, groups, r: int, dtypes) -> tuple:
+    """Each row's factors of its group's dW [G, ..., in, out]: the SVD dW = U S V^T, A_i =
+    U[:, :r_i], B_i = S V^T[:r_i] / c'_i, zero beyond r_i (ranks, back [U]; r the padded rank;
+    dtypes those of A and B)."""
+    u, s, vt = jnp.linalg.svd(dw, full_matrices=False)
     u, bs = u[..., :, :r], s[..., :r, None] * vt[..., :r, :]
-    m = (jnp.arange(r)[None, :] < ranks[:, None]).astype(f32)                    # [U, r]
-    new_a = jnp.take(u, groups, axis=0) * _rank_vec(m, "A", a.ndim)
-    new_b = jnp.take(bs, groups, axis=0) * _rank_vec(m, "B", b.ndim) / _lead(back, b.ndim)
-    return new_a.astype(a.dtype), new_b.astype(b.dtype)
+    m = (jnp.arange(r)[None, :] < ranks[:, None]).astype(dw.dtype)               # [U, r]
+    new_a = jnp.take(u, groups, axis=0) * _rank_vec(m, "A", u.ndim)
+    new_b = jnp.take(bs, groups, axis=0) * _rank_vec(m, "B", bs.ndim) / _lead(back, bs.ndim)
+    return new_a.astype(dtypes[0]), new_b.astype(dtypes[1])
+
+
+def flexlora_factors(a: jax.Array, b: jax.Array, weights: jax.Array, ranks: jax.Array, form: jax.Array,
+                     back: jax.Array, groups, n_groups, last_only: bool = False) -> tuple[jax.Array, jax.Array]:
+    """FlexLoRA for one leaf pair (flexlora_mean, then flexlora_split): a [U, ..., in, r], b [U,
+    ..., r, out] -> (A, B) [U, ...]: each row's leading r_i components of its group's SVD."""
+    mean = flexlora_mean(a, b, weights, form, groups, n_groups, last_only)      # [G, ..., in, out]
+    return flexlora_split(mean, ranks, back, groups, a.shape[-1], (a.dtype, b.dtype))
 
 
 def aggregate_ranked(params: dict, weights: jax.Array, n_tokens: jax.Array, ranks: jax.Array,

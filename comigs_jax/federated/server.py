@@ -18,6 +18,10 @@ cuts update them), and whatever else the rule keeps (FlexLoRA's scales). What th
 hold of it: the ranks in the run's host state (JSON, Simulation.host_states), the keys a server
 lists in `saved` with the users' states (Simulation.federation_states).
 
+A rule whose users each receive their own view of one server value per federation (HetLoRA's
+truncations, FlexLoRA's SVDs) says how in `stepped` (a `Stepped`), so that a server optimizer
+(servers/optimizer.py) can step that value between the aggregation and what the users receive.
+
 `communication` counts what one user sends and receives (comigs_jax.federated.communication's
 `accounting` signature). Which server a method uses is `servers.server_for(method, ranked)`, the
 one place a server is chosen; the registry is `servers.SERVERS`.
@@ -54,6 +58,27 @@ class Uploads(NamedTuple):
     groups: jax.Array  # int32: each row's federation
     round_start: Any = None  # servers with needs_start: the shared leaves at the round's start (nested as params)
     noise_keys: Any = None  # with DP (Setup.dp): [F, 2] uint32, each federation's noise key of the round
+
+
+class Stepped(NamedTuple):
+    """A rule split around its server value (flat {path: [rows, ...]}, each federation's rows
+    holding copies of one value, or of its truncation to the row's rank):
+
+    value = start(setup, params, state)                  # round 0: the server value
+    agg, ctx = aggregate(setup, params, up, state)       # this round's aggregate, as the value
+    params, state, value = distribute(setup, params, up, state, value, ctx)
+                                                         # every row its view of `value` (a stepped agg)
+
+    `state` is the rule's own (no server optimizer's keys); `ctx` what distribute needs of the
+    aggregation (e.g. HetLoRA's new ranks). Distribute gives every row its view of `value` (HetLoRA:
+    the truncation to its rank; FlexLoRA: the factors of its SVD truncation), also the rows whose
+    federation had no uploads (a server optimizer's convention: they get the server's value),
+    updates the rule's state (ranks, tails) and returns the value as the server keeps it (HetLoRA:
+    truncated to each row's new ranks); the stage then writes the value's leaves that are
+    parameters (the plainly averaged ones, e.g. the attention LoRA) into the rows."""
+    start: Callable
+    aggregate: Callable
+    distribute: Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +122,9 @@ class Server:
     state: what the rule takes from the round-0 parameters (jitted on the rows; a server
     optimizer's server value and optax state), None: nothing. needs_start: its Uploads carry the
     shared leaves as they were at the start of every round (the server value; the Simulation copies
-    them before the round's program, which donates the states)."""
+    them before the round's program, which donates the states). stepped: the rule split around
+    its server value (`Stepped`) when its users receive their own views of it (HetLoRA, FlexLoRA);
+    None: the rows' aggregate is the value (the means)."""
     name: str
     apply: Callable
     init: Callable = no_state
@@ -109,6 +136,7 @@ class Server:
     description: str = ""
     start: Callable | None = None
     needs_start: bool = False
+    stepped: Stepped | None = None
 
     def __post_init__(self):
         if self.inputs not in INPUTS:
