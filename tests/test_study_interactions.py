@@ -70,9 +70,10 @@ def test_the_words_follow_the_interval():
     base = {"axis": "k", "at": {}, "x": "k=1", "y": "k=2", "a": "fedavg", "b": "comigs", "n_seeds": 5, "std": 1.0}
     s = study_interactions.sentence
     assert s({**base, "change_a": 4.157, "change_b": 2.563, "diff": 1.594, "ci95": [1.1, 2.0]}) == (
-        "from k=1 to k=2, fedavg changes by +4.157 and comigs by +2.563: fedavg's change is larger by 1.594 [1.100, 2.000]")
+        "from k=1 to k=2, fedavg changes by +4.157 and comigs by +2.563: fedavg's change minus comigs's is +1.594 "
+        "[+1.100, +2.000]")
     assert s({**base, "change_a": -1.0, "change_b": 0.5, "diff": -1.5, "ci95": [-2.0, -1.0]}).endswith(
-        "fedavg changes by -1.000 and comigs by +0.500: comigs's change is larger by 1.500 [1.000, 2.000]")
+        "fedavg changes by -1.000 and comigs by +0.500: fedavg's change minus comigs's is -1.500 [-2.000, -1.000]")
     assert s({**base, "change_a": 1.0, "change_b": 0.9, "diff": 0.1, "ci95": [-0.2, 0.4]}).endswith(
         ": no detectable difference between the changes (CI [-0.200, 0.400] of fedavg's − comigs's)")
 

@@ -55,19 +55,18 @@ def interactions(summary: dict, cells_by_name: dict | None = None) -> list[dict]
 
 
 def sentence(it: dict, fmt: str = "{:.3f}") -> str:
-    """One interaction in words: the two mean changes from x to y, then 'A's change is larger by d
-    [lo, hi]' (or B's), or 'no detectable difference between the changes (CI [lo, hi] of A's − B's)'."""
-    f, s = fmt.format, lambda v: ("+" if v >= 0 else "") + fmt.format(v)
+    """One interaction in words: the two mean changes from x to y (signed: + is a rise of the
+    perplexity, worse), then "A's change minus B's is d [lo, hi]" when the interval excludes 0, or
+    "no detectable difference between the changes (CI [lo, hi] of A's − B's)"."""
+    s = lambda v: ("+" if v >= 0 else "") + fmt.format(v)
     a, b, ci = it["a"], it["b"], it["ci95"]
     head = f"from {it['x']} to {it['y']}, {a} changes by {s(it['change_a'])} and {b} by {s(it['change_b'])}"
     if ci is None:
-        return f"{head}: {a}'s − {b}'s = {f(it['diff'])} from {it['n_seeds']} seed, no interval"
-    w = statistics.beats(it)  # +1: dA - dB below 0, B's change is the larger
-    if w < 0:
-        return f"{head}: {a}'s change is larger by {f(it['diff'])} [{f(ci[0])}, {f(ci[1])}]"
-    if w > 0:
-        return f"{head}: {b}'s change is larger by {f(-it['diff'])} [{f(-ci[1])}, {f(-ci[0])}]"
-    return f"{head}: no detectable difference between the changes (CI [{f(ci[0])}, {f(ci[1])}] of {a}'s − {b}'s)"
+        return f"{head}: {a}'s change minus {b}'s is {s(it['diff'])} from {it['n_seeds']} seed, no interval"
+    if statistics.beats(it):
+        return f"{head}: {a}'s change minus {b}'s is {s(it['diff'])} [{s(ci[0])}, {s(ci[1])}]"
+    return (f"{head}: no detectable difference between the changes (CI [{fmt.format(ci[0])}, {fmt.format(ci[1])}] "
+            f"of {a}'s − {b}'s)")
 
 
 HEADER = ("Generated from study.json (comigs_jax/experiment/study_interactions.py): for two cells of one line "
