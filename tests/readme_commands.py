@@ -38,7 +38,8 @@ NEEDS = {"slimpajama": "the Hugging Face Hub", "agnews": "the Hugging Face Hub",
          "/path/to/gpt2": "a local GPT-2 directory", "local_text": "the local corpus (apt packages)",
          "smollm2": "the local corpus (apt packages)", "prepare_local_corpus": "apt packages (groff, man pages)",
          "where_comigs_wins": "a 48-run study (minutes on 2 cores)",
-         "many_users": "the many-users corpus (apt packages; tests/test_many_users.py runs it on a tiny one)"}
+         "many_users": "the many-users corpus (apt packages; tests/test_many_users.py runs it on a tiny one)",
+         "--report=DIR/": "a finished study's study.json (tests/test_study_per_method.py runs --report on one)"}
 HEAVY = ("launch_local", "experiments.bench", "bench_federations", "--config.seeds=0,1")
 
 

@@ -302,13 +302,14 @@ def test_summary_compares_the_methods_of_a_cell_paired_by_seed(tmp_path):
 def test_findings_are_generated_from_study_json(tmp_path):
     """study.md's findings section: per cell its outcome and every pair as a sentence, the numbers
     those of scipy's paired t interval; written from study.json's content alone."""
-    from comigs_jax.experiment import study_report
+    from comigs_jax.experiment import study_interactions, study_report
     cfg = tiny_study(str(tmp_path / "cache"), methods="local,fedavg", seeds="0,1,2,3,4")
     cells = study.expand(cfg)
     study_report.write_outputs(str(tmp_path), study_report.summarise(cfg, cells, fake_results(cells, FAKE), []), cfg)
     md = open(tmp_path / "study.md").read()
     on_disk = json.load(open(tmp_path / "study.json"))
-    assert md.endswith("\n".join(study_report.findings(on_disk) + [""] + study_report.per_method_findings(on_disk)) + "\n")
+    assert md.endswith("\n".join(study_report.findings(on_disk) + [""] + study_report.per_method_findings(on_disk)
+                                  + [""] + study_interactions.findings(on_disk)) + "\n")
     f = lambda v: f"{v:.3f}"
     lines = []
     for name in ("lr=0.002", "lr=0.01"):
