@@ -131,3 +131,51 @@ def test_command_line_server_errors_are_one_line(flags, names, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and names in lines[0], err
     assert out == ""
+
+
+DOC_ROWS = {  # docs/scaling.md's table of 10,000 users of GPT-2 124M with train.user_chunk=8
+    "CoMiGS, none": [],
+    "CoMiGS, sgd momentum 0.9 (FedAvgM)": ["--config.server.optimizer=sgd", "--config.server.momentum=0.9"],
+    "CoMiGS, adam (FedAdam)": ["--config.server.optimizer=adam"],
+    "FedAvg, DP": ["--config.method=fedavg", "--config.dp.enabled=True"],
+    "FlexLoRA, none": ["--config.method=flexlora"],
+    "FlexLoRA, adam": ["--config.method=flexlora", "--config.server.optimizer=adam"],
+}
+
+
+def test_the_docs_table_of_server_states_is_the_commands(capsys):
+    import re
+    with open(os.path.join(REPO, "docs", "scaling.md")) as f:
+        doc = f.read()
+    for name, flags in DOC_ROWS.items():
+        assert capacity.main(["comigs_jax.capacity", "--config.users=10000", "--config.train.user_chunk=8",
+                              "--config.targets=h100,h200", *flags]) == 0
+        out = capsys.readouterr().out
+        resident = re.search(r"every user's state and tokens \(([^)]+) per user\)", out).group(1)
+        upd = [re.search(rf"\| {t} [^|]* \| [^|]* \| [^|]* \| (\d+) \|", out).group(1) for t in ("NVIDIA H100", "NVIDIA H200")]
+        row = f"| {name} | {resident} | {upd[0]} | {upd[1]} |"
+        assert row in doc, row
+
+
+@pytest.mark.parametrize("faithful", [False, True])
+def test_server_bytes_on_a_scanned_llama_every_rule(faithful):
+    """A small Llama (layers scanned: [L, slots, ...] leaves; grouped-query attention, SwiGLU's
+    three expert matmuls) in both modes (HetLoRA / FlexLoRA as the reference, FFA-LoRA and
+    FedSA-LoRA's other shared factors): the arithmetic against the state the engine's own server
+    functions build from the parameter shapes (engine_server_bytes, eval_shape)."""
+    import dataclasses
+    from comigs_jax.federated.methods import configure_model
+    from comigs_jax.model.config import LlamaConfig
+    lora = LoRAConfig(rank=4)
+    base = LlamaConfig(vocab_size=300, n_positions=64, n_embd=48, n_layer=2, n_head=6, n_kv_head=2,
+                       intermediate_size=80, head_dim=10, attn_lora=lora,
+                       moe=MoEConfig(n_experts=3, n_generalists=1, lora=lora))
+    tc = dataclasses.replace(TC, faithful=faithful)
+    for name, opt, dp, ranked in [("comigs", ADAM, False, False), ("flexlora", ServerOptimizer("yogi"), False, False),
+                                  ("fedavg", None, True, False), ("hetlora", MOMENTUM, False, False),
+                                  ("fedsa_lora", ServerOptimizer("adagrad"), False, True),
+                                  ("ffa_lora", ADAM, False, False), ("fedavg", ADAM, True, False)]:
+        m = get_method(name)
+        cfg = configure_model(base, m)
+        assert 5 * server_bytes(cfg, tc, m, opt, dp, ranked)["total"] == engine_server_bytes(cfg, tc, m, 5, opt, dp,
+                                                                                             ranked), name

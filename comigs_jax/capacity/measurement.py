@@ -145,7 +145,8 @@ def format_measurement(m: dict, users) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for u in users:
         r, q = m["compiled"][u], m["per_u"][u]
-        lines.append(f"| {u} | {q['rows']} | {q['live']} | {_b(r['argument_size_in_bytes'])} ({_b(q['model_arguments'])}) | "
+        args = r["argument_size_in_bytes"] + r["server_state"]  # the server's state: beside the program
+        lines.append(f"| {u} | {q['rows']} | {q['live']} | {_b(args)} ({_b(q['model_arguments'])}) | "
                      f"{_b(r['output_size_in_bytes'])} | {_b(r['alias_size_in_bytes'])} | "
                      f"{_b(r['temp_size_in_bytes'])} ({_b(q['model_activations'])}) | {_b(r['total'])} | "
                      f"{_b(q['measured_per_user'])} | {_b(q['model_total'])} | {q['ratio']:.3f} | {r['compile_s']:.1f} |")
@@ -157,7 +158,7 @@ def format_measurement(m: dict, users) -> str:
                   f"rows = users padded to whole chunks; live = users whose activations are alive at once."]
     if m["model_server"]:
         hi = max(users)
-        lines[-1] += (f" The server's state (not an argument of the round program: held beside it) is counted in the "
-                      f"arguments and totals: at U = {hi} the engine's {_b(m['compiled'][hi]['server_state'])}, the "
+        lines[-1] += (f" The server's state (not an argument of the round program: held beside it) is added to the "
+                      f"measured arguments and totals: at U = {hi} the engine's {_b(m['compiled'][hi]['server_state'])}, the "
                       f"model's {_b(m['model_server'])} per row.")
     return "\n".join(lines) + "\n"
