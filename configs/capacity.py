@@ -15,7 +15,10 @@ LoRA rank 8), 64 x 128 windows, bfloat16 activations, the reference's schedule (
 a 10-step router phase every 30 steps). `:tiny` is the benchmark's tiny workload
 (configs/bench.py) as tests/test_capacity.py checks it against the compiled program on CPU.
 `train.user_chunk` (a device runs its users that many at a time: it holds every user's state but
-one chunk's activations) and `model.remat` (what the backward recomputes) change the plan.
+one chunk's activations) and `model.remat` (what the backward recomputes) change the plan. The
+`server` and `dp` groups are experiments.run's too: a server optimizer (`server.optimizer=adam`:
+its value and moments per row), DP-FedAvg (`dp.enabled=True`: the round-start copy of the shared
+leaves) and `model.ranks` (set: each row's ranks) add the server's state per row to the plan.
 """
 from ml_collections import ConfigDict
 
@@ -53,6 +56,9 @@ def get_config(preset: str = "gpt2") -> ConfigDict:
     c.usable = 0.9  # usable fraction of each chip's memory (the rest: runtime, fragmentation, evaluation)
     c.profile = "accelerator"  # kept activations: accelerator (XLA GPU/TPU fusion) | cpu (JAX's saved residuals)
     c.measure = ""  # comma-separated U (e.g. "16,64"): also compile the round program at these U and compare
+    defaults = base.get_config()
+    c.server = defaults.server  # configs/base.py's: optimizer (none | sgd | adam | yogi | adagrad), lr, momentum, b1, b2, tau
+    c.dp = defaults.dp  # configs/base.py's: enabled (True: DP-FedAvg's round-start copy per row), clip, noise_multiplier, ...
 
     if preset == "tiny":  # configs/bench.py's tiny workload; the CPU check of docs/scaling.md
         c.base, c.vocab_size = "pretrain", 2048

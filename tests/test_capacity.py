@@ -59,13 +59,19 @@ def test_state_bytes_match_init_states():
 def test_chunked_round_bytes_within_25_percent_of_compiled_program():
     """train.user_chunk = 4 at U = 10 (padded to 12 rows: 3 chunks) and U = 32 (8 chunks): the
     device holds every row's state and tokens (the arguments) and the activations of 4 users (the
-    temporaries); the model's total, its arguments and its activations against XLA's."""
+    temporaries); the model's total, its arguments and its activations against XLA's. With FedAdam:
+    the server's state per row (value, m, v, lr: not an argument of the round program, held beside
+    it) is the engine's at every U (engine_server_bytes, from the shapes the server builds)."""
+    from comigs_jax.federated.server_optimizer import ServerOptimizer
     cfg, tc, method = tiny()
+    server = {"server_optimizer": ServerOptimizer("adam")}
     m = capacity.measure(cfg, tc, method, (10, 32), profile="cpu", user_chunk=4, train_tokens=8192,
-                         valid_tokens=4096, compiler_options=FAST)
+                         valid_tokens=4096, compiler_options=FAST, server=server)
+    assert m["model_server"] == 3 * 4 * (capacity.param_counts(cfg)["attn"] + capacity.param_counts(cfg)["generalist"]) + 4
     for u, rows in ((10, 12), (32, 32)):
         q, c = m["per_u"][u], m["compiled"][u]
         assert (q["rows"], q["live"], c["rows"], c["chunk"]) == (rows, 4, rows, 4), (u, q, c)
+        assert c["server_state"] == rows * m["model_server"], (u, c)
         assert 0.75 <= q["ratio"] <= 1.25, (u, m)                     # the device's total
         assert 0.9 <= q["arguments_ratio"] <= 1.1, (u, m)             # state + tokens of every row, the base
         assert 0.75 <= q["activations_ratio"] <= 1.25, (u, m)         # 4 users' working set

@@ -17,7 +17,8 @@ from comigs_jax.model.config import REMAT
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                               "configs", "capacity.py")
 # Where the keys of each group of configs/capacity.py are defined (unknown-key messages).
-HOMES = {"": "configs/capacity.py", "model": "configs/base.py", "train": "configs/base.py"}
+HOMES = {"": "configs/capacity.py", "model": "configs/base.py", "train": "configs/base.py", "server": "configs/base.py",
+         "dp": "configs/base.py"}
 
 
 def _ints(s) -> list[int]:
@@ -51,6 +52,30 @@ def check_config(cfg) -> None:
         _fail("measure", cfg.measure, "'' or at least two different positive U, comma-separated (e.g. 16,64)")
 
 
+def server_settings(cfg, method) -> dict:
+    """plan()'s server keywords of a config for `method`: its server optimizer (the `server` group;
+    None for none), `dp` (dp.enabled) and `ranked` (model.ranks set: each row holds its ranks);
+    ConfigError (one line) as the experiment's checks (comigs_jax.rules, federated.privacy)."""
+    from comigs_jax import rules
+    from comigs_jax.configuration import _fail
+    from comigs_jax.federated import privacy
+    opt = rules.server_optimizer_of(cfg)
+    why = rules.no_server_step(method)
+    if opt is not None and why:
+        _fail("server.optimizer", opt.name, f"none for method {method.name} ({why})")
+    dp = cfg.dp.enabled if cfg.get("dp") is not None else False
+    if not isinstance(dp, bool):
+        _fail("dp.enabled", dp, "True or False")
+    ranked = bool(str(cfg.model.get("ranks", "")).strip())
+    if dp:
+        try:
+            privacy.check_method(None, method, [1] if ranked else None)
+            privacy.check_shares(method, cfg.model.attn_rank, cfg.model.n_experts, cfg.model.n_generalists)
+        except privacy.PrivacyError as e:
+            raise ConfigError(f"config.{e}") from None
+    return {"server_optimizer": opt, "dp": dp, "ranked": ranked}
+
+
 def is_experiment_config(cfg) -> bool:
     """True for an experiment config (configs/base.py's groups: `data`, `federation`), False for a
     capacity config (a top-level `users`)."""
@@ -64,8 +89,9 @@ def experiment_plans(cfg, defaults: ConfigDict) -> list[ConfigDict]:
     model per federation, batch x data.n_users, every user's tokens), its base's shape (a named
     size or "pretrain", whose vocabulary is data.synthetic.vocab_size; another base is one line:
     nothing is loaded), its model (users with model.expert_counts are held at the largest count),
-    batch, schedule and data.train_tokens / valid_tokens per user. The capacity keys (targets,
-    mfu, usable, profile, measure) are `defaults`' (configs/capacity.py's)."""
+    batch, schedule and data.train_tokens / valid_tokens per user, its server optimizer and DP
+    (the server's state per row). The capacity keys (targets, mfu, usable, profile, measure) are
+    `defaults`' (configs/capacity.py's)."""
     from comigs_jax import configuration
     from comigs_jax.federated.methods import get_method
     configuration.validate(cfg)
@@ -80,7 +106,10 @@ def experiment_plans(cfg, defaults: ConfigDict) -> list[ConfigDict]:
         c.pretrain, c.model, c.train = (ConfigDict(cfg[k].to_dict()) for k in ("pretrain", "model", "train"))
         if cfg.model.expert_counts:
             c.model.n_experts, c.model.expert_counts = max(configuration.expert_counts_of(cfg)), ""
-        c.model.ranks = ""  # the state is held at the padded rank model.rank
+        for group in ("server", "dp"):  # the server's state per row (a config without the group: none)
+            if cfg.get(group) is not None:
+                c[group] = ConfigDict(cfg[group].to_dict())
+        # model.ranks stays: the state is held at the padded rank model.rank, and each row holds its ranks
         scale = n_users if pooled else 1
         c.train.batch_size *= scale
         c.train_tokens, c.valid_tokens = scale * cfg.data.train_tokens, scale * cfg.data.valid_tokens
@@ -93,14 +122,16 @@ def run(cfg) -> dict:
     from comigs_jax.configuration import engine_configs
     check_config(cfg)
     model_cfg, tc, method = engine_configs(cfg)
+    server = server_settings(cfg, method)
     chunk = cfg.train.get("user_chunk", 0)
     p = plan(model_cfg, tc, method, cfg.users, train_tokens=cfg.train_tokens, valid_tokens=cfg.valid_tokens,
              targets=[t.strip() for t in cfg.targets.split(",") if t.strip()], mfu=cfg.mfu,
-             usable_fraction=cfg.usable, profile=cfg.profile, user_chunk=chunk)
+             usable_fraction=cfg.usable, profile=cfg.profile, user_chunk=chunk, **server)
     print(format_plan(p), end="")
     users = _ints(cfg.measure)
     if users:
-        m = measure(model_cfg, tc, method, users, profile=cfg.profile, user_chunk=chunk, train_tokens=cfg.train_tokens,
+        m = measure(model_cfg, tc, method, users, profile=cfg.profile, user_chunk=chunk, server=server,
+                    train_tokens=cfg.train_tokens,
                     valid_tokens=cfg.valid_tokens, token_dtype="uint16" if model_cfg.vocab_size <= 2**16 else "int32")
         print(format_measurement(m, users), end="")
         p["measurement"] = m
@@ -120,7 +151,7 @@ def run_any(cfg) -> list[dict]:
     configs = experiment_plans(cfg, cli.load_config_file(DEFAULT_CONFIG))  # every check before any output
     for c in configs:
         check_config(c)
-        engine_configs(c)
+        server_settings(c, engine_configs(c)[2])
     return [run(c) for c in configs]
 
 

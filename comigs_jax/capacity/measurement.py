@@ -56,19 +56,60 @@ def compiled_memory(model_cfg: ModelConfig, tc: TrainConfig, method: Method, n_u
     return out
 
 
+def engine_server_bytes(model_cfg: ModelConfig, tc: TrainConfig, method: Method, n_rows: int,
+                        server_optimizer=None, dp: bool = False, ranked: bool = False) -> int:
+    """Bytes of the server state the engine builds for `n_rows` rows of one federation, as
+    Simulation._init_server builds it (the ranks, the rule's init, its start: a server optimizer's
+    value and optax state) plus DP's round-start copy of the shared leaves (Simulation.run_round),
+    from shapes (jax.eval_shape: nothing runs); host float64 arrays as the device holds them."""
+    import functools
+
+    import jax
+    import numpy as np
+
+    from comigs_jax.federated.privacy import DP, shared_start
+    from comigs_jax.federated.server import Rows, Setup, rank_state
+    from comigs_jax.federated.servers import server_for
+    from comigs_jax.train.state import init_states
+
+    m = method.for_mode(tc.faithful)
+    cfg = configure_model(model_cfg, m)
+    srv = server_for(m, ranked, server_optimizer, dp)
+    setup = Setup(m, cfg.moe.n_specialists, 1, cfg.moe.lora, DP() if dp else None)
+    params = jax.eval_shape(lambda k: init_states(cfg, tc, m, k, n_rows, cfg.moe.n_specialists),
+                            jax.random.key(0)).params
+    full = np.full(n_rows, cfg.moe.lora.rank, np.int32) if ranked or srv.ranked else None
+    state = {"ranks": rank_state(full, cfg.moe.lora)} if full is not None else {}
+    one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
+    state.update(srv.init(setup, Rows(n_rows, np.zeros(n_rows, np.int32), ({"seed": 0},), full, one)))
+    state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jax.dtypes.canonicalize_dtype(np.asarray(a).dtype)),
+                         state)
+    if srv.start is not None:
+        state = jax.eval_shape(lambda p, s: srv.start(setup, p, s), params, state)
+    if srv.needs_start:
+        state = {**state, "round_start": jax.eval_shape(functools.partial(shared_start, m), params)}
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+
+
 def measure(model_cfg: ModelConfig, tc: TrainConfig, method: Method, users=(16, 64), profile: Optional[str] = None,
-            user_chunk: int = 0, **kw) -> dict:
+            user_chunk: int = 0, server: Optional[dict] = None, **kw) -> dict:
     """Compiled bytes at each U (the same `user_chunk`), the marginal bytes per row (user, padding
     included) between the smallest and largest U, and the model's bytes beside them: per U the
     device total (comigs_jax.capacity.device_bytes), the arguments (state, tokens and the base)
-    and the temporaries (the activations of the users alive at once)."""
+    and the temporaries (the activations of the users alive at once). `server`: plan()'s server
+    keywords; the engine's server state at those rows (`engine_server_bytes`: resident beside the
+    round program, not its argument) is then added to each U's measured total and arguments."""
     import jax
+    server = server or {}
     profile = profile or ("cpu" if jax.default_backend() == "cpu" else "accelerator")
     runs = {u: compiled_memory(model_cfg, tc, method, u, user_chunk=user_chunk, **kw) for u in users}
+    for r in runs.values():
+        r["server_state"] = engine_server_bytes(model_cfg, tc, method, r["rows"], **server) if server else 0
+        r["total"] += r["server_state"]
     lo, hi = min(users), max(users)
     p = plan(model_cfg, tc, method, hi, train_tokens=kw.get("train_tokens", 0),
              valid_tokens=kw.get("valid_tokens", 0), token_bytes=2 if kw.get("token_dtype", "uint16") == "uint16" else 4,
-             profile=profile, user_chunk=user_chunk)
+             profile=profile, user_chunk=user_chunk, **server)
     pu, model_shared = p["per_user"], p["shared"]["total"]
     per_u = {}
     for u, r in runs.items():
@@ -77,7 +118,7 @@ def measure(model_cfg: ModelConfig, tc: TrainConfig, method: Method, users=(16, 
         args = b["state"] + b["tokens"] + model_shared
         per_u[u] = {"rows": d["rows"], "live": d["live"], "measured_total": r["total"], "measured_per_user": r["total"] / u,
                     "model_total": b["total"], "ratio": b["total"] / r["total"],
-                    "model_arguments": args, "arguments_ratio": args / r["argument_size_in_bytes"],
+                    "model_arguments": args, "arguments_ratio": args / (r["argument_size_in_bytes"] + r["server_state"]),
                     "model_activations": b["activations"],
                     "activations_ratio": b["activations"] / max(r["temp_size_in_bytes"], 1)}
     rows_lo, rows_hi = per_u[lo]["rows"], per_u[hi]["rows"]
@@ -86,6 +127,7 @@ def measure(model_cfg: ModelConfig, tc: TrainConfig, method: Method, users=(16, 
     return {"profile": profile, "user_chunk": user_chunk, "remat": model_cfg.remat, "compiled": runs,
             "marginal_per_user": marginal, "model_per_user": model_marginal, "model_shared": model_shared,
             "model_step": pu["step"], "model_state": pu["state"], "model_tokens": pu["tokens"],
+            "model_server": p["server"]["total"],
             "ratio_marginal": model_marginal / marginal, "per_u": per_u,
             # total at zero rows: the shared bytes, plus the live users' working set when chunked
             "measured_intercept": runs[lo]["total"] - rows_lo * marginal,
@@ -103,7 +145,8 @@ def format_measurement(m: dict, users) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for u in users:
         r, q = m["compiled"][u], m["per_u"][u]
-        lines.append(f"| {u} | {q['rows']} | {q['live']} | {_b(r['argument_size_in_bytes'])} ({_b(q['model_arguments'])}) | "
+        args = r["argument_size_in_bytes"] + r["server_state"]  # the server's state: beside the program
+        lines.append(f"| {u} | {q['rows']} | {q['live']} | {_b(args)} ({_b(q['model_arguments'])}) | "
                      f"{_b(r['output_size_in_bytes'])} | {_b(r['alias_size_in_bytes'])} | "
                      f"{_b(r['temp_size_in_bytes'])} ({_b(q['model_activations'])}) | {_b(r['total'])} | "
                      f"{_b(q['measured_per_user'])} | {_b(q['model_total'])} | {q['ratio']:.3f} | {r['compile_s']:.1f} |")
@@ -113,4 +156,9 @@ def format_measurement(m: dict, users) -> str:
                   f"{m['ratio_marginal']:.3f}); intercept (shared bytes{' + one chunk' if chunk else ''}): measured "
                   f"{_b(m['measured_intercept'])}, model {_b(m['model_intercept'])}. "
                   f"rows = users padded to whole chunks; live = users whose activations are alive at once."]
+    if m["model_server"]:
+        hi = max(users)
+        lines[-1] += (f" The server's state (not an argument of the round program: held beside it) is added to the "
+                      f"measured arguments and totals: at U = {hi} the engine's {_b(m['compiled'][hi]['server_state'])}, the "
+                      f"model's {_b(m['model_server'])} per row.")
     return "\n".join(lines) + "\n"

@@ -9,8 +9,10 @@ from typing import Optional
 
 from comigs_jax.capacity.flops import round_flops
 from comigs_jax.capacity.memory import activation_tensors, head_block_of, shared_bytes, step_bytes, transient_tensors
+from comigs_jax.capacity.server_state import server_bytes
 from comigs_jax.capacity.sizes import GiB, param_counts, shapes, state_bytes
 from comigs_jax.federated.methods import Method, configure_model
+from comigs_jax.federated.server_optimizer import ServerOptimizer
 from comigs_jax.federated.users import device_chunk, padded_user_count
 from comigs_jax.model.family import family_named
 from comigs_jax.model.lm import ModelConfig
@@ -82,15 +84,22 @@ def users_per_device(room: float, per_user: dict, chunk: int = 0) -> int:
 def plan(model_cfg: ModelConfig, tc: TrainConfig, method: Method, n_users: int, *,
          train_tokens: int = 1_000_000, valid_tokens: int = 100_000, token_bytes: Optional[int] = None,
          targets: Optional[list[str]] = None, mfu: float = MFU, usable_fraction: float = USABLE_FRACTION,
-         profile: str = "accelerator", user_chunk: int = 0) -> dict:
+         profile: str = "accelerator", user_chunk: int = 0, server_optimizer: Optional[ServerOptimizer] = None,
+         dp: bool = False, ranked: bool = False) -> dict:
     """The capacity plan of `n_users` users of this config: bytes per user (broken down),
     shared bytes, FLOPs per round, and per target chip the users per device, the devices
     needed and an estimated time per round at `mfu`. `user_chunk` (train.user_chunk): a device
     runs its users that many at a time, so it holds every user's state but only a chunk's
-    activations; model_cfg.remat says which activations the backward keeps."""
+    activations; model_cfg.remat says which activations the backward keeps. The server's state
+    per row (`server_optimizer`, `dp`, `ranked`: capacity.server_state.server_bytes, by part under
+    "server") is part of the state (its "server" entry, when not 0)."""
     cfg = configure_model(model_cfg, method) if model_cfg.moe is not None else model_cfg
     token_bytes = token_bytes or (2 if cfg.vocab_size <= 2**16 else 4)
     st, sp, sh = state_bytes(cfg, tc, method), step_bytes(cfg, tc, method, profile), shared_bytes(cfg)
+    sv = server_bytes(cfg, tc, method, server_optimizer, dp, ranked) if cfg.moe is not None else {"total": 0}
+    if sv["total"]:  # the rows' server state: resident beside the UserState (0: today's plan, unchanged)
+        st = {**{k: v for k, v in st.items() if k != "total"}, "server": sv["total"]}
+        st["total"] = sum(st.values())
     tokens = token_bytes * (train_tokens + valid_tokens) + 2 * 4  # + the two lengths
     per_user = {"state": st["total"], "tokens": tokens, "step": sp["total"]}
     per_user["total"] = sum(per_user.values())
@@ -117,9 +126,11 @@ def plan(model_cfg: ModelConfig, tc: TrainConfig, method: Method, n_users: int, 
                    "n_generalists": cfg.moe.n_generalists if cfg.moe else 0,
                    "train_tokens": train_tokens, "valid_tokens": valid_tokens, "token_bytes": token_bytes,
                    "mfu": mfu, "usable_fraction": usable_fraction, "profile": profile,
-                   "user_chunk": user_chunk, "remat": cfg.remat, "head_block": head_block_of(cfg)},
+                   "user_chunk": user_chunk, "remat": cfg.remat, "head_block": head_block_of(cfg),
+                   "server_optimizer": server_optimizer.name if server_optimizer else "none", "dp": dp,
+                   "ranked": ranked},
         "params": param_counts(cfg),
-        "state": st, "step": sp, "shared": sh, "per_user": per_user,
+        "state": st, "server": sv, "step": sp, "shared": sh, "per_user": per_user,
         "profile": profile,
         "activations": activation_tensors(cfg, tc.batch_size, tc.seq_len, profile),
         "transient": transient_tensors(cfg, tc.batch_size, tc.seq_len, profile),
@@ -144,19 +155,34 @@ def _group_activations(tensors) -> dict:
     return out
 
 
+# format_plan's rows of the server's state per row (capacity.server_state.PARTS)
+SERVER_LABELS = {"value": "value (the server optimizer's)", "moments": "optimizer state (optax)", "lr": "lr",
+                 "round_start": "round-start copy of the shared leaves (DP)", "ranks": "per-row ranks",
+                 "rule": "rule state (HetLoRA tails, FlexLoRA scales)"}
+
+
+def _server_title(c: dict) -> str:
+    """The plan title's server settings, "" for neither a server optimizer nor DP."""
+    return ((f", server.optimizer {c['server_optimizer']}" if c.get("server_optimizer", "none") != "none" else "")
+            + (", DP" if c.get("dp") else ""))
+
+
 def format_plan(p: dict) -> str:
     c, pc = p["config"], p["params"]
     family = family_named(c["family"]).label
     lines = [f"# Capacity plan: {c['n_users']:,} users, {family} {c['n_layer']}L x {c['n_embd']} (V {c['vocab_size']:,}), "
              f"{c['method']} ({c['n_generalists']}G + {c['n_experts'] - c['n_generalists']}S), "
              f"batch {c['batch_size']} x {c['seq_len']}, {c['dtype']}, remat {c['remat']!r}, "
-             f"user_chunk {c['user_chunk']}, activation profile {c['profile']!r}", ""]
+             f"user_chunk {c['user_chunk']}, activation profile {c['profile']!r}" + _server_title(c), ""]
     lines.append("Trainable parameters per user: " + ", ".join(
         f"{k} {pc[k]:,}" for k in ("attn", "generalist", "specialist", "router", "trainable")) + f"; base {pc['base']:,}")
     lines += ["", "| Per user | Bytes |", "|---|---|"]
     for k, v in p["state"].items():
-        if k != "total":
+        if k not in ("total", "server"):
             lines.append(f"| state: {k} | {_b(v)} |")
+    for k, v in p["server"].items():  # nothing for a mean without a server optimizer or DP
+        if k != "total" and v:
+            lines.append(f"| state: server {SERVER_LABELS[k]} | {_b(v)} |")
     lines.append(f"| tokens ({c['train_tokens']:,} + {c['valid_tokens']:,} x {c['token_bytes']} B) | {_b(p['per_user']['tokens'])} |")
     for k, v in p["step"].items():
         if k != "total":

@@ -17,7 +17,7 @@ around their server value (`Server.stepped`, comigs_jax.federated.server.Stepped
   of the products c_i A_i B_i, or the reference's last-user term, D3); every row receives the
   rank-r_i SVD truncation of its federation's stepped dW with the scales of today (c'_i). dW
   starts at the round-0 product (0: B = 0). Memory: the value and each optax moment hold d_in x
-  d_out per module per row, against (d_in + d_out) r of the factors (not in the capacity model).
+  d_out per module per row, against (d_in + d_out) r of the factors (comigs_jax.capacity.server_state).
 
 The attention LoRA and other shared leaves that a rule averages plainly are stepped as the mean's.
 The state adds, per row (each federation's rows hold copies of one server): "server_value" (from
