@@ -89,3 +89,43 @@ def test_markdown_section_and_none_without_two_methods(made, tmp_path):
     one = {c["name"]: {"local": (30 + np.arange(6).reshape(3, 2) * 0.1 + i).tolist()} for i, c in enumerate(cells)}
     alone = study_report.summarise(cfg, cells, fake_results(cells, one), [])
     assert alone["interactions"] is None and "change differently" not in study_report.markdown(alone)
+
+
+def test_one_methods_two_axis_contrast_is_scipys_and_found_iff_built_in(tmp_path):
+    """fedavg 2.0 worse only where lr = 0.01 and local_steps = 3 (an lr x steps interaction); local
+    without one: the contrast (m[x2,y2] - m[x1,y2]) - (m[x2,y1] - m[x1,y1]) against scipy, found iff real."""
+    cfg = tiny_study(str(tmp_path / "cache"), methods="local,fedavg", seeds="0,1,2,3,4", **{"study.grid": GRID})
+    cells = study.expand(cfg)
+    rng = np.random.default_rng(11)
+    seed_effect = rng.normal(0, 1.0, (5, 1))
+    bump = lambda c, m: 2.0 * (m == "fedavg" and c["values"]["train.lr"] == 0.01 and c["values"]["train.local_steps"] == 3)
+    ppl = {c["name"]: {m: (30 + bump(c, m) + seed_effect + rng.normal(0, 0.1, (5, 2))).tolist()
+                       for m in ("local", "fedavg")} for c in cells}
+    summary = study_report.summarise(cfg, cells, fake_results(cells, ppl), [])
+    found = summary["two_axes"]
+    by = {(c["values"]["train.lr"], c["values"]["train.local_steps"]): c["name"] for c in cells}
+    lrs = [0.002, 0.01, 0.02]
+    assert len(found) == 2 * 3 and {it["axis"] for it in found} == {"train.lr"}
+    assert {it["by"] for it in found} == {"train.local_steps&train.rounds"}
+    md = study_report.markdown(summary)
+    for it in found:
+        (x1, x2), (y1, y2) = ([float(a.split("=")[1]) for a in it["x"]],
+                              [int(a.split("__")[0].split("=")[1]) for a in it["y"]])
+        assert (y1, y2) == (2, 3) and x1 in lrs and x2 in lrs and lrs.index(x1) < lrs.index(x2)
+        m = lambda lr, s: _mean(ppl, by[lr, s], it["method"])
+        at_y1, at_y2 = m(x2, y1) - m(x1, y1), m(x2, y2) - m(x1, y2)
+        np.testing.assert_allclose([it["change_y1"], it["change_y2"], it["diff"]],
+                                   [at_y1.mean(), at_y2.mean(), (at_y2 - at_y1).mean()], rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(it["ci95"], list(stats.ttest_rel(at_y2, at_y1).confidence_interval(0.95)), rtol=1e-9)
+        real = it["method"] == "fedavg" and 0.01 in (x1, x2)
+        lo, hi = it["ci95"]
+        assert (lo > 0 or hi < 0) == real, it
+        assert f"  - {study_interactions.two_axes_sentence(it)}" in md
+    assert "## Findings: does one axis's effect depend on another? (per method)" in md
+    s = study_interactions.two_axes_sentence
+    base = {"method": "comigs", "x": ["e=0", "e=2"], "y": ["none", "sgd"], "n_seeds": 5, "std": 1.0}
+    assert s({**base, "change_y1": 2.563, "change_y2": 0.546, "diff": -2.017, "ci95": [-2.3, -1.7]}) == (
+        "from e=0 to e=2, comigs changes by +2.563 at none and by +0.546 at sgd: at sgd minus at none is -2.017 "
+        "[-2.300, -1.700]")
+    assert s({**base, "change_y1": 1.0, "change_y2": 1.1, "diff": 0.1, "ci95": [-0.2, 0.4]}).endswith(
+        ": no detectable difference between the changes (CI [-0.200, 0.400] of at sgd − at none)")

@@ -7,7 +7,13 @@ y, dA_s = A_y,s - A_x,s and dB_s = B_y,s - B_x,s (test perplexity, mean over use
 difference of the changes dA - dB with its 95 % Student t interval (statistics.paired). E.g. study i:
 does DP cost FedAvg more perplexity than CoMiGS? That is the interval of (FedAvg at epsilon 2 - FedAvg
 without DP) - (CoMiGS at epsilon 2 - CoMiGS without DP), which two per-method intervals that do not
-overlap do not give. The intervals are per comparison, uncorrected, as all the studies' findings.
+overlap do not give.
+
+For one method and two grid axes (`two_axes`), the same question along the grid: whether the method's
+change from x1 to x2 on one axis differs between values y1 and y2 of another, per seed
+(m[x2, y2] - m[x1, y2]) - (m[x2, y1] - m[x1, y1]); e.g. study i: is CoMiGS's cost of epsilon = 2 smaller
+with a FedAvgM server than with the mean? The intervals are per comparison, uncorrected, as all the
+studies' findings.
 """
 from __future__ import annotations
 
@@ -89,4 +95,87 @@ def findings(summary: dict) -> list[str]:
             at = f"at {cell_name(it['at'])}" if it["at"] else "no other axis"
             lines += ["", f"- **along `{it['axis']}`**, {at} ({it['n_seeds']} seeds):"]
         lines.append(f"  - {sentence(it)}")
+    return lines
+
+
+# ----------------------------------------------------------------------------- one method, two axes
+def _arm(c: dict, keys) -> str:
+    from comigs_jax.experiment.study import cell_name
+    from comigs_jax.experiment.study_figure import _shown
+    return cell_name({k: _shown(c, k) for k in keys})
+
+
+def two_axes(summary: dict) -> list[dict] | None:
+    """Per method, pair of grid axes (i, j), values of the other axes, and pairs of values x1, x2 on
+    i and y1, y2 on j (in grid order): whether the change from x1 to x2 differs between y1 and y2,
+    per seed (m[x2, y2] - m[x1, y2]) - (m[x2, y1] - m[x1, y1]) on the seeds common to the four rows.
+    {"method", "axis", "by" (axis j), "at", "x", "y" (pairs of arm names), "change_y1", "change_y2"
+    (mean changes), and statistics.paired(change at y2, change at y1)}; None without two axes."""
+    from comigs_jax.experiment.study_figure import _shown
+    axes = [a["keys"] for a in summary["axes"]]
+    if len(axes) < 2:
+        return None
+    methods = list(dict.fromkeys(m for c in summary["cells"] for m in c["methods"]))
+    out = []
+    for m, (i, j) in itertools.product(methods, itertools.combinations(range(len(axes)), 2)):
+        others = [k for n, ks in enumerate(axes) if n not in (i, j) for k in ks]
+        groups: dict = {}
+        for c in summary["cells"]:
+            if m in c["methods"]:
+                at = tuple((k, _shown(c, k)) for k in others)
+                groups.setdefault(at, {})[_arm(c, axes[i]), _arm(c, axes[j])] = c
+        for at, grid in groups.items():
+            xs, ys = (list(dict.fromkeys(k[n] for k in grid)) for n in (0, 1))
+            for (x1, x2), (y1, y2) in itertools.product(itertools.combinations(xs, 2), itertools.combinations(ys, 2)):
+                four = [grid.get(k) for k in ((x1, y1), (x2, y1), (x1, y2), (x2, y2))]
+                if any(c is None for c in four):
+                    continue
+                rows = [c["methods"][m] for c in four]
+                seeds = sorted(set.intersection(*(set(r["seeds"]) for r in rows)))
+                if not seeds:
+                    continue
+                a, b, c, d = (_per_seed(r, seeds) for r in rows)
+                out.append({"method": m, "axis": "&".join(axes[i]), "by": "&".join(axes[j]),
+                            "at": {k: v for k, v in at}, "x": [x1, x2], "y": [y1, y2],
+                            "change_y1": float((b - a).mean()), "change_y2": float((d - c).mean()),
+                            **statistics.paired(d - c, b - a)})
+    return out or None
+
+
+def two_axes_sentence(it: dict, fmt: str = "{:.3f}") -> str:
+    """'from X1 to X2, m changes by +a at Y1 and by +b at Y2: at Y2 minus at Y1 is d [lo, hi]', or
+    '...: no detectable difference between the changes (CI [lo, hi] of at Y2 − at Y1)'."""
+    s = lambda v: ("+" if v >= 0 else "") + fmt.format(v)
+    (x1, x2), (y1, y2), ci = it["x"], it["y"], it["ci95"]
+    head = (f"from {x1} to {x2}, {it['method']} changes by {s(it['change_y1'])} at {y1} and by "
+            f"{s(it['change_y2'])} at {y2}")
+    if ci is None:
+        return f"{head}: at {y2} minus at {y1} is {s(it['diff'])} from {it['n_seeds']} seed, no interval"
+    if statistics.beats(it):
+        return f"{head}: at {y2} minus at {y1} is {s(it['diff'])} [{s(ci[0])}, {s(ci[1])}]"
+    return (f"{head}: no detectable difference between the changes (CI [{fmt.format(ci[0])}, "
+            f"{fmt.format(ci[1])}] of at {y2} − at {y1})")
+
+
+TWO_AXES_HEADER = ("Generated from study.json (comigs_jax/experiment/study_interactions.py): for one method, two "
+                   "grid axes and two values on each, the method's change of the test perplexity (mean over users) "
+                   "along the first axis at each value of the second, and the difference of the two changes paired "
+                   "by seed with its 95 % Student t interval: whether the effect of one axis depends on the other.")
+
+
+def two_axes_findings(summary: dict) -> list[str]:
+    """study.md's section of summary["two_axes"], markdown lines; [] without."""
+    found = summary.get("two_axes")
+    if not found:
+        return []
+    from comigs_jax.experiment.study import cell_name
+    lines = ["## Findings: does one axis's effect depend on another? (per method)", "", TWO_AXES_HEADER]
+    heading = None
+    for it in found:
+        key = (it["method"], it["axis"], it["by"], tuple(sorted(it["at"].items())))
+        if key != heading:
+            heading = key
+            at = f", at {cell_name(it['at'])}" if it["at"] else ""
+            lines += ["", f"- **{it['method']}: `{it['axis']}` by `{it['by']}`**{at} ({it['n_seeds']} seeds):"]
+        lines.append(f"  - {two_axes_sentence(it)}")
     return lines

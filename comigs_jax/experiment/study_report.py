@@ -126,7 +126,8 @@ def with_comparisons(summary: dict) -> dict:
     each cell's methods (`comparison`), the tuned rows (study.tune), the cells of one method each
     (`across_cells`, not with study.tune), and otherwise each method between the cells that differ
     in one grid axis (`per_method_across_cells`) and each pair of methods' changes between those
-    cells (`interactions`, study_interactions). Returns `summary`, updated in place."""
+    cells (`interactions`), and for a grid of two axes or more each method's change along one axis
+    at two values of another (`two_axes`; study_interactions). Returns `summary`, updated in place."""
     cells = summary["cells"]
     for c in cells:
         c["comparison"] = compare(c["methods"])
@@ -138,6 +139,7 @@ def with_comparisons(summary: dict) -> dict:
                                if one_each and not tuned else None)
     summary["per_method_across_cells"] = None if one_each else per_method_across_cells(summary)
     summary["interactions"] = study_interactions.interactions(summary)
+    summary["two_axes"] = study_interactions.two_axes(summary)
     return summary
 
 
@@ -307,7 +309,8 @@ def markdown(summary: dict) -> str:
     if summary["unavailable"]:
         lines += ["", "Not available (not run):", ""]
         lines += [f"- {u['cell']}: {u['why']}" for u in summary["unavailable"]]
-    for found in (findings(summary), per_method_findings(summary), study_interactions.findings(summary)):
+    for found in (findings(summary), per_method_findings(summary), study_interactions.findings(summary),
+                  study_interactions.two_axes_findings(summary)):
         if found:
             lines += [""] + found
     return "\n".join(lines) + "\n"
