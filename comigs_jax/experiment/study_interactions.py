@@ -42,7 +42,7 @@ def interactions(summary: dict, cells_by_name: dict | None = None) -> list[dict]
     cells = cells_by_name or {c["name"]: c for c in summary["cells"]}
     lines: dict = {}  # (axis, at) -> {arm: cell name}: the same line for every method that has it
     for b in per["blocks"]:
-        lines.setdefault((b["axis"], tuple(sorted(b["at"].items()))), {}).update(b["cells"])
+        lines.setdefault((b["axis"], tuple(b["at"].items())), {}).update(b["cells"])
     out = []
     for (axis, at), arms in lines.items():
         for (x, cx), (y, cy) in itertools.combinations(arms.items(), 2):
@@ -90,8 +90,8 @@ def findings(summary: dict) -> list[str]:
     lines = ["## Findings: do two methods change differently between cells?", "", HEADER]
     heading = None
     for it in found:
-        if (it["axis"], tuple(sorted(it["at"].items()))) != heading:
-            heading = it["axis"], tuple(sorted(it["at"].items()))
+        if (it["axis"], tuple(it["at"].items())) != heading:
+            heading = it["axis"], tuple(it["at"].items())
             at = f"at {cell_name(it['at'])}" if it["at"] else "no other axis"
             lines += ["", f"- **along `{it['axis']}`**, {at} ({it['n_seeds']} seeds):"]
         lines.append(f"  - {sentence(it)}")
@@ -172,7 +172,7 @@ def two_axes_findings(summary: dict) -> list[str]:
     lines = ["## Findings: does one axis's effect depend on another? (per method)", "", TWO_AXES_HEADER]
     heading = None
     for it in found:
-        key = (it["method"], it["axis"], it["by"], tuple(sorted(it["at"].items())))
+        key = (it["method"], it["axis"], it["by"], tuple(it["at"].items()))
         if key != heading:
             heading = key
             at = f", at {cell_name(it['at'])}" if it["at"] else ""
