@@ -14,10 +14,12 @@ APPROX = dict(rel=TOL64["rtol"], abs=TOL64["atol"])  # float64 runs (multihost_p
 
 
 @pytest.fixture(scope="module")
-def run_pair(tmp_path_factory):
+def run_pair(tmp_path_factory, tiny_cache):
     """A single-process run (8 devices), and the same run on 2 processes x 4 devices that is
-    killed (SIGKILL, both processes) once its round-1 checkpoint exists and then relaunched."""
-    cache, root = tmp_path_factory.mktemp("cache"), tmp_path_factory.mktemp("runs")
+    killed (SIGKILL, both processes) once its round-1 checkpoint exists and then relaunched. The
+    session's data cache: configs/tiny.py's base (pretrained in float32 whatever the run's dtype;
+    its key leaves out data.n_users) is pretrained once for the session."""
+    cache, root = tiny_cache, tmp_path_factory.mktemp("runs")
     single = root / "single"
     assert run_here([f"--workdir={single}", f"--config.data.cache_dir={cache}"]) == 0
     multi = root / "multi"
