@@ -26,7 +26,7 @@ from comigs_jax.data import DataSourceError, InsufficientDataError, load_user_da
 from comigs_jax.data.reference_bins import check_token_ids
 from comigs_jax.errors import ConfigError, DataError, WorkdirError, first_line
 from comigs_jax.experiment import identity as identity_lib
-from comigs_jax.experiment import metrics, outputs, plot, program
+from comigs_jax.experiment import metrics, outputs, program
 from comigs_jax.experiment.base_model import base_dir, base_tokenizer, load_base
 from comigs_jax.experiment.checkpoint import RunCheckpoints
 from comigs_jax.experiment.log import log
@@ -230,6 +230,7 @@ def _compare(cfg, workdir: str, results: dict) -> None:
     if distributed.is_main_process():
         metrics.write_comparison(workdir, table)
         if cfg.output.figures:
+            from comigs_jax.experiment import plot  # matplotlib only when figures are drawn
             plot.comparison_figure(workdir, table)
     log(metrics.comparison_markdown(table))
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from comigs_jax import configuration, distributed
 from comigs_jax.errors import WorkdirError
-from comigs_jax.experiment import metrics, plot
+from comigs_jax.experiment import metrics
 from comigs_jax.experiment.log import log
 from comigs_jax.experiment.program import Program, decode_eval, evaluate, pick
 from comigs_jax.federated import accounting
@@ -100,6 +100,7 @@ def _write_run(prog: Program, f: int, pre: dict, post: dict, zero_shot_ce) -> di
     if prog.sim.setup.dp is not None:  # epsilon after every round the run made; local leaves cost nothing
         results["privacy"] = accounting.report(prog.sim.setup.dp, len(records), prog.sim.method)
     if cfg.output.figures:
+        from comigs_jax.experiment import plot  # matplotlib only when figures are drawn
         plot.run_figures(run.run_dir, results, records, prog.sim, prog.data, cfg.output.routing_tokens,
                          write=distributed.is_main_process(), federation=f)
     if distributed.is_main_process():
