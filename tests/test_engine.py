@@ -53,7 +53,7 @@ def test_vmap_sharded_and_loop_agree(x64):
         sim = Simulation(cfg, tc, method, base, train, valid, expert_counts=counts, seed=3,
                          mode="loop" if mode == "loop" else "vmap", layout=Layout(12, mesh))
         metrics = _run(sim, 2)
-        results[mode] = (_flat(jax.tree.map(lambda x: x[:12], sim.states.params)), metrics, sim)
+        results[mode] = (_flat(jax.tree.map(lambda x: np.asarray(x)[:12], sim.states.params)), metrics, sim)
     assert results["vmap_sharded"][2].n_padded == 16
     leaf = next(iter(jax.tree.leaves(results["vmap_sharded"][2].states.params)))
     assert len(leaf.sharding.device_set) == 8 and leaf.addressable_shards[0].data.shape[0] == 2

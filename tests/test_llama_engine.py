@@ -36,9 +36,9 @@ def _cfg(tie: bool, n_experts=3, head_block=0, dtype="float32"):
 
 def _params(cfg, seed=0):
     """Every leaf random (B factors too, so that the adapters change the logits); the head large
-    enough for the loss to depend on it."""
-    params = random_like(init_params(cfg, jax.random.key(seed)), 0.3, seed)
-    return params
+    enough for the loss to depend on it. The initialiser gives only the shapes (jax.eval_shape:
+    traced, not compiled; every value is NumPy's)."""
+    return random_like(jax.eval_shape(lambda: init_params(cfg, jax.random.key(seed))), 0.3, seed)
 
 
 @pytest.mark.parametrize("tie", [True, False])
