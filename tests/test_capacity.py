@@ -56,6 +56,19 @@ def test_state_bytes_match_init_states():
     assert capacity.state_bytes(cfg, tc, method)["total"] == nbytes
 
 
+def test_state_bytes_of_a_float64_model_match_its_init_states(x64):
+    """A float64 model (64-bit JAX) keeps its trainable leaves, AdamW moments and faithful leaks in
+    float64: 8 bytes each, not 4."""
+    import dataclasses
+    from comigs_jax.train.state import init_states
+    cfg, tc, method = tiny("float64")
+    tc = dataclasses.replace(tc, faithful=True)
+    states = jax.eval_shape(lambda k: init_states(cfg, tc, method, k, 1, 1), jax.random.key(0))
+    assert jax.tree.leaves(states.params)[0].dtype == jax.numpy.float64
+    nbytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(states))
+    assert capacity.state_bytes(cfg, tc, method)["total"] == nbytes
+
+
 def test_chunked_round_bytes_within_25_percent_of_compiled_program():
     """train.user_chunk = 4 at U = 10 (padded to 12 rows: 3 chunks) and U = 32 (8 chunks): the
     device holds every row's state and tokens (the arguments) and the activations of 4 users (the

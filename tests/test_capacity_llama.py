@@ -51,7 +51,9 @@ def tree_counts(cfg) -> dict:
     small(tie_word_embeddings=False, attn_lora=LoRAConfig(rank=3), moe=MoEConfig(n_experts=3, n_generalists=1,
                                                                                    lora=LoRAConfig(rank=5))),
     small(n_kv_head=6, head_dim=0, moe=MoEConfig(n_experts=2, n_generalists=0, router="uniform", lora=LORA)),
-], ids=["smollm2-135m", "llama-3.2-1b", "small-tied", "small-untied", "small-untied-adapters", "small-mha-uniform"])
+    small(moe=MoEConfig(n_experts=4, n_generalists=1, top_k=2, router="noisy_topk", lora=LORA)),  # w_gate + w_mix
+], ids=["smollm2-135m", "llama-3.2-1b", "small-tied", "small-untied", "small-untied-adapters", "small-mha-uniform",
+        "small-noisy-topk"])
 def test_param_counts_match_the_parameter_tree(cfg):
     got, tree = capacity.param_counts(cfg), tree_counts(cfg)
     for role in tree:

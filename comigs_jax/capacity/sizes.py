@@ -36,24 +36,27 @@ def param_counts(cfg: ModelConfig) -> dict:
         out["expert_each"] = L * each
         out["generalist"] = L * each * moe.n_generalists
         out["specialist"] = L * each * moe.n_specialists
-        out["router"] = {"learned": L * d * moe.n_experts, "user": L * moe.n_experts}.get(moe.router, 0)
+        E = moe.n_experts  # noisy_topk: Linear -> tanh -> Linear, kernels w_gate [d, E] and w_mix [E, E]
+        out["router"] = {"learned": L * d * E, "user": L * E, "noisy_topk": L * (d * E + E * E)}.get(moe.router, 0)
     out["trainable"] = out["attn"] + out["generalist"] + out["specialist"] + out["router"]
     return out
 
 
 def state_bytes(cfg: ModelConfig, tc: TrainConfig, method: Method) -> dict:
-    """Bytes of one user's UserState (params, both AdamW states, counters, key, leaks)."""
+    """Bytes of one user's UserState (params, both AdamW states, counters, key, leaks); floats in the
+    trainable leaves' dtype (float32, float64 for a float64 model)."""
     p = param_counts(cfg)
     joint = method.router_mode == "joint"
     expert_p = p["attn"] + p["generalist"] + p["specialist"] + (p["router"] if joint else 0)
     router_p = p["router"] if method.alternating else 0
     counters = 2 * 4  # int32: Adam's count and the cosine schedule's count (the router's lr is constant: one)
+    w = 8 if cfg.dtype == "float64" else 4  # the trainable leaves' dtype (model/precision.py's wide), and the moments'
     out = {
-        "params": 4 * p["trainable"],
-        "opt_expert": 2 * 4 * expert_p + counters,  # mu, nu float32
-        "opt_router": (2 * 4 * router_p + 4) if method.alternating else 0,
+        "params": w * p["trainable"],
+        "opt_expert": 2 * w * expert_p + counters,  # mu, nu
+        "opt_router": (2 * w * router_p + 4) if method.alternating else 0,
         "step_and_key": 4 + 8,
-        "leak": 4 * p["trainable"] if (tc.faithful and method.alternating) else 0,
+        "leak": w * p["trainable"] if (tc.faithful and method.alternating) else 0,
     }
     out["total"] = sum(out.values())
     return out
