@@ -188,32 +188,21 @@ def test_server_state_resumes_bit_for_bit_through_a_checkpoint(tmp_path):
     """Three rounds of CoMiGS with FedAdam (two federations with their own server.lr and prox_mu,
     drop-outs) = two rounds, each federation's checkpoint written and read back as its own run
     does (experiment.program), then the third round in a new Simulation."""
-    from comigs_jax.experiment.checkpoint import RunCheckpoints
-    from comigs_jax.federated.layout import Layout
-    from comigs_jax.federated.sharding import single_device_mesh
+    from tiny import assert_trees_equal, resume_one_more_round_each_federation_alone
     opt = ServerOptimizer("adam")
     whole = _sim("comigs", 3, opt)
     for _ in range(3):
         whole.run_round()
         whole.aggregate()
     first = _sim("comigs", 3, opt)
-    alone = Layout(3, single_device_mesh())
     for _ in range(2):
         first.run_round()
         first.aggregate()
-    cks = [RunCheckpoints(str(tmp_path / f"f{f}")) for f in range(2)]
-    for f, ck in enumerate(cks):
-        ck.save(2, first.federation_states(f, alone), {"host": first.host_states(alone)[f]})
     again = _sim("comigs", 3, opt)
     assert set(again.server.saved) == {"server_value", "server_opt"}
-    found = [ck.restore(2, again.federation_states(0, alone)) for ck in cks]
-    again.set_federation_states([s for s, _ in found], alone)
-    again.restore_host_states([meta["host"] for _, meta in found], alone)
-    again.run_round()
-    again.aggregate()
+    resume_one_more_round_each_federation_alone(first, again, 3, 2, tmp_path)
     for a, b in ((whole.states, again.states), (whole.server_state, again.server_state)):
-        for (p, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(p))
+        assert_trees_equal(a, b)
 
 
 # ----------------------------------------------------------------------------- FedProx

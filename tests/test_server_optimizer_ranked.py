@@ -286,9 +286,7 @@ def test_server_state_resumes_bit_for_bit_through_a_checkpoint(method, faithful,
     1, 2, 2) = two rounds, each federation's checkpoint written and read back as its own run
     does (experiment.program), then the third round in a new Simulation; FlexLoRA's server
     value is in product space ([rows, ..., in, out] per module)."""
-    from comigs_jax.experiment.checkpoint import RunCheckpoints
-    from comigs_jax.federated.layout import Layout
-    from comigs_jax.federated.sharding import single_device_mesh
+    from tiny import assert_trees_equal, resume_one_more_round_each_federation_alone
     opt = ServerOptimizer("adam")
     whole, first = _sim(method, faithful, opt), _sim(method, faithful, opt)
     assert whole.server.name == ("flexlora+adam" if method == "flexlora" else "hetlora_reference+adam")
@@ -300,19 +298,10 @@ def test_server_state_resumes_bit_for_bit_through_a_checkpoint(method, faithful,
     if method == "flexlora":  # dW [rows, L?, slots, in, out] beside each A [rows, ..., in, r]
         a = [p for p in value if p[-1].endswith("_dW")]
         assert a and all(value[p].shape[-2:] == (16, 64) or value[p].shape[-2:] == (64, 16) for p in a)
-    alone = Layout(3, single_device_mesh())
-    cks = [RunCheckpoints(str(tmp_path / f"f{f}")) for f in range(2)]
-    for f, ck in enumerate(cks):
-        ck.save(2, first.federation_states(f, alone), {"host": first.host_states(alone)[f]})
     again = _sim(method, faithful, opt)
-    found = [ck.restore(2, again.federation_states(0, alone)) for ck in cks]
-    again.set_federation_states([s for s, _ in found], alone)
-    again.restore_host_states([meta["host"] for _, meta in found], alone)
-    again.run_round()
-    again.aggregate()
+    resume_one_more_round_each_federation_alone(first, again, 3, 2, tmp_path)
     for a, b in ((whole.states, again.states), (whole.server_state, again.server_state)):
-        for (p, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(p))
+        assert_trees_equal(a, b)
 
 
 @pytest.mark.parametrize("method", ["hetlora", "flexlora", "pcl", "comigs_2s", "local"])

@@ -116,3 +116,30 @@ def as_if_killed_after_round(run_dir: str, lost_checkpoint: int = 4) -> str:
     for f in ("results.json", "results.md"):
         os.remove(os.path.join(run_dir, f))
     return run_dir
+
+
+def resume_one_more_round_each_federation_alone(first, again, n_rows: int, at_round: int, folder) -> None:
+    """Each federation of `first` (after `at_round` rounds) checkpointed and read back into `again` (a
+    new Simulation of the same config) as its own run does (experiment.program: its states and host
+    state alone in a Layout of n_rows users on one device), then one more round and aggregation in
+    `again`."""
+    import os
+
+    from comigs_jax.experiment.checkpoint import RunCheckpoints
+    from comigs_jax.federated.layout import Layout
+    from comigs_jax.federated.sharding import single_device_mesh
+    alone = Layout(n_rows, single_device_mesh())
+    cks = [RunCheckpoints(os.path.join(str(folder), f"f{f}")) for f in range(first.n_federations)]
+    for f, ck in enumerate(cks):
+        ck.save(at_round, first.federation_states(f, alone), {"host": first.host_states(alone)[f]})
+    found = [ck.restore(at_round, again.federation_states(0, alone)) for ck in cks]
+    again.set_federation_states([s for s, _ in found], alone)
+    again.restore_host_states([meta["host"] for _, meta in found], alone)
+    again.run_round()
+    again.aggregate()
+
+
+def assert_trees_equal(a, b) -> None:
+    """Two pytrees of the same structure equal bit for bit, leaf by leaf (the path in the message)."""
+    for (p, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=jax.tree_util.keystr(p))
