@@ -60,19 +60,42 @@ def interactions(summary: dict, cells_by_name: dict | None = None) -> list[dict]
     return out or None
 
 
+def _signed(v: float, fmt: str) -> str:
+    return ("+" if v >= 0 else "") + fmt.format(v)
+
+
+def _difference(head: str, minus: str, of: str, it: dict, fmt: str) -> str:
+    """head, then the paired difference of two changes in words: '{minus} is d [lo, hi]' when its
+    interval excludes 0, else 'no detectable difference between the changes (CI [lo, hi] of {of})'."""
+    s, ci = (lambda v: _signed(v, fmt)), it["ci95"]
+    if ci is None:
+        return f"{head}: {minus} is {s(it['diff'])} from {it['n_seeds']} seed, no interval"
+    if statistics.beats(it):
+        return f"{head}: {minus} is {s(it['diff'])} [{s(ci[0])}, {s(ci[1])}]"
+    lo, hi = fmt.format(ci[0]), fmt.format(ci[1])
+    return f"{head}: no detectable difference between the changes (CI [{lo}, {hi}] of {of})"
+
+
 def sentence(it: dict, fmt: str = "{:.3f}") -> str:
     """One interaction in words: the two mean changes from x to y (signed: + is a rise of the
     perplexity, worse), then "A's change minus B's is d [lo, hi]" when the interval excludes 0, or
     "no detectable difference between the changes (CI [lo, hi] of A's − B's)"."""
-    s = lambda v: ("+" if v >= 0 else "") + fmt.format(v)
-    a, b, ci = it["a"], it["b"], it["ci95"]
-    head = f"from {it['x']} to {it['y']}, {a} changes by {s(it['change_a'])} and {b} by {s(it['change_b'])}"
-    if ci is None:
-        return f"{head}: {a}'s change minus {b}'s is {s(it['diff'])} from {it['n_seeds']} seed, no interval"
-    if statistics.beats(it):
-        return f"{head}: {a}'s change minus {b}'s is {s(it['diff'])} [{s(ci[0])}, {s(ci[1])}]"
-    return (f"{head}: no detectable difference between the changes (CI [{fmt.format(ci[0])}, {fmt.format(ci[1])}] "
-            f"of {a}'s − {b}'s)")
+    a, b = it["a"], it["b"]
+    head = (f"from {it['x']} to {it['y']}, {a} changes by {_signed(it['change_a'], fmt)} and {b} by "
+            f"{_signed(it['change_b'], fmt)}")
+    return _difference(head, f"{a}'s change minus {b}'s", f"{a}'s − {b}'s", it, fmt)
+
+
+def _section(title: str, header: str, found: list[dict], heading, sentence_of) -> list[str]:
+    """A findings section of study.md: the title, the header, then per run of items with the same
+    heading(it) that heading line and each item's sentence below it."""
+    lines, last = [title, "", header], None
+    for it in found:
+        if heading(it) != last:
+            last = heading(it)
+            lines += ["", last]
+        lines.append(f"  - {sentence_of(it)}")
+    return lines
 
 
 HEADER = ("Generated from study.json (comigs_jax/experiment/study_interactions.py): for two cells of one line "
@@ -87,15 +110,9 @@ def findings(summary: dict) -> list[str]:
     if not found:
         return []
     from comigs_jax.experiment.study import cell_name
-    lines = ["## Findings: do two methods change differently between cells?", "", HEADER]
-    heading = None
-    for it in found:
-        if (it["axis"], tuple(it["at"].items())) != heading:
-            heading = it["axis"], tuple(it["at"].items())
-            at = f"at {cell_name(it['at'])}" if it["at"] else "no other axis"
-            lines += ["", f"- **along `{it['axis']}`**, {at} ({it['n_seeds']} seeds):"]
-        lines.append(f"  - {sentence(it)}")
-    return lines
+    at = lambda it: f"at {cell_name(it['at'])}" if it["at"] else "no other axis"
+    heading = lambda it: f"- **along `{it['axis']}`**, {at(it)} ({it['n_seeds']} seeds):"
+    return _section("## Findings: do two methods change differently between cells?", HEADER, found, heading, sentence)
 
 
 # ----------------------------------------------------------------------------- one method, two axes
@@ -145,16 +162,10 @@ def two_axes(summary: dict) -> list[dict] | None:
 def two_axes_sentence(it: dict, fmt: str = "{:.3f}") -> str:
     """'from X1 to X2, m changes by +a at Y1 and by +b at Y2: at Y2 minus at Y1 is d [lo, hi]', or
     '...: no detectable difference between the changes (CI [lo, hi] of at Y2 − at Y1)'."""
-    s = lambda v: ("+" if v >= 0 else "") + fmt.format(v)
-    (x1, x2), (y1, y2), ci = it["x"], it["y"], it["ci95"]
-    head = (f"from {x1} to {x2}, {it['method']} changes by {s(it['change_y1'])} at {y1} and by "
-            f"{s(it['change_y2'])} at {y2}")
-    if ci is None:
-        return f"{head}: at {y2} minus at {y1} is {s(it['diff'])} from {it['n_seeds']} seed, no interval"
-    if statistics.beats(it):
-        return f"{head}: at {y2} minus at {y1} is {s(it['diff'])} [{s(ci[0])}, {s(ci[1])}]"
-    return (f"{head}: no detectable difference between the changes (CI [{fmt.format(ci[0])}, "
-            f"{fmt.format(ci[1])}] of at {y2} − at {y1})")
+    (x1, x2), (y1, y2) = it["x"], it["y"]
+    head = (f"from {x1} to {x2}, {it['method']} changes by {_signed(it['change_y1'], fmt)} at {y1} and by "
+            f"{_signed(it['change_y2'], fmt)} at {y2}")
+    return _difference(head, f"at {y2} minus at {y1}", f"at {y2} − at {y1}", it, fmt)
 
 
 TWO_AXES_HEADER = ("Generated from study.json (comigs_jax/experiment/study_interactions.py): for one method, two "
@@ -169,13 +180,7 @@ def two_axes_findings(summary: dict) -> list[str]:
     if not found:
         return []
     from comigs_jax.experiment.study import cell_name
-    lines = ["## Findings: does one axis's effect depend on another? (per method)", "", TWO_AXES_HEADER]
-    heading = None
-    for it in found:
-        key = (it["method"], it["axis"], it["by"], tuple(it["at"].items()))
-        if key != heading:
-            heading = key
-            at = f", at {cell_name(it['at'])}" if it["at"] else ""
-            lines += ["", f"- **{it['method']}: `{it['axis']}` by `{it['by']}`**{at} ({it['n_seeds']} seeds):"]
-        lines.append(f"  - {two_axes_sentence(it)}")
-    return lines
+    heading = lambda it: (f"- **{it['method']}: `{it['axis']}` by `{it['by']}`**"
+                          + (f", at {cell_name(it['at'])}" if it["at"] else "") + f" ({it['n_seeds']} seeds):")
+    return _section("## Findings: does one axis's effect depend on another? (per method)", TWO_AXES_HEADER, found,
+                    heading, two_axes_sentence)
