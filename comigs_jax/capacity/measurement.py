@@ -59,7 +59,7 @@ def compiled_memory(model_cfg: ModelConfig, tc: TrainConfig, method: Method, n_u
 def engine_server_bytes(model_cfg: ModelConfig, tc: TrainConfig, method: Method, n_rows: int,
                         server_optimizer=None, dp: bool = False, ranked: bool = False) -> int:
     """Bytes of the server state the engine builds for `n_rows` rows of one federation, as
-    Simulation._init_server builds it (the ranks, the rule's init, its start: a server optimizer's
+    Simulation._init_server builds it (server.initial_state, then its start: a server optimizer's
     value and optax state) plus DP's round-start copy of the shared leaves (Simulation.run_round),
     from shapes (jax.eval_shape: nothing runs); host float64 arrays as the device holds them."""
     import functools
@@ -68,7 +68,7 @@ def engine_server_bytes(model_cfg: ModelConfig, tc: TrainConfig, method: Method,
     import numpy as np
 
     from comigs_jax.federated.privacy import DP, shared_start
-    from comigs_jax.federated.server import Rows, Setup, rank_state
+    from comigs_jax.federated.server import Rows, Setup, initial_state
     from comigs_jax.federated.servers import server_for
     from comigs_jax.train.state import init_states
 
@@ -79,9 +79,8 @@ def engine_server_bytes(model_cfg: ModelConfig, tc: TrainConfig, method: Method,
     params = jax.eval_shape(lambda k: init_states(cfg, tc, m, k, n_rows, cfg.moe.n_specialists),
                             jax.random.key(0)).params
     full = np.full(n_rows, cfg.moe.lora.rank, np.int32) if ranked or srv.ranked else None
-    state = {"ranks": rank_state(full, cfg.moe.lora)} if full is not None else {}
     one = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
-    state.update(srv.init(setup, Rows(n_rows, np.zeros(n_rows, np.int32), ({"seed": 0},), full, one)))
+    state = initial_state(srv, setup, Rows(n_rows, np.zeros(n_rows, np.int32), ({"seed": 0},), full, one))
     state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jax.dtypes.canonicalize_dtype(np.asarray(a).dtype)),
                          state)
     if srv.start is not None:

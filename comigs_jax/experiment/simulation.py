@@ -38,7 +38,7 @@ from comigs_jax.federated import sharding
 from comigs_jax.federated.layout import Layout
 from comigs_jax.federated.methods import Method, configure_model
 from comigs_jax.federated.ranks import apply_rank_scale, mask_ranks
-from comigs_jax.federated.server import Rows, Setup, rank_state, round_data
+from comigs_jax.federated.server import Rows, Setup, initial_state, round_data
 from comigs_jax.federated.servers import server_for
 from comigs_jax.federated.users import expert_masks
 from comigs_jax.model.lm import ModelConfig
@@ -143,10 +143,9 @@ class Simulation:
                 raise ValueError(f"method {self.method.name} pools every user into one model: one rank, not {ranks}")
             rows = ranks * self.n_federations if not self.method.pooled_data else [moe.lora.rank]
             full = np.array(rows + [moe.lora.rank] * (self.n_padded - len(rows)), np.int32)
-        state = {"ranks": rank_state(full, moe.lora)} if full is not None else {}
         shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), self.states.params)
         rows = Rows(self.n_padded, self.layout.federation_of_rows(), tuple(self.federations), full, shapes)
-        state.update(self.server.init(self.setup, rows))
+        state = initial_state(self.server, self.setup, rows)
         self.server_state = jax.tree.map(lambda a: self.layout.place(np.asarray(a)[self.local_rows]), state)
         if "ranks" in state:
             mask = programs.rows_program(mask_ranks, self.mesh)

@@ -156,6 +156,14 @@ def rank_state(full, lora) -> dict:
             "scale": rank_scales(full, full, lora, lora.rank)}
 
 
+def initial_state(server: "Server", setup: Setup, rows: Rows) -> dict:
+    """A server's state at round 0 as host arrays [rows, ...], before its `start`: the per-row ranks
+    (rank_state of rows.full_ranks; none without ranks) and what its `init` adds."""
+    state = {"ranks": rank_state(rows.full_ranks, setup.lora)} if rows.full_ranks is not None else {}
+    state.update(server.init(setup, rows))
+    return state
+
+
 def with_current(ranks: dict, current: jax.Array) -> dict:
     """`ranks` at new current ranks (jittable): scale = ratio on the components < current
     (rank_scales' values, bit for bit)."""
