@@ -64,10 +64,11 @@ class Stepped(NamedTuple):
     """A rule split around its server value (flat {path: [rows, ...]}, each federation's rows
     holding copies of one value, or of its truncation to the row's rank):
 
-    value = start(setup, params, state)                  # round 0: the server value
     agg, ctx = aggregate(setup, params, up, state)       # this round's aggregate, as the value
     params, state, value = distribute(setup, params, up, state, value, ctx)
                                                          # every row its view of `value` (a stepped agg)
+    value = start(setup, params, state)                  # round 0: the server value (None: the
+                                                         # shared leaves, as the means' value)
 
     `state` is the rule's own (no server optimizer's keys); `ctx` what distribute needs of the
     aggregation (e.g. HetLoRA's new ranks). Distribute gives every row its view of `value` (HetLoRA:
@@ -76,9 +77,9 @@ class Stepped(NamedTuple):
     updates the rule's state (ranks, tails) and returns the value as the server keeps it (HetLoRA:
     truncated to each row's new ranks); the stage then writes the value's leaves that are
     parameters (the plainly averaged ones, e.g. the attention LoRA) into the rows."""
-    start: Callable
     aggregate: Callable
     distribute: Callable
+    start: Callable | None = None
 
 
 @dataclasses.dataclass(frozen=True)

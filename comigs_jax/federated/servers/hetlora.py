@@ -63,12 +63,6 @@ def _apply(reference: bool):
 
 
 # ----------------------------------------------------------------------------- with a server optimizer
-def _start(setup: Setup, params: dict, state: dict) -> dict:
-    """Round 0: the rows' shared leaves, i.e. each row's truncation of its federation's global
-    (the synchronised init; B = 0)."""
-    return {p: x for p, x in traverse_util.flatten_dict(params).items() if setup.method.is_shared(p)}
-
-
 def _stepped(reference: bool) -> Stepped:
     def aggregate(setup: Setup, params: dict, up: Uploads, state: dict):
         m, flat = setup.method, traverse_util.flatten_dict(params)
@@ -87,7 +81,8 @@ def _stepped(reference: bool) -> Stepped:
         state = {**_with_ranks(state, new, reference), "server_tail": tail}
         return traverse_util.unflatten_dict(out), state, {**value, **glob}
 
-    return Stepped(_start, aggregate, distribute)
+    # start: None, the rows' shared leaves (each row's truncation of its federation's global at round 0)
+    return Stepped(aggregate, distribute)
 
 
 HETLORA = Server("hetlora", _apply(False), init=_init(False), ranked=True, saved=("server_tail",),

@@ -102,7 +102,7 @@ def _with_optimizer(inner: Server, opt: so.ServerOptimizer) -> Server:
         return {**inner.init(setup, rows), "server_lr": np.asarray(lr, np.float64)[np.minimum(groups, len(lr) - 1)]}
 
     def start(setup: Setup, params: dict, state: dict) -> dict:
-        flat = rule.start(setup, params, state) if rule is not None else _shared(setup, params)
+        flat = rule.start(setup, params, state) if rule is not None and rule.start else _shared(setup, params)
         value = traverse_util.unflatten_dict(flat)
         return {**state, "server_value": value, "server_opt": so.init_rows(opt, value)}
 

@@ -93,7 +93,7 @@ def _flexlora_stepped(rule: str) -> Stepped:
         out = keep_unshared(new, flat, every, up.groups, setup.n_groups, setup.n_shared_specialists)
         return traverse_util.unflatten_dict(out), state, value
 
-    return Stepped(start, aggregate, distribute)
+    return Stepped(aggregate, distribute, start)
 
 
 MASKED_MEAN = Server("masked_mean", _apply("mean"), ranked=True,
